@@ -1,0 +1,238 @@
+//! The coordinator's config file, parsed strictly and validated into typed values.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kt_proto::identity::GatewayId;
+use kt_proto::tls::TlsFiles;
+use kt_proto::yaml::{ConfigFileError, read_yaml_file};
+use serde::Deserialize;
+
+/// `coordinator.yaml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Where agents and operators connect.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    /// Where the coordinator keeps its state.
+    pub data_dir: PathBuf,
+    /// The groups file (`groups: {name: {gateways: [...], config_source: ...}}`).
+    #[serde(default)]
+    pub groups_file: Option<PathBuf>,
+    #[serde(default)]
+    pub liveness: LivenessConfig,
+}
+
+/// How the coordinator judges agent liveness; all durations like `15s` or `2m`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LivenessConfig {
+    /// The heartbeat interval assigned to agents in the welcome.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// No heartbeat for this long: `unreachable`.
+    #[serde(with = "humantime_serde")]
+    pub unreachable_after: Duration,
+    /// No heartbeat for this long: `disconnected`.
+    #[serde(with = "humantime_serde")]
+    pub disconnected_after: Duration,
+    /// No heartbeat for this long: `gone`.
+    #[serde(with = "humantime_serde")]
+    pub gone_after: Duration,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        LivenessConfig {
+            heartbeat_interval: Duration::from_secs(15),
+            unreachable_after: Duration::from_secs(45),
+            disconnected_after: Duration::from_secs(120),
+            gone_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 41001))
+}
+
+impl CoordinatorConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
+        let mut config: CoordinatorConfig = read_yaml_file(path)?;
+        config.resolve_paths(path);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Relative paths in the file are relative to the file's directory, as operators expect.
+    fn resolve_paths(&mut self, path: &Path) {
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut self.tls.ca,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.data_dir,
+        ] {
+            *p = base.join(&*p);
+        }
+        if let Some(groups) = &mut self.groups_file {
+            *groups = base.join(&*groups);
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
+        let l = &self.liveness;
+        if l.heartbeat_interval < Duration::from_millis(50) {
+            return Err(ConfigFileError::invalid(
+                path,
+                "liveness.heartbeat_interval",
+                "must be at least 50ms",
+            ));
+        }
+        if l.unreachable_after <= l.heartbeat_interval {
+            return Err(ConfigFileError::invalid(
+                path,
+                "liveness.unreachable_after",
+                "must be longer than liveness.heartbeat_interval",
+            ));
+        }
+        if l.disconnected_after <= l.unreachable_after {
+            return Err(ConfigFileError::invalid(
+                path,
+                "liveness.disconnected_after",
+                "must be longer than liveness.unreachable_after",
+            ));
+        }
+        if l.gone_after <= l.disconnected_after {
+            return Err(ConfigFileError::invalid(
+                path,
+                "liveness.gone_after",
+                "must be longer than liveness.disconnected_after",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroupsFile {
+    groups: BTreeMap<String, RawGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    #[serde(default)]
+    gateways: Vec<String>,
+    #[serde(default)]
+    config_source: Option<PathBuf>,
+}
+
+/// A named set of gateways and the config they should run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub gateways: Vec<GatewayId>,
+    pub config_source: Option<PathBuf>,
+}
+
+/// Loads a groups file; every gateway id must be valid.
+pub fn load_groups(path: &Path) -> Result<Vec<Group>, ConfigFileError> {
+    let raw: RawGroupsFile = read_yaml_file(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    raw.groups
+        .into_iter()
+        .map(|(name, group)| {
+            let gateways = group
+                .gateways
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    GatewayId::new(id).map_err(|e| {
+                        ConfigFileError::invalid(path, format!("groups.{name}.gateways[{i}]"), e.to_string())
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Group {
+                gateways,
+                config_source: group.config_source.map(|p| base.join(p)),
+                name,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            dir.path(),
+            "c.yaml",
+            "tls: {ca: ca.crt, cert: c.crt, key: c.key}\ndata_dir: data\n",
+        );
+        let config = CoordinatorConfig::load(&path).expect("valid");
+        assert_eq!(config.listen, default_listen());
+        assert_eq!(config.data_dir, dir.path().join("data"));
+        assert_eq!(config.liveness, LivenessConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            dir.path(),
+            "c.yaml",
+            "tls: {ca: a, cert: b, key: c}\ndata_dir: d\nliveness:\n  heartbeat: 1s\n",
+        );
+        let msg = CoordinatorConfig::load(&path).expect_err("unknown key").to_string();
+        assert!(msg.contains("c.yaml"), "{msg}");
+        assert!(msg.contains("heartbeat"), "{msg}");
+        assert!(msg.contains("line 4"), "{msg}");
+    }
+
+    #[test]
+    fn liveness_order_is_enforced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            dir.path(),
+            "c.yaml",
+            "tls: {ca: a, cert: b, key: c}\ndata_dir: d\nliveness: {heartbeat_interval: 10s, unreachable_after: 5s}\n",
+        );
+        let msg = CoordinatorConfig::load(&path).expect_err("bad order").to_string();
+        assert!(msg.contains("liveness.unreachable_after"), "{msg}");
+    }
+
+    #[test]
+    fn groups_file_parses_and_rejects_bad_ids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            dir.path(),
+            "groups.yaml",
+            "groups:\n  production:\n    gateways: [gw-prod-01, gw-prod-02]\n    config_source: policies/production.yaml\n  eu:\n    gateways: [gw-eu-01]\n",
+        );
+        let groups = load_groups(&path).expect("valid");
+        assert_eq!(groups.len(), 2);
+        let prod = groups.iter().find(|g| g.name == "production").expect("production");
+        assert_eq!(prod.gateways.len(), 2);
+        assert_eq!(prod.config_source, Some(dir.path().join("policies/production.yaml")));
+
+        let bad = write(dir.path(), "bad.yaml", "groups:\n  x:\n    gateways: [Not_Valid]\n");
+        let msg = load_groups(&bad).expect_err("bad id").to_string();
+        assert!(msg.contains("groups.x.gateways[0]"), "{msg}");
+    }
+}

@@ -1,0 +1,471 @@
+//! Fleet state: one task owns every gateway's record and is the only writer.
+//!
+//! Sessions and operator calls talk to it through [`FleetHandle`] (a bounded channel of
+//! [`Command`]s); changes are published on a broadcast channel for `WatchFleet`. Liveness is
+//! derived from heartbeat times on a periodic tick, so nothing the agent does (or fails to do)
+//! can leave a record in a state that time does not eventually correct.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kt_proto::identity::GatewayId;
+use kt_proto::unix_ms_now;
+use kt_proto::v1::{AgentState, GatewayHealth, GatewayState};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Group, LivenessConfig};
+
+/// Identifies one agent session, so that a stale session's end cannot touch a newer one.
+pub type SessionId = u64;
+
+/// What an agent said in its hello.
+#[derive(Clone, Debug)]
+pub struct HelloInfo {
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    pub boot_id: String,
+    pub health: Option<GatewayHealth>,
+    pub peer_address: String,
+}
+
+/// Requests to the fleet task.
+#[derive(Debug)]
+pub enum Command {
+    Connected {
+        gateway: GatewayId,
+        session: SessionId,
+        hello: HelloInfo,
+    },
+    Heartbeat {
+        gateway: GatewayId,
+        session: SessionId,
+        requests_processed: u64,
+    },
+    Status {
+        gateway: GatewayId,
+        session: SessionId,
+        health: GatewayHealth,
+    },
+    /// The session ended; `clean` when the agent said goodbye first.
+    Ended {
+        gateway: GatewayId,
+        session: SessionId,
+        clean: bool,
+    },
+    List {
+        group: Option<String>,
+        reply: oneshot::Sender<Result<Vec<GatewayState>, UnknownGroup>>,
+    },
+    Watch {
+        reply: oneshot::Sender<(Vec<GatewayState>, broadcast::Receiver<GatewayState>)>,
+    },
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("no group named {0:?}")]
+pub struct UnknownGroup(pub String);
+
+/// The fleet task is gone: the coordinator is shutting down.
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+#[error("coordinator is shutting down")]
+pub struct FleetClosed;
+
+/// A cheap, cloneable way to reach the fleet task.
+#[derive(Clone, Debug)]
+pub struct FleetHandle {
+    commands: mpsc::Sender<Command>,
+    groups: std::sync::Arc<Groups>,
+}
+
+impl FleetHandle {
+    pub async fn send(&self, command: Command) -> Result<(), FleetClosed> {
+        self.commands.send(command).await.map_err(|_| FleetClosed)
+    }
+
+    pub async fn list(&self, group: Option<String>) -> Result<Result<Vec<GatewayState>, UnknownGroup>, FleetClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::List { group, reply }).await?;
+        rx.await.map_err(|_| FleetClosed)
+    }
+
+    pub async fn watch(&self) -> Result<(Vec<GatewayState>, broadcast::Receiver<GatewayState>), FleetClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Watch { reply }).await?;
+        rx.await.map_err(|_| FleetClosed)
+    }
+
+    /// Whether `gateway` is in `group` (for filtering watch streams outside the task).
+    pub fn in_group(&self, gateway: &str, group: &str) -> bool {
+        self.groups.contains(gateway, group)
+    }
+
+    pub fn group_exists(&self, group: &str) -> bool {
+        self.groups.names.iter().any(|g| g == group)
+    }
+}
+
+/// Group membership, fixed for the life of the process (a later issue makes groups editable).
+#[derive(Debug, Default)]
+struct Groups {
+    names: Vec<String>,
+    by_gateway: HashMap<GatewayId, Vec<String>>,
+}
+
+impl Groups {
+    fn new(groups: &[Group]) -> Self {
+        let mut by_gateway: HashMap<GatewayId, Vec<String>> = HashMap::new();
+        for group in groups {
+            for gateway in &group.gateways {
+                by_gateway.entry(gateway.clone()).or_default().push(group.name.clone());
+            }
+        }
+        Groups {
+            names: groups.iter().map(|g| g.name.clone()).collect(),
+            by_gateway,
+        }
+    }
+
+    fn of(&self, gateway: &GatewayId) -> Vec<String> {
+        self.by_gateway.get(gateway).cloned().unwrap_or_default()
+    }
+
+    fn contains(&self, gateway: &str, group: &str) -> bool {
+        GatewayId::new(gateway)
+            .ok()
+            .and_then(|id| self.by_gateway.get(&id))
+            .is_some_and(|groups| groups.iter().any(|g| g == group))
+    }
+}
+
+/// One gateway as the coordinator knows it.
+#[derive(Debug)]
+struct Record {
+    labels: BTreeMap<String, String>,
+    state: AgentState,
+    /// The open session, if any.
+    session: Option<SessionId>,
+    /// Set by a goodbye: the agent left on purpose.
+    said_goodbye: bool,
+    /// Monotonic time of the last heartbeat (or connect), for liveness.
+    last_heartbeat: Option<Instant>,
+    last_heartbeat_unix_ms: u64,
+    health: Option<GatewayHealth>,
+    agent_version: String,
+    peer_address: String,
+    connected_since_unix_ms: u64,
+}
+
+impl Record {
+    fn never_seen() -> Self {
+        Record {
+            labels: BTreeMap::new(),
+            state: AgentState::Disconnected,
+            session: None,
+            said_goodbye: false,
+            last_heartbeat: None,
+            last_heartbeat_unix_ms: 0,
+            health: None,
+            agent_version: String::new(),
+            peer_address: String::new(),
+            connected_since_unix_ms: 0,
+        }
+    }
+
+    /// The liveness state that time and the session say this record is in.
+    fn derived_state(&self, now: Instant, liveness: &LivenessConfig) -> AgentState {
+        let Some(last) = self.last_heartbeat else {
+            return AgentState::Disconnected;
+        };
+        let silent = now.saturating_duration_since(last);
+        if silent >= liveness.gone_after {
+            AgentState::Gone
+        } else if self.said_goodbye && self.session.is_none() {
+            AgentState::Disconnected
+        } else if silent >= liveness.disconnected_after {
+            AgentState::Disconnected
+        } else if self.session.is_none() || silent >= liveness.unreachable_after {
+            // A session that broke without a goodbye may be a blip: unreachable, not gone.
+            AgentState::Unreachable
+        } else {
+            AgentState::Connected
+        }
+    }
+}
+
+/// The fleet task.
+pub struct Fleet {
+    liveness: LivenessConfig,
+    groups: std::sync::Arc<Groups>,
+    records: BTreeMap<GatewayId, Record>,
+    commands: mpsc::Receiver<Command>,
+    changes: broadcast::Sender<GatewayState>,
+}
+
+/// How many commands may queue before senders wait.
+const COMMAND_QUEUE: usize = 4096;
+/// How many changes a watcher may fall behind before it gets a fresh snapshot.
+const CHANGE_QUEUE: usize = 4096;
+
+impl Fleet {
+    pub fn new(liveness: LivenessConfig, groups: &[Group]) -> (Self, FleetHandle) {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (changes, _) = broadcast::channel(CHANGE_QUEUE);
+        let groups = std::sync::Arc::new(Groups::new(groups));
+        let records = groups
+            .by_gateway
+            .keys()
+            .map(|id| (id.clone(), Record::never_seen()))
+            .collect();
+        let fleet = Fleet {
+            liveness,
+            groups: groups.clone(),
+            records,
+            commands: rx,
+            changes,
+        };
+        (fleet, FleetHandle { commands: tx, groups })
+    }
+
+    /// Runs until `cancel` fires or every handle is dropped.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        // Check liveness a few times per heartbeat interval, at least every second.
+        let period = (self.liveness.heartbeat_interval / 4).min(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => self.update_liveness(Instant::now()),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle(command, Instant::now()),
+                    None => break,
+                },
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command, now: Instant) {
+        match command {
+            Command::Connected { gateway, session, hello } => {
+                let record = self.records.entry(gateway.clone()).or_insert_with(Record::never_seen);
+                record.labels = hello.labels;
+                record.agent_version = hello.agent_version;
+                record.peer_address = hello.peer_address;
+                if hello.health.is_some() {
+                    record.health = hello.health;
+                }
+                record.session = Some(session);
+                record.said_goodbye = false;
+                record.last_heartbeat = Some(now);
+                record.last_heartbeat_unix_ms = unix_ms_now();
+                record.connected_since_unix_ms = record.last_heartbeat_unix_ms;
+                tracing::info!(gateway_id = %gateway, session, boot_id = %hello.boot_id, "agent connected");
+                self.refresh(&gateway, now, true);
+            }
+            Command::Heartbeat { gateway, session, requests_processed } => {
+                if let Some(record) = self.current_session(&gateway, session) {
+                    record.last_heartbeat = Some(now);
+                    record.last_heartbeat_unix_ms = unix_ms_now();
+                    if let Some(health) = &mut record.health {
+                        health.requests_processed = requests_processed;
+                    }
+                    self.refresh(&gateway, now, false);
+                }
+            }
+            Command::Status { gateway, session, health } => {
+                if let Some(record) = self.current_session(&gateway, session) {
+                    record.health = Some(health);
+                    record.last_heartbeat = Some(now);
+                    record.last_heartbeat_unix_ms = unix_ms_now();
+                    self.refresh(&gateway, now, true);
+                }
+            }
+            Command::Ended { gateway, session, clean } => {
+                if let Some(record) = self.current_session(&gateway, session) {
+                    record.session = None;
+                    record.said_goodbye = clean;
+                    tracing::info!(gateway_id = %gateway, session, clean, "agent session ended");
+                    self.refresh(&gateway, now, false);
+                }
+            }
+            Command::List { group, reply } => {
+                let _ = reply.send(self.list(group.as_deref()));
+            }
+            Command::Watch { reply } => {
+                let receiver = self.changes.subscribe();
+                let snapshot = self.list(None).unwrap_or_default();
+                let _ = reply.send((snapshot, receiver));
+            }
+        }
+    }
+
+    /// The record of `gateway` if `session` is its open session; messages of older sessions are ignored.
+    fn current_session(&mut self, gateway: &GatewayId, session: SessionId) -> Option<&mut Record> {
+        self.records
+            .get_mut(gateway)
+            .filter(|record| record.session == Some(session))
+    }
+
+    fn update_liveness(&mut self, now: Instant) {
+        let ids: Vec<GatewayId> = self.records.keys().cloned().collect();
+        for id in ids {
+            self.refresh(&id, now, false);
+        }
+    }
+
+    /// Re-derives the liveness state and publishes the record if it changed (or `force`).
+    fn refresh(&mut self, gateway: &GatewayId, now: Instant, force: bool) {
+        let Some(record) = self.records.get_mut(gateway) else {
+            return;
+        };
+        let state = record.derived_state(now, &self.liveness);
+        if state != record.state {
+            tracing::info!(gateway_id = %gateway, from = record.state.as_str_name(), to = state.as_str_name(), "agent state changed");
+            record.state = state;
+        } else if !force {
+            return;
+        }
+        let view = self.view(gateway);
+        if let Some(view) = view {
+            // No receivers is fine: nobody is watching.
+            let _ = self.changes.send(view);
+        }
+    }
+
+    fn view(&self, gateway: &GatewayId) -> Option<GatewayState> {
+        let record = self.records.get(gateway)?;
+        Some(GatewayState {
+            gateway_id: gateway.to_string(),
+            labels: record.labels.clone().into_iter().collect(),
+            groups: self.groups.of(gateway),
+            agent_state: record.state as i32,
+            last_heartbeat_unix_ms: record.last_heartbeat_unix_ms,
+            health: record.health.clone(),
+            agent_version: record.agent_version.clone(),
+            peer_address: record.peer_address.clone(),
+            connected_since_unix_ms: record.connected_since_unix_ms,
+        })
+    }
+
+    fn list(&self, group: Option<&str>) -> Result<Vec<GatewayState>, UnknownGroup> {
+        if let Some(group) = group {
+            if !self.groups.names.iter().any(|g| g == group) {
+                return Err(UnknownGroup(group.to_owned()));
+            }
+        }
+        Ok(self
+            .records
+            .keys()
+            .filter(|id| group.is_none_or(|g| self.groups.contains(id.as_str(), g)))
+            .filter_map(|id| self.view(id))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn liveness() -> LivenessConfig {
+        LivenessConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            unreachable_after: Duration::from_secs(3),
+            disconnected_after: Duration::from_secs(10),
+            gone_after: Duration::from_secs(100),
+        }
+    }
+
+    fn hello() -> HelloInfo {
+        HelloInfo {
+            labels: BTreeMap::from([("region".into(), "eu".into())]),
+            agent_version: "0.1.0".into(),
+            boot_id: "b".into(),
+            health: None,
+            peer_address: "127.0.0.1:1".into(),
+        }
+    }
+
+    fn gw(id: &str) -> GatewayId {
+        GatewayId::new(id).expect("valid id")
+    }
+
+    fn state_of(fleet: &Fleet, id: &str) -> AgentState {
+        fleet.records[&gw(id)].state
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_walks_connected_unreachable_disconnected_gone() {
+        let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
+        let start = Instant::now();
+        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 1, hello: hello() }, start);
+        assert_eq!(state_of(&fleet, "gw-1"), AgentState::Connected);
+
+        for (after, expected) in [
+            (2, AgentState::Connected),
+            (3, AgentState::Unreachable),
+            (9, AgentState::Unreachable),
+            (10, AgentState::Disconnected),
+            (100, AgentState::Gone),
+        ] {
+            fleet.update_liveness(start + Duration::from_secs(after));
+            assert_eq!(state_of(&fleet, "gw-1"), expected, "after {after}s");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn broken_session_is_unreachable_goodbye_is_disconnected() {
+        let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
+        let now = Instant::now();
+        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 1, hello: hello() }, now);
+        fleet.handle(Command::Connected { gateway: gw("gw-2"), session: 2, hello: hello() }, now);
+        fleet.handle(Command::Ended { gateway: gw("gw-1"), session: 1, clean: false }, now);
+        fleet.handle(Command::Ended { gateway: gw("gw-2"), session: 2, clean: true }, now);
+        assert_eq!(state_of(&fleet, "gw-1"), AgentState::Unreachable);
+        assert_eq!(state_of(&fleet, "gw-2"), AgentState::Disconnected);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_session_cannot_touch_the_new_one() {
+        let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
+        let now = Instant::now();
+        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 1, hello: hello() }, now);
+        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 2, hello: hello() }, now);
+        fleet.handle(Command::Ended { gateway: gw("gw-1"), session: 1, clean: true }, now);
+        assert_eq!(state_of(&fleet, "gw-1"), AgentState::Connected);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_keep_an_agent_connected_and_changes_are_published() {
+        let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
+        let mut changes = fleet.changes.subscribe();
+        let start = Instant::now();
+        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 1, hello: hello() }, start);
+        for s in 1..20 {
+            let now = start + Duration::from_secs(s);
+            fleet.handle(Command::Heartbeat { gateway: gw("gw-1"), session: 1, requests_processed: s }, now);
+            fleet.update_liveness(now);
+        }
+        assert_eq!(state_of(&fleet, "gw-1"), AgentState::Connected);
+        let first = changes.try_recv().expect("connect is published");
+        assert_eq!(first.agent_state, AgentState::Connected as i32);
+        assert!(changes.try_recv().is_err(), "heartbeats alone publish nothing");
+    }
+
+    #[tokio::test]
+    async fn groups_filter_lists_and_unknown_group_is_an_error() {
+        let groups = [Group {
+            name: "production".into(),
+            gateways: vec![gw("gw-prod-01"), gw("gw-prod-02")],
+            config_source: None,
+        }];
+        let (mut fleet, _handle) = Fleet::new(liveness(), &groups);
+        fleet.handle(Command::Connected { gateway: gw("gw-other"), session: 1, hello: hello() }, Instant::now());
+        let prod = fleet.list(Some("production")).expect("known group");
+        let ids: Vec<_> = prod.iter().map(|g| g.gateway_id.as_str()).collect();
+        assert_eq!(ids, ["gw-prod-01", "gw-prod-02"]);
+        assert!(prod.iter().all(|g| g.agent_state == AgentState::Disconnected as i32));
+        assert_eq!(fleet.list(None).expect("all").len(), 3);
+        assert_eq!(fleet.list(Some("nope")), Err(UnknownGroup("nope".into())));
+    }
+}

@@ -1,0 +1,105 @@
+//! kt-coordinator: holds the fleet's state and serves agents and operators over mutual TLS.
+//!
+//! [`Coordinator::new`] checks everything that can be checked before listening (config,
+//! certificates, groups, data directory); [`Coordinator::run`] serves on an already-bound
+//! listener until cancelled, so tests can bind port 0.
+
+pub mod config;
+pub mod fleet;
+pub mod grpc;
+
+use std::time::Duration;
+
+use kt_proto::identity::Role;
+use kt_proto::tls::{PeerTls, TlsError};
+use kt_proto::v1::agent_service_server::AgentServiceServer;
+use kt_proto::v1::operator_service_server::OperatorServiceServer;
+use kt_proto::yaml::ConfigFileError;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{CoordinatorConfig, Group, load_groups};
+use crate::fleet::Fleet;
+use crate::grpc::agent::AgentApi;
+use crate::grpc::operator::OperatorApi;
+
+/// Why the coordinator cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigFileError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("data directory {}: {source}", path.display())]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A coordinator whose inputs have all been checked.
+#[derive(Debug)]
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    tls: PeerTls,
+    groups: Vec<Group>,
+}
+
+/// How long open sessions get to close after shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+impl Coordinator {
+    pub fn new(config: CoordinatorConfig) -> Result<Self, StartError> {
+        let tls = config.tls.load(Role::Coordinator)?;
+        let groups = match &config.groups_file {
+            Some(path) => load_groups(path)?,
+            None => Vec::new(),
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        Ok(Coordinator { config, tls, groups })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        self.tls.identity.trust_domain()
+    }
+
+    /// Serves on `listener` until `cancel` fires, then stops accepting and closes sessions.
+    pub async fn run(self, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
+        let trust_domain = self.trust_domain().to_owned();
+        let tasks = TaskTracker::new();
+        let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &self.groups);
+        tasks.spawn(fleet.run(cancel.child_token()));
+
+        let agents = AgentApi::new(handle.clone(), trust_domain.clone(), self.config.liveness.clone(), cancel.clone());
+        let operators = OperatorApi {
+            fleet: handle,
+            trust_domain,
+            cancel: cancel.clone(),
+        };
+        let server = tonic::transport::Server::builder()
+            .tls_config(self.tls.server_config())?
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(AgentServiceServer::new(agents))
+            .add_service(OperatorServiceServer::new(operators))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned());
+
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            result = &mut server => result?,
+            _ = cancel.cancelled() => {
+                if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                    tracing::warn!("connections still open after the grace period, closing them");
+                }
+            }
+        }
+        tasks.close();
+        tasks.wait().await;
+        Ok(())
+    }
+}

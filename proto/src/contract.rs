@@ -1,0 +1,74 @@
+//! The gateway contract's health document (`GET <health_url>`), as JSON.
+//!
+//! `kt-gateway` serves it and `kt-agent` reads it. Reading is lenient (unknown fields are
+//! ignored, missing ones default) so that the agent can manage any gateway that honours
+//! the contract, including newer ones.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Healthy,
+    Degraded,
+    #[default]
+    Unhealthy,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HealthDoc {
+    pub status: HealthStatus,
+    pub uptime_seconds: u64,
+    pub version: String,
+    pub gateway_id: Option<String>,
+    pub config: ConfigDoc,
+    pub providers: BTreeMap<String, ProviderDoc>,
+    pub policies_loaded: u32,
+    pub requests_processed: u64,
+    pub verdicts: VerdictsDoc,
+    pub cache: CacheDoc,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConfigDoc {
+    pub version: String,
+    pub hash: String,
+    /// RFC 3339, UTC.
+    pub loaded_at: String,
+    pub last_reload_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reachability {
+    Reachable,
+    #[default]
+    Unreachable,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProviderDoc {
+    pub status: Reachability,
+    pub latency_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VerdictsDoc {
+    pub allow: u64,
+    pub block: u64,
+    pub redact: u64,
+    pub escalate: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CacheDoc {
+    pub entries: u64,
+    pub hit_rate_pct: f64,
+}

@@ -1,0 +1,56 @@
+//! Process plumbing every kt daemon shares: logging, readiness files and exit codes.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// Exit code for a bad config file or bad flags (sysexits `EX_USAGE`), nothing started.
+pub const EXIT_CONFIG: i32 = 64;
+/// Exit code for a runtime failure after start.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// Log output format, chosen with `--log-format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Starts `tracing` with `RUST_LOG`-style filtering (default `info`) on standard error.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Writes the address a daemon actually bound to `path`, atomically (temp file, then rename),
+/// so a supervisor that started it on port 0 can find it once the file exists.
+pub fn write_ready_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    writeln!(file, "{addr}")?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Cancels `cancel` on SIGTERM or SIGINT: the start of a graceful shutdown.
+pub async fn cancel_on_terminate(cancel: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+    }
+    cancel.cancel();
+}

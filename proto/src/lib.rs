@@ -1,0 +1,33 @@
+//! The kt-fleet wire protocol (`kt.fleet.v1`) and the identity model shared by every peer.
+//!
+//! Generated protobuf types live in [`v1`]; they stay at the edges of each crate and are
+//! converted to domain types there. [`identity`] turns a verified certificate into a
+//! role and a name; [`tls`] loads the PEM files every binary needs.
+
+pub mod contract;
+pub mod daemon;
+pub mod identity;
+pub mod tls;
+pub mod yaml;
+
+/// Generated code for package `kt.fleet.v1`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("kt.fleet.v1");
+}
+
+/// Returns the current time as milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Installs ring as the process-wide rustls crypto provider.
+///
+/// Every binary and test calls this first: with two providers linked, rustls cannot pick
+/// one by itself and `Server::tls_config` panics. Calling it twice is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

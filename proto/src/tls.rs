@@ -1,0 +1,160 @@
+//! Loading the CA, certificate and key files of a peer, with errors that name the file.
+//!
+//! Every binary checks at start that its own certificate parses, is within its validity
+//! period and carries the role it is meant to play, so a wrong file fails loudly at start
+//! instead of at the first handshake.
+
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use tonic::transport::{Certificate, ClientTlsConfig, ServerTlsConfig};
+
+use crate::identity::{Identity, Role};
+
+/// Paths of the three PEM files a peer needs, as written in its config file.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The deployment's CA certificate: peers are verified against it.
+    pub ca: PathBuf,
+    /// This peer's leaf certificate.
+    pub cert: PathBuf,
+    /// This peer's private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {what}", path.display())]
+    Invalid { path: PathBuf, what: String },
+    #[error("{}: certificate is for role {found} ({identity}), expected role {expected}", path.display())]
+    WrongRole {
+        path: PathBuf,
+        identity: Identity,
+        found: Role,
+        expected: Role,
+    },
+}
+
+/// The loaded PEM material and the identity read from the certificate.
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub identity: Identity,
+}
+
+impl TlsFiles {
+    /// Reads and checks all three files; `expected` is the role this process plays.
+    pub fn load(&self, expected: Role) -> Result<PeerTls, TlsError> {
+        let ca_pem = read(&self.ca)?;
+        let cert_pem = read(&self.cert)?;
+        let key_pem = read(&self.key)?;
+
+        first_certificate(&self.ca, &ca_pem)?;
+        let leaf = first_certificate(&self.cert, &cert_pem)?;
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Invalid {
+            path: self.key.clone(),
+            what: format!("no usable private key: {e}"),
+        })?;
+        check_validity(&self.cert, &leaf)?;
+        let identity = Identity::from_cert_der(&leaf).map_err(|e| TlsError::Invalid {
+            path: self.cert.clone(),
+            what: e.to_string(),
+        })?;
+        if identity.role() != expected {
+            return Err(TlsError::WrongRole {
+                path: self.cert.clone(),
+                found: identity.role(),
+                identity,
+                expected,
+            });
+        }
+        Ok(PeerTls {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            identity,
+        })
+    }
+}
+
+impl PeerTls {
+    /// Server side: present our certificate and require a client certificate from our CA.
+    pub fn server_config(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+    }
+
+    /// Client side: verify the server against our CA and `server_name`, present our certificate.
+    pub fn client_config(&self, server_name: &str) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+            .domain_name(server_name)
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn first_certificate(path: &Path, pem: &[u8]) -> Result<CertificateDer<'static>, TlsError> {
+    CertificateDer::pem_slice_iter(pem)
+        .next()
+        .ok_or_else(|| TlsError::Invalid {
+            path: path.to_owned(),
+            what: "no PEM certificate found".into(),
+        })?
+        .map_err(|e| TlsError::Invalid {
+            path: path.to_owned(),
+            what: format!("malformed PEM certificate: {e}"),
+        })
+}
+
+fn check_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::Invalid {
+        path: path.to_owned(),
+        what: format!("certificate cannot be parsed: {e}"),
+    })?;
+    let validity = cert.validity();
+    if !validity.is_valid() {
+        return Err(TlsError::Invalid {
+            path: path.to_owned(),
+            what: format!(
+                "certificate is outside its validity period ({} to {})",
+                validity.not_before, validity.not_after
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Reads the identity of the first certificate in a PEM file, without checking its role.
+pub fn identity_of_cert_file(path: &Path) -> Result<Identity, TlsError> {
+    let pem = read(path)?;
+    let der = first_certificate(path, &pem)?;
+    Identity::from_cert_der(&der).map_err(|e| TlsError::Invalid {
+        path: path.to_owned(),
+        what: e.to_string(),
+    })
+}
