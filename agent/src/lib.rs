@@ -1,0 +1,63 @@
+//! kt-agent: the sidecar beside a governed LLM gateway.
+//!
+//! It reads its gateway id from its own certificate, polls the gateway's health
+//! ([`health`]) and keeps a control session open with the coordinator ([`session`]).
+
+pub mod backoff;
+pub mod config;
+pub mod health;
+pub mod session;
+
+use kt_proto::identity::{Identity, Role};
+use kt_proto::tls::TlsError;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AgentConfig;
+use crate::health::HealthPoller;
+use crate::session::SessionSettings;
+
+/// An agent whose config and certificates have been checked.
+pub struct Agent {
+    settings: SessionSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{0} is not an agent identity")]
+    NotAnAgent(Identity),
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig) -> Result<Self, StartError> {
+        let tls = config.tls.load(Role::Agent)?;
+        let Identity::Agent { gateway, .. } = tls.identity.clone() else {
+            return Err(StartError::NotAnAgent(tls.identity));
+        };
+        Ok(Agent {
+            settings: SessionSettings {
+                gateway,
+                config,
+                tls,
+                boot_id: format!("{:016x}", rand::random::<u64>()),
+            },
+        })
+    }
+
+    pub fn gateway_id(&self) -> &kt_proto::identity::GatewayId {
+        &self.settings.gateway
+    }
+
+    /// Runs until `cancel` fires; says goodbye to the coordinator on the way out.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let (poller, health) = HealthPoller::new(self.settings.config.gateway.clone())?;
+        let tasks = TaskTracker::new();
+        tasks.spawn(poller.run(cancel.child_token()));
+        tasks.spawn(session::run(self.settings, health, cancel.child_token()));
+        tasks.close();
+        tasks.wait().await;
+        Ok(())
+    }
+}

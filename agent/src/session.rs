@@ -1,0 +1,189 @@
+//! The control session with the coordinator: connect, hello, heartbeats, status, goodbye.
+//!
+//! Disconnected is a normal mode: when the coordinator is down or refuses us, the agent keeps
+//! polling its gateway and retries with full-jitter backoff, forever, doing nothing else.
+
+use std::time::Duration;
+
+use backon::Retryable;
+use kt_proto::identity::GatewayId;
+use kt_proto::tls::PeerTls;
+use kt_proto::unix_ms_now;
+use kt_proto::v1::agent_message::Body as AgentBody;
+use kt_proto::v1::agent_service_client::AgentServiceClient;
+use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
+use kt_proto::v1::{self, AgentMessage, CoordinatorMessage, Goodbye, Heartbeat, Hello, StatusUpdate, Welcome};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tonic::transport::Endpoint;
+
+use crate::backoff::FullJitter;
+use crate::config::AgentConfig;
+use crate::health::{MAX_HEARTBEAT_INTERVAL, materially_different};
+
+/// Messages queued towards the coordinator before sending waits.
+const OUTBOUND_QUEUE: usize = 16;
+/// How long connecting, and waiting for the welcome, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything a session needs, fixed for the agent's life.
+pub struct SessionSettings {
+    pub gateway: GatewayId,
+    pub config: AgentConfig,
+    pub tls: PeerTls,
+    pub boot_id: String,
+}
+
+/// One open session: the sending half, the receiving half and what the coordinator assigned.
+struct OpenSession {
+    outbound: mpsc::Sender<AgentMessage>,
+    inbound: Streaming<CoordinatorMessage>,
+    welcome: Welcome,
+    seq: u64,
+    /// The health the coordinator last heard from us: status updates are sent against it.
+    reported: v1::GatewayHealth,
+}
+
+impl OpenSession {
+    async fn send(&mut self, body: AgentBody) -> Result<(), SessionLost> {
+        self.seq += 1;
+        let message = AgentMessage { seq: self.seq, body: Some(body) };
+        self.outbound.send(message).await.map_err(|_| SessionLost("stream closed".into()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("session lost: {0}")]
+struct SessionLost(String);
+
+/// Keeps a session open until `cancel` fires, reconnecting whenever it is lost.
+pub async fn run(settings: SessionSettings, health: watch::Receiver<v1::GatewayHealth>, cancel: CancellationToken) {
+    let mut attempt: u64 = 0;
+    loop {
+        let backoff = FullJitter::new(settings.config.reconnect.min_delay, settings.config.reconnect.max_delay);
+        let connect = || {
+            attempt += 1;
+            let endpoints = &settings.config.coordinator.endpoints;
+            let index = usize::try_from(attempt % endpoints.len() as u64).unwrap_or(0);
+            connect(&settings, &endpoints[index], health.borrow().clone())
+        };
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => return,
+            opened = connect
+                .retry(backoff)
+                .notify(|error: &anyhow::Error, delay: Duration| {
+                    tracing::warn!(error = format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "cannot open a session with the coordinator");
+                }) => opened,
+        };
+        let Ok(session) = opened else { continue };
+        tracing::info!(
+            heartbeat_interval_ms = session.welcome.heartbeat_interval_ms,
+            coordinator_version = %session.welcome.coordinator_version,
+            "session open"
+        );
+        match serve(session, health.clone(), &cancel).await {
+            Ok(()) => return,
+            Err(lost) => tracing::warn!(error = %lost, "session with the coordinator lost, reconnecting"),
+        }
+    }
+}
+
+/// One connection attempt: channel, session stream, hello, welcome.
+async fn connect(settings: &SessionSettings, endpoint: &str, health: v1::GatewayHealth) -> anyhow::Result<OpenSession> {
+    use anyhow::Context;
+    let server_name = settings.config.server_name(endpoint);
+    let channel = Endpoint::from_shared(endpoint.to_owned())
+        .with_context(|| format!("bad endpoint {endpoint}"))?
+        .tls_config(settings.tls.client_config(&server_name))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))?;
+
+    let (outbound, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let hello = Hello {
+        gateway_id: settings.gateway.to_string(),
+        boot_id: settings.boot_id.clone(),
+        labels: settings.config.labels.clone().into_iter().collect(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        capabilities: Vec::new(),
+        health: Some(health.clone()),
+    };
+    outbound
+        .send(AgentMessage { seq: 1, body: Some(AgentBody::Hello(hello)) })
+        .await
+        .context("session stream closed before the hello")?;
+
+    let mut client = AgentServiceClient::new(channel);
+    let opened = async {
+        let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        match inbound.message().await? {
+            Some(CoordinatorMessage { body: Some(CoordinatorBody::Welcome(welcome)) }) => Ok((inbound, welcome)),
+            Some(_) => Err(tonic::Status::internal("the coordinator did not start with a welcome")),
+            None => Err(tonic::Status::unavailable("the coordinator closed the session")),
+        }
+    };
+    let (inbound, welcome) = tokio::time::timeout(CONNECT_TIMEOUT, opened)
+        .await
+        .context("no welcome within the connect timeout")?
+        .with_context(|| format!("{endpoint} refused the session"))?;
+    Ok(OpenSession { outbound, inbound, welcome, seq: 1, reported: health })
+}
+
+/// Runs an open session: `Ok` when cancelled (after a goodbye), `Err` when it is lost.
+async fn serve(
+    mut session: OpenSession,
+    mut health: watch::Receiver<v1::GatewayHealth>,
+    cancel: &CancellationToken,
+) -> Result<(), SessionLost> {
+    let interval = Duration::from_millis(session.welcome.heartbeat_interval_ms.max(50)).min(MAX_HEARTBEAT_INTERVAL);
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Anything observed since the hello is reported at once.
+    health.mark_changed();
+
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                goodbye(session, "agent shutting down").await;
+                return Ok(());
+            }
+            _ = heartbeat.tick() => {
+                let requests_processed = health.borrow().requests_processed;
+                session.send(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: unix_ms_now(), requests_processed })).await?;
+            }
+            changed = health.changed() => {
+                if changed.is_err() {
+                    // The poller stopped: the agent is shutting down.
+                    goodbye(session, "agent shutting down").await;
+                    return Ok(());
+                }
+                let current = health.borrow_and_update().clone();
+                if materially_different(&session.reported, &current) {
+                    session.send(AgentBody::Status(StatusUpdate { health: Some(current.clone()) })).await?;
+                    session.reported = current;
+                }
+            }
+            message = session.inbound.message() => match message {
+                Ok(Some(message)) => tracing::debug!(?message, "message from the coordinator"),
+                Ok(None) => return Err(SessionLost("the coordinator ended the session".into())),
+                Err(status) => return Err(SessionLost(status.to_string())),
+            },
+        }
+    }
+}
+
+/// Says goodbye, closes our half and waits briefly for the coordinator to close its half.
+async fn goodbye(mut session: OpenSession, reason: &str) {
+    if session.send(AgentBody::Goodbye(Goodbye { reason: reason.to_owned() })).await.is_err() {
+        return;
+    }
+    let OpenSession { outbound, mut inbound, .. } = session;
+    drop(outbound);
+    let drain = async { while let Ok(Some(_)) = inbound.message().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}

@@ -1,0 +1,233 @@
+//! `ktctl dev up [--gateways N] [--dir DIR]`: a PKI, one coordinator and N gateway+agent
+//! pairs as real processes on loopback, and a ktctl config to reach them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kt_proto::identity::GatewayId;
+
+use super::DirArg;
+use crate::dev::{self, AgentSpec, DevProcess, DevState, Liveness, Role};
+use crate::ktconfig::{self, KtctlConfig};
+use crate::pki::{self, LeafRole};
+use crate::view::GatewayRow;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// How many gateway+agent pairs to start (1-99).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub gateways: u8,
+    #[command(flatten)]
+    pub dir: DirArg,
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Stops everything started so far if `dev up` fails half-way.
+struct Rollback<'a> {
+    dir: &'a Path,
+    state: DevState,
+    armed: bool,
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            for p in self.state.processes.iter().rev() {
+                dev::stop(p.pid, &p.binary, GRACE);
+            }
+            let _ = std::fs::remove_file(DevState::path(self.dir));
+        }
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let dir = args.dir.resolve();
+    if let Some(state) = DevState::load(&dir)? {
+        let running = state.processes.iter().filter(|p| dev::is_running(p.pid, &p.binary)).count();
+        if running > 0 {
+            bail!(
+                "a dev fleet is already running in {} ({running} processes); run `ktctl dev down{}` first",
+                dir.display(),
+                dir_flag(&args.dir)
+            );
+        }
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = std::fs::canonicalize(&dir)?;
+    let ids: Vec<String> = (1..=args.gateways).map(|i| format!("gw-dev-{i:02}")).collect();
+
+    println!("creating a PKI in {}", dir.join("pki").display());
+    let pki_dir = dir.join("pki");
+    pki::init_ca(&pki_dir, pki::DEFAULT_TRUST_DOMAIN, true)?;
+    pki::issue(&pki_dir, &LeafRole::Coordinator { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse()?] }, 30, true)?;
+    pki::issue(&pki_dir, &LeafRole::Operator { name: dev::DEV_OPERATOR.into() }, 30, true)?;
+    for id in &ids {
+        pki::issue(&pki_dir, &LeafRole::Agent { gateway: GatewayId::new(id)? }, 30, true)?;
+    }
+
+    let mut rollback = Rollback { dir: &dir, state: DevState::default(), armed: true };
+    let run_dir = dir.join("run");
+    std::fs::create_dir_all(&run_dir)?;
+
+    // The coordinator first: agents need its address.
+    let coordinator_dir = dir.join("coordinator");
+    std::fs::create_dir_all(&coordinator_dir)?;
+    let groups_path = coordinator_dir.join("groups.yaml");
+    std::fs::write(&groups_path, dev::groups_file(dev::DEV_GROUP, &ids))?;
+    let config_path = coordinator_dir.join("coordinator.yaml");
+    let listen: SocketAddr = "127.0.0.1:0".parse()?;
+    std::fs::write(&config_path, dev::coordinator_config(listen, &pki_dir, &coordinator_dir.join("data"), &groups_path, Liveness::DEV))?;
+    let coordinator = start(
+        &mut rollback,
+        Role::Coordinator,
+        None,
+        vec!["--config".into(), path_arg(&config_path)],
+        &coordinator_dir,
+        Some(&run_dir.join("coordinator.addr")),
+    )?
+    .context("the coordinator reported no address")?;
+    println!("coordinator listening on {coordinator}");
+
+    for (i, id) in ids.iter().enumerate() {
+        let gw_dir = dir.join(id);
+        std::fs::create_dir_all(&gw_dir)?;
+        let policy = gw_dir.join("policy-config.yaml");
+        std::fs::write(&policy, dev::EXAMPLE_POLICY)?;
+        let gateway = start(
+            &mut rollback,
+            Role::Gateway,
+            Some(id),
+            vec![
+                "--config".into(),
+                path_arg(&policy),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--gateway-id".into(),
+                id.clone(),
+            ],
+            &gw_dir,
+            Some(&run_dir.join(format!("{id}.addr"))),
+        )?
+        .context("the gateway reported no address")?;
+
+        let region = if i % 2 == 0 { "us" } else { "eu" };
+        let agent_path = gw_dir.join("agent.yaml");
+        std::fs::write(
+            &agent_path,
+            dev::agent_config(&AgentSpec {
+                gateway_id: id,
+                coordinator,
+                pki: &pki_dir,
+                health_url: format!("http://{gateway}/health"),
+                health_interval: Duration::from_secs(1),
+                labels: &[("region", region), ("env", "dev")],
+            }),
+        )?;
+        start(&mut rollback, Role::Agent, Some(id), vec!["--config".into(), path_arg(&agent_path)], &gw_dir, None)?;
+        println!("{id}: gateway on {gateway}, agent started (region {region})");
+    }
+
+    let ktctl_path = dir.join(dev::KTCTL_CONFIG_FILE);
+    let config = KtctlConfig {
+        current_context: Some("dev".into()),
+        contexts: vec![ktconfig::Context {
+            name: "dev".into(),
+            coordinator: format!("https://{coordinator}"),
+            server_name: None,
+            ca: pki_dir.join(pki::CA_CERT),
+            cert: pki_dir.join(format!("operator-{}.crt", dev::DEV_OPERATOR)),
+            key: pki_dir.join(format!("operator-{}.key", dev::DEV_OPERATOR)),
+        }],
+    };
+    config.save(&ktctl_path)?;
+
+    wait_until_connected(&config, &ktctl_path, ids.len()).await?;
+    rollback.armed = false;
+
+    let flag = dir_flag(&args.dir);
+    println!();
+    println!("dev fleet is up: 1 coordinator, {} gateways, all connected and healthy", ids.len());
+    println!("next:");
+    if ktctl_path != ktconfig::default_paths(None).last().cloned().unwrap_or_default() {
+        println!("  export KTCTL_CONFIG={}", ktctl_path.display());
+    }
+    println!("  ktctl gateway health        # one row per gateway");
+    println!("  ktctl fleet watch           # live changes, Ctrl-C to stop");
+    println!("  ktctl dev status{flag}         # the processes, their pids and addresses");
+    println!("  ktctl dev down{flag}           # stop them all");
+    Ok(())
+}
+
+fn dir_flag(dir: &DirArg) -> String {
+    dir.dir.as_ref().map(|d| format!(" --dir {}", d.display())).unwrap_or_default()
+}
+
+fn path_arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Starts one process, records it, and waits for its address when it has a ready file.
+fn start(
+    rollback: &mut Rollback<'_>,
+    role: Role,
+    id: Option<&String>,
+    mut args: Vec<String>,
+    workdir: &Path,
+    ready_file: Option<&PathBuf>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let binary = dev::find_binary(role.binary());
+    let binary = std::fs::canonicalize(&binary).unwrap_or(binary);
+    let log = workdir.join(format!("{}.log", role.binary()));
+    if let Some(ready) = ready_file {
+        let _ = std::fs::remove_file(ready);
+        args.extend(["--ready-file".into(), path_arg(ready)]);
+    }
+    let mut child = dev::spawn(&binary, &args, &log)?;
+    rollback.state.processes.push(DevProcess {
+        role,
+        id: id.cloned(),
+        pid: child.id(),
+        address: None,
+        binary,
+        log: log.clone(),
+    });
+    rollback.state.save(rollback.dir)?;
+    let Some(ready) = ready_file else { return Ok(None) };
+    let addr = dev::wait_ready(&mut child, ready, &log, READY_TIMEOUT)
+        .with_context(|| format!("{} {} did not start", role.binary(), id.map(String::as_str).unwrap_or("")))?;
+    if let Some(last) = rollback.state.processes.last_mut() {
+        last.address = Some(addr.to_string());
+    }
+    rollback.state.save(rollback.dir)?;
+    Ok(Some(addr))
+}
+
+/// Waits until every dev gateway is connected and healthy, as `ktctl gateway health` sees it.
+async fn wait_until_connected(config: &KtctlConfig, path: &Path, expected: usize) -> anyhow::Result<()> {
+    let context = config.context(None, path)?;
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    let mut last = String::from("no answer yet");
+    while tokio::time::Instant::now() < deadline {
+        match crate::client::connect(context).await {
+            Ok(mut client) => match client.list_gateways(kt_proto::v1::ListGatewaysRequest::default()).await {
+                Ok(response) => {
+                    let now = kt_proto::unix_ms_now();
+                    let rows: Vec<GatewayRow> = response.into_inner().gateways.iter().map(|g| GatewayRow::from_state(g, now)).collect();
+                    let ok = rows.iter().filter(|r| r.is_ok()).count();
+                    if ok == expected {
+                        return Ok(());
+                    }
+                    last = format!("{ok} of {expected} gateways connected and healthy");
+                }
+                Err(status) => last = status.message().to_owned(),
+            },
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("the fleet did not come up within {READY_TIMEOUT:?}: {last}")
+}

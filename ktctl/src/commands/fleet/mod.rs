@@ -1,0 +1,3 @@
+//! `ktctl fleet`: the fleet as a whole.
+
+pub mod watch;

@@ -1,0 +1,6 @@
+//! One module per noun, one file per verb.
+
+pub mod dev;
+pub mod fleet;
+pub mod gateway;
+pub mod pki;

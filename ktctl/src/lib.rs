@@ -1,0 +1,152 @@
+//! ktctl, the operators' CLI: the command tree ([`Cli`]), one module per verb under
+//! [`commands`], and the pieces tests reuse (PKI, dev fleet processes, config files).
+
+pub mod client;
+pub mod commands;
+pub mod dev;
+pub mod ktconfig;
+pub mod pki;
+pub mod view;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kt_proto::v1::operator_service_client::OperatorServiceClient;
+use kt_proto::yaml::ConfigFileError;
+use tonic::transport::Channel;
+
+use crate::commands::{dev as dev_cmd, fleet, gateway, pki as pki_cmd};
+use crate::ktconfig::KtctlConfig;
+
+/// Exit codes, kubectl-like: 0 ok, 1 failed or not healthy, 2 bad flags (clap), 64 bad config file.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const CONFIG: u8 = 64;
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "ktctl", version, about = "Operate a fleet of governed LLM gateways")]
+pub struct Cli {
+    /// ktctl config file [default: $KTCTL_CONFIG, ~/.config/ktctl/config.yaml, else the dev fleet's ktctl.yaml].
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// The context to use instead of the config's current-context.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    #[command(subcommand)]
+    pub command: Noun,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Noun {
+    /// Certificates: the deployment's CA and its leaf certificates.
+    #[command(subcommand)]
+    Pki(PkiVerb),
+    /// Gateways as the coordinator sees them.
+    #[command(subcommand)]
+    Gateway(GatewayVerb),
+    /// The fleet as a whole.
+    #[command(subcommand)]
+    Fleet(FleetVerb),
+    /// A local fleet of real processes on loopback.
+    #[command(subcommand)]
+    Dev(DevVerb),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiVerb {
+    /// Create a CA.
+    Init(pki_cmd::init::Args),
+    /// Issue a certificate for an agent, the coordinator or an operator.
+    Issue(pki_cmd::issue::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GatewayVerb {
+    /// Health of each gateway; exits 1 unless all are healthy and connected.
+    Health(gateway::health::Args),
+    /// The gateways, their groups and labels.
+    List(gateway::list::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetVerb {
+    /// The fleet's state, then each change as it happens, until interrupted.
+    Watch(fleet::watch::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevVerb {
+    /// Start a PKI, a coordinator and N gateway+agent pairs.
+    Up(dev_cmd::up::Args),
+    /// List the processes `dev up` started.
+    Status(dev_cmd::status::Args),
+    /// Stop the processes `dev up` started.
+    Down(dev_cmd::down::Args),
+}
+
+/// How to reach the coordinator: resolved lazily, since `pki` and `dev` need no config.
+#[derive(Debug)]
+pub struct Session {
+    config: Option<PathBuf>,
+    context: Option<String>,
+}
+
+impl Session {
+    pub fn new(config: Option<PathBuf>, context: Option<String>) -> Self {
+        Session { config, context }
+    }
+
+    fn config_path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(path) = &self.config {
+            return Ok(path.clone());
+        }
+        let env = std::env::var_os("KTCTL_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from);
+        let candidates = ktconfig::default_paths(env);
+        candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
+            let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+            format!("no ktctl config found (tried {}); run `ktctl dev up` or pass --config", tried.join(", "))
+        })
+    }
+
+    pub async fn client(&self) -> anyhow::Result<OperatorServiceClient<Channel>> {
+        let path = self.config_path()?;
+        let config = KtctlConfig::load(&path)?;
+        let context = config.context(self.context.as_deref(), &path)?;
+        client::connect(context).await
+    }
+}
+
+/// A coordinator's refusal as an error an operator can act on.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("coordinator: {} ({:?})", status.message(), status.code())
+}
+
+/// Runs one command and returns the process exit code.
+pub async fn run(cli: Cli) -> u8 {
+    let session = Session::new(cli.config, cli.context);
+    let result = match cli.command {
+        Noun::Pki(PkiVerb::Init(args)) => pki_cmd::init::run(args).map(|()| true),
+        Noun::Pki(PkiVerb::Issue(args)) => pki_cmd::issue::run(args).map(|()| true),
+        Noun::Gateway(GatewayVerb::Health(args)) => gateway::health::run(&session, args).await,
+        Noun::Gateway(GatewayVerb::List(args)) => gateway::list::run(&session, args).await.map(|()| true),
+        Noun::Fleet(FleetVerb::Watch(args)) => fleet::watch::run(&session, args).await.map(|()| true),
+        Noun::Dev(DevVerb::Up(args)) => dev_cmd::up::run(args).await.map(|()| true),
+        Noun::Dev(DevVerb::Status(args)) => dev_cmd::status::run(args),
+        Noun::Dev(DevVerb::Down(args)) => dev_cmd::down::run(args).map(|()| true),
+    };
+    match result {
+        Ok(true) => exit::OK,
+        Ok(false) => exit::FAILED,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            if error.chain().any(|cause| cause.downcast_ref::<ConfigFileError>().is_some()) {
+                exit::CONFIG
+            } else {
+                exit::FAILED
+            }
+        }
+    }
+}
