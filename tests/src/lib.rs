@@ -1,0 +1,367 @@
+//! Builders for end-to-end tests: a PKI, a coordinator, gateways and agents as real processes
+//! on loopback (port 0), talking real mutual TLS, plus a way to run the real `ktctl`.
+//!
+//! Every process is owned by a [`Proc`] that kills and reaps it on drop, so a failing test
+//! leaves nothing running. The binaries are the workspace's own, found next to the test
+//! executable's `target/<profile>` directory: build them first (`cargo build --workspace`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+use std::time::Duration;
+
+use kt_ctl::dev::{self, AgentSpec, Liveness};
+use kt_ctl::ktconfig::{Context, KtctlConfig};
+use kt_ctl::pki::{self, LeafRole};
+use kt_proto::identity::GatewayId;
+use kt_proto::v1::operator_service_client::OperatorServiceClient;
+use tonic::transport::Channel;
+
+/// Liveness for tests: a dead agent becomes unreachable in 1 s and disconnected in 3 s.
+pub const TEST_LIVENESS: Liveness = Liveness {
+    heartbeat_interval: Duration::from_millis(200),
+    unreachable_after: Duration::from_millis(1000),
+    disconnected_after: Duration::from_millis(3000),
+};
+/// How often test agents read their gateway's health.
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(300);
+/// How long a test waits for a process to come up.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+pub const GROUP: &str = "test";
+
+/// The directory holding the workspace's binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe.parent().and_then(Path::parent).expect("target directory").to_owned();
+    assert!(
+        dir.join("kt-coordinator").is_file(),
+        "{} has no kt-coordinator: run `cargo build --workspace` before the tests",
+        dir.display()
+    );
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A child process killed and reaped when dropped.
+pub struct Proc {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(binary: &str, args: &[String], log: PathBuf) -> Self {
+        let child = dev::spawn(&bin(binary), args, &log).expect("spawn");
+        Proc { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the bound address the process writes to `ready_file`.
+    pub fn wait_ready(&mut self, ready_file: &Path) -> SocketAddr {
+        dev::wait_ready(&mut self.child, ready_file, &self.log, READY_TIMEOUT).expect("process ready")
+    }
+
+    /// SIGTERM, and wait (at most 10 s) for the exit.
+    pub fn terminate(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Drop kills what is left.
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// Waits for the process to exit by itself and returns its status.
+    pub fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "process did not exit:\n{}", dev::log_tail(&self.log));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A PKI in a directory: the CA and whatever leaves tests issue.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: PathBuf) -> Self {
+        pki::init_ca(&dir, pki::DEFAULT_TRUST_DOMAIN, false).expect("CA");
+        let pki = Pki { dir };
+        pki.issue(&LeafRole::Coordinator { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse().expect("ip")] });
+        pki.issue(&LeafRole::Operator { name: "tester".into() });
+        pki
+    }
+
+    pub fn issue(&self, role: &LeafRole) -> pki::IssuedFiles {
+        pki::issue(&self.dir, role, 2, false).expect("issue")
+    }
+
+    pub fn issue_agent(&self, id: &str) -> pki::IssuedFiles {
+        self.issue(&LeafRole::Agent { gateway: GatewayId::new(id).expect("id") })
+    }
+
+    /// A ktctl context for operator `name` (issued beforehand) against `coordinator`.
+    pub fn context(&self, coordinator: SocketAddr, name: &str) -> Context {
+        Context {
+            name: "test".into(),
+            coordinator: format!("https://{coordinator}"),
+            server_name: None,
+            ca: self.dir.join(pki::CA_CERT),
+            cert: self.dir.join(format!("operator-{name}.crt")),
+            key: self.dir.join(format!("operator-{name}.key")),
+        }
+    }
+}
+
+/// A coordinator process; restarts keep its port.
+pub struct CoordinatorNode {
+    pub proc: Option<Proc>,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    pki_dir: PathBuf,
+    groups: PathBuf,
+}
+
+impl CoordinatorNode {
+    pub fn start(dir: PathBuf, pki: &Pki, gateways: &[String]) -> Self {
+        std::fs::create_dir_all(&dir).expect("dir");
+        let groups = dir.join("groups.yaml");
+        std::fs::write(&groups, dev::groups_file(GROUP, gateways)).expect("groups");
+        let mut node = CoordinatorNode {
+            proc: None,
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            dir,
+            pki_dir: pki.dir.clone(),
+            groups,
+        };
+        node.start_again();
+        node
+    }
+
+    /// Starts the process (again), on the port it had, or a free one the first time.
+    pub fn start_again(&mut self) {
+        assert!(self.proc.is_none(), "coordinator already running");
+        let config = self.dir.join("coordinator.yaml");
+        let text = dev::coordinator_config(self.addr, &self.pki_dir, &self.dir.join("data"), &self.groups, TEST_LIVENESS);
+        std::fs::write(&config, text).expect("config");
+        let ready = self.dir.join("coordinator.addr");
+        let _ = std::fs::remove_file(&ready);
+        let args = vec!["--config".into(), config.display().to_string(), "--ready-file".into(), ready.display().to_string()];
+        let mut proc = Proc::spawn("kt-coordinator", &args, self.dir.join("coordinator.log"));
+        self.addr = proc.wait_ready(&ready);
+        self.proc = Some(proc);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(proc) = self.proc.take() {
+            proc.terminate();
+        }
+    }
+}
+
+/// A gateway process; restarts keep its port, so its agent's health URL stays valid.
+pub struct GatewayNode {
+    pub id: String,
+    pub proc: Option<Proc>,
+    pub addr: SocketAddr,
+    pub policy: PathBuf,
+    dir: PathBuf,
+}
+
+impl GatewayNode {
+    pub fn start(dir: PathBuf, id: &str) -> Self {
+        std::fs::create_dir_all(&dir).expect("dir");
+        let policy = dir.join("policy-config.yaml");
+        std::fs::write(&policy, dev::EXAMPLE_POLICY).expect("policy");
+        let mut node = GatewayNode { id: id.to_owned(), proc: None, addr: "127.0.0.1:0".parse().expect("addr"), policy, dir };
+        node.start_again();
+        node
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.proc.is_none(), "gateway already running");
+        let ready = self.dir.join("gateway.addr");
+        let _ = std::fs::remove_file(&ready);
+        let args = vec![
+            "--config".into(),
+            self.policy.display().to_string(),
+            "--listen".into(),
+            self.addr.to_string(),
+            "--gateway-id".into(),
+            self.id.clone(),
+            "--ready-file".into(),
+            ready.display().to_string(),
+        ];
+        let mut proc = Proc::spawn("kt-gateway", &args, self.dir.join("gateway.log"));
+        self.addr = proc.wait_ready(&ready);
+        self.proc = Some(proc);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(proc) = self.proc.take() {
+            proc.terminate();
+        }
+    }
+}
+
+/// An agent process beside one gateway.
+pub struct AgentNode {
+    pub proc: Option<Proc>,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentNode {
+    pub fn start(dir: &Path, spec: &AgentSpec<'_>) -> Self {
+        let config = dir.join("agent.yaml");
+        std::fs::write(&config, dev::agent_config(spec)).expect("agent config");
+        let mut node = AgentNode { proc: None, config, log: dir.join("agent.log") };
+        node.start_again();
+        node
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.proc.is_none(), "agent already running");
+        let args = vec!["--config".into(), self.config.display().to_string()];
+        self.proc = Some(Proc::spawn("kt-agent", &args, self.log.clone()));
+    }
+
+    /// SIGKILL: no goodbye, as when a host dies.
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+}
+
+/// A coordinator and N gateway+agent pairs (`gw-test-01`..., regions alternating us/eu).
+pub struct TestFleet {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    pub coordinator: CoordinatorNode,
+    pub gateways: Vec<GatewayNode>,
+    pub agents: Vec<AgentNode>,
+    pub ktctl_config: PathBuf,
+}
+
+impl TestFleet {
+    pub fn start(n: usize) -> Self {
+        kt_proto::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::new(dir.path().join("pki"));
+        let ids: Vec<String> = (1..=n).map(|i| format!("gw-test-{i:02}")).collect();
+        let coordinator = CoordinatorNode::start(dir.path().join("coordinator"), &pki, &ids);
+        let mut gateways = Vec::new();
+        let mut agents = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            pki.issue_agent(id);
+            let gw_dir = dir.path().join(id);
+            let gateway = GatewayNode::start(gw_dir.clone(), id);
+            let region = if i % 2 == 0 { "us" } else { "eu" };
+            let agent = AgentNode::start(
+                &gw_dir,
+                &AgentSpec {
+                    gateway_id: id,
+                    coordinator: coordinator.addr,
+                    pki: &pki.dir,
+                    health_url: format!("http://{}/health", gateway.addr),
+                    health_interval: HEALTH_INTERVAL,
+                    labels: &[("region", region), ("env", "test")],
+                },
+            );
+            gateways.push(gateway);
+            agents.push(agent);
+        }
+        let ktctl_config = dir.path().join("ktctl.yaml");
+        KtctlConfig { current_context: Some("test".into()), contexts: vec![pki.context(coordinator.addr, "tester")] }
+            .save(&ktctl_config)
+            .expect("ktctl config");
+        TestFleet { dir, pki, coordinator, gateways, agents, ktctl_config }
+    }
+
+    pub async fn operator(&self) -> OperatorServiceClient<Channel> {
+        kt_ctl::client::connect(&self.pki.context(self.coordinator.addr, "tester")).await.expect("operator client")
+    }
+
+    /// Runs the real `ktctl` against this fleet.
+    pub fn ktctl(&self, args: &[&str]) -> Output {
+        ktctl(&self.ktctl_config, args)
+    }
+
+    /// `ktctl gateway health -o json`: the exit code and the rows.
+    pub fn health(&self) -> (i32, Vec<serde_json::Value>) {
+        let out = self.ktctl(&["gateway", "health", "-o", "json"]);
+        let rows = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code().unwrap_or(-1), rows)
+    }
+
+    /// Polls `ktctl gateway health` until `check` accepts the rows, or fails with the last rows.
+    pub async fn wait_for_health(&self, what: &str, timeout: Duration, check: impl Fn(i32, &[serde_json::Value]) -> bool) {
+        let mut last = (0, Vec::new());
+        let found = wait_for(timeout, || {
+            last = self.health();
+            check(last.0, &last.1)
+        })
+        .await;
+        assert!(found, "{what}: not reached within {timeout:?}; last exit {} rows {:#?}", last.0, last.1);
+    }
+}
+
+/// Runs the real `ktctl` with `--config config`.
+pub fn ktctl(config: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(bin("ktctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run ktctl")
+}
+
+/// Row `gateway` of a health listing.
+pub fn row<'a>(rows: &'a [serde_json::Value], gateway: &str) -> Option<&'a serde_json::Value> {
+    rows.iter().find(|r| r["gateway"] == gateway)
+}
+
+/// Polls `condition` every 50 ms until it holds (true) or `timeout` passes (false).
+pub async fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
