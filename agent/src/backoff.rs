@@ -15,7 +15,11 @@ pub struct FullJitter {
 
 impl FullJitter {
     pub fn new(min: Duration, max: Duration) -> Self {
-        FullJitter { min, max, attempt: 0 }
+        FullJitter {
+            min,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The ceiling of the next draw: `min * 2^attempt`, capped at `max`.
@@ -59,8 +63,14 @@ mod tests {
         let b = FullJitter::new(Duration::from_millis(100), Duration::from_secs(2));
         let draws: Vec<Duration> = b.skip(10).take(2000).collect();
         assert!(draws.iter().all(|d| *d <= Duration::from_secs(2)));
-        let low = draws.iter().filter(|d| **d < Duration::from_millis(500)).count();
-        let high = draws.iter().filter(|d| **d > Duration::from_millis(1500)).count();
+        let low = draws
+            .iter()
+            .filter(|d| **d < Duration::from_millis(500))
+            .count();
+        let high = draws
+            .iter()
+            .filter(|d| **d > Duration::from_millis(1500))
+            .count();
         // Uniform over [0, 2s]: about a quarter of draws in each tail.
         assert!(low > 300 && high > 300, "low {low}, high {high}");
     }

@@ -75,7 +75,11 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
         let mut config: AgentConfig = read_yaml_file(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key] {
+        for p in [
+            &mut config.tls.ca,
+            &mut config.tls.cert,
+            &mut config.tls.key,
+        ] {
             *p = base.join(&*p);
         }
         config.validate(path)?;
@@ -84,7 +88,11 @@ impl AgentConfig {
 
     fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
         if self.coordinator.endpoints.is_empty() {
-            return Err(ConfigFileError::invalid(path, "coordinator.endpoints", "at least one endpoint is required"));
+            return Err(ConfigFileError::invalid(
+                path,
+                "coordinator.endpoints",
+                "at least one endpoint is required",
+            ));
         }
         for (i, endpoint) in self.coordinator.endpoints.iter().enumerate() {
             if !endpoint.starts_with("https://") {
@@ -102,11 +110,21 @@ impl AgentConfig {
                 ));
             }
         }
-        if !self.gateway.health_url.starts_with("http://") && !self.gateway.health_url.starts_with("https://") {
-            return Err(ConfigFileError::invalid(path, "gateway.health_url", "must be an http(s) URL"));
+        if !self.gateway.health_url.starts_with("http://")
+            && !self.gateway.health_url.starts_with("https://")
+        {
+            return Err(ConfigFileError::invalid(
+                path,
+                "gateway.health_url",
+                "must be an http(s) URL",
+            ));
         }
         if self.gateway.health_interval < Duration::from_millis(50) {
-            return Err(ConfigFileError::invalid(path, "gateway.health_interval", "must be at least 50ms"));
+            return Err(ConfigFileError::invalid(
+                path,
+                "gateway.health_interval",
+                "must be at least 50ms",
+            ));
         }
         let r = &self.reconnect;
         if r.min_delay.is_zero() || r.max_delay < r.min_delay {
@@ -171,15 +189,22 @@ labels: {region: eu, env: prod}
 
     #[test]
     fn plaintext_endpoint_and_unknown_keys_are_refused() {
-        let msg = load(&VALID.replace("https://", "http://")).expect_err("plaintext").to_string();
+        let msg = load(&VALID.replace("https://", "http://"))
+            .expect_err("plaintext")
+            .to_string();
         assert!(msg.contains("coordinator.endpoints[0]"), "{msg}");
-        let msg = load(&format!("{VALID}colour: red\n")).expect_err("unknown").to_string();
+        let msg = load(&format!("{VALID}colour: red\n"))
+            .expect_err("unknown")
+            .to_string();
         assert!(msg.contains("colour") && msg.contains("line 7"), "{msg}");
     }
 
     #[test]
     fn hosts_of_urls() {
-        assert_eq!(host_of("https://coord.example:443").as_deref(), Some("coord.example"));
+        assert_eq!(
+            host_of("https://coord.example:443").as_deref(),
+            Some("coord.example")
+        );
         assert_eq!(host_of("https://[::1]:41001").as_deref(), Some("::1"));
         assert_eq!(host_of("https://localhost").as_deref(), Some("localhost"));
         assert_eq!(host_of("https://:1"), None);

@@ -23,13 +23,22 @@ pub struct HealthPoller {
 }
 
 impl HealthPoller {
-    pub fn new(settings: GatewaySettings) -> anyhow::Result<(Self, watch::Receiver<v1::GatewayHealth>)> {
+    pub fn new(
+        settings: GatewaySettings,
+    ) -> anyhow::Result<(Self, watch::Receiver<v1::GatewayHealth>)> {
         let client = reqwest::Client::builder()
             .timeout(settings.health_timeout)
             .connect_timeout(settings.health_timeout)
             .build()?;
         let (latest, rx) = watch::channel(unobserved());
-        Ok((HealthPoller { settings, client, latest }, rx))
+        Ok((
+            HealthPoller {
+                settings,
+                client,
+                latest,
+            },
+            rx,
+        ))
     }
 
     pub async fn run(self, cancel: CancellationToken) {
@@ -77,9 +86,15 @@ impl HealthPoller {
 
 async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("reading gateway health: {e}"))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("reading gateway health: {e}"))?
+    {
         if body.len() + chunk.len() > MAX_HEALTH_BYTES {
-            return Err(format!("gateway health is larger than {MAX_HEALTH_BYTES} bytes"));
+            return Err(format!(
+                "gateway health is larger than {MAX_HEALTH_BYTES} bytes"
+            ));
         }
         body.extend_from_slice(&chunk);
     }
@@ -178,7 +193,15 @@ pub fn materially_different(a: &v1::GatewayHealth, b: &v1::GatewayHealth) -> boo
             providers: h
                 .providers
                 .iter()
-                .map(|(name, p)| (name.clone(), v1::ProviderHealth { reachable: p.reachable, latency_ms: 0.0 }))
+                .map(|(name, p)| {
+                    (
+                        name.clone(),
+                        v1::ProviderHealth {
+                            reachable: p.reachable,
+                            latency_ms: 0.0,
+                        },
+                    )
+                })
                 .collect(),
             ..h.clone()
         }
@@ -204,14 +227,20 @@ mod tests {
         let health = from_doc(doc);
         assert_eq!(health.status, v1::HealthStatus::Degraded as i32);
         assert!(health.reachable);
-        assert_eq!(health.config.as_ref().map(|c| c.version.as_str()), Some("1.0.0"));
+        assert_eq!(
+            health.config.as_ref().map(|c| c.version.as_str()),
+            Some("1.0.0")
+        );
         assert!(health.providers["openai"].reachable);
         assert!(!health.providers["local"].reachable);
     }
 
     #[test]
     fn only_material_changes_count() {
-        let base = from_doc(HealthDoc { status: HealthStatus::Healthy, ..Default::default() });
+        let base = from_doc(HealthDoc {
+            status: HealthStatus::Healthy,
+            ..Default::default()
+        });
         let mut busier = base.clone();
         busier.requests_processed += 10;
         busier.uptime_seconds += 5;
@@ -225,7 +254,10 @@ mod tests {
     #[test]
     fn unreachable_keeps_config_identity() {
         let mut previous = from_doc(HealthDoc::default());
-        previous.config = Some(v1::ConfigInfo { version: "2.0.0".into(), ..Default::default() });
+        previous.config = Some(v1::ConfigInfo {
+            version: "2.0.0".into(),
+            ..Default::default()
+        });
         let now = unreachable_now(&previous, "connection refused".into());
         assert!(!now.reachable);
         assert_eq!(now.status, v1::HealthStatus::Unhealthy as i32);

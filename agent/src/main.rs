@@ -36,7 +36,10 @@ fn main() -> ExitCode {
         eprintln!("kt-agent: --config FILE is required");
         return ExitCode::from(daemon::EXIT_CONFIG as u8);
     };
-    let agent = match AgentConfig::load(&config_path).map_err(anyhow::Error::from).and_then(|c| Ok(Agent::new(c)?)) {
+    let agent = match AgentConfig::load(&config_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(Agent::new(c)?))
+    {
         Ok(agent) => agent,
         Err(e) => {
             eprintln!("kt-agent: {e}");
@@ -44,7 +47,11 @@ fn main() -> ExitCode {
         }
     };
     if matches!(cli.command, Some(Command::Validate)) {
-        println!("{}: ok (gateway {})", config_path.display(), agent.gateway_id());
+        println!(
+            "{}: ok (gateway {})",
+            config_path.display(),
+            agent.gateway_id()
+        );
         return ExitCode::SUCCESS;
     }
     tracing::info!(gateway_id = %agent.gateway_id(), "agent starting");

@@ -12,7 +12,9 @@ use kt_proto::unix_ms_now;
 use kt_proto::v1::agent_message::Body as AgentBody;
 use kt_proto::v1::agent_service_client::AgentServiceClient;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
-use kt_proto::v1::{self, AgentMessage, CoordinatorMessage, Goodbye, Heartbeat, Hello, StatusUpdate, Welcome};
+use kt_proto::v1::{
+    self, AgentMessage, CoordinatorMessage, Goodbye, Heartbeat, Hello, StatusUpdate, Welcome,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -49,8 +51,14 @@ struct OpenSession {
 impl OpenSession {
     async fn send(&mut self, body: AgentBody) -> Result<(), SessionLost> {
         self.seq += 1;
-        let message = AgentMessage { seq: self.seq, body: Some(body) };
-        self.outbound.send(message).await.map_err(|_| SessionLost("stream closed".into()))
+        let message = AgentMessage {
+            seq: self.seq,
+            body: Some(body),
+        };
+        self.outbound
+            .send(message)
+            .await
+            .map_err(|_| SessionLost("stream closed".into()))
     }
 }
 
@@ -59,10 +67,17 @@ impl OpenSession {
 struct SessionLost(String);
 
 /// Keeps a session open until `cancel` fires, reconnecting whenever it is lost.
-pub async fn run(settings: SessionSettings, health: watch::Receiver<v1::GatewayHealth>, cancel: CancellationToken) {
+pub async fn run(
+    settings: SessionSettings,
+    health: watch::Receiver<v1::GatewayHealth>,
+    cancel: CancellationToken,
+) {
     let mut attempt: u64 = 0;
     loop {
-        let backoff = FullJitter::new(settings.config.reconnect.min_delay, settings.config.reconnect.max_delay);
+        let backoff = FullJitter::new(
+            settings.config.reconnect.min_delay,
+            settings.config.reconnect.max_delay,
+        );
         let connect = || {
             attempt += 1;
             let endpoints = &settings.config.coordinator.endpoints;
@@ -85,13 +100,19 @@ pub async fn run(settings: SessionSettings, health: watch::Receiver<v1::GatewayH
         );
         match serve(session, health.clone(), &cancel).await {
             Ok(()) => return,
-            Err(lost) => tracing::warn!(error = %lost, "session with the coordinator lost, reconnecting"),
+            Err(lost) => {
+                tracing::warn!(error = %lost, "session with the coordinator lost, reconnecting")
+            }
         }
     }
 }
 
 /// One connection attempt: channel, session stream, hello, welcome.
-async fn connect(settings: &SessionSettings, endpoint: &str, health: v1::GatewayHealth) -> anyhow::Result<OpenSession> {
+async fn connect(
+    settings: &SessionSettings,
+    endpoint: &str,
+    health: v1::GatewayHealth,
+) -> anyhow::Result<OpenSession> {
     use anyhow::Context;
     let server_name = settings.config.server_name(endpoint);
     let channel = Endpoint::from_shared(endpoint.to_owned())
@@ -114,7 +135,10 @@ async fn connect(settings: &SessionSettings, endpoint: &str, health: v1::Gateway
         health: Some(health.clone()),
     };
     outbound
-        .send(AgentMessage { seq: 1, body: Some(AgentBody::Hello(hello)) })
+        .send(AgentMessage {
+            seq: 1,
+            body: Some(AgentBody::Hello(hello)),
+        })
         .await
         .context("session stream closed before the hello")?;
 
@@ -122,16 +146,28 @@ async fn connect(settings: &SessionSettings, endpoint: &str, health: v1::Gateway
     let opened = async {
         let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
         match inbound.message().await? {
-            Some(CoordinatorMessage { body: Some(CoordinatorBody::Welcome(welcome)) }) => Ok((inbound, welcome)),
-            Some(_) => Err(tonic::Status::internal("the coordinator did not start with a welcome")),
-            None => Err(tonic::Status::unavailable("the coordinator closed the session")),
+            Some(CoordinatorMessage {
+                body: Some(CoordinatorBody::Welcome(welcome)),
+            }) => Ok((inbound, welcome)),
+            Some(_) => Err(tonic::Status::internal(
+                "the coordinator did not start with a welcome",
+            )),
+            None => Err(tonic::Status::unavailable(
+                "the coordinator closed the session",
+            )),
         }
     };
     let (inbound, welcome) = tokio::time::timeout(CONNECT_TIMEOUT, opened)
         .await
         .context("no welcome within the connect timeout")?
         .with_context(|| format!("{endpoint} refused the session"))?;
-    Ok(OpenSession { outbound, inbound, welcome, seq: 1, reported: health })
+    Ok(OpenSession {
+        outbound,
+        inbound,
+        welcome,
+        seq: 1,
+        reported: health,
+    })
 }
 
 /// Runs an open session: `Ok` when cancelled (after a goodbye), `Err` when it is lost.
@@ -140,7 +176,8 @@ async fn serve(
     mut health: watch::Receiver<v1::GatewayHealth>,
     cancel: &CancellationToken,
 ) -> Result<(), SessionLost> {
-    let interval = Duration::from_millis(session.welcome.heartbeat_interval_ms.max(50)).min(MAX_HEARTBEAT_INTERVAL);
+    let interval = Duration::from_millis(session.welcome.heartbeat_interval_ms.max(50))
+        .min(MAX_HEARTBEAT_INTERVAL);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Anything observed since the hello is reported at once.
@@ -179,10 +216,20 @@ async fn serve(
 
 /// Says goodbye, closes our half and waits briefly for the coordinator to close its half.
 async fn goodbye(mut session: OpenSession, reason: &str) {
-    if session.send(AgentBody::Goodbye(Goodbye { reason: reason.to_owned() })).await.is_err() {
+    if session
+        .send(AgentBody::Goodbye(Goodbye {
+            reason: reason.to_owned(),
+        }))
+        .await
+        .is_err()
+    {
         return;
     }
-    let OpenSession { outbound, mut inbound, .. } = session;
+    let OpenSession {
+        outbound,
+        mut inbound,
+        ..
+    } = session;
     drop(outbound);
     let drain = async { while let Ok(Some(_)) = inbound.message().await {} };
     let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;

@@ -154,7 +154,11 @@ pub fn load_groups(path: &Path) -> Result<Vec<Group>, ConfigFileError> {
                 .enumerate()
                 .map(|(i, id)| {
                     GatewayId::new(id).map_err(|e| {
-                        ConfigFileError::invalid(path, format!("groups.{name}.gateways[{i}]"), e.to_string())
+                        ConfigFileError::invalid(
+                            path,
+                            format!("groups.{name}.gateways[{i}]"),
+                            e.to_string(),
+                        )
                     })
                 })
                 .collect::<Result<_, _>>()?;
@@ -199,7 +203,9 @@ mod tests {
             "c.yaml",
             "tls: {ca: a, cert: b, key: c}\ndata_dir: d\nliveness:\n  heartbeat: 1s\n",
         );
-        let msg = CoordinatorConfig::load(&path).expect_err("unknown key").to_string();
+        let msg = CoordinatorConfig::load(&path)
+            .expect_err("unknown key")
+            .to_string();
         assert!(msg.contains("c.yaml"), "{msg}");
         assert!(msg.contains("heartbeat"), "{msg}");
         assert!(msg.contains("line 4"), "{msg}");
@@ -213,7 +219,9 @@ mod tests {
             "c.yaml",
             "tls: {ca: a, cert: b, key: c}\ndata_dir: d\nliveness: {heartbeat_interval: 10s, unreachable_after: 5s}\n",
         );
-        let msg = CoordinatorConfig::load(&path).expect_err("bad order").to_string();
+        let msg = CoordinatorConfig::load(&path)
+            .expect_err("bad order")
+            .to_string();
         assert!(msg.contains("liveness.unreachable_after"), "{msg}");
     }
 
@@ -227,11 +235,21 @@ mod tests {
         );
         let groups = load_groups(&path).expect("valid");
         assert_eq!(groups.len(), 2);
-        let prod = groups.iter().find(|g| g.name == "production").expect("production");
+        let prod = groups
+            .iter()
+            .find(|g| g.name == "production")
+            .expect("production");
         assert_eq!(prod.gateways.len(), 2);
-        assert_eq!(prod.config_source, Some(dir.path().join("policies/production.yaml")));
+        assert_eq!(
+            prod.config_source,
+            Some(dir.path().join("policies/production.yaml"))
+        );
 
-        let bad = write(dir.path(), "bad.yaml", "groups:\n  x:\n    gateways: [Not_Valid]\n");
+        let bad = write(
+            dir.path(),
+            "bad.yaml",
+            "groups:\n  x:\n    gateways: [Not_Valid]\n",
+        );
         let msg = load_groups(&bad).expect_err("bad id").to_string();
         assert!(msg.contains("groups.x.gateways[0]"), "{msg}");
     }

@@ -83,13 +83,18 @@ impl FleetHandle {
         self.commands.send(command).await.map_err(|_| FleetClosed)
     }
 
-    pub async fn list(&self, group: Option<String>) -> Result<Result<Vec<GatewayState>, UnknownGroup>, FleetClosed> {
+    pub async fn list(
+        &self,
+        group: Option<String>,
+    ) -> Result<Result<Vec<GatewayState>, UnknownGroup>, FleetClosed> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::List { group, reply }).await?;
         rx.await.map_err(|_| FleetClosed)
     }
 
-    pub async fn watch(&self) -> Result<(Vec<GatewayState>, broadcast::Receiver<GatewayState>), FleetClosed> {
+    pub async fn watch(
+        &self,
+    ) -> Result<(Vec<GatewayState>, broadcast::Receiver<GatewayState>), FleetClosed> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Watch { reply }).await?;
         rx.await.map_err(|_| FleetClosed)
@@ -101,7 +106,7 @@ impl FleetHandle {
     }
 
     pub fn group_exists(&self, group: &str) -> bool {
-        self.groups.names.iter().any(|g| g == group)
+        self.groups.exists(group)
     }
 }
 
@@ -117,13 +122,20 @@ impl Groups {
         let mut by_gateway: HashMap<GatewayId, Vec<String>> = HashMap::new();
         for group in groups {
             for gateway in &group.gateways {
-                by_gateway.entry(gateway.clone()).or_default().push(group.name.clone());
+                by_gateway
+                    .entry(gateway.clone())
+                    .or_default()
+                    .push(group.name.clone());
             }
         }
         Groups {
             names: groups.iter().map(|g| g.name.clone()).collect(),
             by_gateway,
         }
+    }
+
+    fn exists(&self, group: &str) -> bool {
+        self.names.iter().any(|g| g == group)
     }
 
     fn of(&self, gateway: &GatewayId) -> Vec<String> {
@@ -180,9 +192,9 @@ impl Record {
         let silent = now.saturating_duration_since(last);
         if silent >= liveness.gone_after {
             AgentState::Gone
-        } else if self.said_goodbye && self.session.is_none() {
-            AgentState::Disconnected
-        } else if silent >= liveness.disconnected_after {
+        } else if (self.said_goodbye && self.session.is_none())
+            || silent >= liveness.disconnected_after
+        {
             AgentState::Disconnected
         } else if self.session.is_none() || silent >= liveness.unreachable_after {
             // A session that broke without a goodbye may be a blip: unreachable, not gone.
@@ -224,7 +236,13 @@ impl Fleet {
             commands: rx,
             changes,
         };
-        (fleet, FleetHandle { commands: tx, groups })
+        (
+            fleet,
+            FleetHandle {
+                commands: tx,
+                groups,
+            },
+        )
     }
 
     /// Runs until `cancel` fires or every handle is dropped.
@@ -247,8 +265,15 @@ impl Fleet {
 
     fn handle(&mut self, command: Command, now: Instant) {
         match command {
-            Command::Connected { gateway, session, hello } => {
-                let record = self.records.entry(gateway.clone()).or_insert_with(Record::never_seen);
+            Command::Connected {
+                gateway,
+                session,
+                hello,
+            } => {
+                let record = self
+                    .records
+                    .entry(gateway.clone())
+                    .or_insert_with(Record::never_seen);
                 record.labels = hello.labels;
                 record.agent_version = hello.agent_version;
                 record.peer_address = hello.peer_address;
@@ -263,7 +288,11 @@ impl Fleet {
                 tracing::info!(gateway_id = %gateway, session, boot_id = %hello.boot_id, "agent connected");
                 self.refresh(&gateway, now, true);
             }
-            Command::Heartbeat { gateway, session, requests_processed } => {
+            Command::Heartbeat {
+                gateway,
+                session,
+                requests_processed,
+            } => {
                 if let Some(record) = self.current_session(&gateway, session) {
                     record.last_heartbeat = Some(now);
                     record.last_heartbeat_unix_ms = unix_ms_now();
@@ -273,7 +302,11 @@ impl Fleet {
                     self.refresh(&gateway, now, false);
                 }
             }
-            Command::Status { gateway, session, health } => {
+            Command::Status {
+                gateway,
+                session,
+                health,
+            } => {
                 if let Some(record) = self.current_session(&gateway, session) {
                     record.health = Some(health);
                     record.last_heartbeat = Some(now);
@@ -281,7 +314,11 @@ impl Fleet {
                     self.refresh(&gateway, now, true);
                 }
             }
-            Command::Ended { gateway, session, clean } => {
+            Command::Ended {
+                gateway,
+                session,
+                clean,
+            } => {
                 if let Some(record) = self.current_session(&gateway, session) {
                     record.session = None;
                     record.said_goodbye = clean;
@@ -349,10 +386,8 @@ impl Fleet {
     }
 
     fn list(&self, group: Option<&str>) -> Result<Vec<GatewayState>, UnknownGroup> {
-        if let Some(group) = group {
-            if !self.groups.names.iter().any(|g| g == group) {
-                return Err(UnknownGroup(group.to_owned()));
-            }
+        if let Some(group) = group.filter(|g| !self.groups.exists(g)) {
+            return Err(UnknownGroup(group.to_owned()));
         }
         Ok(self
             .records
@@ -398,7 +433,14 @@ mod tests {
     async fn silence_walks_connected_unreachable_disconnected_gone() {
         let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
         let start = Instant::now();
-        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 1, hello: hello() }, start);
+        fleet.handle(
+            Command::Connected {
+                gateway: gw("gw-1"),
+                session: 1,
+                hello: hello(),
+            },
+            start,
+        );
         assert_eq!(state_of(&fleet, "gw-1"), AgentState::Connected);
 
         for (after, expected) in [
@@ -417,10 +459,38 @@ mod tests {
     async fn broken_session_is_unreachable_goodbye_is_disconnected() {
         let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
         let now = Instant::now();
-        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 1, hello: hello() }, now);
-        fleet.handle(Command::Connected { gateway: gw("gw-2"), session: 2, hello: hello() }, now);
-        fleet.handle(Command::Ended { gateway: gw("gw-1"), session: 1, clean: false }, now);
-        fleet.handle(Command::Ended { gateway: gw("gw-2"), session: 2, clean: true }, now);
+        fleet.handle(
+            Command::Connected {
+                gateway: gw("gw-1"),
+                session: 1,
+                hello: hello(),
+            },
+            now,
+        );
+        fleet.handle(
+            Command::Connected {
+                gateway: gw("gw-2"),
+                session: 2,
+                hello: hello(),
+            },
+            now,
+        );
+        fleet.handle(
+            Command::Ended {
+                gateway: gw("gw-1"),
+                session: 1,
+                clean: false,
+            },
+            now,
+        );
+        fleet.handle(
+            Command::Ended {
+                gateway: gw("gw-2"),
+                session: 2,
+                clean: true,
+            },
+            now,
+        );
         assert_eq!(state_of(&fleet, "gw-1"), AgentState::Unreachable);
         assert_eq!(state_of(&fleet, "gw-2"), AgentState::Disconnected);
     }
@@ -429,9 +499,30 @@ mod tests {
     async fn a_stale_session_cannot_touch_the_new_one() {
         let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
         let now = Instant::now();
-        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 1, hello: hello() }, now);
-        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 2, hello: hello() }, now);
-        fleet.handle(Command::Ended { gateway: gw("gw-1"), session: 1, clean: true }, now);
+        fleet.handle(
+            Command::Connected {
+                gateway: gw("gw-1"),
+                session: 1,
+                hello: hello(),
+            },
+            now,
+        );
+        fleet.handle(
+            Command::Connected {
+                gateway: gw("gw-1"),
+                session: 2,
+                hello: hello(),
+            },
+            now,
+        );
+        fleet.handle(
+            Command::Ended {
+                gateway: gw("gw-1"),
+                session: 1,
+                clean: true,
+            },
+            now,
+        );
         assert_eq!(state_of(&fleet, "gw-1"), AgentState::Connected);
     }
 
@@ -440,16 +531,33 @@ mod tests {
         let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
         let mut changes = fleet.changes.subscribe();
         let start = Instant::now();
-        fleet.handle(Command::Connected { gateway: gw("gw-1"), session: 1, hello: hello() }, start);
+        fleet.handle(
+            Command::Connected {
+                gateway: gw("gw-1"),
+                session: 1,
+                hello: hello(),
+            },
+            start,
+        );
         for s in 1..20 {
             let now = start + Duration::from_secs(s);
-            fleet.handle(Command::Heartbeat { gateway: gw("gw-1"), session: 1, requests_processed: s }, now);
+            fleet.handle(
+                Command::Heartbeat {
+                    gateway: gw("gw-1"),
+                    session: 1,
+                    requests_processed: s,
+                },
+                now,
+            );
             fleet.update_liveness(now);
         }
         assert_eq!(state_of(&fleet, "gw-1"), AgentState::Connected);
         let first = changes.try_recv().expect("connect is published");
         assert_eq!(first.agent_state, AgentState::Connected as i32);
-        assert!(changes.try_recv().is_err(), "heartbeats alone publish nothing");
+        assert!(
+            changes.try_recv().is_err(),
+            "heartbeats alone publish nothing"
+        );
     }
 
     #[tokio::test]
@@ -460,11 +568,21 @@ mod tests {
             config_source: None,
         }];
         let (mut fleet, _handle) = Fleet::new(liveness(), &groups);
-        fleet.handle(Command::Connected { gateway: gw("gw-other"), session: 1, hello: hello() }, Instant::now());
+        fleet.handle(
+            Command::Connected {
+                gateway: gw("gw-other"),
+                session: 1,
+                hello: hello(),
+            },
+            Instant::now(),
+        );
         let prod = fleet.list(Some("production")).expect("known group");
         let ids: Vec<_> = prod.iter().map(|g| g.gateway_id.as_str()).collect();
         assert_eq!(ids, ["gw-prod-01", "gw-prod-02"]);
-        assert!(prod.iter().all(|g| g.agent_state == AgentState::Disconnected as i32));
+        assert!(
+            prod.iter()
+                .all(|g| g.agent_state == AgentState::Disconnected as i32)
+        );
         assert_eq!(fleet.list(None).expect("all").len(), 3);
         assert_eq!(fleet.list(Some("nope")), Err(UnknownGroup("nope".into())));
     }

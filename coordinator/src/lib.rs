@@ -61,7 +61,11 @@ impl Coordinator {
             path: config.data_dir.clone(),
             source,
         })?;
-        Ok(Coordinator { config, tls, groups })
+        Ok(Coordinator {
+            config,
+            tls,
+            groups,
+        })
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -75,7 +79,12 @@ impl Coordinator {
         let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &self.groups);
         tasks.spawn(fleet.run(cancel.child_token()));
 
-        let agents = AgentApi::new(handle.clone(), trust_domain.clone(), self.config.liveness.clone(), cancel.clone());
+        let agents = AgentApi::new(
+            handle.clone(),
+            trust_domain.clone(),
+            self.config.liveness.clone(),
+            cancel.clone(),
+        );
         let operators = OperatorApi {
             fleet: handle,
             trust_domain,
@@ -87,7 +96,10 @@ impl Coordinator {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(AgentServiceServer::new(agents))
             .add_service(OperatorServiceServer::new(operators))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                cancel.clone().cancelled_owned(),
+            );
 
         let mut server = std::pin::pin!(server);
         tokio::select! {

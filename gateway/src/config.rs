@@ -138,10 +138,9 @@ impl PolicyConfig {
                 bytes.len()
             )]));
         }
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| fail(vec![format!("not valid UTF-8: {e}")]))?;
-        let raw: RawConfig =
-            serde_yaml::from_str(text).map_err(|e| fail(vec![e.to_string()]))?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| fail(vec![format!("not valid UTF-8: {e}")]))?;
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| fail(vec![e.to_string()]))?;
         let errors = validate(&raw);
         if !errors.is_empty() {
             return Err(fail(errors));

@@ -80,7 +80,11 @@ impl Gateway {
                     config,
                     loaded_at: OffsetDateTime::now_utc(),
                 });
-                *self.shared.current.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+                *self
+                    .shared
+                    .current
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = loaded;
                 *last_error = None;
                 Ok(())
             }
@@ -93,7 +97,9 @@ impl Gateway {
     }
 
     pub fn count_request(&self) {
-        self.shared.requests_processed.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .requests_processed
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// The contract's health document.

@@ -12,7 +12,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "A governed LLM gateway", args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    about = "A governed LLM gateway",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -60,7 +64,11 @@ fn validate(file: &std::path::Path) -> ExitCode {
                 file.display(),
                 config.pack_name,
                 config.version,
-                if config.enabled { "enabled" } else { "disabled" },
+                if config.enabled {
+                    "enabled"
+                } else {
+                    "disabled"
+                },
                 config.chain.len(),
                 config.providers.len(),
                 config.hash

@@ -18,7 +18,12 @@ pub async fn connect(context: &Context) -> anyhow::Result<OperatorServiceClient<
         .load(Role::Operator)
         .with_context(|| format!("context {:?}", context.name))?;
     let channel = Endpoint::from_shared(context.coordinator.clone())
-        .with_context(|| format!("context {:?}: bad coordinator URL {:?}", context.name, context.coordinator))?
+        .with_context(|| {
+            format!(
+                "context {:?}: bad coordinator URL {:?}",
+                context.name, context.coordinator
+            )
+        })?
         .tls_config(tls.client_config(&context.server_name()))?
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()

@@ -89,7 +89,11 @@ impl DevState {
     pub fn load(dir: &Path) -> anyhow::Result<Option<Self>> {
         let path = Self::path(dir);
         match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt", path.display()))?)),
+            Ok(bytes) => {
+                Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                    format!("{} is corrupt", path.display())
+                })?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
@@ -99,7 +103,8 @@ impl DevState {
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         let path = Self::path(dir);
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
     }
 }
@@ -111,7 +116,9 @@ pub fn is_running(pid: u32, binary: &Path) -> bool {
         return false;
     };
     // The state is the first field after the parenthesised command name; Z and X are dead.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
     if matches!(state, Some("Z" | "X") | None) {
         return false;
     }
@@ -127,7 +134,9 @@ pub fn stop(pid: u32, binary: &Path, grace: Duration) -> bool {
     if !is_running(pid, binary) {
         return false;
     }
-    let Ok(raw) = i32::try_from(pid) else { return false };
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
     let target = Pid::from_raw(raw);
     let _ = kill(target, Signal::SIGTERM);
     let deadline = Instant::now() + grace;
@@ -144,7 +153,8 @@ pub fn stop(pid: u32, binary: &Path, grace: Duration) -> bool {
 /// Starts a daemon detached from the terminal (own process group, no stdin), logging to `log`.
 pub fn spawn(binary: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
     use std::os::unix::process::CommandExt;
-    let out = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out.try_clone()?;
     Command::new(binary)
         .args(args)
@@ -153,20 +163,34 @@ pub fn spawn(binary: &Path, args: &[String], log: &Path) -> anyhow::Result<Child
         .stderr(err)
         .process_group(0)
         .spawn()
-        .with_context(|| format!("cannot start {} (build the workspace first: cargo build)", binary.display()))
+        .with_context(|| {
+            format!(
+                "cannot start {} (build the workspace first: cargo build)",
+                binary.display()
+            )
+        })
 }
 
 /// Waits until `child` writes its bound address to `ready_file`, or fails with its log tail.
-pub fn wait_ready(child: &mut Child, ready_file: &Path, log: &Path, timeout: Duration) -> anyhow::Result<SocketAddr> {
+pub fn wait_ready(
+    child: &mut Child,
+    ready_file: &Path,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<SocketAddr> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(text) = std::fs::read_to_string(ready_file) {
-            if let Ok(addr) = text.trim().parse() {
-                return Ok(addr);
-            }
+        if let Some(addr) = std::fs::read_to_string(ready_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+        {
+            return Ok(addr);
         }
         if let Some(status) = child.try_wait()? {
-            bail!("process exited ({status}) before it was ready:\n{}", log_tail(log));
+            bail!(
+                "process exited ({status}) before it was ready:\n{}",
+                log_tail(log)
+            );
         }
         if Instant::now() >= deadline {
             bail!("process not ready within {timeout:?}:\n{}", log_tail(log));
@@ -205,7 +229,13 @@ impl Liveness {
 }
 
 /// `coordinator.yaml` text.
-pub fn coordinator_config(listen: SocketAddr, pki: &Path, data_dir: &Path, groups_file: &Path, liveness: Liveness) -> String {
+pub fn coordinator_config(
+    listen: SocketAddr,
+    pki: &Path,
+    data_dir: &Path,
+    groups_file: &Path,
+    liveness: Liveness,
+) -> String {
     format!(
         "listen: \"{listen}\"\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ndata_dir: {data}\ngroups_file: {groups}\nliveness:\n  heartbeat_interval: {hb}ms\n  unreachable_after: {un}ms\n  disconnected_after: {dis}ms\n",
         ca = pki.join("ca.crt").display(),
@@ -221,7 +251,10 @@ pub fn coordinator_config(listen: SocketAddr, pki: &Path, data_dir: &Path, group
 
 /// `groups.yaml` text with one group.
 pub fn groups_file(group: &str, gateways: &[String]) -> String {
-    format!("groups:\n  {group}:\n    gateways: [{}]\n", gateways.join(", "))
+    format!(
+        "groups:\n  {group}:\n    gateways: [{}]\n",
+        gateways.join(", ")
+    )
 }
 
 /// What an agent config says.
@@ -239,14 +272,20 @@ pub struct AgentSpec<'a> {
 pub fn agent_config(spec: &AgentSpec<'_>) -> String {
     let mut labels = String::new();
     for (k, v) in spec.labels {
-        let _ = write!(labels, "  {k}: \"{v}\"\n");
+        let _ = writeln!(labels, "  {k}: \"{v}\"");
     }
     format!(
         "coordinator:\n  endpoints: [\"https://{coord}\"]\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ngateway:\n  health_url: \"{url}\"\n  health_interval: {hi}ms\nlabels:\n{labels}reconnect:\n  min_delay: 200ms\n  max_delay: 2s\n",
         coord = spec.coordinator,
         ca = spec.pki.join("ca.crt").display(),
-        cert = spec.pki.join(format!("agent-{}.crt", spec.gateway_id)).display(),
-        key = spec.pki.join(format!("agent-{}.key", spec.gateway_id)).display(),
+        cert = spec
+            .pki
+            .join(format!("agent-{}.crt", spec.gateway_id))
+            .display(),
+        key = spec
+            .pki
+            .join(format!("agent-{}.key", spec.gateway_id))
+            .display(),
         url = spec.health_url,
         hi = spec.health_interval.as_millis(),
     )
@@ -292,7 +331,8 @@ mod tests {
     fn stop_terminates_a_child_by_pid() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sleep = PathBuf::from("/bin/sleep");
-        let mut child = spawn(&sleep, &["30".into()], &dir.path().join("sleep.log")).expect("spawn");
+        let mut child =
+            spawn(&sleep, &["30".into()], &dir.path().join("sleep.log")).expect("spawn");
         let pid = child.id();
         let binary = std::fs::canonicalize(&sleep).expect("canonical");
         assert!(is_running(pid, &binary));

@@ -45,11 +45,17 @@ impl Context {
 
     pub fn server_name(&self) -> String {
         self.server_name.clone().unwrap_or_else(|| {
-            let rest = self.coordinator.split_once("://").map_or(self.coordinator.as_str(), |(_, r)| r);
+            let rest = self
+                .coordinator
+                .split_once("://")
+                .map_or(self.coordinator.as_str(), |(_, r)| r);
             let authority = rest.split('/').next().unwrap_or_default();
             match authority.strip_prefix('[') {
                 Some(v6) => v6.split(']').next().unwrap_or_default().to_owned(),
-                None => authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_owned(),
+                None => authority
+                    .rsplit_once(':')
+                    .map_or(authority, |(h, _)| h)
+                    .to_owned(),
             }
         })
     }
@@ -62,7 +68,10 @@ pub fn default_paths(env_config: Option<PathBuf>) -> Vec<PathBuf> {
         paths.push(path);
         return paths;
     }
-    if let Some(config_home) = std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from).or_else(|| home().map(|h| h.join(".config"))) {
+    if let Some(config_home) = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| home().map(|h| h.join(".config")))
+    {
         paths.push(config_home.join("ktctl").join("config.yaml"));
     }
     paths.push(crate::dev::default_dir().join(crate::dev::KTCTL_CONFIG_FILE));
@@ -87,13 +96,23 @@ impl KtctlConfig {
 
     /// The context named `name`, or the current one.
     pub fn context(&self, name: Option<&str>, path: &Path) -> anyhow::Result<&Context> {
-        let name = name
-            .or(self.current_context.as_deref())
-            .with_context(|| format!("{}: no current-context set and no --context given", path.display()))?;
-        self.contexts.iter().find(|c| c.name == name).with_context(|| {
-            let known: Vec<&str> = self.contexts.iter().map(|c| c.name.as_str()).collect();
-            format!("{}: no context named {name:?} (known: {})", path.display(), known.join(", "))
-        })
+        let name = name.or(self.current_context.as_deref()).with_context(|| {
+            format!(
+                "{}: no current-context set and no --context given",
+                path.display()
+            )
+        })?;
+        self.contexts
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| {
+                let known: Vec<&str> = self.contexts.iter().map(|c| c.name.as_str()).collect();
+                format!(
+                    "{}: no context named {name:?} (known: {})",
+                    path.display(),
+                    known.join(", ")
+                )
+            })
     }
 
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {

@@ -27,7 +27,11 @@ pub mod exit {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "ktctl", version, about = "Operate a fleet of governed LLM gateways")]
+#[command(
+    name = "ktctl",
+    version,
+    about = "Operate a fleet of governed LLM gateways"
+)]
 pub struct Cli {
     /// ktctl config file [default: $KTCTL_CONFIG, ~/.config/ktctl/config.yaml, else the dev fleet's ktctl.yaml].
     #[arg(long, global = true)]
@@ -103,12 +107,22 @@ impl Session {
         if let Some(path) = &self.config {
             return Ok(path.clone());
         }
-        let env = std::env::var_os("KTCTL_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from);
+        let env = std::env::var_os("KTCTL_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
         let candidates = ktconfig::default_paths(env);
-        candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
-            let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-            format!("no ktctl config found (tried {}); run `ktctl dev up` or pass --config", tried.join(", "))
-        })
+        candidates
+            .iter()
+            .find(|p| p.is_file())
+            .cloned()
+            .with_context(|| {
+                let tried: Vec<String> =
+                    candidates.iter().map(|p| p.display().to_string()).collect();
+                format!(
+                    "no ktctl config found (tried {}); run `ktctl dev up` or pass --config",
+                    tried.join(", ")
+                )
+            })
     }
 
     pub async fn client(&self) -> anyhow::Result<OperatorServiceClient<Channel>> {
@@ -131,8 +145,12 @@ pub async fn run(cli: Cli) -> u8 {
         Noun::Pki(PkiVerb::Init(args)) => pki_cmd::init::run(args).map(|()| true),
         Noun::Pki(PkiVerb::Issue(args)) => pki_cmd::issue::run(args).map(|()| true),
         Noun::Gateway(GatewayVerb::Health(args)) => gateway::health::run(&session, args).await,
-        Noun::Gateway(GatewayVerb::List(args)) => gateway::list::run(&session, args).await.map(|()| true),
-        Noun::Fleet(FleetVerb::Watch(args)) => fleet::watch::run(&session, args).await.map(|()| true),
+        Noun::Gateway(GatewayVerb::List(args)) => {
+            gateway::list::run(&session, args).await.map(|()| true)
+        }
+        Noun::Fleet(FleetVerb::Watch(args)) => {
+            fleet::watch::run(&session, args).await.map(|()| true)
+        }
         Noun::Dev(DevVerb::Up(args)) => dev_cmd::up::run(args).await.map(|()| true),
         Noun::Dev(DevVerb::Status(args)) => dev_cmd::status::run(args),
         Noun::Dev(DevVerb::Down(args)) => dev_cmd::down::run(args).map(|()| true),
@@ -142,7 +160,10 @@ pub async fn run(cli: Cli) -> u8 {
         Ok(false) => exit::FAILED,
         Err(error) => {
             eprintln!("error: {error:#}");
-            if error.chain().any(|cause| cause.downcast_ref::<ConfigFileError>().is_some()) {
+            if error
+                .chain()
+                .any(|cause| cause.downcast_ref::<ConfigFileError>().is_some())
+            {
                 exit::CONFIG
             } else {
                 exit::FAILED

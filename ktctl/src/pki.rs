@@ -43,7 +43,8 @@ pub struct IssuedFiles {
 
 /// Creates `dir/ca.crt` and `dir/ca.key`; refuses to replace an existing CA unless `force`.
 pub fn init_ca(dir: &Path, trust_domain: &str, force: bool) -> anyhow::Result<PathBuf> {
-    validate_trust_domain(trust_domain).map_err(|why| anyhow::anyhow!("invalid trust domain {trust_domain:?}: {why}"))?;
+    validate_trust_domain(trust_domain)
+        .map_err(|why| anyhow::anyhow!("invalid trust domain {trust_domain:?}: {why}"))?;
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
     if !force && (cert_path.exists() || key_path.exists()) {
@@ -55,10 +56,16 @@ pub fn init_ca(dir: &Path, trust_domain: &str, force: bool) -> anyhow::Result<Pa
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
 
     let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, format!("kt-fleet CA ({trust_domain})"));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("kt-fleet CA ({trust_domain})"));
     params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::minutes(5);
     params.not_after = now + Duration::days(CA_DAYS);
@@ -74,9 +81,12 @@ pub fn init_ca(dir: &Path, trust_domain: &str, force: bool) -> anyhow::Result<Pa
 pub fn trust_domain_of_ca(ca_pem: &str) -> anyhow::Result<String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
-    let der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).context("CA certificate is not PEM")?;
+    let der =
+        CertificateDer::from_pem_slice(ca_pem.as_bytes()).context("CA certificate is not PEM")?;
     let (_, cert) = X509Certificate::from_der(&der).context("CA certificate cannot be parsed")?;
-    let san = cert.subject_alternative_name().context("CA certificate SAN")?;
+    let san = cert
+        .subject_alternative_name()
+        .context("CA certificate SAN")?;
     san.into_iter()
         .flat_map(|ext| ext.value.general_names.iter())
         .find_map(|name| match name {
@@ -93,12 +103,20 @@ pub fn issue(dir: &Path, role: &LeafRole, days: i64, force: bool) -> anyhow::Res
     }
     let ca_cert_path = dir.join(CA_CERT);
     let ca_key_path = dir.join(CA_KEY);
-    let ca_pem = std::fs::read_to_string(&ca_cert_path)
-        .with_context(|| format!("cannot read {} (run `ktctl pki init --dir {}` first)", ca_cert_path.display(), dir.display()))?;
-    let ca_key_pem = std::fs::read_to_string(&ca_key_path).with_context(|| format!("cannot read {}", ca_key_path.display()))?;
+    let ca_pem = std::fs::read_to_string(&ca_cert_path).with_context(|| {
+        format!(
+            "cannot read {} (run `ktctl pki init --dir {}` first)",
+            ca_cert_path.display(),
+            dir.display()
+        )
+    })?;
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path)
+        .with_context(|| format!("cannot read {}", ca_key_path.display()))?;
     let trust_domain = trust_domain_of_ca(&ca_pem)?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).with_context(|| format!("{}: not a usable private key", ca_key_path.display()))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).with_context(|| format!("{}: not a usable CA", ca_cert_path.display()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .with_context(|| format!("{}: not a usable private key", ca_key_path.display()))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+        .with_context(|| format!("{}: not a usable CA", ca_cert_path.display()))?;
 
     let (identity, stem, mut sans, usages) = match role {
         LeafRole::Agent { gateway } => (
@@ -109,34 +127,56 @@ pub fn issue(dir: &Path, role: &LeafRole, days: i64, force: bool) -> anyhow::Res
         ),
         LeafRole::Coordinator { dns, ips } => {
             if dns.is_empty() && ips.is_empty() {
-                bail!("a coordinator certificate needs at least one --dns or --ip its clients connect to");
+                bail!(
+                    "a coordinator certificate needs at least one --dns or --ip its clients connect to"
+                );
             }
             let mut sans = Vec::new();
             for name in dns {
-                sans.push(SanType::DnsName(name.as_str().try_into().with_context(|| format!("invalid DNS name {name:?}"))?));
+                sans.push(SanType::DnsName(
+                    name.as_str()
+                        .try_into()
+                        .with_context(|| format!("invalid DNS name {name:?}"))?,
+                ));
             }
             sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
             (
-                Identity::Coordinator { trust_domain: trust_domain.clone() },
+                Identity::Coordinator {
+                    trust_domain: trust_domain.clone(),
+                },
                 "coordinator".to_owned(),
                 sans,
-                vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ],
             )
         }
         LeafRole::Operator { name } => {
-            let identity = Identity::parse_uri(&format!("spiffe://{trust_domain}/operator/{name}"))?;
-            (identity, format!("operator-{name}"), Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth])
+            let identity =
+                Identity::parse_uri(&format!("spiffe://{trust_domain}/operator/{name}"))?;
+            (
+                identity,
+                format!("operator-{name}"),
+                Vec::new(),
+                vec![ExtendedKeyUsagePurpose::ClientAuth],
+            )
         }
     };
     let cert_path = dir.join(format!("{stem}.crt"));
     let key_path = dir.join(format!("{stem}.key"));
     if !force && (cert_path.exists() || key_path.exists()) {
-        bail!("{} already exists (use --force to replace it)", cert_path.display());
+        bail!(
+            "{} already exists (use --force to replace it)",
+            cert_path.display()
+        );
     }
 
     sans.push(SanType::URI(identity.uri().try_into()?));
     let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, identity.uri());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, identity.uri());
     params.subject_alt_names = sans;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -150,7 +190,11 @@ pub fn issue(dir: &Path, role: &LeafRole, days: i64, force: bool) -> anyhow::Res
 
     write_private(&key_path, key.serialize_pem().as_bytes(), force)?;
     write_public(&cert_path, cert.pem().as_bytes())?;
-    Ok(IssuedFiles { cert: cert_path, key: key_path, identity })
+    Ok(IssuedFiles {
+        cert: cert_path,
+        key: key_path,
+        identity,
+    })
 }
 
 /// Writes a private key with mode 0600 from the first byte on (never readable by others).
@@ -188,18 +232,35 @@ mod tests {
         let ca_pem = std::fs::read_to_string(dir.path().join(CA_CERT)).expect("ca");
         assert_eq!(trust_domain_of_ca(&ca_pem).expect("td"), "example.org");
 
-        let agent = issue(dir.path(), &LeafRole::Agent { gateway: GatewayId::new("gw-1").expect("id") }, 30, false).expect("agent");
+        let agent = issue(
+            dir.path(),
+            &LeafRole::Agent {
+                gateway: GatewayId::new("gw-1").expect("id"),
+            },
+            30,
+            false,
+        )
+        .expect("agent");
         assert_eq!(agent.identity.uri(), "spiffe://example.org/agent/gw-1");
-        assert_eq!(identity_of_cert_file(&agent.cert).expect("read back"), agent.identity);
+        assert_eq!(
+            identity_of_cert_file(&agent.cert).expect("read back"),
+            agent.identity
+        );
 
         let coord = issue(
             dir.path(),
-            &LeafRole::Coordinator { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse().expect("ip")] },
+            &LeafRole::Coordinator {
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse().expect("ip")],
+            },
             30,
             false,
         )
         .expect("coordinator");
-        assert_eq!(identity_of_cert_file(&coord.cert).expect("read back").uri(), "spiffe://example.org/coordinator");
+        assert_eq!(
+            identity_of_cert_file(&coord.cert).expect("read back").uri(),
+            "spiffe://example.org/coordinator"
+        );
 
         for key in [dir.path().join(CA_KEY), agent.key, coord.key] {
             let mode = std::fs::metadata(&key).expect("meta").permissions().mode() & 0o777;
@@ -218,7 +279,9 @@ mod tests {
         init_ca(dir.path(), DEFAULT_TRUST_DOMAIN, true).expect("forced");
         assert_ne!(std::fs::read(dir.path().join(CA_CERT)).expect("ca"), before);
 
-        let role = LeafRole::Operator { name: "alice".into() };
+        let role = LeafRole::Operator {
+            name: "alice".into(),
+        };
         issue(dir.path(), &role, 1, false).expect("first");
         assert!(issue(dir.path(), &role, 1, false).is_err());
         issue(dir.path(), &role, 1, true).expect("forced");
@@ -228,9 +291,39 @@ mod tests {
     fn bad_inputs_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(init_ca(dir.path(), "Not A Domain", false).is_err());
-        assert!(issue(dir.path(), &LeafRole::Operator { name: "bob".into() }, 1, false).is_err(), "no CA yet");
+        assert!(
+            issue(
+                dir.path(),
+                &LeafRole::Operator { name: "bob".into() },
+                1,
+                false
+            )
+            .is_err(),
+            "no CA yet"
+        );
         init_ca(dir.path(), DEFAULT_TRUST_DOMAIN, false).expect("init");
-        assert!(issue(dir.path(), &LeafRole::Coordinator { dns: vec![], ips: vec![] }, 1, false).is_err());
-        assert!(issue(dir.path(), &LeafRole::Operator { name: "Bad Name".into() }, 1, false).is_err());
+        assert!(
+            issue(
+                dir.path(),
+                &LeafRole::Coordinator {
+                    dns: vec![],
+                    ips: vec![]
+                },
+                1,
+                false
+            )
+            .is_err()
+        );
+        assert!(
+            issue(
+                dir.path(),
+                &LeafRole::Operator {
+                    name: "Bad Name".into()
+                },
+                1,
+                false
+            )
+            .is_err()
+        );
     }
 }

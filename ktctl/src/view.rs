@@ -64,7 +64,8 @@ impl GatewayRow {
             config_version: config.and_then(|c| non_empty(&c.version)),
             config_hash: config.and_then(|c| non_empty(&c.hash)),
             last_reload_error: config.and_then(|c| non_empty(&c.last_reload_error)),
-            providers_reachable: health.map_or(0, |h| h.providers.values().filter(|p| p.reachable).count()),
+            providers_reachable: health
+                .map_or(0, |h| h.providers.values().filter(|p| p.reachable).count()),
             providers_total: health.map_or(0, |h| h.providers.len()),
             requests_processed: health.map_or(0, |h| h.requests_processed),
             last_seen: last_seen_ms.map(rfc3339),
@@ -103,7 +104,10 @@ fn rfc3339(unix_ms: u64) -> String {
     let nanos = i128::from(unix_ms) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -139,17 +143,35 @@ mod tests {
     fn state(agent: AgentState, status: HealthStatus) -> GatewayState {
         GatewayState {
             gateway_id: "gw-1".into(),
-            labels: [("region".to_owned(), "eu".to_owned())].into_iter().collect(),
+            labels: [("region".to_owned(), "eu".to_owned())]
+                .into_iter()
+                .collect(),
             groups: vec!["prod".into()],
             agent_state: agent as i32,
             last_heartbeat_unix_ms: 1_700_000_000_000,
             health: Some(GatewayHealth {
                 status: status as i32,
                 reachable: true,
-                config: Some(ConfigInfo { version: "1.0.0".into(), hash: "sha256:abc".into(), ..Default::default() }),
+                config: Some(ConfigInfo {
+                    version: "1.0.0".into(),
+                    hash: "sha256:abc".into(),
+                    ..Default::default()
+                }),
                 providers: [
-                    ("a".to_owned(), ProviderHealth { reachable: true, latency_ms: 1.0 }),
-                    ("b".to_owned(), ProviderHealth { reachable: false, latency_ms: 0.0 }),
+                    (
+                        "a".to_owned(),
+                        ProviderHealth {
+                            reachable: true,
+                            latency_ms: 1.0,
+                        },
+                    ),
+                    (
+                        "b".to_owned(),
+                        ProviderHealth {
+                            reachable: false,
+                            latency_ms: 0.0,
+                        },
+                    ),
                 ]
                 .into_iter()
                 .collect(),
@@ -162,7 +184,10 @@ mod tests {
 
     #[test]
     fn connected_healthy_row() {
-        let row = GatewayRow::from_state(&state(AgentState::Connected, HealthStatus::Healthy), 1_700_000_005_000);
+        let row = GatewayRow::from_state(
+            &state(AgentState::Connected, HealthStatus::Healthy),
+            1_700_000_005_000,
+        );
         assert!(row.is_ok());
         assert_eq!(row.region.as_deref(), Some("eu"));
         assert_eq!((row.providers_reachable, row.providers_total), (1, 2));

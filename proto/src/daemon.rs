@@ -44,8 +44,10 @@ pub fn write_ready_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
 /// Cancels `cancel` on SIGTERM or SIGINT: the start of a graceful shutdown.
 pub async fn cancel_on_terminate(cancel: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

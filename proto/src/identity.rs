@@ -120,7 +120,9 @@ impl Identity {
                 trust_domain,
                 gateway,
             } => format!("spiffe://{trust_domain}/agent/{gateway}"),
-            Identity::Coordinator { trust_domain } => format!("spiffe://{trust_domain}/coordinator"),
+            Identity::Coordinator { trust_domain } => {
+                format!("spiffe://{trust_domain}/coordinator")
+            }
             Identity::Operator { trust_domain, name } => {
                 format!("spiffe://{trust_domain}/operator/{name}")
             }

@@ -33,7 +33,11 @@ pub const GROUP: &str = "test";
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>
-    let dir = exe.parent().and_then(Path::parent).expect("target directory").to_owned();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_owned();
     assert!(
         dir.join("kt-coordinator").is_file(),
         "{} has no kt-coordinator: run `cargo build --workspace` before the tests",
@@ -64,7 +68,8 @@ impl Proc {
 
     /// Waits for the bound address the process writes to `ready_file`.
     pub fn wait_ready(&mut self, ready_file: &Path) -> SocketAddr {
-        dev::wait_ready(&mut self.child, ready_file, &self.log, READY_TIMEOUT).expect("process ready")
+        dev::wait_ready(&mut self.child, ready_file, &self.log, READY_TIMEOUT)
+            .expect("process ready")
     }
 
     /// SIGTERM, and wait (at most 10 s) for the exit.
@@ -93,7 +98,11 @@ impl Proc {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "process did not exit:\n{}", dev::log_tail(&self.log));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process did not exit:\n{}",
+                dev::log_tail(&self.log)
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -119,8 +128,13 @@ impl Pki {
     pub fn new(dir: PathBuf) -> Self {
         pki::init_ca(&dir, pki::DEFAULT_TRUST_DOMAIN, false).expect("CA");
         let pki = Pki { dir };
-        pki.issue(&LeafRole::Coordinator { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse().expect("ip")] });
-        pki.issue(&LeafRole::Operator { name: "tester".into() });
+        pki.issue(&LeafRole::Coordinator {
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse().expect("ip")],
+        });
+        pki.issue(&LeafRole::Operator {
+            name: "tester".into(),
+        });
         pki
     }
 
@@ -129,7 +143,9 @@ impl Pki {
     }
 
     pub fn issue_agent(&self, id: &str) -> pki::IssuedFiles {
-        self.issue(&LeafRole::Agent { gateway: GatewayId::new(id).expect("id") })
+        self.issue(&LeafRole::Agent {
+            gateway: GatewayId::new(id).expect("id"),
+        })
     }
 
     /// A ktctl context for operator `name` (issued beforehand) against `coordinator`.
@@ -174,11 +190,22 @@ impl CoordinatorNode {
     pub fn start_again(&mut self) {
         assert!(self.proc.is_none(), "coordinator already running");
         let config = self.dir.join("coordinator.yaml");
-        let text = dev::coordinator_config(self.addr, &self.pki_dir, &self.dir.join("data"), &self.groups, TEST_LIVENESS);
+        let text = dev::coordinator_config(
+            self.addr,
+            &self.pki_dir,
+            &self.dir.join("data"),
+            &self.groups,
+            TEST_LIVENESS,
+        );
         std::fs::write(&config, text).expect("config");
         let ready = self.dir.join("coordinator.addr");
         let _ = std::fs::remove_file(&ready);
-        let args = vec!["--config".into(), config.display().to_string(), "--ready-file".into(), ready.display().to_string()];
+        let args = vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--ready-file".into(),
+            ready.display().to_string(),
+        ];
         let mut proc = Proc::spawn("kt-coordinator", &args, self.dir.join("coordinator.log"));
         self.addr = proc.wait_ready(&ready);
         self.proc = Some(proc);
@@ -205,7 +232,13 @@ impl GatewayNode {
         std::fs::create_dir_all(&dir).expect("dir");
         let policy = dir.join("policy-config.yaml");
         std::fs::write(&policy, dev::EXAMPLE_POLICY).expect("policy");
-        let mut node = GatewayNode { id: id.to_owned(), proc: None, addr: "127.0.0.1:0".parse().expect("addr"), policy, dir };
+        let mut node = GatewayNode {
+            id: id.to_owned(),
+            proc: None,
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            policy,
+            dir,
+        };
         node.start_again();
         node
     }
@@ -247,7 +280,11 @@ impl AgentNode {
     pub fn start(dir: &Path, spec: &AgentSpec<'_>) -> Self {
         let config = dir.join("agent.yaml");
         std::fs::write(&config, dev::agent_config(spec)).expect("agent config");
-        let mut node = AgentNode { proc: None, config, log: dir.join("agent.log") };
+        let mut node = AgentNode {
+            proc: None,
+            config,
+            log: dir.join("agent.log"),
+        };
         node.start_again();
         node
     }
@@ -303,14 +340,26 @@ impl TestFleet {
             agents.push(agent);
         }
         let ktctl_config = dir.path().join("ktctl.yaml");
-        KtctlConfig { current_context: Some("test".into()), contexts: vec![pki.context(coordinator.addr, "tester")] }
-            .save(&ktctl_config)
-            .expect("ktctl config");
-        TestFleet { dir, pki, coordinator, gateways, agents, ktctl_config }
+        KtctlConfig {
+            current_context: Some("test".into()),
+            contexts: vec![pki.context(coordinator.addr, "tester")],
+        }
+        .save(&ktctl_config)
+        .expect("ktctl config");
+        TestFleet {
+            dir,
+            pki,
+            coordinator,
+            gateways,
+            agents,
+            ktctl_config,
+        }
     }
 
     pub async fn operator(&self) -> OperatorServiceClient<Channel> {
-        kt_ctl::client::connect(&self.pki.context(self.coordinator.addr, "tester")).await.expect("operator client")
+        kt_ctl::client::connect(&self.pki.context(self.coordinator.addr, "tester"))
+            .await
+            .expect("operator client")
     }
 
     /// Runs the real `ktctl` against this fleet.
@@ -326,14 +375,23 @@ impl TestFleet {
     }
 
     /// Polls `ktctl gateway health` until `check` accepts the rows, or fails with the last rows.
-    pub async fn wait_for_health(&self, what: &str, timeout: Duration, check: impl Fn(i32, &[serde_json::Value]) -> bool) {
+    pub async fn wait_for_health(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(i32, &[serde_json::Value]) -> bool,
+    ) {
         let mut last = (0, Vec::new());
         let found = wait_for(timeout, || {
             last = self.health();
             check(last.0, &last.1)
         })
         .await;
-        assert!(found, "{what}: not reached within {timeout:?}; last exit {} rows {:#?}", last.0, last.1);
+        assert!(
+            found,
+            "{what}: not reached within {timeout:?}; last exit {} rows {:#?}",
+            last.0, last.1
+        );
     }
 }
 

@@ -19,7 +19,10 @@ impl Drop for DevFleetGuard {
 }
 
 fn ktctl(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin("ktctl")).args(args).output().expect("run ktctl")
+    std::process::Command::new(bin("ktctl"))
+        .args(args)
+        .output()
+        .expect("run ktctl")
 }
 
 #[tokio::test]
@@ -30,19 +33,31 @@ async fn dev_up_status_and_down() {
     let _guard = DevFleetGuard(dir.clone());
 
     let up = ktctl(&["dev", "up", "--gateways", "2", "--dir", dir_arg]);
-    assert!(up.status.success(), "dev up failed: {}{}", String::from_utf8_lossy(&up.stdout), String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "dev up failed: {}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
     assert!(String::from_utf8_lossy(&up.stdout).contains("ktctl gateway health"));
 
     let config = dir.join("ktctl.yaml");
     let config_arg = config.to_str().expect("utf-8 path");
     let health = ktctl(&["--config", config_arg, "gateway", "health", "-o", "json"]);
-    assert!(health.status.success(), "{}", String::from_utf8_lossy(&health.stderr));
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&health.stdout).expect("json");
     let ids: Vec<&str> = rows.iter().filter_map(|r| r["gateway"].as_str()).collect();
     assert_eq!(ids, ["gw-dev-01", "gw-dev-02"]);
     assert_eq!(rows[0]["region"], "us");
     assert_eq!(rows[1]["region"], "eu");
-    assert!(rows.iter().all(|r| r["groups"] == serde_json::json!(["dev"])));
+    assert!(
+        rows.iter()
+            .all(|r| r["groups"] == serde_json::json!(["dev"]))
+    );
 
     // A second `up` is refused while the first fleet runs.
     let again = ktctl(&["dev", "up", "--dir", dir_arg]);
@@ -54,12 +69,20 @@ async fn dev_up_status_and_down() {
     let procs: Vec<serde_json::Value> = serde_json::from_slice(&status.stdout).expect("json");
     assert_eq!(procs.len(), 5, "{procs:#?}");
     let roles: Vec<&str> = procs.iter().filter_map(|p| p["role"].as_str()).collect();
-    assert_eq!(roles, ["coordinator", "gateway", "agent", "gateway", "agent"]);
+    assert_eq!(
+        roles,
+        ["coordinator", "gateway", "agent", "gateway", "agent"]
+    );
     for p in &procs {
         assert!(p["pid"].as_u64().is_some_and(|pid| pid > 0), "{p}");
         assert!(p.get("address").is_some() && p.get("id").is_some(), "{p}");
         if p["role"] != "agent" {
-            assert!(p["address"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{p}");
+            assert!(
+                p["address"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.0.0.1:")),
+                "{p}"
+            );
         }
     }
     let pids: Vec<(u32, std::path::PathBuf)> = dev::DevState::load(&dir)
@@ -71,8 +94,16 @@ async fn dev_up_status_and_down() {
         .collect();
 
     let down = ktctl(&["dev", "down", "--dir", dir_arg]);
-    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
-    let all_gone = wait_for(Duration::from_secs(10), || pids.iter().all(|(pid, binary)| !dev::is_running(*pid, binary))).await;
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let all_gone = wait_for(Duration::from_secs(10), || {
+        pids.iter()
+            .all(|(pid, binary)| !dev::is_running(*pid, binary))
+    })
+    .await;
     assert!(all_gone, "processes survived dev down");
     let after = ktctl(&["dev", "status", "--dir", dir_arg]);
     assert!(String::from_utf8_lossy(&after.stdout).contains("no dev fleet"));

@@ -7,13 +7,21 @@ use kt_e2e::{HEALTH_INTERVAL, TestFleet, row};
 const PATIENCE: Duration = Duration::from_secs(20);
 
 fn all_healthy(n: usize) -> impl Fn(i32, &[serde_json::Value]) -> bool {
-    move |code, rows| code == 0 && rows.len() == n && rows.iter().all(|r| r["agent"] == "connected" && r["status"] == "healthy")
+    move |code, rows| {
+        code == 0
+            && rows.len() == n
+            && rows
+                .iter()
+                .all(|r| r["agent"] == "connected" && r["status"] == "healthy")
+    }
 }
 
 #[tokio::test]
 async fn three_gateways_show_healthy_and_connected() {
     let fleet = TestFleet::start(3);
-    fleet.wait_for_health("3 healthy gateways", PATIENCE, all_healthy(3)).await;
+    fleet
+        .wait_for_health("3 healthy gateways", PATIENCE, all_healthy(3))
+        .await;
 
     let (_, rows) = fleet.health();
     for (i, r) in rows.iter().enumerate() {
@@ -21,13 +29,26 @@ async fn three_gateways_show_healthy_and_connected() {
         assert_eq!(r["groups"], serde_json::json!([kt_e2e::GROUP]));
         assert_eq!(r["region"], if i % 2 == 0 { "us" } else { "eu" });
         assert_eq!(r["config_version"], "1.0.0");
-        assert!(r["last_seen"].as_str().is_some_and(|s| s.ends_with('Z')), "{r}");
+        assert!(
+            r["last_seen"].as_str().is_some_and(|s| s.ends_with('Z')),
+            "{r}"
+        );
     }
 
     let table = fleet.ktctl(&["gateway", "health"]);
     assert!(table.status.success());
     let text = String::from_utf8_lossy(&table.stdout);
-    for header in ["GATEWAY", "GROUPS", "REGION", "AGENT", "STATUS", "CONFIG", "PROVIDERS", "REQUESTS", "LAST SEEN"] {
+    for header in [
+        "GATEWAY",
+        "GROUPS",
+        "REGION",
+        "AGENT",
+        "STATUS",
+        "CONFIG",
+        "PROVIDERS",
+        "REQUESTS",
+        "LAST SEEN",
+    ] {
         assert!(text.contains(header), "{header} missing from\n{text}");
     }
     assert_eq!(text.matches("connected").count(), 3, "{text}");
@@ -40,33 +61,50 @@ async fn three_gateways_show_healthy_and_connected() {
 #[tokio::test]
 async fn a_stopped_gateway_turns_unhealthy_and_recovers() {
     let mut fleet = TestFleet::start(3);
-    fleet.wait_for_health("3 healthy gateways", PATIENCE, all_healthy(3)).await;
+    fleet
+        .wait_for_health("3 healthy gateways", PATIENCE, all_healthy(3))
+        .await;
 
     fleet.gateways[1].stop();
     // Two health intervals, plus room for a loaded CI machine to run ktctl.
     let bound = HEALTH_INTERVAL * 2 + Duration::from_secs(2);
     fleet
         .wait_for_health("gw-test-02 unhealthy", bound, |code, rows| {
-            code == 1 && row(rows, "gw-test-02").is_some_and(|r| r["status"] == "unhealthy" && r["agent"] == "connected")
+            code == 1
+                && row(rows, "gw-test-02")
+                    .is_some_and(|r| r["status"] == "unhealthy" && r["agent"] == "connected")
         })
         .await;
     let (_, rows) = fleet.health();
-    assert_eq!(row(&rows, "gw-test-01").map(|r| r["status"].clone()), Some("healthy".into()));
-    assert!(row(&rows, "gw-test-02").and_then(|r| r["error"].as_str()).is_some_and(|e| e.contains("cannot reach gateway")));
+    assert_eq!(
+        row(&rows, "gw-test-01").map(|r| r["status"].clone()),
+        Some("healthy".into())
+    );
+    assert!(
+        row(&rows, "gw-test-02")
+            .and_then(|r| r["error"].as_str())
+            .is_some_and(|e| e.contains("cannot reach gateway"))
+    );
 
     fleet.gateways[1].start_again();
-    fleet.wait_for_health("all healthy again", PATIENCE, all_healthy(3)).await;
+    fleet
+        .wait_for_health("all healthy again", PATIENCE, all_healthy(3))
+        .await;
 }
 
 #[tokio::test]
 async fn a_killed_agent_goes_unreachable_then_disconnected_and_comes_back() {
     let mut fleet = TestFleet::start(2);
-    fleet.wait_for_health("2 healthy gateways", PATIENCE, all_healthy(2)).await;
+    fleet
+        .wait_for_health("2 healthy gateways", PATIENCE, all_healthy(2))
+        .await;
 
     fleet.agents[0].kill();
     fleet
         .wait_for_health("gw-test-01 unreachable", PATIENCE, |code, rows| {
-            code == 1 && row(rows, "gw-test-01").is_some_and(|r| r["agent"] == "unreachable" && r["status"] == "unknown")
+            code == 1
+                && row(rows, "gw-test-01")
+                    .is_some_and(|r| r["agent"] == "unreachable" && r["status"] == "unknown")
         })
         .await;
     fleet
@@ -75,16 +113,23 @@ async fn a_killed_agent_goes_unreachable_then_disconnected_and_comes_back() {
         })
         .await;
     let (_, rows) = fleet.health();
-    assert_eq!(row(&rows, "gw-test-02").map(|r| r["agent"].clone()), Some("connected".into()));
+    assert_eq!(
+        row(&rows, "gw-test-02").map(|r| r["agent"].clone()),
+        Some("connected".into())
+    );
 
     fleet.agents[0].start_again();
-    fleet.wait_for_health("agent reconnected", PATIENCE, all_healthy(2)).await;
+    fleet
+        .wait_for_health("agent reconnected", PATIENCE, all_healthy(2))
+        .await;
 }
 
 #[tokio::test]
 async fn agents_reconnect_by_themselves_after_a_coordinator_restart() {
     let mut fleet = TestFleet::start(3);
-    fleet.wait_for_health("3 healthy gateways", PATIENCE, all_healthy(3)).await;
+    fleet
+        .wait_for_health("3 healthy gateways", PATIENCE, all_healthy(3))
+        .await;
 
     fleet.coordinator.stop();
     let down = fleet.ktctl(&["gateway", "health"]);
@@ -92,13 +137,17 @@ async fn agents_reconnect_by_themselves_after_a_coordinator_restart() {
     assert!(String::from_utf8_lossy(&down.stderr).contains("cannot reach the coordinator"));
 
     fleet.coordinator.start_again();
-    fleet.wait_for_health("all reconnected", PATIENCE, all_healthy(3)).await;
+    fleet
+        .wait_for_health("all reconnected", PATIENCE, all_healthy(3))
+        .await;
 }
 
 #[tokio::test]
 async fn a_bad_reload_keeps_the_running_config_and_says_why() {
     let fleet = TestFleet::start(1);
-    fleet.wait_for_health("1 healthy gateway", PATIENCE, all_healthy(1)).await;
+    fleet
+        .wait_for_health("1 healthy gateway", PATIENCE, all_healthy(1))
+        .await;
     let gateway = &fleet.gateways[0];
     let proc = gateway.proc.as_ref().expect("running");
     let original = std::fs::read_to_string(&gateway.policy).expect("policy");
@@ -108,15 +157,24 @@ async fn a_bad_reload_keeps_the_running_config_and_says_why() {
     proc.signal(nix::sys::signal::Signal::SIGHUP);
     fleet
         .wait_for_health("reload error reported", PATIENCE, |_, rows| {
-            row(rows, "gw-test-01").is_some_and(|r| r["config_version"] == "1.0.0" && r["last_reload_error"].is_string())
+            row(rows, "gw-test-01").is_some_and(|r| {
+                r["config_version"] == "1.0.0" && r["last_reload_error"].is_string()
+            })
         })
         .await;
 
-    std::fs::write(&gateway.policy, original.replace("version: 1.0.0", "version: 1.1.0")).expect("new version");
+    std::fs::write(
+        &gateway.policy,
+        original.replace("version: 1.0.0", "version: 1.1.0"),
+    )
+    .expect("new version");
     proc.signal(nix::sys::signal::Signal::SIGHUP);
     fleet
         .wait_for_health("new version running", PATIENCE, |code, rows| {
-            code == 0 && row(rows, "gw-test-01").is_some_and(|r| r["config_version"] == "1.1.0" && r["last_reload_error"].is_null())
+            code == 0
+                && row(rows, "gw-test-01").is_some_and(|r| {
+                    r["config_version"] == "1.1.0" && r["last_reload_error"].is_null()
+                })
         })
         .await;
 }
@@ -126,11 +184,21 @@ async fn fleet_watch_streams_a_snapshot_then_changes() {
     use kt_proto::v1::{WatchFleetRequest, fleet_update};
 
     let mut fleet = TestFleet::start(2);
-    fleet.wait_for_health("2 healthy gateways", PATIENCE, all_healthy(2)).await;
+    fleet
+        .wait_for_health("2 healthy gateways", PATIENCE, all_healthy(2))
+        .await;
     let mut client = fleet.operator().await;
-    let mut stream = client.watch_fleet(WatchFleetRequest::default()).await.expect("watch").into_inner();
+    let mut stream = client
+        .watch_fleet(WatchFleetRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
 
-    let first = stream.message().await.expect("stream").expect("first update");
+    let first = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("first update");
     let Some(fleet_update::Update::Snapshot(snapshot)) = first.update else {
         panic!("the first update must be a snapshot: {first:?}");
     };
@@ -141,7 +209,10 @@ async fn fleet_watch_streams_a_snapshot_then_changes() {
         loop {
             let update = stream.message().await.expect("stream").expect("update");
             if let Some(fleet_update::Update::Changed(state)) = update.update {
-                let unhealthy = state.health.as_ref().is_some_and(|h| h.status == kt_proto::v1::HealthStatus::Unhealthy as i32);
+                let unhealthy = state
+                    .health
+                    .as_ref()
+                    .is_some_and(|h| h.status == kt_proto::v1::HealthStatus::Unhealthy as i32);
                 if state.gateway_id == "gw-test-01" && unhealthy {
                     return state;
                 }

@@ -12,7 +12,10 @@ use kt_proto::v1::operator_service_client::OperatorServiceClient;
 use kt_proto::v1::{AgentMessage, Hello, ListGatewaysRequest};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-async fn channel(fleet: &TestFleet, tls: ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
+async fn channel(
+    fleet: &TestFleet,
+    tls: ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
     Endpoint::from_shared(format!("https://{}", fleet.coordinator.addr))
         .expect("endpoint")
         .tls_config(tls)
@@ -23,18 +26,35 @@ async fn channel(fleet: &TestFleet, tls: ClientTlsConfig) -> Result<Channel, ton
 }
 
 fn files(dir: &std::path::Path, stem: &str) -> TlsFiles {
-    TlsFiles { ca: dir.join("ca.crt"), cert: dir.join(format!("{stem}.crt")), key: dir.join(format!("{stem}.key")) }
+    TlsFiles {
+        ca: dir.join("ca.crt"),
+        cert: dir.join(format!("{stem}.crt")),
+        key: dir.join(format!("{stem}.key")),
+    }
 }
 
 /// Opens a session as `stem` (a cert in `fleet.pki`) claiming `gateway_id`; returns the refusal.
-async fn open_session(fleet: &TestFleet, stem: &str, role: Role, gateway_id: &str) -> Result<(), tonic::Status> {
+async fn open_session(
+    fleet: &TestFleet,
+    stem: &str,
+    role: Role,
+    gateway_id: &str,
+) -> Result<(), tonic::Status> {
     let tls = files(&fleet.pki.dir, stem).load(role).expect("load");
-    let channel = channel(fleet, tls.client_config("127.0.0.1")).await.expect("connect");
+    let channel = channel(fleet, tls.client_config("127.0.0.1"))
+        .await
+        .expect("connect");
     let hello = AgentMessage {
         seq: 1,
-        body: Some(Body::Hello(Hello { gateway_id: gateway_id.into(), ..Default::default() })),
+        body: Some(Body::Hello(Hello {
+            gateway_id: gateway_id.into(),
+            ..Default::default()
+        })),
     };
-    let mut stream = AgentServiceClient::new(channel).session(tokio_stream::iter(vec![hello])).await?.into_inner();
+    let mut stream = AgentServiceClient::new(channel)
+        .session(tokio_stream::iter(vec![hello]))
+        .await?
+        .into_inner();
     stream.message().await.map(|_| ())
 }
 
@@ -42,11 +62,16 @@ async fn open_session(fleet: &TestFleet, stem: &str, role: Role, gateway_id: &st
 async fn a_client_without_a_certificate_is_refused() {
     let fleet = TestFleet::start(0);
     let ca = std::fs::read(fleet.pki.dir.join("ca.crt")).expect("ca");
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("127.0.0.1");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("127.0.0.1");
     // With TLS 1.3 the refusal may surface at connect or only at the first call.
     let refused = match channel(&fleet, tls).await {
         Err(_) => true,
-        Ok(channel) => OperatorServiceClient::new(channel).list_gateways(ListGatewaysRequest::default()).await.is_err(),
+        Ok(channel) => OperatorServiceClient::new(channel)
+            .list_gateways(ListGatewaysRequest::default())
+            .await
+            .is_err(),
     };
     assert!(refused, "a client without a certificate was served");
 }
@@ -56,16 +81,24 @@ async fn a_certificate_from_another_ca_is_refused() {
     let fleet = TestFleet::start(0);
     let other = tempfile::tempdir().expect("tempdir");
     let stranger = Pki::new(other.path().to_owned());
-    let tls = files(&stranger.dir, "operator-tester").load(Role::Operator).expect("load");
+    let tls = files(&stranger.dir, "operator-tester")
+        .load(Role::Operator)
+        .expect("load");
     // Trust our coordinator's CA, but present a certificate from the stranger's CA.
     let ca = std::fs::read(fleet.pki.dir.join("ca.crt")).expect("ca");
     let config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
-        .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+        .identity(tonic::transport::Identity::from_pem(
+            &tls.cert_pem,
+            &tls.key_pem,
+        ))
         .domain_name("127.0.0.1");
     let refused = match channel(&fleet, config).await {
         Err(_) => true,
-        Ok(channel) => OperatorServiceClient::new(channel).list_gateways(ListGatewaysRequest::default()).await.is_err(),
+        Ok(channel) => OperatorServiceClient::new(channel)
+            .list_gateways(ListGatewaysRequest::default())
+            .await
+            .is_err(),
     };
     assert!(refused, "a certificate from another CA was accepted");
 }
@@ -74,21 +107,30 @@ async fn a_certificate_from_another_ca_is_refused() {
 async fn an_agent_certificate_cannot_call_the_operator_service() {
     let fleet = TestFleet::start(0);
     fleet.pki.issue_agent("gw-sneaky");
-    let tls = files(&fleet.pki.dir, "agent-gw-sneaky").load(Role::Agent).expect("load");
-    let channel = channel(&fleet, tls.client_config("127.0.0.1")).await.expect("connect");
+    let tls = files(&fleet.pki.dir, "agent-gw-sneaky")
+        .load(Role::Agent)
+        .expect("load");
+    let channel = channel(&fleet, tls.client_config("127.0.0.1"))
+        .await
+        .expect("connect");
     let status = OperatorServiceClient::new(channel)
         .list_gateways(ListGatewaysRequest::default())
         .await
         .expect_err("agent listed gateways");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("requires role operator"), "{status:?}");
+    assert!(
+        status.message().contains("requires role operator"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
 async fn an_agent_cannot_speak_for_another_gateway() {
     let fleet = TestFleet::start(1);
     fleet.pki.issue_agent("gw-mallory");
-    let status = open_session(&fleet, "agent-gw-mallory", Role::Agent, "gw-test-01").await.expect_err("impersonation");
+    let status = open_session(&fleet, "agent-gw-mallory", Role::Agent, "gw-test-01")
+        .await
+        .expect_err("impersonation");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("gw-mallory"), "{status:?}");
     // Its own id is fine.
@@ -100,7 +142,12 @@ async fn an_agent_cannot_speak_for_another_gateway() {
 async fn an_operator_certificate_cannot_open_an_agent_session() {
     let fleet = TestFleet::start(0);
     fleet.pki.issue(&LeafRole::Operator { name: "eve".into() });
-    let status = open_session(&fleet, "operator-eve", Role::Operator, "gw-test-01").await.expect_err("operator session");
+    let status = open_session(&fleet, "operator-eve", Role::Operator, "gw-test-01")
+        .await
+        .expect_err("operator session");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("requires role agent"), "{status:?}");
+    assert!(
+        status.message().contains("requires role agent"),
+        "{status:?}"
+    );
 }

@@ -5,8 +5,8 @@
 //! fleet task learns of the end, cleanly (goodbye) or not.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kt_proto::identity::{Identity, Role};
@@ -40,7 +40,12 @@ pub struct AgentApi {
 }
 
 impl AgentApi {
-    pub fn new(fleet: FleetHandle, trust_domain: String, liveness: LivenessConfig, cancel: CancellationToken) -> Self {
+    pub fn new(
+        fleet: FleetHandle,
+        trust_domain: String,
+        liveness: LivenessConfig,
+        cancel: CancellationToken,
+    ) -> Self {
         AgentApi {
             fleet,
             trust_domain,
@@ -76,7 +81,11 @@ impl AgentService for AgentApi {
             .map_err(|_| ApiError::InvalidArgument("no hello within 10s".into()))??;
         let hello = match first.and_then(|m| m.body) {
             Some(AgentBody::Hello(hello)) => hello,
-            _ => return Err(ApiError::InvalidArgument("the first message must be a hello".into()).into()),
+            _ => {
+                return Err(
+                    ApiError::InvalidArgument("the first message must be a hello".into()).into(),
+                );
+            }
         };
         if hello.gateway_id != gateway.as_str() {
             tracing::warn!(gateway_id = %gateway, claimed = %hello.gateway_id, "agent claimed another gateway id");
@@ -126,7 +135,13 @@ impl AgentService for AgentApi {
                 };
                 // Dropping `outbound` here ends the response stream.
                 drop(outbound);
-                let _ = fleet.send(Command::Ended { gateway, session, clean }).await;
+                let _ = fleet
+                    .send(Command::Ended {
+                        gateway,
+                        session,
+                        clean,
+                    })
+                    .await;
             }
             .instrument(span),
         );

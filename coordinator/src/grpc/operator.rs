@@ -41,7 +41,12 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<ListGatewaysResponse>, Status> {
         authorize(&request, &self.trust_domain, Role::Operator)?;
         let group = group_filter(request.into_inner().group);
-        let gateways = self.fleet.list(group).await.map_err(ApiError::from)?.map_err(ApiError::from)?;
+        let gateways = self
+            .fleet
+            .list(group)
+            .await
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?;
         Ok(Response::new(ListGatewaysResponse { gateways }))
     }
 
@@ -53,10 +58,8 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<Self::WatchFleetStream>, Status> {
         authorize(&request, &self.trust_domain, Role::Operator)?;
         let group = group_filter(request.into_inner().group);
-        if let Some(g) = &group {
-            if !self.fleet.group_exists(g) {
-                return Err(ApiError::from(UnknownGroup(g.clone())).into());
-            }
+        if let Some(g) = group.as_ref().filter(|g| !self.fleet.group_exists(g)) {
+            return Err(ApiError::from(UnknownGroup(g.clone())).into());
         }
         let (snapshot, changes) = self.fleet.watch().await.map_err(ApiError::from)?;
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
@@ -80,18 +83,34 @@ async fn forward_changes(
     mut changes: broadcast::Receiver<GatewayState>,
     tx: &mpsc::Sender<Result<FleetUpdate, Status>>,
 ) {
-    let keep = |g: &GatewayState| group.as_deref().is_none_or(|group| fleet.in_group(&g.gateway_id, group));
+    let keep = |g: &GatewayState| {
+        group
+            .as_deref()
+            .is_none_or(|group| fleet.in_group(&g.gateway_id, group))
+    };
     loop {
         snapshot.retain(|g| keep(g));
         let update = fleet_update::Update::Snapshot(FleetSnapshot { gateways: snapshot });
-        if tx.send(Ok(FleetUpdate { update: Some(update) })).await.is_err() {
+        if tx
+            .send(Ok(FleetUpdate {
+                update: Some(update),
+            }))
+            .await
+            .is_err()
+        {
             return; // the watcher left
         }
         loop {
             match changes.recv().await {
                 Ok(change) if keep(&change) => {
                     let update = fleet_update::Update::Changed(change);
-                    if tx.send(Ok(FleetUpdate { update: Some(update) })).await.is_err() {
+                    if tx
+                        .send(Ok(FleetUpdate {
+                            update: Some(update),
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

@@ -22,10 +22,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for p in state.processes.iter().rev() {
         if dev::stop(p.pid, &p.binary, Duration::from_secs(5)) {
             stopped += 1;
-            println!("stopped {} {} (pid {})", p.role.binary(), p.id.as_deref().unwrap_or(""), p.pid);
+            println!(
+                "stopped {} {} (pid {})",
+                p.role.binary(),
+                p.id.as_deref().unwrap_or(""),
+                p.pid
+            );
         }
     }
     std::fs::remove_file(DevState::path(&dir))?;
-    println!("dev fleet in {} is down ({stopped} processes stopped)", dir.display());
+    println!(
+        "dev fleet in {} is down ({stopped} processes stopped)",
+        dir.display()
+    );
     Ok(())
 }

@@ -29,7 +29,10 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let dir = args.dir.resolve();
     let Some(state) = DevState::load(&dir)? else {
         if args.output == Output::Table {
-            println!("no dev fleet in {} (start one with `ktctl dev up`)", dir.display());
+            println!(
+                "no dev fleet in {} (start one with `ktctl dev up`)",
+                dir.display()
+            );
         } else {
             print_structured(&Vec::<()>::new(), args.output)?;
         }
@@ -59,7 +62,11 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
             r.id.clone().unwrap_or_else(|| "-".into()),
             r.pid.to_string(),
             r.address.clone().unwrap_or_else(|| "-".into()),
-            if r.running { "running".into() } else { "stopped".into() },
+            if r.running {
+                "running".into()
+            } else {
+                "stopped".into()
+            },
             r.log.clone(),
         ]);
     }

@@ -47,7 +47,11 @@ impl Drop for Rollback<'_> {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.dir.resolve();
     if let Some(state) = DevState::load(&dir)? {
-        let running = state.processes.iter().filter(|p| dev::is_running(p.pid, &p.binary)).count();
+        let running = state
+            .processes
+            .iter()
+            .filter(|p| dev::is_running(p.pid, &p.binary))
+            .count();
         if running > 0 {
             bail!(
                 "a dev fleet is already running in {} ({running} processes); run `ktctl dev down{}` first",
@@ -58,18 +62,46 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = std::fs::canonicalize(&dir)?;
-    let ids: Vec<String> = (1..=args.gateways).map(|i| format!("gw-dev-{i:02}")).collect();
+    let ids: Vec<String> = (1..=args.gateways)
+        .map(|i| format!("gw-dev-{i:02}"))
+        .collect();
 
     println!("creating a PKI in {}", dir.join("pki").display());
     let pki_dir = dir.join("pki");
     pki::init_ca(&pki_dir, pki::DEFAULT_TRUST_DOMAIN, true)?;
-    pki::issue(&pki_dir, &LeafRole::Coordinator { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse()?] }, 30, true)?;
-    pki::issue(&pki_dir, &LeafRole::Operator { name: dev::DEV_OPERATOR.into() }, 30, true)?;
+    pki::issue(
+        &pki_dir,
+        &LeafRole::Coordinator {
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse()?],
+        },
+        30,
+        true,
+    )?;
+    pki::issue(
+        &pki_dir,
+        &LeafRole::Operator {
+            name: dev::DEV_OPERATOR.into(),
+        },
+        30,
+        true,
+    )?;
     for id in &ids {
-        pki::issue(&pki_dir, &LeafRole::Agent { gateway: GatewayId::new(id)? }, 30, true)?;
+        pki::issue(
+            &pki_dir,
+            &LeafRole::Agent {
+                gateway: GatewayId::new(id)?,
+            },
+            30,
+            true,
+        )?;
     }
 
-    let mut rollback = Rollback { dir: &dir, state: DevState::default(), armed: true };
+    let mut rollback = Rollback {
+        dir: &dir,
+        state: DevState::default(),
+        armed: true,
+    };
     let run_dir = dir.join("run");
     std::fs::create_dir_all(&run_dir)?;
 
@@ -80,7 +112,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(&groups_path, dev::groups_file(dev::DEV_GROUP, &ids))?;
     let config_path = coordinator_dir.join("coordinator.yaml");
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
-    std::fs::write(&config_path, dev::coordinator_config(listen, &pki_dir, &coordinator_dir.join("data"), &groups_path, Liveness::DEV))?;
+    std::fs::write(
+        &config_path,
+        dev::coordinator_config(
+            listen,
+            &pki_dir,
+            &coordinator_dir.join("data"),
+            &groups_path,
+            Liveness::DEV,
+        ),
+    )?;
     let coordinator = start(
         &mut rollback,
         Role::Coordinator,
@@ -127,7 +168,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 labels: &[("region", region), ("env", "dev")],
             }),
         )?;
-        start(&mut rollback, Role::Agent, Some(id), vec!["--config".into(), path_arg(&agent_path)], &gw_dir, None)?;
+        start(
+            &mut rollback,
+            Role::Agent,
+            Some(id),
+            vec!["--config".into(), path_arg(&agent_path)],
+            &gw_dir,
+            None,
+        )?;
         println!("{id}: gateway on {gateway}, agent started (region {region})");
     }
 
@@ -150,20 +198,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let flag = dir_flag(&args.dir);
     println!();
-    println!("dev fleet is up: 1 coordinator, {} gateways, all connected and healthy", ids.len());
+    println!(
+        "dev fleet is up: 1 coordinator, {} gateways, all connected and healthy",
+        ids.len()
+    );
     println!("next:");
-    if ktctl_path != ktconfig::default_paths(None).last().cloned().unwrap_or_default() {
+    if ktctl_path
+        != ktconfig::default_paths(None)
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    {
         println!("  export KTCTL_CONFIG={}", ktctl_path.display());
     }
-    println!("  ktctl gateway health        # one row per gateway");
-    println!("  ktctl fleet watch           # live changes, Ctrl-C to stop");
-    println!("  ktctl dev status{flag}         # the processes, their pids and addresses");
-    println!("  ktctl dev down{flag}           # stop them all");
+    println!("  ktctl gateway health                 one row per gateway");
+    println!("  ktctl fleet watch                    live changes, Ctrl-C to stop");
+    println!("  ktctl dev status{flag}    the processes, their pids and addresses");
+    println!("  ktctl dev down{flag}      stop them all");
     Ok(())
 }
 
 fn dir_flag(dir: &DirArg) -> String {
-    dir.dir.as_ref().map(|d| format!(" --dir {}", d.display())).unwrap_or_default()
+    dir.dir
+        .as_ref()
+        .map(|d| format!(" --dir {}", d.display()))
+        .unwrap_or_default()
 }
 
 fn path_arg(path: &Path) -> String {
@@ -196,9 +255,16 @@ fn start(
         log: log.clone(),
     });
     rollback.state.save(rollback.dir)?;
-    let Some(ready) = ready_file else { return Ok(None) };
-    let addr = dev::wait_ready(&mut child, ready, &log, READY_TIMEOUT)
-        .with_context(|| format!("{} {} did not start", role.binary(), id.map(String::as_str).unwrap_or("")))?;
+    let Some(ready) = ready_file else {
+        return Ok(None);
+    };
+    let addr = dev::wait_ready(&mut child, ready, &log, READY_TIMEOUT).with_context(|| {
+        format!(
+            "{} {} did not start",
+            role.binary(),
+            id.map(String::as_str).unwrap_or("")
+        )
+    })?;
     if let Some(last) = rollback.state.processes.last_mut() {
         last.address = Some(addr.to_string());
     }
@@ -207,16 +273,28 @@ fn start(
 }
 
 /// Waits until every dev gateway is connected and healthy, as `ktctl gateway health` sees it.
-async fn wait_until_connected(config: &KtctlConfig, path: &Path, expected: usize) -> anyhow::Result<()> {
+async fn wait_until_connected(
+    config: &KtctlConfig,
+    path: &Path,
+    expected: usize,
+) -> anyhow::Result<()> {
     let context = config.context(None, path)?;
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     let mut last = String::from("no answer yet");
     while tokio::time::Instant::now() < deadline {
         match crate::client::connect(context).await {
-            Ok(mut client) => match client.list_gateways(kt_proto::v1::ListGatewaysRequest::default()).await {
+            Ok(mut client) => match client
+                .list_gateways(kt_proto::v1::ListGatewaysRequest::default())
+                .await
+            {
                 Ok(response) => {
                     let now = kt_proto::unix_ms_now();
-                    let rows: Vec<GatewayRow> = response.into_inner().gateways.iter().map(|g| GatewayRow::from_state(g, now)).collect();
+                    let rows: Vec<GatewayRow> = response
+                        .into_inner()
+                        .gateways
+                        .iter()
+                        .map(|g| GatewayRow::from_state(g, now))
+                        .collect();
                     let ok = rows.iter().filter(|r| r.is_ok()).count();
                     if ok == expected {
                         return Ok(());

@@ -21,12 +21,17 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     }
     let mut client = session.client().await?;
     let mut stream = client
-        .watch_fleet(WatchFleetRequest { group: args.group.unwrap_or_default() })
+        .watch_fleet(WatchFleetRequest {
+            group: args.group.unwrap_or_default(),
+        })
         .await
         .map_err(crate::status_error)?
         .into_inner();
     if args.output == Output::Table {
-        println!("{:<25} {:<20} {:<13} {:<10} {:<24} REQUESTS", "TIME", "GATEWAY", "AGENT", "STATUS", "CONFIG");
+        println!(
+            "{:<25} {:<20} {:<13} {:<10} {:<24} REQUESTS",
+            "TIME", "GATEWAY", "AGENT", "STATUS", "CONFIG"
+        );
     }
     loop {
         let update = tokio::select! {
@@ -49,8 +54,10 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
 }
 
 fn print_line(kind: &str, row: &GatewayRow, output: Output) -> anyhow::Result<()> {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     let time = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
+        .format(&format)
         .unwrap_or_default();
     match output {
         Output::Json => {
@@ -63,7 +70,7 @@ fn print_line(kind: &str, row: &GatewayRow, output: Output) -> anyhow::Result<()
                 _ => "-".into(),
             };
             println!(
-                "{:<25} {:<20} {:<13} {:<10} {:<24} {}",
+                "{:<21} {:<20} {:<13} {:<10} {:<24} {}",
                 time, row.gateway, row.agent, row.status, config, row.requests_processed
             );
         }

@@ -23,14 +23,29 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<bool> {
         structured => print_structured(&rows, structured)?,
     }
     if rows.is_empty() {
-        eprintln!("no gateways{}", args.group.map(|g| format!(" in group {g}")).unwrap_or_default());
+        eprintln!(
+            "no gateways{}",
+            args.group
+                .map(|g| format!(" in group {g}"))
+                .unwrap_or_default()
+        );
         return Ok(false);
     }
     Ok(rows.iter().all(GatewayRow::is_ok))
 }
 
 fn print_table(rows: &[GatewayRow]) {
-    let mut t = table(&["GATEWAY", "GROUPS", "REGION", "AGENT", "STATUS", "CONFIG", "PROVIDERS", "REQUESTS", "LAST SEEN"]);
+    let mut t = table(&[
+        "GATEWAY",
+        "GROUPS",
+        "REGION",
+        "AGENT",
+        "STATUS",
+        "CONFIG",
+        "PROVIDERS",
+        "REQUESTS",
+        "LAST SEEN",
+    ]);
     for row in rows {
         let config = match (&row.config_version, &row.config_hash) {
             (Some(v), Some(h)) => format!("{v} ({})", short_hash(h)),
@@ -39,7 +54,11 @@ fn print_table(rows: &[GatewayRow]) {
         };
         t.add_row(vec![
             row.gateway.clone(),
-            if row.groups.is_empty() { "-".into() } else { row.groups.join(",") },
+            if row.groups.is_empty() {
+                "-".into()
+            } else {
+                row.groups.join(",")
+            },
             row.region.clone().unwrap_or_else(|| "-".into()),
             row.agent.to_owned(),
             row.status.to_owned(),

@@ -22,15 +22,34 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
 }
 
 fn print_table(rows: &[GatewayRow]) {
-    let mut t = table(&["GATEWAY", "GROUPS", "LABELS", "AGENT", "AGENT VERSION", "LAST SEEN"]);
+    let mut t = table(&[
+        "GATEWAY",
+        "GROUPS",
+        "LABELS",
+        "AGENT",
+        "AGENT VERSION",
+        "LAST SEEN",
+    ]);
     for row in rows {
         let labels: Vec<String> = row.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         t.add_row(vec![
             row.gateway.clone(),
-            if row.groups.is_empty() { "-".into() } else { row.groups.join(",") },
-            if labels.is_empty() { "-".into() } else { labels.join(",") },
+            if row.groups.is_empty() {
+                "-".into()
+            } else {
+                row.groups.join(",")
+            },
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(",")
+            },
             row.agent.to_owned(),
-            if row.agent_version.is_empty() { "-".into() } else { row.agent_version.clone() },
+            if row.agent_version.is_empty() {
+                "-".into()
+            } else {
+                row.agent_version.clone()
+            },
             row.last_seen_human(),
         ]);
     }

@@ -19,7 +19,14 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let cert = pki::init_ca(&args.dir, &args.trust_domain, args.force)?;
-    println!("created CA for trust domain {} in {}", args.trust_domain, cert.display());
-    println!("next: ktctl pki issue --dir {} --role coordinator --dns localhost --ip 127.0.0.1", args.dir.display());
+    println!(
+        "created CA for trust domain {} in {}",
+        args.trust_domain,
+        cert.display()
+    );
+    println!(
+        "next: ktctl pki issue --dir {} --role coordinator --dns localhost --ip 127.0.0.1",
+        args.dir.display()
+    );
     Ok(())
 }

@@ -47,15 +47,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let role = match args.role {
         RoleArg::Agent => {
             let id = args.id.context("--role agent needs --id GATEWAY_ID")?;
-            LeafRole::Agent { gateway: GatewayId::new(&id)? }
+            LeafRole::Agent {
+                gateway: GatewayId::new(&id)?,
+            }
         }
         RoleArg::Coordinator => {
             if args.id.is_some() {
-                anyhow::bail!("--role coordinator takes no --id (there is one coordinator identity per trust domain)");
+                anyhow::bail!(
+                    "--role coordinator takes no --id (there is one coordinator identity per trust domain)"
+                );
             }
-            LeafRole::Coordinator { dns: args.dns, ips: args.ip }
+            LeafRole::Coordinator {
+                dns: args.dns,
+                ips: args.ip,
+            }
         }
-        RoleArg::Operator => LeafRole::Operator { name: args.id.context("--role operator needs --id NAME")? },
+        RoleArg::Operator => LeafRole::Operator {
+            name: args.id.context("--role operator needs --id NAME")?,
+        },
     };
     let issued = pki::issue(&args.dir, &role, args.days, args.force)?;
     println!("issued {} valid for {} days", issued.identity, args.days);

@@ -1,0 +1,36 @@
+//! Every example config under deploy/examples parses with the loader of the binary it is for.
+
+use std::path::PathBuf;
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples")
+        .join(name)
+}
+
+#[test]
+fn example_configs_parse() {
+    let policy = std::process::Command::new(kt_e2e::bin("kt-gateway"))
+        .arg("validate")
+        .arg(example("policy-config.yaml"))
+        .output()
+        .expect("kt-gateway validate");
+    assert!(
+        policy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&policy.stderr)
+    );
+
+    let ktctl = kt_ctl::ktconfig::KtctlConfig::load(&example("ktctl.yaml")).expect("ktctl.yaml");
+    assert_eq!(ktctl.current_context.as_deref(), Some("production"));
+
+    let coordinator = kt_coordinator::config::CoordinatorConfig::load(&example("coordinator.yaml"))
+        .expect("coordinator.yaml");
+    let groups =
+        kt_coordinator::config::load_groups(coordinator.groups_file.as_ref().expect("groups_file"))
+            .expect("groups.yaml");
+    assert_eq!(groups.len(), 2);
+
+    let agent = kt_agent::config::AgentConfig::load(&example("agent.yaml")).expect("agent.yaml");
+    assert_eq!(agent.labels["region"], "eu");
+}
