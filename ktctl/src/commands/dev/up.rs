@@ -211,10 +211,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     {
         println!("  export KTCTL_CONFIG={}", ktctl_path.display());
     }
-    println!("  ktctl gateway health                 one row per gateway");
-    println!("  ktctl fleet watch                    live changes, Ctrl-C to stop");
-    println!("  ktctl dev status{flag}    the processes, their pids and addresses");
-    println!("  ktctl dev down{flag}      stop them all");
+    for (command, what) in [
+        ("ktctl gateway health".to_owned(), "one row per gateway"),
+        ("ktctl fleet watch".to_owned(), "live changes, Ctrl-C to stop"),
+        (format!("ktctl dev status{flag}"), "the processes, their pids and addresses"),
+        (format!("ktctl dev down{flag}"), "stop them all"),
+    ] {
+        println!("  {command:<width$}  {what}", width = 24 + flag.len());
+    }
     Ok(())
 }
 
