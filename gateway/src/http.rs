@@ -1,21 +1,30 @@
-//! The gateway's HTTP surface: operations endpoints now, the OpenAI-compatible API next.
+//! The gateway's HTTP surface: the OpenAI-compatible API and the operations endpoints.
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
+use crate::proxy;
 
 pub fn router(gateway: Gateway) -> Router {
     Router::new()
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/models", get(proxy::models))
         .route("/health", get(health))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ready" }))
-        .fallback(not_implemented)
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/admin/reload", post(reload))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(proxy::MAX_REQUEST_BYTES))
         .with_state(gateway)
 }
 
@@ -25,26 +34,73 @@ pub async fn serve(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(gateway))
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await
+    axum::serve(
+        listener,
+        router(gateway).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(cancel.cancelled_owned())
+    .await
 }
 
 async fn health(State(gateway): State<Gateway>) -> impl IntoResponse {
     Json(gateway.health())
 }
 
-/// Every API request is counted, even before the proxy exists, so `requests_processed` is real.
-async fn not_implemented(State(gateway): State<Gateway>) -> impl IntoResponse {
-    gateway.count_request();
+/// Ready once a valid config is loaded; the gateway never runs without one, so this answers
+/// ready whenever it answers at all, and says which config it serves.
+async fn ready(State(gateway): State<Gateway>) -> impl IntoResponse {
+    let current = gateway.current();
+    format!(
+        "ready: {} {}\n",
+        current.config.version, current.config.hash
+    )
+}
+
+async fn metrics(State(gateway): State<Gateway>) -> impl IntoResponse {
     (
-        StatusCode::NOT_IMPLEMENTED,
-        Json(serde_json::json!({
-            "error": {
-                "message": "this endpoint is not served by this gateway version",
-                "type": "not_implemented",
-                "code": "not_implemented"
-            }
-        })),
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        gateway.metrics().encode(),
+    )
+}
+
+/// `POST /admin/reload`, from loopback only: validate, then swap.
+async fn reload(
+    State(gateway): State<Gateway>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> impl IntoResponse {
+    if !peer.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(
+                json!({ "error": { "message": "reload is allowed from loopback only", "type": "forbidden" } }),
+            ),
+        );
+    }
+    match gateway.reload() {
+        Ok(()) => {
+            let current = gateway.current();
+            (
+                StatusCode::OK,
+                Json(
+                    json!({ "reloaded": true, "version": current.config.version, "hash": current.config.hash }),
+                ),
+            )
+        }
+        Err(errors) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "reloaded": false, "errors": errors.errors })),
+        ),
+    }
+}
+
+async fn not_found() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        Json(
+            json!({ "error": { "message": "no such endpoint", "type": "invalid_request_error", "code": "not_found" } }),
+        ),
     )
 }

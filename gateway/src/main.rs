@@ -1,12 +1,16 @@
-//! `kt-gateway`: serve a policy config, or validate one.
+//! `kt-gateway`: serve a policy config, validate one, or run the mock provider.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kt_gateway::config::PolicyConfig;
+use kt_gateway::events::{self, EventsSettings};
 use kt_gateway::gateway::Gateway;
+use kt_gateway::mock::MockOptions;
 use kt_proto::daemon::{self, LogFormat};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -32,26 +36,53 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KT_GATEWAY_LISTEN", default_value = "127.0.0.1:41002")]
     listen: SocketAddr,
-    /// The id this gateway reports in health and decision events.
+    /// The id this gateway reports in health and decision events [default: the host name].
     #[arg(long, env = "KT_GATEWAY_ID")]
     gateway_id: Option<String>,
+    /// Decision events file (JSON lines).
+    #[arg(long, env = "KT_GATEWAY_EVENTS_FILE", default_value = "events.jsonl")]
+    events_file: PathBuf,
+    /// Rotate the events file when it would grow past this many bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    events_max_bytes: u64,
+    /// Rotated events files to keep.
+    #[arg(long, default_value_t = 5)]
+    events_keep: usize,
     /// Write the bound address to this file once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "KT_LOG_FORMAT")]
     log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check a policy config file and print every error with its line.
+    /// Check a policy config file: every error with its line, exit 1; or a summary, exit 0.
     Validate { file: PathBuf },
+    /// Serve a deterministic OpenAI-compatible provider that echoes the last user message.
+    MockProvider {
+        #[arg(long, default_value = "127.0.0.1:41003")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        options: MockOptions,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    kt_proto::install_crypto_provider();
     match cli.command {
         Some(Command::Validate { file }) => validate(&file),
+        Some(Command::MockProvider {
+            listen,
+            options,
+            ready_file,
+        }) => {
+            daemon::init_logging(LogFormat::Text);
+            block_on(mock_provider(listen, options, ready_file))
+        }
         None => serve(cli.serve),
     }
 }
@@ -88,41 +119,65 @@ fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("kt-gateway: --config FILE is required");
         return ExitCode::from(daemon::EXIT_CONFIG as u8);
     };
-    let gateway = match Gateway::load(config_path, args.gateway_id) {
-        Ok(gateway) => gateway,
-        Err(errors) => {
-            eprintln!("{errors}");
-            return ExitCode::from(daemon::EXIT_CONFIG as u8);
-        }
+    if let Err(errors) = PolicyConfig::load(&config_path) {
+        eprintln!("{errors}");
+        return ExitCode::from(daemon::EXIT_CONFIG as u8);
+    }
+    let gateway_id = args.gateway_id.unwrap_or_else(host_name);
+    let events = EventsSettings {
+        path: args.events_file,
+        max_bytes: args.events_max_bytes.max(4096),
+        keep: args.events_keep,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("kt-gateway: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(gateway, args.listen, args.ready_file)) {
+    block_on(run(
+        config_path,
+        gateway_id,
+        events,
+        args.listen,
+        args.ready_file,
+    ))
+}
+
+fn block_on(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .context("cannot start the runtime")
+        .and_then(|rt| rt.block_on(future));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "gateway stopped");
-            ExitCode::FAILURE
+            eprintln!("kt-gateway: {e:#}");
+            ExitCode::from(daemon::EXIT_FAILURE as u8)
         }
     }
 }
 
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "gateway".into())
+}
+
 async fn run(
-    gateway: Gateway,
+    config_path: PathBuf,
+    gateway_id: String,
+    events: EventsSettings,
     listen: SocketAddr,
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
+    let events_path = events.path.clone();
+    let (sink, writer) = events::start(events)
+        .with_context(|| format!("cannot open events file {}", events_path.display()))?;
+    let secrets: kt_gateway::gateway::SecretLookup =
+        Arc::new(|name: &str| std::env::var(name).ok());
+    // Loaded once more here: the file may have changed since the check in `serve`.
+    let gateway = Gateway::load(config_path, gateway_id, sink, secrets)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let current = gateway.current();
-    tracing::info!(%addr, version = %current.config.version, hash = %current.config.hash, "gateway listening");
+    tracing::info!(%addr, gateway_id = gateway.gateway_id(), version = %current.config.version, hash = %current.config.hash, events = %events_path.display(), "gateway listening");
     if let Some(path) = ready_file {
         daemon::write_ready_file(&path, addr)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -131,13 +186,46 @@ async fn run(
     let cancel = CancellationToken::new();
     let mut hangup = signal(SignalKind::hangup())?;
     let reloader = gateway.clone();
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            let _ = reloader.reload();
+    let reload_cancel = cancel.child_token();
+    // Ends with the shutdown: it holds a gateway handle, and with it the events sink.
+    let reloads = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = reload_cancel.cancelled() => return,
+                signal = hangup.recv() => match signal {
+                    Some(()) => { let _ = reloader.reload(); }
+                    None => return,
+                },
+            }
         }
     });
+    let probes = tokio::spawn(gateway.clone().run_probes(cancel.child_token()));
     tokio::spawn(daemon::cancel_on_terminate(cancel.clone()));
-    kt_gateway::http::serve(gateway, listener, cancel).await?;
+    kt_gateway::http::serve(gateway, listener, cancel.clone()).await?;
+    cancel.cancel();
+    let _ = probes.await;
+    let _ = reloads.await;
+    // Every request handler has finished: the last sinks are gone once the gateway is dropped.
+    let _ = writer.await;
     tracing::info!("gateway stopped");
+    Ok(())
+}
+
+async fn mock_provider(
+    listen: SocketAddr,
+    options: MockOptions,
+    ready_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, ?options, "mock provider listening");
+    if let Some(path) = ready_file {
+        daemon::write_ready_file(&path, addr)?;
+    }
+    let cancel = CancellationToken::new();
+    tokio::spawn(daemon::cancel_on_terminate(cancel.clone()));
+    kt_gateway::mock::serve(options, listener, cancel).await?;
     Ok(())
 }

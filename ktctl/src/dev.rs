@@ -47,6 +47,8 @@ pub fn find_binary(name: &str) -> PathBuf {
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Coordinator,
+    /// The mock LLM provider (`kt-gateway mock-provider`).
+    Provider,
     Gateway,
     Agent,
 }
@@ -55,8 +57,17 @@ impl Role {
     pub fn binary(self) -> &'static str {
         match self {
             Role::Coordinator => "kt-coordinator",
-            Role::Gateway => "kt-gateway",
+            Role::Provider | Role::Gateway => "kt-gateway",
             Role::Agent => "kt-agent",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Provider => "provider",
+            Role::Gateway => "gateway",
+            Role::Agent => "agent",
         }
     }
 }
@@ -151,13 +162,19 @@ pub fn stop(pid: u32, binary: &Path, grace: Duration) -> bool {
 }
 
 /// Starts a daemon detached from the terminal (own process group, no stdin), logging to `log`.
-pub fn spawn(binary: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+pub fn spawn(
+    binary: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> anyhow::Result<Child> {
     use std::os::unix::process::CommandExt;
     let out =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out.try_clone()?;
     Command::new(binary)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -293,6 +310,17 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
 
 /// The example policy config every dev gateway starts with.
 pub const EXAMPLE_POLICY: &str = include_str!("../../deploy/examples/policy-config.yaml");
+/// Where the example policy expects its provider.
+const EXAMPLE_PROVIDER_URL: &str = "http://127.0.0.1:41003/v1";
+/// The secret the example policy's provider target reads; the mock provider accepts any value.
+pub const MOCK_PROVIDER_SECRET: (&str, &str) = ("MOCK_PROVIDER_KEY", "dev-not-a-secret");
+
+/// The example policy pointed at a mock provider listening on `provider`, probed every second.
+pub fn example_policy(provider: SocketAddr) -> String {
+    EXAMPLE_POLICY
+        .replace(EXAMPLE_PROVIDER_URL, &format!("http://{provider}/v1"))
+        .replace("probe_interval: 5s", "probe_interval: 1s")
+}
 
 #[cfg(test)]
 mod tests {
@@ -332,7 +360,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let sleep = PathBuf::from("/bin/sleep");
         let mut child =
-            spawn(&sleep, &["30".into()], &dir.path().join("sleep.log")).expect("spawn");
+            spawn(&sleep, &["30".into()], &[], &dir.path().join("sleep.log")).expect("spawn");
         let pid = child.id();
         let binary = std::fs::canonicalize(&sleep).expect("canonical");
         assert!(is_running(pid, &binary));
@@ -340,6 +368,13 @@ mod tests {
         let status = child.wait().expect("wait");
         assert!(!status.success());
         assert!(!is_running(pid, &binary));
+    }
+
+    #[test]
+    fn example_policy_points_at_the_mock_provider() {
+        let text = example_policy("127.0.0.1:5555".parse().expect("addr"));
+        assert!(text.contains("http://127.0.0.1:5555/v1"), "{text}");
+        assert!(text.contains("probe_interval: 1s"), "{text}");
     }
 
     #[test]

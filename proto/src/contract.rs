@@ -27,9 +27,16 @@ pub struct HealthDoc {
     pub config: ConfigDoc,
     pub providers: BTreeMap<String, ProviderDoc>,
     pub policies_loaded: u32,
+    /// False when the policy pack is disabled and everything passes through unchecked.
+    #[serde(default = "enabled_by_default")]
+    pub pack_enabled: bool,
     pub requests_processed: u64,
     pub verdicts: VerdictsDoc,
     pub cache: CacheDoc,
+}
+
+fn enabled_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

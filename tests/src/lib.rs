@@ -58,7 +58,16 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(binary: &str, args: &[String], log: PathBuf) -> Self {
-        let child = dev::spawn(&bin(binary), args, &log).expect("spawn");
+        Self::spawn_with_env(binary, args, &[], log)
+    }
+
+    pub fn spawn_with_env(
+        binary: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> Self {
+        let child = dev::spawn(&bin(binary), args, env, &log).expect("spawn");
         Proc { child, log }
     }
 
@@ -218,29 +227,70 @@ impl CoordinatorNode {
     }
 }
 
+/// A mock LLM provider process (`kt-gateway mock-provider`).
+pub struct MockProvider {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl MockProvider {
+    /// Starts one with extra flags, e.g. `["--latency-ms", "5000"]`.
+    pub fn start(dir: &Path, flags: &[&str]) -> Self {
+        std::fs::create_dir_all(dir).expect("dir");
+        let ready = dir.join("provider.addr");
+        let mut args: Vec<String> = vec![
+            "mock-provider".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--ready-file".into(),
+            ready.display().to_string(),
+        ];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        let mut proc = Proc::spawn("kt-gateway", &args, dir.join("provider.log"));
+        let addr = proc.wait_ready(&ready);
+        MockProvider { proc, addr }
+    }
+}
+
 /// A gateway process; restarts keep its port, so its agent's health URL stays valid.
 pub struct GatewayNode {
     pub id: String,
     pub proc: Option<Proc>,
     pub addr: SocketAddr,
     pub policy: PathBuf,
+    pub events: PathBuf,
     dir: PathBuf,
 }
 
 impl GatewayNode {
-    pub fn start(dir: PathBuf, id: &str) -> Self {
+    /// Starts a gateway with the example policy, pointed at `provider`.
+    pub fn start(dir: PathBuf, id: &str, provider: SocketAddr) -> Self {
         std::fs::create_dir_all(&dir).expect("dir");
         let policy = dir.join("policy-config.yaml");
-        std::fs::write(&policy, dev::EXAMPLE_POLICY).expect("policy");
+        std::fs::write(&policy, dev::example_policy(provider)).expect("policy");
         let mut node = GatewayNode {
             id: id.to_owned(),
             proc: None,
             addr: "127.0.0.1:0".parse().expect("addr"),
             policy,
+            events: dir.join("events.jsonl"),
             dir,
         };
         node.start_again();
         node
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The decision events written so far, oldest first.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 
     pub fn start_again(&mut self) {
@@ -254,10 +304,17 @@ impl GatewayNode {
             self.addr.to_string(),
             "--gateway-id".into(),
             self.id.clone(),
+            "--events-file".into(),
+            self.events.display().to_string(),
             "--ready-file".into(),
             ready.display().to_string(),
         ];
-        let mut proc = Proc::spawn("kt-gateway", &args, self.dir.join("gateway.log"));
+        let mut proc = Proc::spawn_with_env(
+            "kt-gateway",
+            &args,
+            &[dev::MOCK_PROVIDER_SECRET],
+            self.dir.join("gateway.log"),
+        );
         self.addr = proc.wait_ready(&ready);
         self.proc = Some(proc);
     }
@@ -305,6 +362,7 @@ impl AgentNode {
 pub struct TestFleet {
     pub dir: tempfile::TempDir,
     pub pki: Pki,
+    pub provider: MockProvider,
     pub coordinator: CoordinatorNode,
     pub gateways: Vec<GatewayNode>,
     pub agents: Vec<AgentNode>,
@@ -318,12 +376,13 @@ impl TestFleet {
         let pki = Pki::new(dir.path().join("pki"));
         let ids: Vec<String> = (1..=n).map(|i| format!("gw-test-{i:02}")).collect();
         let coordinator = CoordinatorNode::start(dir.path().join("coordinator"), &pki, &ids);
+        let provider = MockProvider::start(&dir.path().join("provider"), &[]);
         let mut gateways = Vec::new();
         let mut agents = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             pki.issue_agent(id);
             let gw_dir = dir.path().join(id);
-            let gateway = GatewayNode::start(gw_dir.clone(), id);
+            let gateway = GatewayNode::start(gw_dir.clone(), id, provider.addr);
             let region = if i % 2 == 0 { "us" } else { "eu" };
             let agent = AgentNode::start(
                 &gw_dir,
@@ -349,6 +408,7 @@ impl TestFleet {
         TestFleet {
             dir,
             pki,
+            provider,
             coordinator,
             gateways,
             agents,

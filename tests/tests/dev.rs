@@ -67,11 +67,18 @@ async fn dev_up_status_and_down() {
     let status = ktctl(&["dev", "status", "--dir", dir_arg, "-o", "json"]);
     assert!(status.status.success());
     let procs: Vec<serde_json::Value> = serde_json::from_slice(&status.stdout).expect("json");
-    assert_eq!(procs.len(), 5, "{procs:#?}");
+    assert_eq!(procs.len(), 6, "{procs:#?}");
     let roles: Vec<&str> = procs.iter().filter_map(|p| p["role"].as_str()).collect();
     assert_eq!(
         roles,
-        ["coordinator", "gateway", "agent", "gateway", "agent"]
+        [
+            "coordinator",
+            "provider",
+            "gateway",
+            "agent",
+            "gateway",
+            "agent"
+        ]
     );
     for p in &procs {
         assert!(p["pid"].as_u64().is_some_and(|pid| pid > 0), "{p}");

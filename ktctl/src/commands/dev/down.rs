@@ -24,7 +24,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             stopped += 1;
             println!(
                 "stopped {} {} (pid {})",
-                p.role.binary(),
+                p.role.as_str(),
                 p.id.as_deref().unwrap_or(""),
                 p.pid
             );

@@ -58,7 +58,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let mut t = table(&["ROLE", "ID", "PID", "ADDRESS", "STATE", "LOG"]);
     for r in &rows {
         t.add_row(vec![
-            format!("{:?}", r.role).to_lowercase(),
+            r.role.as_str().to_owned(),
             r.id.clone().unwrap_or_else(|| "-".into()),
             r.pid.to_string(),
             r.address.clone().unwrap_or_else(|| "-".into()),

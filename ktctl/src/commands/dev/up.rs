@@ -127,17 +127,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Role::Coordinator,
         None,
         vec!["--config".into(), path_arg(&config_path)],
+        &[],
         &coordinator_dir,
         Some(&run_dir.join("coordinator.addr")),
     )?
     .context("the coordinator reported no address")?;
     println!("coordinator listening on {coordinator}");
 
+    // One mock LLM provider serves every gateway: no network is needed.
+    let provider_dir = dir.join("provider");
+    std::fs::create_dir_all(&provider_dir)?;
+    let provider = start(
+        &mut rollback,
+        Role::Provider,
+        None,
+        vec![
+            "mock-provider".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+        &[],
+        &provider_dir,
+        Some(&run_dir.join("provider.addr")),
+    )?
+    .context("the mock provider reported no address")?;
+    println!("mock provider listening on {provider}");
+
     for (i, id) in ids.iter().enumerate() {
         let gw_dir = dir.join(id);
         std::fs::create_dir_all(&gw_dir)?;
         let policy = gw_dir.join("policy-config.yaml");
-        std::fs::write(&policy, dev::EXAMPLE_POLICY)?;
+        std::fs::write(&policy, dev::example_policy(provider))?;
         let gateway = start(
             &mut rollback,
             Role::Gateway,
@@ -149,7 +169,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "127.0.0.1:0".into(),
                 "--gateway-id".into(),
                 id.clone(),
+                "--events-file".into(),
+                path_arg(&gw_dir.join("events.jsonl")),
             ],
+            &[dev::MOCK_PROVIDER_SECRET],
             &gw_dir,
             Some(&run_dir.join(format!("{id}.addr"))),
         )?
@@ -173,10 +196,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Role::Agent,
             Some(id),
             vec!["--config".into(), path_arg(&agent_path)],
+            &[],
             &gw_dir,
             None,
         )?;
-        println!("{id}: gateway on {gateway}, agent started (region {region})");
+        println!(
+            "{id}: gateway on http://{gateway} (events in {}), agent started (region {region})",
+            gw_dir.join("events.jsonl").display()
+        );
     }
 
     let ktctl_path = dir.join(dev::KTCTL_CONFIG_FILE);
@@ -213,8 +240,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     for (command, what) in [
         ("ktctl gateway health".to_owned(), "one row per gateway"),
-        ("ktctl fleet watch".to_owned(), "live changes, Ctrl-C to stop"),
-        (format!("ktctl dev status{flag}"), "the processes, their pids and addresses"),
+        (
+            "ktctl fleet watch".to_owned(),
+            "live changes, Ctrl-C to stop",
+        ),
+        (
+            format!("ktctl dev status{flag}"),
+            "the processes, their pids and addresses",
+        ),
         (format!("ktctl dev down{flag}"), "stop them all"),
     ] {
         println!("  {command:<width$}  {what}", width = 24 + flag.len());
@@ -239,17 +272,18 @@ fn start(
     role: Role,
     id: Option<&String>,
     mut args: Vec<String>,
+    env: &[(&str, &str)],
     workdir: &Path,
     ready_file: Option<&PathBuf>,
 ) -> anyhow::Result<Option<SocketAddr>> {
     let binary = dev::find_binary(role.binary());
     let binary = std::fs::canonicalize(&binary).unwrap_or(binary);
-    let log = workdir.join(format!("{}.log", role.binary()));
+    let log = workdir.join(format!("{}.log", role.as_str()));
     if let Some(ready) = ready_file {
         let _ = std::fs::remove_file(ready);
         args.extend(["--ready-file".into(), path_arg(ready)]);
     }
-    let mut child = dev::spawn(&binary, &args, &log)?;
+    let mut child = dev::spawn(&binary, &args, env, &log)?;
     rollback.state.processes.push(DevProcess {
         role,
         id: id.cloned(),
@@ -265,7 +299,7 @@ fn start(
     let addr = dev::wait_ready(&mut child, ready, &log, READY_TIMEOUT).with_context(|| {
         format!(
             "{} {} did not start",
-            role.binary(),
+            role.as_str(),
             id.map(String::as_str).unwrap_or("")
         )
     })?;
