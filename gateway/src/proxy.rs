@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -94,12 +93,10 @@ struct Exchange {
     usage: Option<Value>,
 }
 
-pub async fn chat_completions(
-    State(gateway): State<Gateway>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn chat_completions(State(gateway): State<Gateway>, request: axum::extract::Request) -> Response {
     gateway.count_request();
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let mut exchange = Exchange {
         started: Instant::now(),
         request_id: request_id(&headers),
@@ -116,7 +113,7 @@ pub async fn chat_completions(
         cached: false,
         usage: None,
     };
-    let result = handle(&gateway, &mut exchange, body).await;
+    let result = handle(&gateway, &mut exchange, &headers, body).await;
     let (status, error, response) = match result {
         Ok(response) => (response.status(), None, response),
         Err(error) => {
@@ -127,23 +124,8 @@ pub async fn chat_completions(
     finish(&gateway, exchange, status, error, response).await
 }
 
-async fn handle(
-    gateway: &Gateway,
-    exchange: &mut Exchange,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "request_too_large",
-                format!("request body is larger than {MAX_REQUEST_BYTES} bytes"),
-            )
-        } else {
-            ApiError::invalid(format!("cannot read request body: {rejection}"))
-        }
-    })?;
+async fn handle(gateway: &Gateway, exchange: &mut Exchange, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let body = read_body(headers, body).await?;
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::invalid(format!("request body is not valid UTF-8: {e}")))?;
     let mut request: Value = serde_json::from_str(text)
@@ -252,6 +234,26 @@ async fn handle(
     } else {
         forward(gateway, exchange, target, forwarded).await
     }
+}
+
+/// Reads at most `MAX_REQUEST_BYTES`; an announced length over it is refused before reading.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("request body is larger than {MAX_REQUEST_BYTES} bytes"),
+        )
+    };
+    let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| len > MAX_REQUEST_BYTES as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, MAX_REQUEST_BYTES).await.map_err(|e| {
+        let limited = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if limited { too_large() } else { ApiError::invalid(format!("cannot read request body: {e}")) }
+    })
 }
 
 fn extract_texts(messages: &[Value]) -> Result<(Vec<TextSlot>, Vec<MessageText>), ApiError> {

@@ -265,9 +265,14 @@ pub struct GatewayNode {
 impl GatewayNode {
     /// Starts a gateway with the example policy, pointed at `provider`.
     pub fn start(dir: PathBuf, id: &str, provider: SocketAddr) -> Self {
+        Self::start_with_policy(dir, id, &dev::example_policy(provider))
+    }
+
+    /// Starts a gateway with the given policy config text.
+    pub fn start_with_policy(dir: PathBuf, id: &str, policy_text: &str) -> Self {
         std::fs::create_dir_all(&dir).expect("dir");
         let policy = dir.join("policy-config.yaml");
-        std::fs::write(&policy, dev::example_policy(provider)).expect("policy");
+        std::fs::write(&policy, policy_text).expect("policy");
         let mut node = GatewayNode {
             id: id.to_owned(),
             proc: None,
