@@ -5,6 +5,8 @@
 //! leaves nothing running. The binaries are the workspace's own, found next to the test
 //! executable's `target/<profile>` directory: build them first (`cargo build --workspace`).
 
+pub mod stats;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
