@@ -93,7 +93,10 @@ struct Exchange {
     usage: Option<Value>,
 }
 
-pub async fn chat_completions(State(gateway): State<Gateway>, request: axum::extract::Request) -> Response {
+pub async fn chat_completions(
+    State(gateway): State<Gateway>,
+    request: axum::extract::Request,
+) -> Response {
     gateway.count_request();
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
@@ -124,7 +127,12 @@ pub async fn chat_completions(State(gateway): State<Gateway>, request: axum::ext
     finish(&gateway, exchange, status, error, response).await
 }
 
-async fn handle(gateway: &Gateway, exchange: &mut Exchange, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn handle(
+    gateway: &Gateway,
+    exchange: &mut Exchange,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let body = read_body(headers, body).await?;
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::invalid(format!("request body is not valid UTF-8: {e}")))?;
@@ -246,14 +254,24 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
             format!("request body is larger than {MAX_REQUEST_BYTES} bytes"),
         )
     };
-    let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|len| len > MAX_REQUEST_BYTES as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, MAX_REQUEST_BYTES).await.map_err(|e| {
-        let limited = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if limited { too_large() } else { ApiError::invalid(format!("cannot read request body: {e}")) }
-    })
+    axum::body::to_bytes(body, MAX_REQUEST_BYTES)
+        .await
+        .map_err(|e| {
+            let limited = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if limited {
+                too_large()
+            } else {
+                ApiError::invalid(format!("cannot read request body: {e}"))
+            }
+        })
 }
 
 fn extract_texts(messages: &[Value]) -> Result<(Vec<TextSlot>, Vec<MessageText>), ApiError> {

@@ -24,16 +24,31 @@ fn prompt() -> String {
 }
 
 fn main() {
-    let config = PolicyConfig::parse("example", include_bytes!("../../deploy/examples/policy-config.yaml")).expect("example policy");
+    let config = PolicyConfig::parse(
+        "example",
+        include_bytes!("../../deploy/examples/policy-config.yaml"),
+    )
+    .expect("example policy");
     let chain = config.chain.clone();
     let text = prompt();
     let messages = vec![
-        MessageText { role: "system".into(), text: "You are a helpful assistant.".into() },
-        MessageText { role: "user".into(), text: text.clone() },
+        MessageText {
+            role: "system".into(),
+            text: "You are a helpful assistant.".into(),
+        },
+        MessageText {
+            role: "user".into(),
+            text: text.clone(),
+        },
     ];
     let mut per_policy: Vec<(&'static str, u64)> = Vec::new();
     let mut run = || {
-        let mut input = Input { model: "mock-small", provider: Some("openai"), max_tokens: Some(512), messages: messages.clone() };
+        let mut input = Input {
+            model: "mock-small",
+            provider: Some("openai"),
+            max_tokens: Some(512),
+            messages: messages.clone(),
+        };
         let started = Instant::now();
         let decision = chain.evaluate(&mut input);
         let elapsed = started.elapsed();
@@ -54,7 +69,20 @@ fn main() {
     let summary = Summary::of(&mut samples).expect("samples");
     println!("policy chain, 4 KiB prompt, 5 policies: {summary}");
     let runs = (WARMUP + ITERATIONS) as f64;
-    let shares: Vec<String> = per_policy.iter().map(|(name, total)| format!("{name} {:.1}us", *total as f64 / runs)).collect();
-    println!("mean per policy (as the chain measures it): {}", shares.join(", "));
-    println!("target: p99 < 50us -> {}", if summary.p99 < Duration::from_micros(50) { "met" } else { "MISSED" });
+    let shares: Vec<String> = per_policy
+        .iter()
+        .map(|(name, total)| format!("{name} {:.1}us", *total as f64 / runs))
+        .collect();
+    println!(
+        "mean per policy (as the chain measures it): {}",
+        shares.join(", ")
+    );
+    println!(
+        "target: p99 < 50us -> {}",
+        if summary.p99 < Duration::from_micros(50) {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
 }

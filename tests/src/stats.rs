@@ -21,7 +21,9 @@ impl Summary {
             return None;
         }
         samples.sort_unstable();
-        let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
+        let at = |q: f64| {
+            samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1]
+        };
         let total: Duration = samples.iter().sum();
         Some(Summary {
             count: samples.len(),
@@ -60,7 +62,14 @@ mod tests {
     fn percentiles_of_one_to_a_thousand() {
         let mut samples: Vec<Duration> = (1..=1000).rev().map(Duration::from_micros).collect();
         let s = Summary::of(&mut samples).expect("samples");
-        assert_eq!((s.p50, s.p99, s.max), (Duration::from_micros(500), Duration::from_micros(990), Duration::from_micros(1000)));
+        assert_eq!(
+            (s.p50, s.p99, s.max),
+            (
+                Duration::from_micros(500),
+                Duration::from_micros(990),
+                Duration::from_micros(1000)
+            )
+        );
         assert!(Summary::of(&mut []).is_none());
     }
 }

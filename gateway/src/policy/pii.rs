@@ -27,7 +27,11 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         check,
     };
     vec![
-        build(PiiKind::CreditCard, r"(?-u)\b(?:\d[ -]?){12,18}\d\b", luhn_valid),
+        build(
+            PiiKind::CreditCard,
+            r"(?-u)\b(?:\d[ -]?){12,18}\d\b",
+            luhn_valid,
+        ),
         build(
             PiiKind::Iban,
             r"(?-u)\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b",
@@ -50,8 +54,10 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
 /// All detector patterns in one set: a single scan tells which detectors can match at all,
 /// so text without PII is read once instead of once per detector.
 #[allow(clippy::expect_used)] // The same constant patterns as DETECTORS.
-static ANY: LazyLock<RegexSet> =
-    LazyLock::new(|| RegexSet::new(DETECTORS.iter().map(|d| d.regex.as_str())).expect("constant PII patterns compile"));
+static ANY: LazyLock<RegexSet> = LazyLock::new(|| {
+    RegexSet::new(DETECTORS.iter().map(|d| d.regex.as_str()))
+        .expect("constant PII patterns compile")
+});
 
 /// Compiles the detectors now, so the first request does not pay for it.
 pub fn warm_up() {
@@ -59,9 +65,16 @@ pub fn warm_up() {
 }
 
 /// The enabled detectors that have at least one candidate match in `text`.
-fn candidates<'a>(text: &str, enabled: &'a [PiiKind]) -> impl Iterator<Item = &'static Detector> + 'a {
+fn candidates<'a>(
+    text: &str,
+    enabled: &'a [PiiKind],
+) -> impl Iterator<Item = &'static Detector> + 'a {
     let matched = ANY.matches(text);
-    DETECTORS.iter().enumerate().filter(move |(i, d)| matched.matched(*i) && enabled.contains(&d.kind)).map(|(_, d)| d)
+    DETECTORS
+        .iter()
+        .enumerate()
+        .filter(move |(i, d)| matched.matched(*i) && enabled.contains(&d.kind))
+        .map(|(_, d)| d)
 }
 
 pub fn placeholder(kind: PiiKind) -> &'static str {
@@ -76,7 +89,9 @@ pub fn placeholder(kind: PiiKind) -> &'static str {
 
 /// The first kind of PII found in `text`, among `enabled`.
 pub fn detect(text: &str, enabled: &[PiiKind]) -> Option<PiiKind> {
-    candidates(text, enabled).find(|d| d.regex.find_iter(text).any(|m| (d.check)(m.as_str()))).map(|d| d.kind)
+    candidates(text, enabled)
+        .find(|d| d.regex.find_iter(text).any(|m| (d.check)(m.as_str())))
+        .map(|d| d.kind)
 }
 
 /// Replaces every PII match of the `enabled` kinds by its placeholder; returns the kinds found.
