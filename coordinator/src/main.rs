@@ -83,15 +83,9 @@ async fn serve(
     listen: SocketAddr,
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = daemon::listen(listen, ready_file.as_deref()).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, trust_domain = coordinator.trust_domain(), "coordinator listening");
-    if let Some(path) = ready_file {
-        daemon::write_ready_file(&path, addr)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
     let cancel = CancellationToken::new();
     tokio::spawn(daemon::cancel_on_terminate(cancel.clone()));
     coordinator.run(listener, cancel).await?;

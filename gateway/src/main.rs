@@ -172,16 +172,10 @@ async fn run(
     // Loaded once more here: the file may have changed since the check in `serve`.
     let gateway = Gateway::load(config_path, gateway_id, sink, secrets)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = daemon::listen(listen, ready_file.as_deref()).await?;
     let addr = listener.local_addr()?;
     let current = gateway.current();
     tracing::info!(%addr, gateway_id = gateway.gateway_id(), version = %current.config.version, hash = %current.config.hash, events = %events_path.display(), "gateway listening");
-    if let Some(path) = ready_file {
-        daemon::write_ready_file(&path, addr)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
 
     let cancel = CancellationToken::new();
     let mut hangup = signal(SignalKind::hangup())?;
@@ -216,14 +210,9 @@ async fn mock_provider(
     options: MockOptions,
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = daemon::listen(listen, ready_file.as_deref()).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, ?options, "mock provider listening");
-    if let Some(path) = ready_file {
-        daemon::write_ready_file(&path, addr)?;
-    }
     let cancel = CancellationToken::new();
     tokio::spawn(daemon::cancel_on_terminate(cancel.clone()));
     kt_gateway::mock::serve(options, listener, cancel).await?;

@@ -387,15 +387,7 @@ async fn forward(
         .observe(started.elapsed().as_secs_f64());
     let (status, bytes) = match exchange_result {
         Ok(result) => result?,
-        Err(_) => {
-            return Err(upstream(
-                gateway,
-                target,
-                "timeout",
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("provider did not answer within {timeout:?}"),
-            ));
-        }
+        Err(_) => return Err(timed_out(gateway, target, timeout)),
     };
     if !status.is_success() {
         return Err(upstream_status(gateway, target, status, &bytes));
@@ -428,15 +420,7 @@ async fn forward_stream(
     // The timeout covers the wait for response headers; a stream may then run as long as it flows.
     let response = match tokio::time::timeout(timeout, send(gateway, target, body)).await {
         Ok(result) => result?,
-        Err(_) => {
-            return Err(upstream(
-                gateway,
-                target,
-                "timeout",
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("provider did not answer within {timeout:?}"),
-            ));
-        }
+        Err(_) => return Err(timed_out(gateway, target, timeout)),
     };
     let status = response.status();
     if !status.is_success() {
@@ -516,6 +500,16 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Bytes, String> 
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
+}
+
+fn timed_out(gateway: &Gateway, target: &ResolvedTarget, timeout: Duration) -> ApiError {
+    upstream(
+        gateway,
+        target,
+        "timeout",
+        StatusCode::GATEWAY_TIMEOUT,
+        format!("provider did not answer within {timeout:?}"),
+    )
 }
 
 fn upstream(

@@ -57,3 +57,21 @@ pub async fn cancel_on_terminate(cancel: tokio_util::sync::CancellationToken) {
     }
     cancel.cancel();
 }
+
+/// Binds `addr` (port 0 picks a free port) and, when asked, writes the bound address to
+/// `ready_file` so whoever started the daemon can find it.
+pub async fn listen(
+    addr: SocketAddr,
+    ready_file: Option<&Path>,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    if let Some(path) = ready_file {
+        let bound = listener.local_addr()?;
+        write_ready_file(path, bound)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(listener)
+}
