@@ -1,7 +1,7 @@
 //! The agent's config file (`agent.yaml`), parsed strictly and validated into typed values.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kt_proto::tls::TlsFiles;
@@ -19,6 +19,9 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub reconnect: ReconnectSettings,
+    /// Where the agent keeps the previous and last-known-good configs (needed to apply configs).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -42,6 +45,44 @@ pub struct GatewaySettings {
     /// How long one health read may take.
     #[serde(default = "default_health_timeout", with = "humantime_serde")]
     pub health_timeout: Duration,
+    /// The gateway's config file. Without it the agent only reports, and refuses config offers.
+    #[serde(default)]
+    pub config_path: Option<PathBuf>,
+    /// The gateway's own validation, `{file}` standing for the offered config,
+    /// e.g. `[kt-gateway, validate, "{file}"]`.
+    #[serde(default)]
+    pub validate_command: Vec<String>,
+    /// How to make the gateway load a new config file: exactly one of the three.
+    #[serde(default)]
+    pub reload: Option<ReloadSettings>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadSettings {
+    /// `POST` to this URL (kt-gateway: `http://127.0.0.1:41002/admin/reload`).
+    pub url: Option<String>,
+    /// Send SIGHUP to the pid in this file.
+    pub pid_file: Option<PathBuf>,
+    /// Run this command.
+    pub command: Option<Vec<String>>,
+}
+
+/// How a reload is triggered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reload {
+    Url(String),
+    Signal { pid_file: PathBuf },
+    Command(Vec<String>),
+}
+
+/// Everything needed to apply configs, when the agent manages its gateway's config.
+#[derive(Clone, Debug)]
+pub struct ApplySettings {
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub validate_command: Vec<String>,
+    pub reload: Reload,
 }
 
 /// Full-jitter exponential backoff between connection attempts.
@@ -126,6 +167,27 @@ impl AgentConfig {
                 "must be at least 50ms",
             ));
         }
+        if let Some(reload) = &self.gateway.reload {
+            let set = usize::from(reload.url.is_some())
+                + usize::from(reload.pid_file.is_some())
+                + usize::from(reload.command.as_ref().is_some_and(|c| !c.is_empty()));
+            if set != 1 {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    "gateway.reload",
+                    "set exactly one of url, pid_file and command",
+                ));
+            }
+        }
+        if self.gateway.config_path.is_some()
+            && (self.gateway.reload.is_none() || self.state_dir.is_none())
+        {
+            return Err(ConfigFileError::invalid(
+                path,
+                "gateway.config_path",
+                "managing the gateway's config also needs gateway.reload and state_dir",
+            ));
+        }
         let r = &self.reconnect;
         if r.min_delay.is_zero() || r.max_delay < r.min_delay {
             return Err(ConfigFileError::invalid(
@@ -135,6 +197,25 @@ impl AgentConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The apply settings, when this agent manages its gateway's config.
+    pub fn apply_settings(&self) -> Option<ApplySettings> {
+        let reload = self.gateway.reload.as_ref()?;
+        let reload = match (&reload.url, &reload.pid_file, &reload.command) {
+            (Some(url), _, _) => Reload::Url(url.clone()),
+            (_, Some(pid_file), _) => Reload::Signal {
+                pid_file: pid_file.clone(),
+            },
+            (_, _, Some(command)) => Reload::Command(command.clone()),
+            _ => return None,
+        };
+        Some(ApplySettings {
+            config_path: self.gateway.config_path.clone()?,
+            state_dir: self.state_dir.clone()?,
+            validate_command: self.gateway.validate_command.clone(),
+            reload,
+        })
     }
 
     /// The TLS server name for `endpoint`.
@@ -197,6 +278,43 @@ labels: {region: eu, env: prod}
             .expect_err("unknown")
             .to_string();
         assert!(msg.contains("colour") && msg.contains("line 7"), "{msg}");
+    }
+
+    #[test]
+    fn apply_settings_need_reload_and_state_dir() {
+        let managed = format!(
+            "{VALID}state_dir: state\n"
+        )
+        .replace(
+            "  health_url: http://127.0.0.1:41002/health\n",
+            "  health_url: http://127.0.0.1:41002/health\n  config_path: policy.yaml\n  validate_command: [kt-gateway, validate, \"{file}\"]\n  reload: {url: \"http://127.0.0.1:41002/admin/reload\"}\n",
+        );
+        let config = load(&managed).expect("valid");
+        let apply = config.apply_settings().expect("managed");
+        assert_eq!(
+            apply.reload,
+            Reload::Url("http://127.0.0.1:41002/admin/reload".into())
+        );
+        assert!(apply.config_path.ends_with("policy.yaml") && apply.state_dir.ends_with("state"));
+
+        let no_reload = managed.replace(
+            "  reload: {url: \"http://127.0.0.1:41002/admin/reload\"}\n",
+            "",
+        );
+        assert!(
+            load(&no_reload)
+                .expect_err("needs reload")
+                .to_string()
+                .contains("gateway.config_path")
+        );
+        let two = managed.replace("reload: {url:", "reload: {command: [x], url:");
+        assert!(
+            load(&two)
+                .expect_err("two ways")
+                .to_string()
+                .contains("exactly one")
+        );
+        assert!(load(VALID).expect("report only").apply_settings().is_none());
     }
 
     #[test]

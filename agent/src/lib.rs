@@ -3,6 +3,7 @@
 //! It reads its gateway id from its own certificate, polls the gateway's health
 //! ([`health`]) and keeps a control session open with the coordinator ([`session`]).
 
+pub mod apply;
 pub mod backoff;
 pub mod config;
 pub mod health;
@@ -13,9 +14,11 @@ use kt_proto::tls::TlsError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::apply::Applier;
 use crate::config::AgentConfig;
 use crate::health::HealthPoller;
-use crate::session::SessionSettings;
+use crate::session::{ConfigLink, SessionSettings};
+use tokio::sync::mpsc;
 
 /// An agent whose config and certificates have been checked.
 pub struct Agent {
@@ -54,8 +57,28 @@ impl Agent {
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let (poller, health) = HealthPoller::new(self.settings.config.gateway.clone())?;
         let tasks = TaskTracker::new();
+        let (status_tx, statuses) = mpsc::channel(64);
+        let offers = match self.settings.config.apply_settings() {
+            Some(apply) => {
+                let applier = Applier::new(apply, self.settings.config.gateway.health_url.clone())?;
+                let (offer_tx, offer_rx) = mpsc::channel(16);
+                tasks.spawn(applier.run(offer_rx, status_tx, health.clone(), cancel.child_token()));
+                Some(offer_tx)
+            }
+            None => None,
+        };
+        let link = ConfigLink {
+            offers,
+            statuses,
+            unsent: Default::default(),
+        };
         tasks.spawn(poller.run(cancel.child_token()));
-        tasks.spawn(session::run(self.settings, health, cancel.child_token()));
+        tasks.spawn(session::run(
+            self.settings,
+            health,
+            link,
+            cancel.child_token(),
+        ));
         tasks.close();
         tasks.wait().await;
         Ok(())

@@ -3,6 +3,7 @@
 //! Disconnected is a normal mode: when the coordinator is down or refuses us, the agent keeps
 //! polling its gateway and retries with full-jitter backoff, forever, doing nothing else.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use backon::Retryable;
@@ -13,7 +14,8 @@ use kt_proto::v1::agent_message::Body as AgentBody;
 use kt_proto::v1::agent_service_client::AgentServiceClient;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
 use kt_proto::v1::{
-    self, AgentMessage, CoordinatorMessage, Goodbye, Heartbeat, Hello, StatusUpdate, Welcome,
+    self, AgentMessage, ConfigOffer, ConfigPhase, ConfigRef, ConfigStatus, CoordinatorMessage,
+    Goodbye, Heartbeat, Hello, StatusUpdate, Welcome,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,6 +29,8 @@ use crate::health::{MAX_HEARTBEAT_INTERVAL, materially_different};
 
 /// Messages queued towards the coordinator before sending waits.
 const OUTBOUND_QUEUE: usize = 16;
+/// A config file larger than this is not sent in the hello (the coordinator refuses it anyway).
+const MAX_RUNNING_CONFIG_BYTES: usize = 1024 * 1024;
 /// How long connecting, and waiting for the welcome, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -66,10 +70,20 @@ impl OpenSession {
 #[error("session lost: {0}")]
 struct SessionLost(String);
 
+/// The session's side of config applies: offers go to the applier, answers come back.
+pub struct ConfigLink {
+    /// `None` when this agent does not manage its gateway's config: offers are then refused.
+    pub offers: Option<mpsc::Sender<ConfigOffer>>,
+    pub statuses: mpsc::Receiver<ConfigStatus>,
+    /// Answers not yet delivered; kept across reconnects so none is lost.
+    pub unsent: VecDeque<ConfigStatus>,
+}
+
 /// Keeps a session open until `cancel` fires, reconnecting whenever it is lost.
 pub async fn run(
     settings: SessionSettings,
     health: watch::Receiver<v1::GatewayHealth>,
+    mut link: ConfigLink,
     cancel: CancellationToken,
 ) {
     let mut attempt: u64 = 0;
@@ -98,7 +112,7 @@ pub async fn run(
             coordinator_version = %session.welcome.coordinator_version,
             "session open"
         );
-        match serve(session, health.clone(), &cancel).await {
+        match serve(session, health.clone(), &mut link, &cancel).await {
             Ok(()) => return,
             Err(lost) => {
                 tracing::warn!(error = %lost, "session with the coordinator lost, reconnecting")
@@ -133,6 +147,14 @@ async fn connect(
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         capabilities: Vec::new(),
         health: Some(health.clone()),
+        running_config: settings
+            .config
+            .gateway
+            .config_path
+            .as_ref()
+            .and_then(|path| std::fs::read(path).ok())
+            .filter(|bytes| bytes.len() <= MAX_RUNNING_CONFIG_BYTES)
+            .unwrap_or_default(),
     };
     outbound
         .send(AgentMessage {
@@ -174,14 +196,16 @@ async fn connect(
 async fn serve(
     mut session: OpenSession,
     mut health: watch::Receiver<v1::GatewayHealth>,
+    link: &mut ConfigLink,
     cancel: &CancellationToken,
 ) -> Result<(), SessionLost> {
     let interval = Duration::from_millis(session.welcome.heartbeat_interval_ms.max(50))
         .min(MAX_HEARTBEAT_INTERVAL);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Anything observed since the hello is reported at once.
+    // Anything observed since the hello is reported at once, and so is every undelivered answer.
     health.mark_changed();
+    flush(&mut session, &mut link.unsent).await?;
 
     loop {
         tokio::select! {
@@ -190,8 +214,11 @@ async fn serve(
                 return Ok(());
             }
             _ = heartbeat.tick() => {
-                let requests_processed = health.borrow().requests_processed;
-                session.send(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: unix_ms_now(), requests_processed })).await?;
+                let (requests_processed, verdicts) = {
+                    let h = health.borrow();
+                    (h.requests_processed, h.verdicts)
+                };
+                session.send(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: unix_ms_now(), requests_processed, verdicts })).await?;
             }
             changed = health.changed() => {
                 if changed.is_err() {
@@ -205,13 +232,51 @@ async fn serve(
                     session.reported = current;
                 }
             }
+            Some(status) = link.statuses.recv() => {
+                link.unsent.push_back(status);
+                flush(&mut session, &mut link.unsent).await?;
+            }
             message = session.inbound.message() => match message {
+                Ok(Some(CoordinatorMessage { body: Some(CoordinatorBody::Offer(offer)) })) => {
+                    tracing::info!(offer_id = %offer.offer_id, version = %offer.config.as_ref().map(|c| c.version.as_str()).unwrap_or(""), rollback = offer.rollback, "config offered");
+                    match &link.offers {
+                        Some(offers) => {
+                            if offers.send(offer).await.is_err() {
+                                return Ok(()); // the applier stopped: shutting down
+                            }
+                        }
+                        None => {
+                            link.unsent.push_back(ConfigStatus {
+                                offer_id: offer.offer_id,
+                                config: offer.config,
+                                phase: ConfigPhase::Rejected as i32,
+                                running: session.reported.config.as_ref().map(|c| ConfigRef { version: c.version.clone(), hash: c.hash.clone() }),
+                                error: "this agent does not manage its gateway's config (no gateway.config_path)".into(),
+                            });
+                            flush(&mut session, &mut link.unsent).await?;
+                        }
+                    }
+                }
                 Ok(Some(message)) => tracing::debug!(?message, "message from the coordinator"),
                 Ok(None) => return Err(SessionLost("the coordinator ended the session".into())),
                 Err(status) => return Err(SessionLost(status.to_string())),
             },
         }
     }
+}
+
+/// Sends queued answers in order; an answer leaves the queue only once sent.
+async fn flush(
+    session: &mut OpenSession,
+    unsent: &mut VecDeque<ConfigStatus>,
+) -> Result<(), SessionLost> {
+    while let Some(status) = unsent.front() {
+        session
+            .send(AgentBody::ConfigStatus(status.clone()))
+            .await?;
+        unsent.pop_front();
+    }
+    Ok(())
 }
 
 /// Says goodbye, closes our half and waits briefly for the coordinator to close its half.

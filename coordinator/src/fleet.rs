@@ -9,7 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use kt_proto::identity::GatewayId;
 use kt_proto::unix_ms_now;
-use kt_proto::v1::{AgentState, GatewayHealth, GatewayState};
+use kt_proto::v1::{
+    AgentState, ConfigOffer, ConfigRef, CoordinatorMessage, GatewayHealth, GatewayState,
+    VerdictCounts,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +21,9 @@ use crate::config::{Group, LivenessConfig};
 
 /// Identifies one agent session, so that a stale session's end cannot touch a newer one.
 pub type SessionId = u64;
+
+/// Messages towards one agent's session.
+pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
 
 /// What an agent said in its hello.
 #[derive(Clone, Debug)]
@@ -36,11 +42,24 @@ pub enum Command {
         gateway: GatewayId,
         session: SessionId,
         hello: HelloInfo,
+        outbound: Outbound,
     },
     Heartbeat {
         gateway: GatewayId,
         session: SessionId,
         requests_processed: u64,
+        verdicts: Option<VerdictCounts>,
+    },
+    /// Sends a config offer on the gateway's session; replies whether it was handed over.
+    Offer {
+        gateway: String,
+        offer: ConfigOffer,
+        reply: oneshot::Sender<bool>,
+    },
+    /// What a rollout wants the gateway to run (shown to operators), or nothing.
+    SetDesired {
+        gateway: String,
+        desired: Option<ConfigRef>,
     },
     Status {
         gateway: GatewayId,
@@ -90,6 +109,27 @@ impl FleetHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::List { group, reply }).await?;
         rx.await.map_err(|_| FleetClosed)
+    }
+
+    /// Hands `offer` to the gateway's open session; false when it has none or it is full.
+    pub async fn offer(&self, gateway: String, offer: ConfigOffer) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .send(Command::Offer {
+                gateway,
+                offer,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    pub async fn set_desired(&self, gateway: String, desired: Option<ConfigRef>) {
+        let _ = self.send(Command::SetDesired { gateway, desired }).await;
     }
 
     pub async fn watch(
@@ -166,6 +206,9 @@ struct Record {
     agent_version: String,
     peer_address: String,
     connected_since_unix_ms: u64,
+    /// The open session's sending half.
+    outbound: Option<Outbound>,
+    desired: Option<ConfigRef>,
 }
 
 impl Record {
@@ -181,6 +224,8 @@ impl Record {
             agent_version: String::new(),
             peer_address: String::new(),
             connected_since_unix_ms: 0,
+            outbound: None,
+            desired: None,
         }
     }
 
@@ -269,6 +314,7 @@ impl Fleet {
                 gateway,
                 session,
                 hello,
+                outbound,
             } => {
                 let record = self
                     .records
@@ -281,6 +327,7 @@ impl Fleet {
                     record.health = hello.health;
                 }
                 record.session = Some(session);
+                record.outbound = Some(outbound);
                 record.said_goodbye = false;
                 record.last_heartbeat = Some(now);
                 record.last_heartbeat_unix_ms = unix_ms_now();
@@ -292,12 +339,16 @@ impl Fleet {
                 gateway,
                 session,
                 requests_processed,
+                verdicts,
             } => {
                 if let Some(record) = self.current_session(&gateway, session) {
                     record.last_heartbeat = Some(now);
                     record.last_heartbeat_unix_ms = unix_ms_now();
                     if let Some(health) = &mut record.health {
                         health.requests_processed = requests_processed;
+                        if verdicts.is_some() {
+                            health.verdicts = verdicts;
+                        }
                     }
                     self.refresh(&gateway, now, false);
                 }
@@ -321,9 +372,37 @@ impl Fleet {
             } => {
                 if let Some(record) = self.current_session(&gateway, session) {
                     record.session = None;
+                    record.outbound = None;
                     record.said_goodbye = clean;
                     tracing::info!(gateway_id = %gateway, session, clean, "agent session ended");
                     self.refresh(&gateway, now, false);
+                }
+            }
+            Command::Offer {
+                gateway,
+                offer,
+                reply,
+            } => {
+                let outbound = GatewayId::new(&gateway)
+                    .ok()
+                    .and_then(|id| self.records.get(&id))
+                    .and_then(|r| r.outbound.clone());
+                let delivered = outbound.is_some_and(|tx| {
+                    let message = CoordinatorMessage {
+                        body: Some(kt_proto::v1::coordinator_message::Body::Offer(offer)),
+                    };
+                    tx.try_send(Ok(message)).is_ok()
+                });
+                let _ = reply.send(delivered);
+            }
+            Command::SetDesired { gateway, desired } => {
+                if let Ok(id) = GatewayId::new(&gateway) {
+                    if let Some(record) = self.records.get_mut(&id) {
+                        if record.desired != desired {
+                            record.desired = desired;
+                            self.refresh(&id, now, true);
+                        }
+                    }
                 }
             }
             Command::List { group, reply } => {
@@ -382,6 +461,7 @@ impl Fleet {
             agent_version: record.agent_version.clone(),
             peer_address: record.peer_address.clone(),
             connected_since_unix_ms: record.connected_since_unix_ms,
+            desired: record.desired.clone(),
         })
     }
 
@@ -421,6 +501,10 @@ mod tests {
         }
     }
 
+    fn outbound() -> Outbound {
+        mpsc::channel(1).0
+    }
+
     fn gw(id: &str) -> GatewayId {
         GatewayId::new(id).expect("valid id")
     }
@@ -438,6 +522,7 @@ mod tests {
                 gateway: gw("gw-1"),
                 session: 1,
                 hello: hello(),
+                outbound: outbound(),
             },
             start,
         );
@@ -464,6 +549,7 @@ mod tests {
                 gateway: gw("gw-1"),
                 session: 1,
                 hello: hello(),
+                outbound: outbound(),
             },
             now,
         );
@@ -472,6 +558,7 @@ mod tests {
                 gateway: gw("gw-2"),
                 session: 2,
                 hello: hello(),
+                outbound: outbound(),
             },
             now,
         );
@@ -504,6 +591,7 @@ mod tests {
                 gateway: gw("gw-1"),
                 session: 1,
                 hello: hello(),
+                outbound: outbound(),
             },
             now,
         );
@@ -512,6 +600,7 @@ mod tests {
                 gateway: gw("gw-1"),
                 session: 2,
                 hello: hello(),
+                outbound: outbound(),
             },
             now,
         );
@@ -536,6 +625,7 @@ mod tests {
                 gateway: gw("gw-1"),
                 session: 1,
                 hello: hello(),
+                outbound: outbound(),
             },
             start,
         );
@@ -546,6 +636,7 @@ mod tests {
                     gateway: gw("gw-1"),
                     session: 1,
                     requests_processed: s,
+                    verdicts: None,
                 },
                 now,
             );
@@ -573,6 +664,7 @@ mod tests {
                 gateway: gw("gw-other"),
                 session: 1,
                 hello: hello(),
+                outbound: outbound(),
             },
             Instant::now(),
         );

@@ -7,6 +7,8 @@
 pub mod config;
 pub mod fleet;
 pub mod grpc;
+pub mod rollout;
+pub mod store;
 
 use std::time::Duration;
 
@@ -24,6 +26,9 @@ use crate::config::{CoordinatorConfig, Group, load_groups};
 use crate::fleet::Fleet;
 use crate::grpc::agent::AgentApi;
 use crate::grpc::operator::OperatorApi;
+use crate::rollout::engine::Engine;
+use crate::store::{SqliteStore, Store};
+use std::sync::Arc;
 
 /// Why the coordinator cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +37,8 @@ pub enum StartError {
     Config(#[from] ConfigFileError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("data directory {}: {source}", path.display())]
     DataDir {
         path: std::path::PathBuf,
@@ -40,11 +47,19 @@ pub enum StartError {
 }
 
 /// A coordinator whose inputs have all been checked.
-#[derive(Debug)]
 pub struct Coordinator {
     config: CoordinatorConfig,
     tls: PeerTls,
     groups: Vec<Group>,
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long open sessions get to close after shutdown starts.
@@ -61,10 +76,12 @@ impl Coordinator {
             path: config.data_dir.clone(),
             source,
         })?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir)?);
         Ok(Coordinator {
             config,
             tls,
             groups,
+            store,
         })
     }
 
@@ -78,15 +95,21 @@ impl Coordinator {
         let tasks = TaskTracker::new();
         let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &self.groups);
         tasks.spawn(fleet.run(cancel.child_token()));
+        let (engine, engine_handle) = Engine::new(self.store.clone(), handle.clone())?;
+        tasks.spawn(engine.run(cancel.child_token()));
 
         let agents = AgentApi::new(
             handle.clone(),
+            engine_handle.clone(),
+            self.store.clone(),
             trust_domain.clone(),
             self.config.liveness.clone(),
             cancel.clone(),
         );
         let operators = OperatorApi {
             fleet: handle,
+            engine: engine_handle,
+            store: self.store.clone(),
             trust_domain,
             cancel: cancel.clone(),
         };

@@ -1,15 +1,17 @@
 //! `AgentService.Session`: the control stream of one agent.
 //!
 //! The first message must be a hello for the gateway named in the agent's certificate. The
-//! session then forwards heartbeats and status to the fleet task until the stream ends; the
-//! fleet task learns of the end, cleanly (goodbye) or not.
+//! session then forwards heartbeats and status to the fleet task, and config answers to the
+//! rollout engine, until the stream ends; the fleet task learns of the end, cleanly (goodbye)
+//! or not. Config offers reach the agent through the outbound channel the fleet task holds.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use kt_proto::identity::{Identity, Role};
+use kt_proto::identity::{GatewayId, Identity, Role};
+use kt_proto::unix_ms_now;
 use kt_proto::v1::agent_message::Body as AgentBody;
 use kt_proto::v1::agent_service_server::AgentService;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
@@ -25,14 +27,19 @@ use super::ApiError;
 use super::auth::authorize;
 use crate::config::LivenessConfig;
 use crate::fleet::{Command, FleetHandle, HelloInfo, SessionId};
+use crate::rollout::engine::EngineHandle;
+use crate::rollout::plan::{MAX_CONFIG_BYTES, content_hash, version_label};
+use crate::store::{Store, StoredConfig};
 
 /// How long an agent has to send its hello after opening a session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Messages queued towards one agent before the session is considered stuck.
+/// Messages queued towards one agent before offers to it are refused.
 const OUTBOUND_QUEUE: usize = 16;
 
 pub struct AgentApi {
     pub fleet: FleetHandle,
+    pub engine: EngineHandle,
+    pub store: Arc<dyn Store>,
     pub trust_domain: String,
     pub liveness: LivenessConfig,
     pub cancel: CancellationToken,
@@ -42,16 +49,42 @@ pub struct AgentApi {
 impl AgentApi {
     pub fn new(
         fleet: FleetHandle,
+        engine: EngineHandle,
+        store: Arc<dyn Store>,
         trust_domain: String,
         liveness: LivenessConfig,
         cancel: CancellationToken,
     ) -> Self {
         AgentApi {
             fleet,
+            engine,
+            store,
             trust_domain,
             liveness,
             cancel,
             next_session: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// Keeps the bytes of the config an agent says its gateway runs, so a rollback can return
+    /// to it. Only well-formed configs within the size limit are kept.
+    fn remember_running_config(&self, gateway: &GatewayId, identity: &Identity, content: Vec<u8>) {
+        if content.is_empty() || content.len() > MAX_CONFIG_BYTES {
+            return;
+        }
+        let Ok(version) = version_label(&content) else {
+            return;
+        };
+        let stored = StoredConfig {
+            hash: content_hash(&content),
+            version,
+            content,
+            author: identity.uri(),
+            created_at_unix_ms: unix_ms_now(),
+            message: format!("observed running on {gateway}"),
+        };
+        if let Err(error) = self.store.put_config(&stored) {
+            tracing::warn!(gateway_id = %gateway, %error, "cannot keep the running config");
         }
     }
 }
@@ -67,7 +100,7 @@ impl AgentService for AgentApi {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let identity = authorize(&request, &self.trust_domain, Role::Agent)?;
-        let Identity::Agent { gateway, .. } = identity else {
+        let Identity::Agent { gateway, .. } = identity.clone() else {
             return Err(ApiError::PermissionDenied("not an agent".into()).into());
         };
         let peer_address = request
@@ -95,8 +128,20 @@ impl AgentService for AgentApi {
             ))
             .into());
         }
+        self.remember_running_config(&gateway, &identity, hello.running_config);
 
         let session: SessionId = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let welcome = CoordinatorMessage {
+            body: Some(CoordinatorBody::Welcome(Welcome {
+                coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
+                heartbeat_interval_ms: duration_ms(self.liveness.heartbeat_interval),
+                liveness_timeout_ms: duration_ms(self.liveness.unreachable_after),
+                capabilities: Vec::new(),
+            })),
+        };
+        // The queue is empty, so this cannot fail for lack of room; the welcome goes first.
+        let _ = outbound.try_send(Ok(welcome));
         self.fleet
             .send(Command::Connected {
                 gateway: gateway.clone(),
@@ -108,32 +153,22 @@ impl AgentService for AgentApi {
                     health: hello.health,
                     peer_address,
                 },
+                outbound: outbound.clone(),
             })
             .await
             .map_err(ApiError::from)?;
 
-        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let welcome = CoordinatorMessage {
-            body: Some(CoordinatorBody::Welcome(Welcome {
-                coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
-                heartbeat_interval_ms: duration_ms(self.liveness.heartbeat_interval),
-                liveness_timeout_ms: duration_ms(self.liveness.unreachable_after),
-                capabilities: Vec::new(),
-            })),
-        };
-        // The queue is empty, so this cannot fail for lack of room.
-        let _ = outbound.try_send(Ok(welcome));
-
         let fleet = self.fleet.clone();
+        let engine = self.engine.clone();
         let cancel = self.cancel.clone();
         let span = tracing::info_span!("agent_session", gateway_id = %gateway, session);
         tokio::spawn(
             async move {
                 let clean = tokio::select! {
-                    clean = read_session(&fleet, &gateway, session, &mut inbound) => clean,
+                    clean = read_session(&fleet, &engine, &gateway, session, &mut inbound) => clean,
                     _ = cancel.cancelled() => false,
                 };
-                // Dropping `outbound` here ends the response stream.
+                // The fleet task drops its copy on `Ended`; then the response stream ends.
                 drop(outbound);
                 let _ = fleet
                     .send(Command::Ended {
@@ -152,7 +187,8 @@ impl AgentService for AgentApi {
 /// Forwards messages until the stream ends; returns whether the agent said goodbye.
 async fn read_session(
     fleet: &FleetHandle,
-    gateway: &kt_proto::identity::GatewayId,
+    engine: &EngineHandle,
+    gateway: &GatewayId,
     session: SessionId,
     inbound: &mut Streaming<AgentMessage>,
 ) -> bool {
@@ -170,6 +206,7 @@ async fn read_session(
                 gateway: gateway.clone(),
                 session,
                 requests_processed: hb.requests_processed,
+                verdicts: hb.verdicts,
             },
             Some(AgentBody::Status(status)) => match status.health {
                 Some(health) => Command::Status {
@@ -179,6 +216,10 @@ async fn read_session(
                 },
                 None => continue,
             },
+            Some(AgentBody::ConfigStatus(status)) => {
+                engine.answer(gateway.to_string(), status).await;
+                continue;
+            }
             Some(AgentBody::Goodbye(bye)) => {
                 tracing::info!(reason = %bye.reason, "agent said goodbye");
                 return true;

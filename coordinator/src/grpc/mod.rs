@@ -6,6 +6,8 @@ pub mod auth;
 pub mod operator;
 
 use crate::fleet::{FleetClosed, UnknownGroup};
+use crate::rollout::engine::EngineError;
+use crate::store::StoreError;
 
 /// The one mapping from internal errors to gRPC status codes.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,30 @@ pub enum ApiError {
     NotFound(#[from] UnknownGroup),
     #[error(transparent)]
     Unavailable(#[from] FleetClosed),
+    #[error("{0}")]
+    Missing(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        match error {
+            EngineError::Invalid(m) => ApiError::InvalidArgument(m),
+            EngineError::NotFound(m) => ApiError::Missing(m),
+            EngineError::Conflict(m) => ApiError::Conflict(m),
+            EngineError::Store(e) => ApiError::Internal(e.to_string()),
+            EngineError::Closed => ApiError::Unavailable(FleetClosed),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        ApiError::Internal(error.to_string())
+    }
 }
 
 impl From<ApiError> for tonic::Status {
@@ -31,6 +57,9 @@ impl From<ApiError> for tonic::Status {
             ApiError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             ApiError::NotFound(_) => tonic::Status::not_found(message),
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),
+            ApiError::Missing(_) => tonic::Status::not_found(message),
+            ApiError::Conflict(_) => tonic::Status::failed_precondition(message),
+            ApiError::Internal(_) => tonic::Status::internal(message),
         }
     }
 }

@@ -5,9 +5,12 @@ use std::pin::Pin;
 use kt_proto::identity::Role;
 use kt_proto::v1::operator_service_server::OperatorService;
 use kt_proto::v1::{
-    FleetSnapshot, FleetUpdate, GatewayState, ListGatewaysRequest, ListGatewaysResponse,
-    WatchFleetRequest, fleet_update,
+    self, ControlRolloutRequest, FleetSnapshot, FleetUpdate, GatewayState, GetConfigVersionRequest,
+    ListConfigVersionsRequest, ListConfigVersionsResponse, ListGatewaysRequest,
+    ListGatewaysResponse, ListRolloutsRequest, ListRolloutsResponse, PushConfigRequest,
+    PushConfigResponse, RolloutAction, RolloutRequest, WatchFleetRequest, fleet_update,
 };
+use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,17 +20,44 @@ use tonic::{Request, Response, Status};
 use super::ApiError;
 use super::auth::authorize;
 use crate::fleet::{FleetHandle, UnknownGroup};
+use crate::rollout::engine::{Action, EngineHandle, Push};
+use crate::rollout::model::Target;
+use crate::rollout::view::{spec_from_proto, to_proto};
+use crate::store::{Store, StoredConfig};
 
 /// Updates queued towards one watcher; a watcher this far behind gets a fresh snapshot.
 const WATCH_QUEUE: usize = 256;
 
 pub struct OperatorApi {
     pub fleet: FleetHandle,
+    pub engine: EngineHandle,
+    pub store: Arc<dyn Store>,
     pub trust_domain: String,
     pub cancel: CancellationToken,
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<FleetUpdate, Status>> + Send>>;
+type RolloutStream = Pin<Box<dyn Stream<Item = Result<v1::Rollout, Status>> + Send>>;
+
+/// Pushed configs larger than this are refused before anything else.
+const MAX_PUSH_BYTES: usize = crate::rollout::plan::MAX_CONFIG_BYTES;
+
+fn version_message(c: &StoredConfig, with_content: bool) -> v1::ConfigVersion {
+    v1::ConfigVersion {
+        config: Some(v1::ConfigRef {
+            version: c.version.clone(),
+            hash: c.hash.clone(),
+        }),
+        content: if with_content {
+            c.content.clone()
+        } else {
+            Vec::new()
+        },
+        author: c.author.clone(),
+        created_at_unix_ms: c.created_at_unix_ms,
+        message: c.message.clone(),
+    }
+}
 
 fn group_filter(group: String) -> Option<String> {
     Some(group).filter(|g| !g.is_empty())
@@ -48,6 +78,189 @@ impl OperatorService for OperatorApi {
             .map_err(ApiError::from)?
             .map_err(ApiError::from)?;
         Ok(Response::new(ListGatewaysResponse { gateways }))
+    }
+
+    async fn push_config(
+        &self,
+        request: Request<PushConfigRequest>,
+    ) -> Result<Response<PushConfigResponse>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        if request.content.len() > MAX_PUSH_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "config is larger than {MAX_PUSH_BYTES} bytes"
+            ))
+            .into());
+        }
+        let spec = request
+            .spec
+            .as_ref()
+            .ok_or_else(|| ApiError::InvalidArgument("a push needs a rollout spec".into()))?;
+        let spec = spec_from_proto(spec).map_err(ApiError::InvalidArgument)?;
+        let push = Push {
+            content: request.content,
+            spec,
+            reason: request.reason,
+            dry_run: request.dry_run,
+            supersede: request.supersede,
+        };
+        let (rollout, diff) = self
+            .engine
+            .push(push, identity.uri())
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(PushConfigResponse {
+            rollout: Some(to_proto(&rollout)),
+            diff,
+        }))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<ListRolloutsRequest>,
+    ) -> Result<Response<ListRolloutsResponse>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        let rollouts = self.engine.list().await.map_err(ApiError::from)?;
+        let rollouts = rollouts
+            .iter()
+            .filter(|r| !request.active_only || r.is_active())
+            .filter(|r| {
+                request.group.is_empty() || r.spec.target == Target::Group(request.group.clone())
+            })
+            .map(to_proto)
+            .collect();
+        Ok(Response::new(ListRolloutsResponse { rollouts }))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<RolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let rollout = self
+            .engine
+            .get(request.into_inner().id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(to_proto(&rollout)))
+    }
+
+    type WatchRolloutStream = RolloutStream;
+
+    async fn watch_rollout(
+        &self,
+        request: Request<RolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let id = request.into_inner().id;
+        let (first, mut changes) = self
+            .engine
+            .watch(id.clone())
+            .await
+            .map_err(ApiError::from)?;
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let engine = self.engine.clone();
+        let cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            let forward = async {
+                let mut current = first;
+                loop {
+                    let done = !current.is_active();
+                    if tx.send(Ok(to_proto(&current))).await.is_err() || done {
+                        return;
+                    }
+                    current = loop {
+                        match changes.recv().await {
+                            Ok(change) if change.id == id => break change,
+                            Ok(_) => {}
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                match engine.get(id.clone()).await {
+                                    Ok(fresh) => break fresh,
+                                    Err(_) => return,
+                                }
+                            }
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        }
+                    };
+                }
+            };
+            tokio::select! {
+                _ = forward => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn control_rollout(
+        &self,
+        request: Request<ControlRolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        let action =
+            match RolloutAction::try_from(request.action).unwrap_or(RolloutAction::Unspecified) {
+                RolloutAction::Pause => Action::Pause,
+                RolloutAction::Resume => Action::Resume,
+                RolloutAction::Promote => Action::Promote,
+                RolloutAction::Abort => Action::Abort,
+                RolloutAction::Unspecified => {
+                    return Err(ApiError::InvalidArgument("no rollout action given".into()).into());
+                }
+            };
+        let rollout = self
+            .engine
+            .control(request.id, action, identity.uri(), request.reason)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(to_proto(&rollout)))
+    }
+
+    async fn list_config_versions(
+        &self,
+        request: Request<ListConfigVersionsRequest>,
+    ) -> Result<Response<ListConfigVersionsResponse>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let versions = self.store.list_configs().map_err(ApiError::from)?;
+        Ok(Response::new(ListConfigVersionsResponse {
+            versions: versions.iter().map(|c| version_message(c, false)).collect(),
+        }))
+    }
+
+    async fn get_config_version(
+        &self,
+        request: Request<GetConfigVersionRequest>,
+    ) -> Result<Response<v1::ConfigVersion>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let wanted = request.into_inner().version;
+        let all = self.store.list_configs().map_err(ApiError::from)?;
+        let hex = |h: &str| h.strip_prefix("sha256:").unwrap_or(h).to_owned();
+        let by_hash: Vec<&StoredConfig> = all
+            .iter()
+            .filter(|c| {
+                c.hash == wanted || (wanted.len() >= 6 && hex(&c.hash).starts_with(&hex(&wanted)))
+            })
+            .collect();
+        // A label may name several configs (an edit without a version bump): the newest wins.
+        let found = match by_hash.as_slice() {
+            [one] => Some(*one),
+            [] => all.iter().find(|c| c.version == wanted),
+            _ => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "{wanted:?} matches several config hashes; give more of it"
+                ))
+                .into());
+            }
+        };
+        let found =
+            found.ok_or_else(|| ApiError::Missing(format!("no config version {wanted:?}")))?;
+        let full = self
+            .store
+            .get_config(&found.hash)
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::Missing(format!("no config version {wanted:?}")))?;
+        Ok(Response::new(version_message(&full, true)))
     }
 
     type WatchFleetStream = WatchStream;

@@ -1,0 +1,416 @@
+//! Applying a config the coordinator offers: validate, write atomically, reload, verify, or
+//! revert. Every offer gets exactly one terminal answer.
+//!
+//! The gateway's config file is only ever replaced by a rename of a complete, validated file,
+//! so a crash at any point (the agent's or the machine's) leaves a valid config in place. The
+//! state dir keeps `previous.yaml` (what ran before the last apply) and `last-known-good.yaml`
+//! (the last config verified healthy).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kt_proto::contract::{HealthDoc, HealthStatus};
+use kt_proto::v1::{self, ConfigOffer, ConfigPhase, ConfigRef, ConfigStatus};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ApplySettings, Reload};
+
+const VALIDATE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_APPLY_DEADLINE: Duration = Duration::from_secs(30);
+const PREVIOUS: &str = "previous.yaml";
+const LAST_KNOWN_GOOD: &str = "last-known-good.yaml";
+const STAGED: &str = "staged.yaml";
+
+pub struct Applier {
+    settings: ApplySettings,
+    health_url: String,
+    http: reqwest::Client,
+}
+
+/// Why an apply ended as it did.
+enum Outcome {
+    Applied,
+    Rejected(String),
+    Failed(String),
+}
+
+impl Applier {
+    pub fn new(settings: ApplySettings, health_url: String) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create state dir {}: {e}",
+                settings.state_dir.display()
+            )
+        })?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Applier {
+            settings,
+            health_url,
+            http,
+        })
+    }
+
+    /// Applies offers one at a time until cancelled; answers go to `statuses`.
+    pub async fn run(
+        self,
+        mut offers: mpsc::Receiver<ConfigOffer>,
+        statuses: mpsc::Sender<ConfigStatus>,
+        health: watch::Receiver<v1::GatewayHealth>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let mut offer = tokio::select! {
+                _ = cancel.cancelled() => return,
+                offer = offers.recv() => match offer { Some(offer) => offer, None => return },
+            };
+            // Only the newest waiting offer matters: the older ones are superseded.
+            while let Ok(newer) = offers.try_recv() {
+                let running = running_of(&health.borrow());
+                let _ = statuses
+                    .send(status(
+                        &offer,
+                        ConfigPhase::Superseded,
+                        running,
+                        "a newer offer arrived".into(),
+                    ))
+                    .await;
+                offer = newer;
+            }
+            let outcome = self.apply(&offer, &health).await;
+            let running = self
+                .observed_running()
+                .await
+                .unwrap_or_else(|| running_of(&health.borrow()));
+            let answer = match outcome {
+                Outcome::Applied => status(&offer, ConfigPhase::Applied, running, String::new()),
+                Outcome::Rejected(why) => status(&offer, ConfigPhase::Rejected, running, why),
+                Outcome::Failed(why) => status(&offer, ConfigPhase::Failed, running, why),
+            };
+            tracing::info!(
+                offer_id = %offer.offer_id,
+                version = %offer.config.as_ref().map(|c| c.version.as_str()).unwrap_or(""),
+                phase = ConfigPhase::try_from(answer.phase).map(|p| p.as_str_name()).unwrap_or("?"),
+                error = %answer.error,
+                "config offer answered"
+            );
+            if statuses.send(answer).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn apply(
+        &self,
+        offer: &ConfigOffer,
+        health: &watch::Receiver<v1::GatewayHealth>,
+    ) -> Outcome {
+        let wanted = offer.config.clone().unwrap_or_default();
+        let running = match self.observed_running().await {
+            Some(running) => running,
+            None => running_of(&health.borrow()),
+        };
+        if !running.hash.is_empty() && running.hash == wanted.hash {
+            return Outcome::Applied;
+        }
+        if content_hash(&offer.content) != wanted.hash {
+            return Outcome::Rejected(format!("content does not match its hash {}", wanted.hash));
+        }
+        if !offer.rollback && is_lower(&wanted.version, &running.version) {
+            return Outcome::Rejected(format!(
+                "version {} is lower than the running {}; only a rollback may go back",
+                wanted.version, running.version
+            ));
+        }
+        let state = &self.settings.state_dir;
+        let staged = state.join(STAGED);
+        if let Err(e) = write_atomic(&staged, &offer.content) {
+            return Outcome::Rejected(format!("cannot stage the config: {e}"));
+        }
+        if let Err(why) = self.validate(&staged).await {
+            return Outcome::Rejected(why);
+        }
+
+        // Keep what runs now, so a failed apply can go back to it.
+        let current = std::fs::read(&self.settings.config_path).ok();
+        if let Some(current) = &current {
+            if let Err(e) = write_atomic(&state.join(PREVIOUS), current) {
+                return Outcome::Rejected(format!("cannot keep the previous config: {e}"));
+            }
+            if health.borrow().status == v1::HealthStatus::Healthy as i32
+                && !state.join(LAST_KNOWN_GOOD).exists()
+            {
+                let _ = write_atomic(&state.join(LAST_KNOWN_GOOD), current);
+            }
+        }
+        if let Err(e) = write_atomic(&self.settings.config_path, &offer.content) {
+            return Outcome::Rejected(format!(
+                "cannot write {}: {e}",
+                self.settings.config_path.display()
+            ));
+        }
+        let deadline = Duration::from_millis(offer.apply_deadline_ms).max(Duration::from_secs(1));
+        let deadline = if offer.apply_deadline_ms == 0 {
+            DEFAULT_APPLY_DEADLINE
+        } else {
+            deadline
+        };
+        let result = match self.reload().await {
+            Ok(()) => self.verify(&wanted.hash, deadline).await,
+            Err(e) => Err(format!("reload failed: {e}")),
+        };
+        match result {
+            Ok(()) => {
+                let _ = write_atomic(&state.join(LAST_KNOWN_GOOD), &offer.content);
+                Outcome::Applied
+            }
+            Err(why) => Outcome::Failed(format!("{why}; {}", self.revert(current).await)),
+        }
+    }
+
+    /// Runs the gateway's own validation on the staged file.
+    async fn validate(&self, staged: &Path) -> Result<(), String> {
+        let Some((program, args)) = self.settings.validate_command.split_first() else {
+            return Ok(());
+        };
+        let file = staged.display().to_string();
+        let args: Vec<String> = args.iter().map(|a| a.replace("{file}", &file)).collect();
+        let run = tokio::process::Command::new(program)
+            .args(&args)
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(VALIDATE_TIMEOUT, run).await {
+            Err(_) => Err(format!(
+                "validation did not finish within {VALIDATE_TIMEOUT:?}"
+            )),
+            Ok(Err(e)) => Err(format!("cannot run {program}: {e}")),
+            Ok(Ok(out)) if out.status.success() => Ok(()),
+            Ok(Ok(out)) => {
+                let mut text = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+                if text.is_empty() {
+                    text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                }
+                Err(format!(
+                    "validation failed: {}",
+                    text.replace(&file, "<offered config>")
+                ))
+            }
+        }
+    }
+
+    async fn reload(&self) -> Result<(), String> {
+        match &self.settings.reload {
+            Reload::Url(url) => {
+                let response = self
+                    .http
+                    .post(url)
+                    .send()
+                    .await
+                    .map_err(|e| format!("POST {url}: {e}"))?;
+                if response.status().is_success() {
+                    Ok(())
+                } else {
+                    let status = response.status();
+                    let body = response.text().await.unwrap_or_default();
+                    Err(format!(
+                        "POST {url} answered {status}: {}",
+                        body.chars().take(500).collect::<String>()
+                    ))
+                }
+            }
+            Reload::Signal { pid_file } => {
+                let text = std::fs::read_to_string(pid_file)
+                    .map_err(|e| format!("cannot read {}: {e}", pid_file.display()))?;
+                let pid: i32 = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{} holds no pid", pid_file.display()))?;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGHUP,
+                )
+                .map_err(|e| format!("cannot signal pid {pid}: {e}"))
+            }
+            Reload::Command(command) => {
+                let Some((program, args)) = command.split_first() else {
+                    return Err("empty reload command".into());
+                };
+                let out = tokio::process::Command::new(program)
+                    .args(args)
+                    .kill_on_drop(true)
+                    .output()
+                    .await
+                    .map_err(|e| format!("cannot run {program}: {e}"))?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("{program} exited with {}", out.status))
+                }
+            }
+        }
+    }
+
+    /// Waits until the gateway reports `hash`, healthy or degraded, with no reload error.
+    async fn verify(&self, hash: &str, deadline: Duration) -> Result<(), String> {
+        let until = tokio::time::Instant::now() + deadline;
+        let mut last = String::from("no health answer");
+        while tokio::time::Instant::now() < until {
+            match self.read_health().await {
+                Ok(doc) if doc.config.hash == hash && doc.status != HealthStatus::Unhealthy => {
+                    return Ok(());
+                }
+                Ok(doc) if doc.config.hash == hash => {
+                    last = "the gateway runs it but is unhealthy".into()
+                }
+                Ok(doc) => {
+                    last = match doc.config.last_reload_error {
+                        Some(error) => format!("the gateway refused it: {error}"),
+                        None => format!("the gateway still runs {}", doc.config.hash),
+                    }
+                }
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("not verified within {deadline:?}: {last}"))
+    }
+
+    /// Puts back what ran before (the last-known-good copy if the previous one is gone).
+    async fn revert(&self, previous: Option<Vec<u8>>) -> String {
+        let bytes =
+            previous.or_else(|| std::fs::read(self.settings.state_dir.join(LAST_KNOWN_GOOD)).ok());
+        let Some(bytes) = bytes else {
+            return "nothing to revert to".into();
+        };
+        if let Err(e) = write_atomic(&self.settings.config_path, &bytes) {
+            return format!("revert failed: {e}");
+        }
+        match self.reload().await {
+            Ok(()) => match self
+                .verify(&content_hash(&bytes), Duration::from_secs(10))
+                .await
+            {
+                Ok(()) => "reverted to the previous config".into(),
+                Err(e) => format!("reverted the file, but {e}"),
+            },
+            Err(e) => format!("reverted the file, but {e}"),
+        }
+    }
+
+    async fn read_health(&self) -> Result<HealthDoc, String> {
+        let response = self
+            .http
+            .get(&self.health_url)
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the gateway: {e}"))?;
+        response
+            .json::<HealthDoc>()
+            .await
+            .map_err(|e| format!("gateway health is not valid: {e}"))
+    }
+
+    /// What the gateway runs right now, read from its health.
+    async fn observed_running(&self) -> Option<ConfigRef> {
+        let doc = self.read_health().await.ok()?;
+        Some(ConfigRef {
+            version: doc.config.version,
+            hash: doc.config.hash,
+        })
+    }
+}
+
+fn status(
+    offer: &ConfigOffer,
+    phase: ConfigPhase,
+    running: ConfigRef,
+    error: String,
+) -> ConfigStatus {
+    ConfigStatus {
+        offer_id: offer.offer_id.clone(),
+        config: offer.config.clone(),
+        phase: phase as i32,
+        running: Some(running),
+        error,
+    }
+}
+
+fn running_of(health: &v1::GatewayHealth) -> ConfigRef {
+    health
+        .config
+        .as_ref()
+        .map(|c| ConfigRef {
+            version: c.version.clone(),
+            hash: c.hash.clone(),
+        })
+        .unwrap_or_default()
+}
+
+/// `sha256:<hex>`, as the gateway reports its config.
+pub fn content_hash(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Whether SemVer `a` is lower than `b`; unparsable versions are never "lower".
+pub fn is_lower(a: &str, b: &str) -> bool {
+    fn triple(v: &str) -> Option<(u64, u64, u64)> {
+        let core = v.split(['-', '+']).next()?;
+        let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+        let t = (parts.next()??, parts.next()??, parts.next()??);
+        parts.next().is_none().then_some(t)
+    }
+    matches!((triple(a), triple(b)), (Some(a), Some(b)) if a < b)
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the new one, never a mix:
+/// a temp file in the same directory, fsync, rename, then fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn semver_ordering() {
+        assert!(is_lower("1.0.0", "1.0.1"));
+        assert!(is_lower("1.9.0", "1.10.0"));
+        assert!(!is_lower("2.0.0", "1.99.99"));
+        assert!(!is_lower("1.0.0", "1.0.0"));
+        assert!(!is_lower("banana", "1.0.0"));
+        assert!(!is_lower("1.0.0", ""));
+    }
+
+    #[test]
+    fn atomic_write_replaces_whole_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("policy.yaml");
+        write_atomic(&path, b"one").expect("first");
+        write_atomic(&path, b"two").expect("second");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(Result::ok)
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no temp file left behind");
+    }
+}

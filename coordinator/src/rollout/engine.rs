@@ -1,0 +1,598 @@
+//! The rollout engine: one task owns every rollout. It persists each transition before acting
+//! on it (an offer is sent only once the record saying so is stored), so a coordinator killed
+//! at any moment resumes exactly where it stopped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kt_proto::unix_ms_now;
+use kt_proto::v1::{ConfigOffer, ConfigPhase, ConfigStatus, GatewayState};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::model::{ConfigId, Outcome, Phase, RolloutRecord, Spec, Target, TargetState};
+use super::plan::{content_hash, diff, plan, version_label};
+use super::step::{self, Effect};
+use crate::fleet::FleetHandle;
+use crate::store::{Store, StoreError, StoredConfig};
+
+/// How often active rollouts look at the fleet and the clock.
+const TICK: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("coordinator is shutting down")]
+    Closed,
+}
+
+/// A push, as the operator asked for it.
+#[derive(Debug)]
+pub struct Push {
+    pub content: Vec<u8>,
+    pub spec: Spec,
+    pub reason: String,
+    pub dry_run: bool,
+    pub supersede: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+#[derive(Debug)]
+pub enum Command {
+    Push {
+        push: Push,
+        identity: String,
+        reply: Reply<(RolloutRecord, String)>,
+    },
+    Control {
+        id: String,
+        action: Action,
+        identity: String,
+        reason: String,
+        reply: Reply<RolloutRecord>,
+    },
+    Get {
+        id: String,
+        reply: Reply<RolloutRecord>,
+    },
+    List {
+        reply: Reply<Vec<RolloutRecord>>,
+    },
+    Watch {
+        id: String,
+        reply: Reply<(RolloutRecord, broadcast::Receiver<RolloutRecord>)>,
+    },
+    /// An agent answered an offer.
+    Answer {
+        gateway: String,
+        status: ConfigStatus,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        rx.await.map_err(|_| EngineError::Closed)?
+    }
+
+    pub async fn push(
+        &self,
+        push: Push,
+        identity: String,
+    ) -> Result<(RolloutRecord, String), EngineError> {
+        self.call(|reply| Command::Push {
+            push,
+            identity,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn control(
+        &self,
+        id: String,
+        action: Action,
+        identity: String,
+        reason: String,
+    ) -> Result<RolloutRecord, EngineError> {
+        self.call(|reply| Command::Control {
+            id,
+            action,
+            identity,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn get(&self, id: String) -> Result<RolloutRecord, EngineError> {
+        self.call(|reply| Command::Get { id, reply }).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<RolloutRecord>, EngineError> {
+        self.call(|reply| Command::List { reply }).await
+    }
+
+    pub async fn watch(
+        &self,
+        id: String,
+    ) -> Result<(RolloutRecord, broadcast::Receiver<RolloutRecord>), EngineError> {
+        self.call(|reply| Command::Watch { id, reply }).await
+    }
+
+    /// Forwards an agent's answer; dropped only when the engine is gone.
+    pub async fn answer(&self, gateway: String, status: ConfigStatus) {
+        let _ = self.tx.send(Command::Answer { gateway, status }).await;
+    }
+}
+
+pub struct Engine {
+    store: Arc<dyn Store>,
+    fleet: FleetHandle,
+    rollouts: BTreeMap<String, RolloutRecord>,
+    commands: mpsc::Receiver<Command>,
+    changes: broadcast::Sender<RolloutRecord>,
+}
+
+impl Engine {
+    /// Loads every stored rollout. Offers that were in flight are offered again: an agent answers
+    /// an offer of what it already runs with APPLIED at once, so repeating one is harmless.
+    pub fn new(
+        store: Arc<dyn Store>,
+        fleet: FleetHandle,
+    ) -> Result<(Self, EngineHandle), StoreError> {
+        let mut rollouts = BTreeMap::new();
+        for mut r in store.list_rollouts()? {
+            if r.is_active() {
+                for p in r.gateways.values_mut() {
+                    if p.state == TargetState::Offered {
+                        p.state = TargetState::Pending;
+                    } else if p.state == TargetState::RollingBack {
+                        p.state = TargetState::Applied;
+                    }
+                }
+                tracing::info!(rollout = %r.id, state = r.state_name(), "resuming rollout");
+            }
+            rollouts.insert(r.id.clone(), r);
+        }
+        let (tx, commands) = mpsc::channel(1024);
+        let (changes, _) = broadcast::channel(1024);
+        Ok((
+            Engine {
+                store,
+                fleet,
+                rollouts,
+                commands,
+                changes,
+            },
+            EngineHandle { tx },
+        ))
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => self.tick().await,
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle(command).await,
+                    None => return,
+                },
+            }
+        }
+    }
+
+    async fn fleet_now(&self) -> BTreeMap<String, GatewayState> {
+        match self.fleet.list(None).await {
+            Ok(Ok(gateways)) => gateways
+                .into_iter()
+                .map(|g| (g.gateway_id.clone(), g))
+                .collect(),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    async fn tick(&mut self) {
+        if !self.rollouts.values().any(RolloutRecord::is_active) {
+            return;
+        }
+        let fleet = self.fleet_now().await;
+        let now = unix_ms_now();
+        let ids: Vec<String> = self
+            .rollouts
+            .values()
+            .filter(|r| r.is_active())
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            self.advance(&id, &fleet, now).await;
+        }
+    }
+
+    /// Steps one rollout; persists, then carries out the effects, then publishes.
+    async fn advance(&mut self, id: &str, fleet: &BTreeMap<String, GatewayState>, now: u64) {
+        let Some(mut r) = self.rollouts.get(id).cloned() else {
+            return;
+        };
+        let (effects, changed) = step::step(&mut r, fleet, now);
+        if changed {
+            self.commit(r.clone()).await;
+        }
+        for effect in effects {
+            self.carry_out(&r, effect).await;
+        }
+    }
+
+    async fn commit(&mut self, r: RolloutRecord) {
+        if let Err(error) = self.store.put_rollout(&r) {
+            // Without a durable record the transition must not take effect: keep the old record.
+            tracing::error!(rollout = %r.id, %error, "cannot persist rollout transition");
+            return;
+        }
+        if let Phase::Done(_) = r.phase {
+            for gateway in r.gateways.keys() {
+                self.fleet.set_desired(gateway.clone(), None).await;
+            }
+        }
+        let _ = self.changes.send(r.clone());
+        self.rollouts.insert(r.id.clone(), r);
+    }
+
+    async fn carry_out(&mut self, r: &RolloutRecord, effect: Effect) {
+        let Effect::Offer {
+            gateway,
+            offer_id,
+            config,
+            rollback,
+            apply_deadline_ms,
+        } = effect;
+        let content = match self.store.get_config(&config.hash) {
+            Ok(Some(stored)) => stored.content,
+            Ok(None) => {
+                tracing::error!(rollout = %r.id, gateway_id = %gateway, hash = %config.hash, "no stored copy of the config to offer");
+                let status = ConfigStatus {
+                    offer_id: offer_id.clone(),
+                    phase: ConfigPhase::Failed as i32,
+                    error: format!(
+                        "the coordinator has no copy of {} {}",
+                        config.version, config.hash
+                    ),
+                    ..Default::default()
+                };
+                Box::pin(self.on_answer(gateway, status)).await;
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot read config version");
+                return;
+            }
+        };
+        let desired = kt_proto::v1::ConfigRef {
+            version: config.version.clone(),
+            hash: config.hash.clone(),
+        };
+        self.fleet
+            .set_desired(gateway.clone(), Some(desired.clone()))
+            .await;
+        let offer = ConfigOffer {
+            offer_id,
+            config: Some(desired),
+            content,
+            rollback,
+            apply_deadline_ms,
+        };
+        if !self.fleet.offer(gateway.clone(), offer).await {
+            // Not delivered: the next tick sees the gateway disconnected and makes it pending.
+            tracing::debug!(rollout = %r.id, gateway_id = %gateway, "offer not delivered");
+        }
+    }
+
+    async fn on_answer(&mut self, gateway: String, status: ConfigStatus) {
+        let phase = ConfigPhase::try_from(status.phase).unwrap_or(ConfigPhase::Unspecified);
+        let now = unix_ms_now();
+        let owner = self
+            .rollouts
+            .values()
+            .find(|r| {
+                r.is_active()
+                    && r.gateways
+                        .get(&gateway)
+                        .is_some_and(|p| p.offer_id.as_deref() == Some(status.offer_id.as_str()))
+            })
+            .map(|r| r.id.clone());
+        let Some(id) = owner else {
+            tracing::debug!(gateway_id = %gateway, offer_id = %status.offer_id, "answer to no active offer");
+            return;
+        };
+        let Some(mut r) = self.rollouts.get(&id).cloned() else {
+            return;
+        };
+        if step::answer(
+            &mut r,
+            &gateway,
+            &status.offer_id,
+            phase,
+            &status.error,
+            now,
+        ) {
+            self.commit(r).await;
+            let fleet = self.fleet_now().await;
+            self.advance(&id, &fleet, now).await;
+        }
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Push {
+                push,
+                identity,
+                reply,
+            } => {
+                let result = self.push(push, identity).await;
+                let _ = reply.send(result);
+            }
+            Command::Control {
+                id,
+                action,
+                identity,
+                reason,
+                reply,
+            } => {
+                let result = self.control(&id, action, &identity, &reason).await;
+                let _ = reply.send(result);
+            }
+            Command::Get { id, reply } => {
+                let _ = reply.send(self.find(&id).cloned());
+            }
+            Command::List { reply } => {
+                let _ = reply.send(Ok(self.rollouts.values().cloned().collect()));
+            }
+            Command::Watch { id, reply } => {
+                let receiver = self.changes.subscribe();
+                let _ = reply.send(self.find(&id).cloned().map(|r| (r, receiver)));
+            }
+            Command::Answer { gateway, status } => self.on_answer(gateway, status).await,
+        }
+    }
+
+    fn find(&self, id: &str) -> Result<&RolloutRecord, EngineError> {
+        self.rollouts
+            .get(id)
+            .ok_or_else(|| EngineError::NotFound(format!("no rollout {id}")))
+    }
+
+    async fn push(
+        &mut self,
+        push: Push,
+        identity: String,
+    ) -> Result<(RolloutRecord, String), EngineError> {
+        let version = version_label(&push.content).map_err(EngineError::Invalid)?;
+        let config = ConfigId {
+            version: version.clone(),
+            hash: content_hash(&push.content),
+        };
+        let fleet = self.fleet_now().await;
+        let gateways = self.resolve(&push.spec.target, &fleet)?;
+        let now = unix_ms_now();
+
+        let in_the_way: Vec<&RolloutRecord> = self
+            .rollouts
+            .values()
+            .filter(|r| r.is_active() && r.gateways.keys().any(|g| gateways.contains(g)))
+            .collect();
+        if !in_the_way.is_empty() && !push.supersede && !push.dry_run {
+            let ids: Vec<&str> = in_the_way.iter().map(|r| r.id.as_str()).collect();
+            return Err(EngineError::Conflict(format!(
+                "rollout {} is still active on some of these gateways; wait, abort it, or push with --supersede",
+                ids.join(", ")
+            )));
+        }
+        let superseded: Vec<String> = in_the_way.iter().map(|r| r.id.clone()).collect();
+
+        let (progress, batches) = plan(&push.spec, &gateways, &fleet, &config);
+        let diff_text = self.diff_against_baseline(&progress, &push.content, &config);
+        let number = if push.dry_run {
+            0
+        } else {
+            self.store.next_rollout_number()?
+        };
+        let mut r = RolloutRecord {
+            number,
+            id: if push.dry_run {
+                "dry-run".into()
+            } else {
+                format!("r-{number}")
+            },
+            progress_deadline: now + push.spec.progress_deadline_ms,
+            spec: push.spec,
+            config: config.clone(),
+            phase: if batches.is_empty() {
+                Phase::Done(Outcome::Succeeded)
+            } else {
+                Phase::Applying
+            },
+            batches,
+            gateways: progress,
+            current_batch: 0,
+            bake_counts: BTreeMap::new(),
+            gates: Vec::new(),
+            history: Vec::new(),
+            created_by: identity.clone(),
+            reason: push.reason.clone(),
+            created_at: now,
+            message: String::new(),
+        };
+        if push.dry_run {
+            return Ok((r, diff_text));
+        }
+
+        self.store.put_config(&StoredConfig {
+            hash: config.hash.clone(),
+            version,
+            content: push.content,
+            author: identity.clone(),
+            created_at_unix_ms: now,
+            message: push.reason.clone(),
+        })?;
+        for id in superseded {
+            if let Some(mut old) = self.rollouts.get(&id).cloned() {
+                old.phase = Phase::Done(Outcome::Superseded);
+                old.message = format!("superseded by {}", r.id);
+                old.record(now, &identity, old.message.clone());
+                self.commit(old).await;
+            }
+        }
+        let what = format!(
+            "created: {} {} to {}{}",
+            config.version,
+            short(&config.hash),
+            r.spec.target,
+            reason_suffix(&push.reason)
+        );
+        r.record(now, &identity, what);
+        if r.batches.is_empty() {
+            r.record(
+                now,
+                "coordinator",
+                "every target gateway already runs this version",
+            );
+        }
+        self.store.audit(
+            now,
+            &identity,
+            "push",
+            &r.spec.target.to_string(),
+            &push.reason,
+        )?;
+        self.store.put_rollout(&r)?;
+        self.rollouts.insert(r.id.clone(), r.clone());
+        let _ = self.changes.send(r.clone());
+        let id = r.id.clone();
+        self.advance(&id, &fleet, now).await;
+        let r = self.rollouts.get(&id).cloned().unwrap_or(r);
+        Ok((r, diff_text))
+    }
+
+    fn resolve(
+        &self,
+        target: &Target,
+        fleet: &BTreeMap<String, GatewayState>,
+    ) -> Result<Vec<String>, EngineError> {
+        let gateways: Vec<String> = match target {
+            Target::Group(group) => {
+                if !self.fleet.group_exists(group) {
+                    return Err(EngineError::NotFound(format!("no group named {group:?}")));
+                }
+                fleet
+                    .keys()
+                    .filter(|g| self.fleet.in_group(g, group))
+                    .cloned()
+                    .collect()
+            }
+            Target::Selector(selector) => fleet
+                .values()
+                .filter(|g| selector.iter().all(|(k, v)| g.labels.get(k) == Some(v)))
+                .map(|g| g.gateway_id.clone())
+                .collect(),
+        };
+        if gateways.is_empty() {
+            return Err(EngineError::Invalid(format!("no gateways match {target}")));
+        }
+        Ok(gateways)
+    }
+
+    /// A diff from the config most target gateways run now to the pushed one.
+    fn diff_against_baseline(
+        &self,
+        progress: &BTreeMap<String, super::model::GatewayProgress>,
+        content: &[u8],
+        config: &ConfigId,
+    ) -> String {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for p in progress.values() {
+            *counts.entry(p.baseline.hash.as_str()).or_default() += 1;
+        }
+        let Some((baseline, _)) = counts.into_iter().max_by_key(|(_, n)| *n) else {
+            return String::new();
+        };
+        let old = match self.store.get_config(baseline) {
+            Ok(Some(stored)) => String::from_utf8_lossy(&stored.content).into_owned(),
+            _ => {
+                return format!(
+                    "(no stored copy of the running config {baseline}: diff unavailable)\n"
+                );
+            }
+        };
+        diff(
+            &old,
+            &String::from_utf8_lossy(content),
+            &format!("running {}", short(baseline)),
+            &format!("pushed {}", short(&config.hash)),
+        )
+    }
+
+    async fn control(
+        &mut self,
+        id: &str,
+        action: Action,
+        identity: &str,
+        reason: &str,
+    ) -> Result<RolloutRecord, EngineError> {
+        let mut r = self.find(id)?.clone();
+        let now = unix_ms_now();
+        let result = match action {
+            Action::Pause => step::pause(&mut r, now, identity, reason),
+            Action::Resume => step::resume(&mut r, now, identity, reason),
+            Action::Promote => step::promote(&mut r, now, identity, reason),
+            Action::Abort => step::abort(&mut r, now, identity, reason),
+        };
+        result.map_err(EngineError::Conflict)?;
+        let action_name = format!("{action:?}").to_lowercase();
+        self.store.audit(now, identity, &action_name, id, reason)?;
+        self.commit(r).await;
+        let fleet = self.fleet_now().await;
+        self.advance(id, &fleet, now).await;
+        self.find(id).cloned()
+    }
+}
+
+fn short(hash: &str) -> &str {
+    let hex = hash.strip_prefix("sha256:").unwrap_or(hash);
+    &hex[..hex.len().min(12)]
+}
+
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    }
+}

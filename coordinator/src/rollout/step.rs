@@ -1,0 +1,1015 @@
+//! The rollout state machine: one pure step from a record, the fleet as it is now, and the time,
+//! to a new record and the effects to carry out. Pure, so every rule is unit-tested.
+
+use std::collections::BTreeMap;
+
+use kt_proto::v1::{AgentState, GatewayState, HealthStatus};
+
+use super::model::{
+    ConfigId, Counts, GateRecord, Outcome, Phase, RolloutRecord, Strategy, TargetState,
+};
+
+/// What the engine must do after a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Offer `config` to `gateway`.
+    Offer {
+        gateway: String,
+        offer_id: String,
+        config: ConfigId,
+        rollback: bool,
+        apply_deadline_ms: u64,
+    },
+}
+
+/// Grace added to the apply deadline before an unanswered offer counts as failed.
+const ANSWER_GRACE_MS: u64 = 5_000;
+
+pub fn connected(fleet: &BTreeMap<String, GatewayState>, gateway: &str) -> bool {
+    fleet
+        .get(gateway)
+        .is_some_and(|g| g.agent_state == AgentState::Connected as i32)
+}
+
+fn counts(fleet: &BTreeMap<String, GatewayState>, gateway: &str) -> Counts {
+    fleet
+        .get(gateway)
+        .and_then(|g| g.health.as_ref())
+        .and_then(|h| h.verdicts)
+        .map(|v| Counts {
+            total: v.allow + v.block + v.redact + v.escalate,
+            block: v.block,
+        })
+        .unwrap_or_default()
+}
+
+/// Advances `r` as far as the fleet allows now; returns the effects and whether `r` changed.
+pub fn step(
+    r: &mut RolloutRecord,
+    fleet: &BTreeMap<String, GatewayState>,
+    now: u64,
+) -> (Vec<Effect>, bool) {
+    let before = r.clone();
+    let mut effects = Vec::new();
+    // A few passes, so that one tick can go e.g. from "all applied" through a zero-length bake.
+    for _ in 0..8 {
+        let phase_before = r.phase.clone();
+        advance(r, fleet, now, &mut effects);
+        if r.phase == phase_before {
+            break;
+        }
+    }
+    let changed = *r != before;
+    (effects, changed)
+}
+
+fn advance(
+    r: &mut RolloutRecord,
+    fleet: &BTreeMap<String, GatewayState>,
+    now: u64,
+    effects: &mut Vec<Effect>,
+) {
+    let running = matches!(
+        r.phase,
+        Phase::Applying | Phase::Baking { .. } | Phase::Pausing { .. } | Phase::RollingBack { .. }
+    );
+    if running && now > r.progress_deadline {
+        let reason = format!(
+            "progress deadline passed ({} ms without finishing)",
+            r.spec.progress_deadline_ms
+        );
+        if matches!(r.phase, Phase::RollingBack { .. }) {
+            r.message = format!("rollback incomplete: {reason}");
+            r.phase = Phase::Done(Outcome::TimedOut);
+            r.record(now, "coordinator", r.message.clone());
+        } else {
+            fail(r, now, reason, Outcome::TimedOut);
+        }
+        return;
+    }
+    match r.phase.clone() {
+        Phase::Applying => applying(r, fleet, now, effects),
+        Phase::Baking { until } => baking(r, fleet, now, until),
+        Phase::Pausing { until } => {
+            if now >= until {
+                r.current_batch += 1;
+                r.phase = Phase::Applying;
+                r.record(
+                    now,
+                    "coordinator",
+                    format!("batch {} starting", r.current_batch + 1),
+                );
+            }
+        }
+        Phase::RollingBack { then } => rolling_back(r, fleet, now, then, effects),
+        Phase::AwaitingPromotion | Phase::Paused { .. } | Phase::Done(_) => {}
+    }
+}
+
+/// Offer ids name the rollout, the gateway and the attempt: an answer to an older attempt is
+/// recognised as stale.
+fn offer_id(rollout: &str, gateway: &str, n: u32) -> String {
+    format!("{rollout}/{gateway}/{n}")
+}
+
+fn applying(
+    r: &mut RolloutRecord,
+    fleet: &BTreeMap<String, GatewayState>,
+    now: u64,
+    effects: &mut Vec<Effect>,
+) {
+    let Some(batch) = r.batches.get(r.current_batch).cloned() else {
+        finish(r, now, Outcome::Succeeded, "every batch applied");
+        return;
+    };
+    let mut problem = None;
+    for gateway in &batch {
+        let config = r.config.clone();
+        let deadline = r.spec.apply_deadline_ms;
+        let id = r.id.clone();
+        let Some(progress) = r.gateways.get_mut(gateway) else {
+            continue;
+        };
+        match progress.state {
+            TargetState::Pending if connected(fleet, gateway) => {
+                progress.offers_sent += 1;
+                let offer_id = offer_id(&id, gateway, progress.offers_sent);
+                progress.offer_id = Some(offer_id.clone());
+                progress.offered_at = Some(now);
+                progress.state = TargetState::Offered;
+                effects.push(Effect::Offer {
+                    gateway: gateway.clone(),
+                    offer_id,
+                    config,
+                    rollback: false,
+                    apply_deadline_ms: deadline,
+                });
+            }
+            // Disconnected gateways are pending, not failed: offer again when they return.
+            TargetState::Offered if !connected(fleet, gateway) => {
+                progress.state = TargetState::Pending
+            }
+            TargetState::Offered
+                if progress
+                    .offered_at
+                    .is_some_and(|at| now > at + deadline + ANSWER_GRACE_MS) =>
+            {
+                problem = Some(format!(
+                    "{gateway} did not answer within the apply deadline ({deadline} ms)"
+                ));
+            }
+            TargetState::Rejected | TargetState::Failed => {
+                problem = Some(format!("{gateway}: {}", progress.error));
+            }
+            _ => {}
+        }
+    }
+    if let Some(reason) = problem {
+        fail(r, now, reason, Outcome::RolledBack);
+        return;
+    }
+    let done = batch.iter().all(|g| {
+        r.gateways.get(g).is_some_and(|p| {
+            matches!(
+                p.state,
+                TargetState::Applied | TargetState::Unchanged | TargetState::Rejected
+            )
+        })
+    });
+    if done {
+        gate(
+            r,
+            "applied",
+            "passed",
+            batch.len() as f64,
+            batch.len() as f64,
+            "every gateway of the batch answered APPLIED",
+            now,
+        );
+        r.bake_counts = r
+            .gateways
+            .keys()
+            .map(|g| (g.clone(), counts(fleet, g)))
+            .collect();
+        let until = now + r.spec.min_healthy_time_ms;
+        r.phase = Phase::Baking { until };
+        r.record(
+            now,
+            "coordinator",
+            format!(
+                "batch {} applied, baking for {} ms",
+                r.current_batch + 1,
+                r.spec.min_healthy_time_ms
+            ),
+        );
+    }
+}
+
+fn baking(r: &mut RolloutRecord, fleet: &BTreeMap<String, GatewayState>, now: u64, until: u64) {
+    let batch = r.batches.get(r.current_batch).cloned().unwrap_or_default();
+    let unhealthy: Vec<&String> = batch
+        .iter()
+        .filter(|g| {
+            r.gateways
+                .get(*g)
+                .is_some_and(|p| p.state == TargetState::Applied)
+        })
+        .filter(|g| {
+            connected(fleet, g)
+                && fleet
+                    .get(*g)
+                    .and_then(|s| s.health.as_ref())
+                    .is_some_and(|h| h.status == HealthStatus::Unhealthy as i32)
+        })
+        .collect();
+    if !unhealthy.is_empty() {
+        let list: Vec<&str> = unhealthy.iter().map(|s| s.as_str()).collect();
+        let detail = format!("unhealthy on the new version: {}", list.join(", "));
+        gate(r, "health", "failed", list.len() as f64, 0.0, &detail, now);
+        fail(
+            r,
+            now,
+            format!("health gate: {detail}"),
+            Outcome::RolledBack,
+        );
+        return;
+    }
+    if now < until {
+        return;
+    }
+    gate(
+        r,
+        "health",
+        "passed",
+        0.0,
+        0.0,
+        "every batch gateway stayed healthy",
+        now,
+    );
+    match verdict_gate(r, fleet, &batch, now) {
+        GateDecision::Failed(reason) => {
+            fail(r, now, reason, Outcome::RolledBack);
+            return;
+        }
+        GateDecision::Inconclusive(reason) if !r.spec.continue_on_inconclusive => {
+            r.message = format!("paused: {reason}");
+            r.record(now, "coordinator", r.message.clone());
+            r.phase = Phase::Paused {
+                resume: Box::new(next_after_batch(r, now)),
+            };
+            return;
+        }
+        _ => {}
+    }
+    r.phase = next_after_batch(r, now);
+    match &r.phase {
+        Phase::Done(_) => {
+            let message = "every batch applied and passed its gates".to_owned();
+            r.message = message.clone();
+            r.record(now, "coordinator", message);
+        }
+        Phase::AwaitingPromotion => r.record(
+            now,
+            "coordinator",
+            "canary passed its gates, waiting for promotion",
+        ),
+        _ => r.record(
+            now,
+            "coordinator",
+            format!("batch {} passed its gates", r.current_batch + 1),
+        ),
+    }
+}
+
+/// Where a rollout goes once the current batch passed.
+fn next_after_batch(r: &RolloutRecord, now: u64) -> Phase {
+    let last = r.current_batch + 1 >= r.batches.len();
+    if last {
+        Phase::Done(Outcome::Succeeded)
+    } else if r.current_batch == 0
+        && matches!(
+            r.spec.strategy,
+            Strategy::Canary {
+                auto_promote: false
+            }
+        )
+    {
+        Phase::AwaitingPromotion
+    } else {
+        Phase::Pausing {
+            until: now + r.spec.pause_between_ms,
+        }
+    }
+}
+
+enum GateDecision {
+    Passed,
+    Failed(String),
+    Inconclusive(String),
+}
+
+/// The verdict mix: the block rate of the batch (new version) against the target gateways still
+/// on the old version, over the bake window.
+fn verdict_gate(
+    r: &mut RolloutRecord,
+    fleet: &BTreeMap<String, GatewayState>,
+    batch: &[String],
+    now: u64,
+) -> GateDecision {
+    let Some(threshold) = r.spec.max_block_rate_delta else {
+        return GateDecision::Passed;
+    };
+    let window = |gateways: &mut dyn Iterator<Item = &String>| {
+        gateways.fold(Counts::default(), |sum, g| {
+            let start = r.bake_counts.get(g).copied().unwrap_or_default();
+            let end = counts(fleet, g);
+            Counts {
+                total: sum.total + end.total.saturating_sub(start.total),
+                block: sum.block + end.block.saturating_sub(start.block),
+            }
+        })
+    };
+    let new = window(&mut batch.iter().filter(|g| {
+        r.gateways
+            .get(*g)
+            .is_some_and(|p| p.state == TargetState::Applied)
+    }));
+    let old = window(
+        &mut r
+            .gateways
+            .iter()
+            .filter(|(_, p)| p.state == TargetState::Pending)
+            .map(|(g, _)| g),
+    );
+    let rate = |c: Counts| {
+        if c.total == 0 {
+            0.0
+        } else {
+            c.block as f64 / c.total as f64
+        }
+    };
+    let detail = format!(
+        "new version: {} blocked of {} ({:.1}%), old version: {} blocked of {} ({:.1}%)",
+        new.block,
+        new.total,
+        rate(new) * 100.0,
+        old.block,
+        old.total,
+        rate(old) * 100.0
+    );
+    if new.total < r.spec.min_sample || old.total < r.spec.min_sample {
+        let why = format!(
+            "verdict-mix gate inconclusive: fewer than {} requests on a side; {detail}",
+            r.spec.min_sample
+        );
+        gate(
+            r,
+            "verdict_mix",
+            "inconclusive",
+            rate(new) - rate(old),
+            threshold,
+            &detail,
+            now,
+        );
+        return GateDecision::Inconclusive(why);
+    }
+    let delta = rate(new) - rate(old);
+    if delta > threshold {
+        gate(r, "verdict_mix", "failed", delta, threshold, &detail, now);
+        GateDecision::Failed(format!(
+            "verdict-mix gate: block rate rose by {:.1} points (limit {:.1}); {detail}",
+            delta * 100.0,
+            threshold * 100.0
+        ))
+    } else {
+        gate(r, "verdict_mix", "passed", delta, threshold, &detail, now);
+        GateDecision::Passed
+    }
+}
+
+fn gate(
+    r: &mut RolloutRecord,
+    gate: &str,
+    decision: &str,
+    value: f64,
+    threshold: f64,
+    detail: &str,
+    now: u64,
+) {
+    r.gates.push(GateRecord {
+        batch: r.current_batch,
+        gate: gate.to_owned(),
+        decision: decision.to_owned(),
+        value,
+        threshold,
+        detail: detail.to_owned(),
+        at: now,
+    });
+}
+
+/// A failed gate, a refused config or a deadline: roll back, or pause for a human.
+pub fn fail(r: &mut RolloutRecord, now: u64, reason: String, rolled_back_as: Outcome) {
+    r.message = reason.clone();
+    if r.spec.rollback_on_error {
+        r.record(
+            now,
+            "coordinator",
+            format!("{reason}; rolling back every touched gateway"),
+        );
+        r.phase = Phase::RollingBack {
+            then: rolled_back_as,
+        };
+    } else if rolled_back_as == Outcome::TimedOut {
+        r.record(now, "coordinator", reason);
+        r.phase = Phase::Done(Outcome::TimedOut);
+    } else {
+        r.record(
+            now,
+            "coordinator",
+            format!("{reason}; paused for a human (no --rollback-on-error)"),
+        );
+        // Resuming continues with the next step; a rejected gateway is never offered again.
+        r.phase = Phase::Paused {
+            resume: Box::new(Phase::Applying),
+        };
+        for p in r.gateways.values_mut() {
+            if p.state == TargetState::Failed {
+                p.state = TargetState::Rejected;
+            }
+        }
+    }
+}
+
+fn rolling_back(
+    r: &mut RolloutRecord,
+    fleet: &BTreeMap<String, GatewayState>,
+    now: u64,
+    then: Outcome,
+    effects: &mut Vec<Effect>,
+) {
+    let id = r.id.clone();
+    let deadline = r.spec.apply_deadline_ms;
+    for (gateway, p) in r.gateways.iter_mut() {
+        let running = fleet
+            .get(gateway)
+            .and_then(|g| g.health.as_ref())
+            .and_then(|h| h.config.as_ref())
+            .map(|c| c.hash.clone());
+        match p.state {
+            TargetState::Offered | TargetState::Applied | TargetState::Failed => {
+                if p.baseline.hash.is_empty()
+                    || running.as_deref() == Some(p.baseline.hash.as_str())
+                        && p.state == TargetState::Failed
+                {
+                    p.state = TargetState::RolledBack;
+                } else if connected(fleet, gateway) {
+                    p.offers_sent += 1;
+                    let offer_id = offer_id(&id, gateway, p.offers_sent);
+                    p.offer_id = Some(offer_id.clone());
+                    p.offered_at = Some(now);
+                    p.state = TargetState::RollingBack;
+                    effects.push(Effect::Offer {
+                        gateway: gateway.clone(),
+                        offer_id,
+                        config: p.baseline.clone(),
+                        rollback: true,
+                        apply_deadline_ms: deadline,
+                    });
+                }
+            }
+            TargetState::RollingBack if !connected(fleet, gateway) => {
+                p.state = TargetState::Applied
+            }
+            TargetState::RollingBack
+                if p.offered_at
+                    .is_some_and(|at| now > at + deadline + ANSWER_GRACE_MS) =>
+            {
+                p.error = "no answer to the rollback offer".into();
+                p.state = TargetState::Applied;
+            }
+            _ => {}
+        }
+    }
+    if r.gateways.values().all(|p| !p.state.touched()) {
+        let what = format!(
+            "rollback complete: every touched gateway runs its previous version again ({})",
+            then.as_str()
+        );
+        r.record(now, "coordinator", what);
+        r.phase = Phase::Done(then);
+    }
+}
+
+fn finish(r: &mut RolloutRecord, now: u64, outcome: Outcome, why: &str) {
+    r.phase = Phase::Done(outcome);
+    r.record(now, "coordinator", why);
+}
+
+/// An operator's pause.
+pub fn pause(r: &mut RolloutRecord, now: u64, by: &str, reason: &str) -> Result<(), String> {
+    match r.phase.clone() {
+        phase @ (Phase::Applying | Phase::Baking { .. } | Phase::Pausing { .. }) => {
+            r.phase = Phase::Paused {
+                resume: Box::new(phase),
+            };
+            r.record(now, by, format!("paused by operator{}", suffix(reason)));
+            Ok(())
+        }
+        _ => Err(format!(
+            "rollout {} is {}, not running",
+            r.id,
+            r.state_name()
+        )),
+    }
+}
+
+pub fn resume(r: &mut RolloutRecord, now: u64, by: &str, reason: &str) -> Result<(), String> {
+    match r.phase.clone() {
+        Phase::Paused { resume } => {
+            // A bake interrupted by a pause starts over: the gates need a whole window.
+            r.phase = match *resume {
+                Phase::Baking { .. } => Phase::Baking {
+                    until: now + r.spec.min_healthy_time_ms,
+                },
+                other => other,
+            };
+            r.progress_deadline = now + r.spec.progress_deadline_ms;
+            r.message.clear();
+            r.record(now, by, format!("resumed{}", suffix(reason)));
+            Ok(())
+        }
+        _ => Err(format!(
+            "rollout {} is {}, not paused",
+            r.id,
+            r.state_name()
+        )),
+    }
+}
+
+pub fn promote(r: &mut RolloutRecord, now: u64, by: &str, reason: &str) -> Result<(), String> {
+    match r.phase {
+        Phase::AwaitingPromotion => {
+            r.current_batch += 1;
+            r.phase = Phase::Applying;
+            r.progress_deadline = now + r.spec.progress_deadline_ms;
+            r.record(now, by, format!("canary promoted{}", suffix(reason)));
+            Ok(())
+        }
+        _ => Err(format!(
+            "rollout {} is {}, not waiting for promotion",
+            r.id,
+            r.state_name()
+        )),
+    }
+}
+
+/// Abort: the desired state returns to the baseline for every touched gateway.
+pub fn abort(r: &mut RolloutRecord, now: u64, by: &str, reason: &str) -> Result<(), String> {
+    if !r.is_active() || matches!(r.phase, Phase::RollingBack { .. }) {
+        return Err(format!(
+            "rollout {} is {}, nothing to abort",
+            r.id,
+            r.state_name()
+        ));
+    }
+    r.message = format!("aborted by {by}{}", suffix(reason));
+    r.record(
+        now,
+        by,
+        format!(
+            "aborted{}; returning touched gateways to their previous version",
+            suffix(reason)
+        ),
+    );
+    r.progress_deadline = now + r.spec.progress_deadline_ms;
+    r.phase = Phase::RollingBack {
+        then: Outcome::Aborted,
+    };
+    Ok(())
+}
+
+fn suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {reason}")
+    }
+}
+
+/// An agent's answer to an offer of this rollout.
+pub fn answer(
+    r: &mut RolloutRecord,
+    gateway: &str,
+    offer_id: &str,
+    phase: kt_proto::v1::ConfigPhase,
+    error: &str,
+    now: u64,
+) -> bool {
+    use kt_proto::v1::ConfigPhase;
+    let Some(p) = r.gateways.get_mut(gateway) else {
+        return false;
+    };
+    if p.offer_id.as_deref() != Some(offer_id) {
+        return false;
+    }
+    let before = p.state;
+    p.state = match (p.state, phase) {
+        (TargetState::Offered, ConfigPhase::Applied) => TargetState::Applied,
+        (TargetState::Offered, ConfigPhase::Rejected) => TargetState::Rejected,
+        (TargetState::Offered, ConfigPhase::Failed) => TargetState::Failed,
+        (TargetState::Offered | TargetState::RollingBack, ConfigPhase::Superseded) => before,
+        (TargetState::RollingBack, ConfigPhase::Applied) => TargetState::RolledBack,
+        (TargetState::RollingBack, ConfigPhase::Rejected | ConfigPhase::Failed) => {
+            TargetState::RolledBack
+        }
+        (state, _) => state,
+    };
+    if !error.is_empty() {
+        p.error = error.to_owned();
+    }
+    let changed = p.state != before;
+    if changed {
+        let what = format!(
+            "{gateway}: {} ({})",
+            p.state.as_str(),
+            if error.is_empty() { "ok" } else { error }
+        );
+        r.record(now, gateway, what);
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::model::{GatewayProgress, Size, Spec, Target};
+    use kt_proto::v1::{ConfigInfo, ConfigPhase, GatewayHealth, VerdictCounts};
+
+    const OLD: &str = "sha256:old";
+    const NEW: &str = "sha256:new";
+
+    fn spec(strategy: Strategy) -> Spec {
+        Spec {
+            target: Target::Group("g".into()),
+            strategy,
+            size: Size::Count(1),
+            pause_between_ms: 1_000,
+            min_healthy_time_ms: 2_000,
+            apply_deadline_ms: 10_000,
+            progress_deadline_ms: 600_000,
+            max_block_rate_delta: None,
+            min_sample: 10,
+            continue_on_inconclusive: false,
+            rollback_on_error: true,
+        }
+    }
+
+    fn rollout(spec: Spec, gateways: &[&str]) -> RolloutRecord {
+        let batches = match spec.strategy {
+            Strategy::AllAtOnce => vec![gateways.iter().map(|g| (*g).to_owned()).collect()],
+            Strategy::Canary { .. } => vec![
+                vec![gateways[0].to_owned()],
+                gateways[1..].iter().map(|g| (*g).to_owned()).collect(),
+            ],
+            Strategy::Rolling => gateways.iter().map(|g| vec![(*g).to_owned()]).collect(),
+        };
+        RolloutRecord {
+            number: 1,
+            id: "r-1".into(),
+            config: ConfigId {
+                version: "2.0.0".into(),
+                hash: NEW.into(),
+            },
+            batches,
+            gateways: gateways
+                .iter()
+                .map(|g| {
+                    let progress = GatewayProgress {
+                        baseline: ConfigId {
+                            version: "1.0.0".into(),
+                            hash: OLD.into(),
+                        },
+                        state: TargetState::Pending,
+                        error: String::new(),
+                        offer_id: None,
+                        offered_at: None,
+                        offers_sent: 0,
+                    };
+                    ((*g).to_owned(), progress)
+                })
+                .collect(),
+            phase: Phase::Applying,
+            current_batch: 0,
+            progress_deadline: spec.progress_deadline_ms,
+            spec,
+            bake_counts: BTreeMap::new(),
+            gates: vec![],
+            history: vec![],
+            created_by: "op".into(),
+            reason: String::new(),
+            created_at: 0,
+            message: String::new(),
+        }
+    }
+
+    fn fleet(gateways: &[(&str, bool, u64, u64)]) -> BTreeMap<String, GatewayState> {
+        gateways
+            .iter()
+            .map(|(id, up, total, block)| {
+                let state = GatewayState {
+                    gateway_id: (*id).to_owned(),
+                    agent_state: if *up {
+                        AgentState::Connected
+                    } else {
+                        AgentState::Disconnected
+                    } as i32,
+                    health: Some(GatewayHealth {
+                        status: HealthStatus::Healthy as i32,
+                        config: Some(ConfigInfo {
+                            hash: OLD.into(),
+                            ..Default::default()
+                        }),
+                        verdicts: Some(VerdictCounts {
+                            allow: total - block,
+                            block: *block,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                ((*id).to_owned(), state)
+            })
+            .collect()
+    }
+
+    fn offers(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .map(|Effect::Offer { gateway, .. }| gateway.clone())
+            .collect()
+    }
+
+    fn apply_all(r: &mut RolloutRecord, effects: &[Effect], now: u64) {
+        for Effect::Offer {
+            gateway, offer_id, ..
+        } in effects
+        {
+            answer(r, gateway, offer_id, ConfigPhase::Applied, "", now);
+        }
+    }
+
+    #[test]
+    fn rolling_goes_one_gateway_at_a_time_with_bake_and_pause() {
+        let mut r = rollout(spec(Strategy::Rolling), &["a", "b", "c"]);
+        let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0), ("c", true, 0, 0)]);
+        let mut order = Vec::new();
+        let mut now = 0;
+        while r.is_active() && now < 100_000 {
+            let (effects, _) = step(&mut r, &f, now);
+            order.extend(offers(&effects));
+            apply_all(&mut r, &effects, now);
+            now += 100;
+        }
+        assert_eq!(order, ["a", "b", "c"]);
+        assert_eq!(r.phase, Phase::Done(Outcome::Succeeded));
+        // Each batch: bake 2 s; between batches: pause 1 s.
+        assert!(
+            (2 * 3000 + 2000..=2 * 3000 + 2000 + 1000).contains(&now),
+            "took {now} ms"
+        );
+    }
+
+    #[test]
+    fn disconnected_gateways_wait_instead_of_failing() {
+        let mut r = rollout(spec(Strategy::AllAtOnce), &["a", "b"]);
+        let (effects, _) = step(&mut r, &fleet(&[("a", true, 0, 0), ("b", false, 0, 0)]), 0);
+        assert_eq!(offers(&effects), ["a"]);
+        apply_all(&mut r, &effects, 0);
+        let (effects, _) = step(
+            &mut r,
+            &fleet(&[("a", true, 0, 0), ("b", false, 0, 0)]),
+            60_000,
+        );
+        assert!(effects.is_empty());
+        assert_eq!(r.phase, Phase::Applying, "still waiting for b");
+        let (effects, _) = step(
+            &mut r,
+            &fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]),
+            61_000,
+        );
+        assert_eq!(offers(&effects), ["b"]);
+    }
+
+    #[test]
+    fn a_rejection_rolls_back_touched_gateways_and_stops() {
+        let mut r = rollout(spec(Strategy::Rolling), &["a", "b"]);
+        let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
+        let (effects, _) = step(&mut r, &f, 0);
+        let Effect::Offer { offer_id, .. } = &effects[0];
+        answer(
+            &mut r,
+            "a",
+            offer_id,
+            ConfigPhase::Rejected,
+            "validation failed",
+            10,
+        );
+        let (effects, _) = step(&mut r, &f, 20);
+        // Nothing changed on a (rejected), so there is nothing to roll back, and b never got it.
+        assert!(effects.is_empty(), "{effects:?}");
+        assert_eq!(r.phase, Phase::Done(Outcome::RolledBack));
+        assert_eq!(r.gateways["b"].offers_sent, 0);
+        assert!(r.message.contains("validation failed"));
+    }
+
+    #[test]
+    fn without_rollback_a_failure_pauses_for_a_human() {
+        let mut s = spec(Strategy::Rolling);
+        s.rollback_on_error = false;
+        let mut r = rollout(s, &["a", "b"]);
+        let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
+        let (effects, _) = step(&mut r, &f, 0);
+        let Effect::Offer { offer_id, .. } = &effects[0];
+        answer(&mut r, "a", offer_id, ConfigPhase::Rejected, "bad", 10);
+        step(&mut r, &f, 20);
+        assert!(matches!(r.phase, Phase::Paused { .. }));
+        assert_eq!(r.state_name(), "paused");
+    }
+
+    #[test]
+    fn verdict_gate_trips_on_a_block_rate_jump_and_rolls_back() {
+        let mut s = spec(Strategy::Rolling);
+        s.max_block_rate_delta = Some(0.2);
+        let mut r = rollout(s, &["a", "b", "c"]);
+        let (effects, _) = step(
+            &mut r,
+            &fleet(&[
+                ("a", true, 100, 0),
+                ("b", true, 100, 0),
+                ("c", true, 100, 0),
+            ]),
+            0,
+        );
+        apply_all(&mut r, &effects, 0);
+        step(
+            &mut r,
+            &fleet(&[
+                ("a", true, 100, 0),
+                ("b", true, 100, 0),
+                ("c", true, 100, 0),
+            ]),
+            100,
+        );
+        assert!(matches!(r.phase, Phase::Baking { .. }));
+        // During the bake a blocks everything, b and c block nothing.
+        let (effects, _) = step(
+            &mut r,
+            &fleet(&[
+                ("a", true, 200, 100),
+                ("b", true, 200, 0),
+                ("c", true, 200, 0),
+            ]),
+            3_000,
+        );
+        assert!(
+            matches!(r.phase, Phase::RollingBack { .. }),
+            "{:?}",
+            r.phase
+        );
+        let gate = r
+            .gates
+            .iter()
+            .find(|g| g.gate == "verdict_mix")
+            .expect("gate recorded");
+        assert_eq!((gate.decision.as_str(), gate.value), ("failed", 1.0));
+        // The step that tripped the gate already offered the rollback to the touched gateway.
+        assert_eq!(effects.len(), 1);
+        let Effect::Offer {
+            gateway,
+            rollback,
+            config,
+            offer_id,
+            ..
+        } = &effects[0];
+        assert_eq!(
+            (gateway.as_str(), *rollback, config.hash.as_str()),
+            ("a", true, OLD)
+        );
+        answer(&mut r, "a", offer_id, ConfigPhase::Applied, "", 3_100);
+        step(
+            &mut r,
+            &fleet(&[
+                ("a", true, 200, 100),
+                ("b", true, 200, 0),
+                ("c", true, 200, 0),
+            ]),
+            3_200,
+        );
+        assert_eq!(r.phase, Phase::Done(Outcome::RolledBack));
+        assert_eq!(
+            r.gateways["b"].offers_sent, 0,
+            "b never received the bad config"
+        );
+    }
+
+    #[test]
+    fn too_little_traffic_is_inconclusive_and_pauses() {
+        let mut s = spec(Strategy::Rolling);
+        s.max_block_rate_delta = Some(0.2);
+        let mut r = rollout(s, &["a", "b"]);
+        let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
+        let (effects, _) = step(&mut r, &f, 0);
+        apply_all(&mut r, &effects, 0);
+        step(&mut r, &f, 100);
+        step(&mut r, &f, 3_000);
+        assert_eq!(r.state_name(), "paused");
+        assert_eq!(
+            r.gates.last().map(|g| g.decision.as_str()),
+            Some("inconclusive")
+        );
+        resume(&mut r, 3_100, "op", "").expect("resume");
+        assert!(
+            matches!(r.phase, Phase::Pausing { .. }),
+            "continues with the next batch: {:?}",
+            r.phase
+        );
+    }
+
+    #[test]
+    fn canary_waits_for_promotion_and_abort_rolls_back() {
+        let mut r = rollout(
+            spec(Strategy::Canary {
+                auto_promote: false,
+            }),
+            &["a", "b", "c"],
+        );
+        let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0), ("c", true, 0, 0)]);
+        let (effects, _) = step(&mut r, &f, 0);
+        assert_eq!(offers(&effects), ["a"]);
+        apply_all(&mut r, &effects, 0);
+        step(&mut r, &f, 100);
+        step(&mut r, &f, 3_000);
+        assert_eq!(r.phase, Phase::AwaitingPromotion);
+        promote(&mut r, 3_100, "op", "").expect("promote");
+        let (effects, _) = step(&mut r, &f, 3_200);
+        assert_eq!(offers(&effects), ["b", "c"]);
+        abort(&mut r, 3_300, "op", "changed my mind").expect("abort");
+        let (effects, _) = step(&mut r, &f, 3_400);
+        let mut back = offers(&effects);
+        back.sort();
+        assert_eq!(back, ["a", "b", "c"], "every touched gateway goes back");
+        for Effect::Offer {
+            gateway,
+            offer_id,
+            rollback,
+            ..
+        } in &effects
+        {
+            assert!(*rollback);
+            answer(&mut r, gateway, offer_id, ConfigPhase::Applied, "", 3_500);
+        }
+        step(&mut r, &f, 3_600);
+        assert_eq!(r.phase, Phase::Done(Outcome::Aborted));
+    }
+
+    #[test]
+    fn the_progress_deadline_acts() {
+        let mut s = spec(Strategy::AllAtOnce);
+        s.rollback_on_error = false;
+        let mut r = rollout(s, &["a"]);
+        step(&mut r, &fleet(&[("a", false, 0, 0)]), 0);
+        step(&mut r, &fleet(&[("a", false, 0, 0)]), 600_001);
+        assert_eq!(r.phase, Phase::Done(Outcome::TimedOut));
+    }
+
+    #[test]
+    fn an_unanswered_offer_fails_after_the_apply_deadline() {
+        let mut r = rollout(spec(Strategy::AllAtOnce), &["a"]);
+        let f = fleet(&[("a", true, 0, 0)]);
+        step(&mut r, &f, 0);
+        step(&mut r, &f, 10_000 + ANSWER_GRACE_MS + 1);
+        assert!(
+            matches!(r.phase, Phase::RollingBack { .. }),
+            "{:?}",
+            r.phase
+        );
+        assert!(r.message.contains("apply deadline"));
+    }
+
+    #[test]
+    fn stale_answers_are_ignored() {
+        let mut r = rollout(spec(Strategy::AllAtOnce), &["a"]);
+        step(&mut r, &fleet(&[("a", true, 0, 0)]), 0);
+        assert!(!answer(&mut r, "a", "r-1/a/0", ConfigPhase::Applied, "", 1));
+        assert_eq!(r.gateways["a"].state, TargetState::Offered);
+        assert!(answer(
+            &mut r,
+            "a",
+            &offer_id("r-1", "a", 1),
+            ConfigPhase::Applied,
+            "",
+            2
+        ));
+    }
+}

@@ -1,0 +1,229 @@
+//! The coordinator's durable state behind one interface: config versions, rollouts, and the
+//! audit log of operator actions. The embedded SQLite store is the default; a distributed
+//! backend (etcd) can implement the same trait.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::rollout::model::RolloutRecord;
+
+/// A stored config version, content-addressed by its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredConfig {
+    pub hash: String,
+    pub version: String,
+    pub content: Vec<u8>,
+    pub author: String,
+    pub created_at_unix_ms: u64,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(String);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError(format!("corrupt record: {e}"))
+    }
+}
+
+pub trait Store: Send + Sync {
+    /// Stores a config version; storing the same bytes again keeps the first record.
+    fn put_config(&self, config: &StoredConfig) -> Result<(), StoreError>;
+    fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError>;
+    /// Newest first, without content.
+    fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError>;
+    /// Writes a rollout's whole record; every transition calls this before it takes effect.
+    fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError>;
+    fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
+    fn next_rollout_number(&self) -> Result<u64, StoreError>;
+    fn audit(
+        &self,
+        at_unix_ms: u64,
+        identity: &str,
+        action: &str,
+        target: &str,
+        reason: &str,
+    ) -> Result<(), StoreError>;
+}
+
+/// SQLite in the coordinator's data directory (`coordinator.db`, WAL journal).
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+impl SqliteStore {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(data_dir.join("coordinator.db"))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS config_versions (
+                 hash TEXT PRIMARY KEY, version TEXT NOT NULL, content BLOB NOT NULL,
+                 author TEXT NOT NULL, created_at INTEGER NOT NULL, message TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS rollouts (
+                 number INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS audit (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, identity TEXT NOT NULL,
+                 action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL);",
+        )?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn row_to_config(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredConfig> {
+    Ok(StoredConfig {
+        hash: row.get(0)?,
+        version: row.get(1)?,
+        content: row.get(2)?,
+        author: row.get(3)?,
+        created_at_unix_ms: row.get::<_, i64>(4)?.try_into().unwrap_or(0),
+        message: row.get(5)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn put_config(&self, c: &StoredConfig) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO config_versions VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                c.hash,
+                c.version,
+                c.content,
+                c.author,
+                i64::try_from(c.created_at_unix_ms).unwrap_or(i64::MAX),
+                c.message
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT hash, version, content, author, created_at, message FROM config_versions WHERE hash = ?1", [hash], row_to_config)
+            .optional()?)
+    }
+
+    fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT hash, version, x'', author, created_at, message FROM config_versions ORDER BY created_at DESC")?;
+        let rows = stmt.query_map([], row_to_config)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError> {
+        let record = serde_json::to_string(rollout)?;
+        self.conn().execute(
+            "INSERT INTO rollouts (number, id, record) VALUES (?1, ?2, ?3)
+             ON CONFLICT(number) DO UPDATE SET record = excluded.record",
+            params![
+                i64::try_from(rollout.number).unwrap_or(i64::MAX),
+                rollout.id,
+                record
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT record FROM rollouts ORDER BY number")?;
+        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for text in rows {
+            out.push(serde_json::from_str(&text?)?);
+        }
+        Ok(out)
+    }
+
+    fn next_rollout_number(&self) -> Result<u64, StoreError> {
+        let max: Option<i64> =
+            self.conn()
+                .query_row("SELECT MAX(number) FROM rollouts", [], |row| row.get(0))?;
+        Ok(max.map_or(1, |m| u64::try_from(m).unwrap_or(0) + 1))
+    }
+
+    fn audit(
+        &self,
+        at: u64,
+        identity: &str,
+        action: &str,
+        target: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO audit (at, identity, action, target, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                i64::try_from(at).unwrap_or(i64::MAX),
+                identity,
+                action,
+                target,
+                reason
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_are_content_addressed_and_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoredConfig {
+            hash: "sha256:aa".into(),
+            version: "1.0.0".into(),
+            content: b"pack: {}".to_vec(),
+            author: "spiffe://d/operator/alice".into(),
+            created_at_unix_ms: 5,
+            message: "first".into(),
+        };
+        {
+            let store = SqliteStore::open(dir.path()).expect("open");
+            store.put_config(&config).expect("put");
+            store
+                .put_config(&StoredConfig {
+                    message: "again".into(),
+                    ..config.clone()
+                })
+                .expect("idempotent");
+            store
+                .audit(
+                    1,
+                    "spiffe://d/operator/alice",
+                    "push",
+                    "group dev",
+                    "why not",
+                )
+                .expect("audit");
+        }
+        let store = SqliteStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.get_config("sha256:aa").expect("get"), Some(config));
+        assert_eq!(store.list_configs().expect("list").len(), 1);
+        assert_eq!(store.next_rollout_number().expect("next"), 1);
+    }
+}
