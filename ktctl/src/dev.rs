@@ -280,9 +280,13 @@ pub struct AgentSpec<'a> {
     pub gateway_id: &'a str,
     pub coordinator: SocketAddr,
     pub pki: &'a Path,
-    pub health_url: String,
+    /// The gateway's listen address: health at `/health`, reload at `/admin/reload`.
+    pub gateway: SocketAddr,
     pub health_interval: Duration,
     pub labels: &'a [(&'a str, &'a str)],
+    /// The gateway's config file, which the agent then manages (offers are applied to it).
+    pub config_path: Option<&'a Path>,
+    pub state_dir: &'a Path,
 }
 
 /// `agent.yaml` text. The agent reaches the coordinator by IP and checks its IP SAN.
@@ -291,20 +295,26 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
     for (k, v) in spec.labels {
         let _ = writeln!(labels, "  {k}: \"{v}\"");
     }
+    let mut managed = String::new();
+    if let Some(config_path) = spec.config_path {
+        let validator = std::fs::canonicalize(find_binary("kt-gateway")).unwrap_or_else(|_| PathBuf::from("kt-gateway"));
+        let _ = write!(
+            managed,
+            "  config_path: {}\n  validate_command: [\"{}\", validate, \"{{file}}\"]\n  reload: {{url: \"http://{}/admin/reload\"}}\n",
+            config_path.display(),
+            validator.display(),
+            spec.gateway
+        );
+    }
     format!(
-        "coordinator:\n  endpoints: [\"https://{coord}\"]\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ngateway:\n  health_url: \"{url}\"\n  health_interval: {hi}ms\nlabels:\n{labels}reconnect:\n  min_delay: 200ms\n  max_delay: 2s\n",
+        "coordinator:\n  endpoints: [\"https://{coord}\"]\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ngateway:\n  health_url: \"http://{gateway}/health\"\n  health_interval: {hi}ms\n{managed}state_dir: {state}\nlabels:\n{labels}reconnect:\n  min_delay: 200ms\n  max_delay: 2s\n",
         coord = spec.coordinator,
         ca = spec.pki.join("ca.crt").display(),
-        cert = spec
-            .pki
-            .join(format!("agent-{}.crt", spec.gateway_id))
-            .display(),
-        key = spec
-            .pki
-            .join(format!("agent-{}.key", spec.gateway_id))
-            .display(),
-        url = spec.health_url,
+        cert = spec.pki.join(format!("agent-{}.crt", spec.gateway_id)).display(),
+        key = spec.pki.join(format!("agent-{}.key", spec.gateway_id)).display(),
+        gateway = spec.gateway,
         hi = spec.health_interval.as_millis(),
+        state = spec.state_dir.display(),
     )
 }
 
@@ -383,10 +393,14 @@ mod tests {
             gateway_id: "gw-dev-01",
             coordinator: "127.0.0.1:9".parse().expect("addr"),
             pki: Path::new("/p"),
-            health_url: "http://127.0.0.1:8/health".into(),
+            gateway: "127.0.0.1:8".parse().expect("addr"),
             health_interval: Duration::from_millis(500),
             labels: &[("region", "us")],
+            config_path: Some(Path::new("/g/policy.yaml")),
+            state_dir: Path::new("/g/state"),
         });
+        assert!(text.contains("reload: {url: \"http://127.0.0.1:8/admin/reload\"}"), "{text}");
+        assert!(text.contains("config_path: /g/policy.yaml"), "{text}");
         assert!(text.contains("/p/agent-gw-dev-01.key"), "{text}");
         assert!(text.contains("region: \"us\""), "{text}");
     }

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod dev;
 pub mod ktconfig;
 pub mod pki;
+pub mod rollouts;
 pub mod view;
 
 use std::path::PathBuf;
@@ -16,7 +17,8 @@ use kt_proto::v1::operator_service_client::OperatorServiceClient;
 use kt_proto::yaml::ConfigFileError;
 use tonic::transport::Channel;
 
-use crate::commands::{dev as dev_cmd, fleet, gateway, pki as pki_cmd};
+use crate::commands::{config as config_cmd, dev as dev_cmd, fleet, gateway, pki as pki_cmd, rollout};
+use kt_proto::v1::RolloutAction;
 use crate::ktconfig::KtctlConfig;
 
 /// Exit codes, kubectl-like: 0 ok, 1 failed or not healthy, 2 bad flags (clap), 64 bad config file.
@@ -54,9 +56,41 @@ pub enum Noun {
     /// The fleet as a whole.
     #[command(subcommand)]
     Fleet(FleetVerb),
+    /// Config versions: push one to a group, read the stored ones.
+    #[command(subcommand)]
+    Config(ConfigVerb),
+    /// Rollouts of config versions: follow and steer them.
+    #[command(subcommand)]
+    Rollout(RolloutVerb),
     /// A local fleet of real processes on loopback.
     #[command(subcommand)]
     Dev(DevVerb),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigVerb {
+    /// Store a config version and roll it out (rolling, canary or all at once), or plan it with --dry-run.
+    Push(config_cmd::push::Args),
+    /// The stored config versions, newest first.
+    Versions(config_cmd::versions::Args),
+    /// Print a stored config version.
+    Show(config_cmd::show::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutVerb {
+    /// Every rollout, or the active ones.
+    List(rollout::list::Args),
+    /// One rollout: batches, gateways, gates, history; --watch follows it.
+    Status(rollout::status::Args),
+    /// Stop a running rollout where it is.
+    Pause(rollout::control::Args),
+    /// Continue a paused rollout.
+    Resume(rollout::control::Args),
+    /// Let a canary rollout go on to the rest of the gateways.
+    Promote(rollout::control::Args),
+    /// Stop the rollout and return every touched gateway to its previous version.
+    Abort(rollout::control::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,19 +185,29 @@ pub async fn run(cli: Cli) -> u8 {
         Noun::Fleet(FleetVerb::Watch(args)) => {
             fleet::watch::run(&session, args).await.map(|()| true)
         }
+        Noun::Config(ConfigVerb::Push(args)) => return finish(config_cmd::push::run(&session, args).await),
+        Noun::Config(ConfigVerb::Versions(args)) => config_cmd::versions::run(&session, args).await.map(|()| true),
+        Noun::Config(ConfigVerb::Show(args)) => config_cmd::show::run(&session, args).await.map(|()| true),
+        Noun::Rollout(RolloutVerb::List(args)) => rollout::list::run(&session, args).await.map(|()| true),
+        Noun::Rollout(RolloutVerb::Status(args)) => return finish(rollout::status::run(&session, args).await),
+        Noun::Rollout(RolloutVerb::Pause(args)) => rollout::control::run(&session, RolloutAction::Pause, args).await.map(|()| true),
+        Noun::Rollout(RolloutVerb::Resume(args)) => rollout::control::run(&session, RolloutAction::Resume, args).await.map(|()| true),
+        Noun::Rollout(RolloutVerb::Promote(args)) => rollout::control::run(&session, RolloutAction::Promote, args).await.map(|()| true),
+        Noun::Rollout(RolloutVerb::Abort(args)) => rollout::control::run(&session, RolloutAction::Abort, args).await.map(|()| true),
         Noun::Dev(DevVerb::Up(args)) => dev_cmd::up::run(args).await.map(|()| true),
         Noun::Dev(DevVerb::Status(args)) => dev_cmd::status::run(args),
         Noun::Dev(DevVerb::Down(args)) => dev_cmd::down::run(args).map(|()| true),
     };
+    finish(result.map(|ok| if ok { exit::OK } else { exit::FAILED }))
+}
+
+/// The exit code of a command's result; errors are printed here.
+fn finish(result: anyhow::Result<u8>) -> u8 {
     match result {
-        Ok(true) => exit::OK,
-        Ok(false) => exit::FAILED,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            if error
-                .chain()
-                .any(|cause| cause.downcast_ref::<ConfigFileError>().is_some())
-            {
+            if error.chain().any(|cause| cause.downcast_ref::<ConfigFileError>().is_some()) {
                 exit::CONFIG
             } else {
                 exit::FAILED

@@ -27,6 +27,9 @@ pub struct GatewayRow {
     pub status: &'static str,
     pub config_version: Option<String>,
     pub config_hash: Option<String>,
+    /// The version a rollout is moving this gateway to, while one does.
+    pub desired_version: Option<String>,
+    pub desired_hash: Option<String>,
     pub last_reload_error: Option<String>,
     pub providers_reachable: usize,
     pub providers_total: usize,
@@ -63,6 +66,8 @@ impl GatewayRow {
             status,
             config_version: config.and_then(|c| non_empty(&c.version)),
             config_hash: config.and_then(|c| non_empty(&c.hash)),
+            desired_version: state.desired.as_ref().and_then(|d| non_empty(&d.version)),
+            desired_hash: state.desired.as_ref().and_then(|d| non_empty(&d.hash)),
             last_reload_error: config.and_then(|c| non_empty(&c.last_reload_error)),
             providers_reachable: health
                 .map_or(0, |h| h.providers.values().filter(|p| p.reachable).count()),
@@ -78,6 +83,19 @@ impl GatewayRow {
     /// Healthy and connected: what `gateway health` gates its exit code on.
     pub fn is_ok(&self) -> bool {
         self.agent == "connected" && self.status == "healthy"
+    }
+
+    /// `1.0.0 (abc123)`, with `-> 1.1.0` while a rollout moves the gateway elsewhere.
+    pub fn config_human(&self) -> String {
+        let running = match (&self.config_version, &self.config_hash) {
+            (Some(v), Some(h)) => format!("{v} ({})", short_hash(h)),
+            (Some(v), None) => v.clone(),
+            _ => "-".into(),
+        };
+        match (&self.desired_version, &self.desired_hash) {
+            (Some(v), Some(h)) if self.config_hash.as_ref() != Some(h) => format!("{running} -> {v}"),
+            _ => running,
+        }
     }
 
     pub fn last_seen_human(&self) -> String {

@@ -397,9 +397,11 @@ impl TestFleet {
                     gateway_id: id,
                     coordinator: coordinator.addr,
                     pki: &pki.dir,
-                    health_url: format!("http://{}/health", gateway.addr),
+                    gateway: gateway.addr,
                     health_interval: HEALTH_INTERVAL,
                     labels: &[("region", region), ("env", "test")],
+                    config_path: Some(&gateway.policy),
+                    state_dir: &gw_dir.join("agent-state"),
                 },
             );
             gateways.push(gateway);

@@ -1,6 +1,8 @@
 //! One module per noun, one file per verb.
 
+pub mod config;
 pub mod dev;
 pub mod fleet;
 pub mod gateway;
 pub mod pki;
+pub mod rollout;

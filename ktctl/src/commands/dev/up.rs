@@ -152,12 +152,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )?
     .context("the mock provider reported no address")?;
     println!("mock provider listening on {provider}");
+    // The policy every dev gateway starts with, for a newcomer to edit and push to group dev.
+    let shared_policy = dir.join("policy-config.yaml");
+    std::fs::write(&shared_policy, dev::example_policy(provider))?;
 
     for (i, id) in ids.iter().enumerate() {
         let gw_dir = dir.join(id);
         std::fs::create_dir_all(&gw_dir)?;
         let policy = gw_dir.join("policy-config.yaml");
-        std::fs::write(&policy, dev::example_policy(provider))?;
+        std::fs::copy(&shared_policy, &policy)?;
         let gateway = start(
             &mut rollback,
             Role::Gateway,
@@ -186,9 +189,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 gateway_id: id,
                 coordinator,
                 pki: &pki_dir,
-                health_url: format!("http://{gateway}/health"),
+                gateway,
                 health_interval: Duration::from_secs(1),
                 labels: &[("region", region), ("env", "dev")],
+                config_path: Some(&policy),
+                state_dir: &gw_dir.join("agent-state"),
             }),
         )?;
         start(
@@ -252,6 +257,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ] {
         println!("  {command:<width$}  {what}", width = 24 + flag.len());
     }
+    println!("the gateways run {}: edit it (bump pack.version) and roll it out with", shared_policy.display());
+    println!("  ktctl config push --file {} --group dev --batch-size 1 --rollback-on-error", shared_policy.display());
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use kt_proto::v1::{WatchFleetRequest, fleet_update};
 
 use crate::Session;
-use crate::view::{GatewayRow, Output, short_hash};
+use crate::view::{GatewayRow, Output};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -65,10 +65,7 @@ fn print_line(kind: &str, row: &GatewayRow, output: Output) -> anyhow::Result<()
             println!("{line}");
         }
         _ => {
-            let config = match (&row.config_version, &row.config_hash) {
-                (Some(v), Some(h)) => format!("{v} ({})", short_hash(h)),
-                _ => "-".into(),
-            };
+            let config = row.config_human();
             println!(
                 "{:<21} {:<20} {:<13} {:<10} {:<24} {}",
                 time, row.gateway, row.agent, row.status, config, row.requests_processed

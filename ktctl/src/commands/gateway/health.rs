@@ -4,7 +4,7 @@
 //! connected, so scripts can gate on it.
 
 use crate::Session;
-use crate::view::{GatewayRow, Output, print_structured, short_hash, table};
+use crate::view::{GatewayRow, Output, print_structured, table};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -47,11 +47,7 @@ fn print_table(rows: &[GatewayRow]) {
         "LAST SEEN",
     ]);
     for row in rows {
-        let config = match (&row.config_version, &row.config_hash) {
-            (Some(v), Some(h)) => format!("{v} ({})", short_hash(h)),
-            (Some(v), None) => v.clone(),
-            _ => "-".into(),
-        };
+        let config = row.config_human();
         t.add_row(vec![
             row.gateway.clone(),
             if row.groups.is_empty() {

@@ -1,0 +1,5 @@
+//! `ktctl config`: pushing config versions and reading the stored ones.
+
+pub mod push;
+pub mod show;
+pub mod versions;

@@ -1,0 +1,5 @@
+//! `ktctl rollout`: following and steering rollouts.
+
+pub mod control;
+pub mod list;
+pub mod status;
