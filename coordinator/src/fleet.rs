@@ -396,13 +396,15 @@ impl Fleet {
                 let _ = reply.send(delivered);
             }
             Command::SetDesired { gateway, desired } => {
-                if let Ok(id) = GatewayId::new(&gateway) {
-                    if let Some(record) = self.records.get_mut(&id) {
-                        if record.desired != desired {
-                            record.desired = desired;
-                            self.refresh(&id, now, true);
-                        }
-                    }
+                let id = GatewayId::new(&gateway).ok();
+                let changed = id
+                    .as_ref()
+                    .and_then(|id| self.records.get_mut(id))
+                    .filter(|record| record.desired != desired)
+                    .map(|record| record.desired = desired)
+                    .is_some();
+                if let (true, Some(id)) = (changed, id) {
+                    self.refresh(&id, now, true);
                 }
             }
             Command::List { group, reply } => {

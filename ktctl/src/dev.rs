@@ -286,6 +286,8 @@ pub struct AgentSpec<'a> {
     pub labels: &'a [(&'a str, &'a str)],
     /// The gateway's config file, which the agent then manages (offers are applied to it).
     pub config_path: Option<&'a Path>,
+    /// The `kt-gateway` binary whose `validate` checks offered configs.
+    pub validator: &'a Path,
     pub state_dir: &'a Path,
 }
 
@@ -297,7 +299,8 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
     }
     let mut managed = String::new();
     if let Some(config_path) = spec.config_path {
-        let validator = std::fs::canonicalize(find_binary("kt-gateway")).unwrap_or_else(|_| PathBuf::from("kt-gateway"));
+        let validator =
+            std::fs::canonicalize(spec.validator).unwrap_or_else(|_| spec.validator.to_owned());
         let _ = write!(
             managed,
             "  config_path: {}\n  validate_command: [\"{}\", validate, \"{{file}}\"]\n  reload: {{url: \"http://{}/admin/reload\"}}\n",
@@ -310,8 +313,14 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
         "coordinator:\n  endpoints: [\"https://{coord}\"]\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ngateway:\n  health_url: \"http://{gateway}/health\"\n  health_interval: {hi}ms\n{managed}state_dir: {state}\nlabels:\n{labels}reconnect:\n  min_delay: 200ms\n  max_delay: 2s\n",
         coord = spec.coordinator,
         ca = spec.pki.join("ca.crt").display(),
-        cert = spec.pki.join(format!("agent-{}.crt", spec.gateway_id)).display(),
-        key = spec.pki.join(format!("agent-{}.key", spec.gateway_id)).display(),
+        cert = spec
+            .pki
+            .join(format!("agent-{}.crt", spec.gateway_id))
+            .display(),
+        key = spec
+            .pki
+            .join(format!("agent-{}.key", spec.gateway_id))
+            .display(),
         gateway = spec.gateway,
         hi = spec.health_interval.as_millis(),
         state = spec.state_dir.display(),
@@ -397,9 +406,13 @@ mod tests {
             health_interval: Duration::from_millis(500),
             labels: &[("region", "us")],
             config_path: Some(Path::new("/g/policy.yaml")),
+            validator: Path::new("/bin/kt-gateway"),
             state_dir: Path::new("/g/state"),
         });
-        assert!(text.contains("reload: {url: \"http://127.0.0.1:8/admin/reload\"}"), "{text}");
+        assert!(
+            text.contains("reload: {url: \"http://127.0.0.1:8/admin/reload\"}"),
+            "{text}"
+        );
         assert!(text.contains("config_path: /g/policy.yaml"), "{text}");
         assert!(text.contains("/p/agent-gw-dev-01.key"), "{text}");
         assert!(text.contains("region: \"us\""), "{text}");

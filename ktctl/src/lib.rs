@@ -17,9 +17,11 @@ use kt_proto::v1::operator_service_client::OperatorServiceClient;
 use kt_proto::yaml::ConfigFileError;
 use tonic::transport::Channel;
 
-use crate::commands::{config as config_cmd, dev as dev_cmd, fleet, gateway, pki as pki_cmd, rollout};
-use kt_proto::v1::RolloutAction;
+use crate::commands::{
+    config as config_cmd, dev as dev_cmd, fleet, gateway, pki as pki_cmd, rollout,
+};
 use crate::ktconfig::KtctlConfig;
+use kt_proto::v1::RolloutAction;
 
 /// Exit codes, kubectl-like: 0 ok, 1 failed or not healthy, 2 bad flags (clap), 64 bad config file.
 pub mod exit {
@@ -70,7 +72,7 @@ pub enum Noun {
 #[derive(Debug, Subcommand)]
 pub enum ConfigVerb {
     /// Store a config version and roll it out (rolling, canary or all at once), or plan it with --dry-run.
-    Push(config_cmd::push::Args),
+    Push(Box<config_cmd::push::Args>),
     /// The stored config versions, newest first.
     Versions(config_cmd::versions::Args),
     /// Print a stored config version.
@@ -185,15 +187,41 @@ pub async fn run(cli: Cli) -> u8 {
         Noun::Fleet(FleetVerb::Watch(args)) => {
             fleet::watch::run(&session, args).await.map(|()| true)
         }
-        Noun::Config(ConfigVerb::Push(args)) => return finish(config_cmd::push::run(&session, args).await),
-        Noun::Config(ConfigVerb::Versions(args)) => config_cmd::versions::run(&session, args).await.map(|()| true),
-        Noun::Config(ConfigVerb::Show(args)) => config_cmd::show::run(&session, args).await.map(|()| true),
-        Noun::Rollout(RolloutVerb::List(args)) => rollout::list::run(&session, args).await.map(|()| true),
-        Noun::Rollout(RolloutVerb::Status(args)) => return finish(rollout::status::run(&session, args).await),
-        Noun::Rollout(RolloutVerb::Pause(args)) => rollout::control::run(&session, RolloutAction::Pause, args).await.map(|()| true),
-        Noun::Rollout(RolloutVerb::Resume(args)) => rollout::control::run(&session, RolloutAction::Resume, args).await.map(|()| true),
-        Noun::Rollout(RolloutVerb::Promote(args)) => rollout::control::run(&session, RolloutAction::Promote, args).await.map(|()| true),
-        Noun::Rollout(RolloutVerb::Abort(args)) => rollout::control::run(&session, RolloutAction::Abort, args).await.map(|()| true),
+        Noun::Config(ConfigVerb::Push(args)) => {
+            return finish(config_cmd::push::run(&session, *args).await);
+        }
+        Noun::Config(ConfigVerb::Versions(args)) => config_cmd::versions::run(&session, args)
+            .await
+            .map(|()| true),
+        Noun::Config(ConfigVerb::Show(args)) => {
+            config_cmd::show::run(&session, args).await.map(|()| true)
+        }
+        Noun::Rollout(RolloutVerb::List(args)) => {
+            rollout::list::run(&session, args).await.map(|()| true)
+        }
+        Noun::Rollout(RolloutVerb::Status(args)) => {
+            return finish(rollout::status::run(&session, args).await);
+        }
+        Noun::Rollout(RolloutVerb::Pause(args)) => {
+            rollout::control::run(&session, RolloutAction::Pause, args)
+                .await
+                .map(|()| true)
+        }
+        Noun::Rollout(RolloutVerb::Resume(args)) => {
+            rollout::control::run(&session, RolloutAction::Resume, args)
+                .await
+                .map(|()| true)
+        }
+        Noun::Rollout(RolloutVerb::Promote(args)) => {
+            rollout::control::run(&session, RolloutAction::Promote, args)
+                .await
+                .map(|()| true)
+        }
+        Noun::Rollout(RolloutVerb::Abort(args)) => {
+            rollout::control::run(&session, RolloutAction::Abort, args)
+                .await
+                .map(|()| true)
+        }
         Noun::Dev(DevVerb::Up(args)) => dev_cmd::up::run(args).await.map(|()| true),
         Noun::Dev(DevVerb::Status(args)) => dev_cmd::status::run(args),
         Noun::Dev(DevVerb::Down(args)) => dev_cmd::down::run(args).map(|()| true),
@@ -207,7 +235,10 @@ fn finish(result: anyhow::Result<u8>) -> u8 {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            if error.chain().any(|cause| cause.downcast_ref::<ConfigFileError>().is_some()) {
+            if error
+                .chain()
+                .any(|cause| cause.downcast_ref::<ConfigFileError>().is_some())
+            {
                 exit::CONFIG
             } else {
                 exit::FAILED

@@ -34,41 +34,87 @@ pub const EXIT_CODES_HELP: &str = "Exit codes: 0 succeeded, 2 rolled back (or ab
 4 paused waiting for a human (paused, or a canary awaiting promotion), 5 timed out; 1 for any other error.";
 
 fn target(r: &Rollout) -> String {
-    let Some(spec) = &r.spec else { return "-".into() };
+    let Some(spec) = &r.spec else {
+        return "-".into();
+    };
     if !spec.group.is_empty() {
         format!("group {}", spec.group)
     } else {
-        let parts: Vec<String> = spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let parts: Vec<String> = spec
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         format!("selector {}", parts.join(","))
     }
 }
 
 pub fn config_label(r: &Rollout) -> String {
-    r.config.as_ref().map(|c| format!("{} ({})", c.version, short_hash(&c.hash))).unwrap_or_default()
+    r.config
+        .as_ref()
+        .map(|c| format!("{} ({})", c.version, short_hash(&c.hash)))
+        .unwrap_or_default()
 }
 
 /// A full description of a rollout.
 pub fn print_summary(r: &Rollout) {
-    println!("rollout {}: {} {} to {}", r.id, r.state, config_label(r), target(r));
+    println!(
+        "rollout {}: {} {} to {}",
+        r.id,
+        r.state,
+        config_label(r),
+        target(r)
+    );
     if !r.step.is_empty() {
         println!("  now: {}", r.step);
     }
     if !r.message.is_empty() {
         println!("  message: {}", r.message);
     }
-    println!("  created by {}{}", r.created_by, if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) });
+    println!(
+        "  created by {}{}",
+        r.created_by,
+        if r.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r.reason)
+        }
+    );
     for (i, batch) in r.batches.iter().enumerate() {
         println!("  batch {}:", i + 1);
         for g in &batch.gateways {
-            let from = g.baseline.as_ref().map(|b| if b.version.is_empty() { "unknown".to_owned() } else { format!("{} ({})", b.version, short_hash(&b.hash)) }).unwrap_or_default();
-            let error = if g.error.is_empty() { String::new() } else { format!("  {}", g.error) };
-            println!("    {:<20} from {:<24} {}{}", g.gateway_id, from, g.state, error);
+            let from = g
+                .baseline
+                .as_ref()
+                .map(|b| {
+                    if b.version.is_empty() {
+                        "unknown".to_owned()
+                    } else {
+                        format!("{} ({})", b.version, short_hash(&b.hash))
+                    }
+                })
+                .unwrap_or_default();
+            let error = if g.error.is_empty() {
+                String::new()
+            } else {
+                format!("  {}", g.error)
+            };
+            println!(
+                "    {:<20} from {:<24} {}{}",
+                g.gateway_id, from, g.state, error
+            );
         }
     }
     if !r.gates.is_empty() {
         println!("  gates:");
         for g in &r.gates {
-            println!("    batch {} {:<12} {:<12} {}", g.batch + 1, g.gate, g.decision, g.detail);
+            println!(
+                "    batch {} {:<12} {:<12} {}",
+                g.batch + 1,
+                g.gate,
+                g.decision,
+                g.detail
+            );
         }
     }
 }
@@ -77,8 +123,11 @@ pub fn print_summary(r: &Rollout) {
 /// Returns the final rollout.
 pub async fn follow(session: &Session, id: &str) -> anyhow::Result<Rollout> {
     let mut client = session.client().await?;
-    let mut stream: Streaming<Rollout> =
-        client.watch_rollout(RolloutRequest { id: id.to_owned() }).await.map_err(crate::status_error)?.into_inner();
+    let mut stream: Streaming<Rollout> = client
+        .watch_rollout(RolloutRequest { id: id.to_owned() })
+        .await
+        .map_err(crate::status_error)?
+        .into_inner();
     let mut printed = 0;
     let mut gates_printed = 0;
     let mut last: Option<Rollout> = None;
@@ -94,18 +143,41 @@ pub async fn follow(session: &Session, id: &str) -> anyhow::Result<Rollout> {
         let Some(r) = next else {
             return last.ok_or_else(|| anyhow::anyhow!("the coordinator ended the watch"));
         };
-        for t in r.history.iter().skip(printed) {
-            println!("{}  {:<14} {}", clock(t.at_unix_ms), short_by(&t.by), t.what);
+        // History and gate evaluations, in one timeline.
+        let mut lines: Vec<(u64, String)> = r
+            .history
+            .iter()
+            .skip(printed)
+            .map(|t| (t.at_unix_ms, format!("{:<14} {}", short_by(&t.by), t.what)))
+            .chain(r.gates.iter().skip(gates_printed).map(|g| {
+                (
+                    g.at_unix_ms,
+                    format!(
+                        "gate {:<9} batch {} {}: {}",
+                        g.gate,
+                        g.batch + 1,
+                        g.decision,
+                        g.detail
+                    ),
+                )
+            }))
+            .collect();
+        lines.sort_by_key(|(at, _)| *at);
+        for (at, line) in lines {
+            println!("{}  {line}", clock(at));
         }
         printed = r.history.len();
-        for g in r.gates.iter().skip(gates_printed) {
-            println!("{}  gate {:<9} batch {} {}: {}", clock(g.at_unix_ms), g.gate, g.batch + 1, g.decision, g.detail);
-        }
         gates_printed = r.gates.len();
         for batch in &r.batches {
             for g in &batch.gateways {
                 if states.insert((g.gateway_id.clone(), g.state.clone())) && g.state == "offered" {
-                    println!("{}  {:<14} {} offered {}", clock(kt_proto::unix_ms_now()), "coordinator", g.gateway_id, config_label(&r));
+                    println!(
+                        "{}  {:<14} {} offered {}",
+                        clock(kt_proto::unix_ms_now()),
+                        "coordinator",
+                        g.gateway_id,
+                        config_label(&r)
+                    );
                 }
             }
         }
@@ -124,13 +196,18 @@ fn short_by(by: &str) -> &str {
 fn clock(unix_ms: u64) -> String {
     let nanos = i128::from(unix_ms) * 1_000_000;
     let format = time::macros::format_description!("[hour]:[minute]:[second]");
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok().and_then(|t| t.format(&format).ok()).unwrap_or_default()
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_default()
 }
 
 /// A rollout as JSON, for `-o json|yaml`.
 pub fn to_json(r: &Rollout, diff: Option<&str>) -> serde_json::Value {
     use serde_json::json;
-    let config = |c: Option<&kt_proto::v1::ConfigRef>| c.map(|c| json!({ "version": c.version, "hash": c.hash }));
+    let config = |c: Option<&kt_proto::v1::ConfigRef>| {
+        c.map(|c| json!({ "version": c.version, "hash": c.hash }))
+    };
     let mut value = json!({
         "id": r.id,
         "state": r.state,

@@ -93,7 +93,9 @@ impl GatewayRow {
             _ => "-".into(),
         };
         match (&self.desired_version, &self.desired_hash) {
-            (Some(v), Some(h)) if self.config_hash.as_ref() != Some(h) => format!("{running} -> {v}"),
+            (Some(v), Some(h)) if self.config_hash.as_ref() != Some(h) => {
+                format!("{running} -> {v}")
+            }
             _ => running,
         }
     }

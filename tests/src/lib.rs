@@ -401,6 +401,7 @@ impl TestFleet {
                     health_interval: HEALTH_INTERVAL,
                     labels: &[("region", region), ("env", "test")],
                     config_path: Some(&gateway.policy),
+                    validator: &bin("kt-gateway"),
                     state_dir: &gw_dir.join("agent-state"),
                 },
             );

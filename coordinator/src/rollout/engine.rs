@@ -449,6 +449,7 @@ impl Engine {
             reason: push.reason.clone(),
             created_at: now,
             message: String::new(),
+            dry_run: push.dry_run,
         };
         if push.dry_run {
             return Ok((r, diff_text));

@@ -217,6 +217,9 @@ pub struct RolloutRecord {
     pub reason: String,
     pub created_at: u64,
     pub message: String,
+    /// A plan shown by `--dry-run`, never stored nor run.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 impl RolloutRecord {
@@ -225,6 +228,9 @@ impl RolloutRecord {
     }
 
     pub fn state_name(&self) -> &'static str {
+        if self.dry_run {
+            return "planned";
+        }
         match &self.phase {
             Phase::Applying | Phase::Baking { .. } | Phase::Pausing { .. } => "running",
             Phase::AwaitingPromotion => "awaiting_promotion",

@@ -709,6 +709,7 @@ mod tests {
             reason: String::new(),
             created_at: 0,
             message: String::new(),
+            dry_run: false,
         }
     }
 

@@ -110,6 +110,7 @@ pub fn spec_to_proto(spec: &Spec) -> v1::RolloutSpec {
 
 pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
     let step = match &r.phase {
+        _ if r.dry_run => format!("plan: {} batches", r.batches.len()),
         Phase::Applying => format!(
             "applying batch {} of {}",
             r.current_batch + 1,

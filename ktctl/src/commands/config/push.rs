@@ -95,8 +95,18 @@ fn parse_selector(text: &str) -> Result<HashMap<String, String>, String> {
 /// `N` or `N%`.
 fn parse_size(text: &str) -> anyhow::Result<(u32, bool)> {
     match text.strip_suffix('%') {
-        Some(p) => Ok((p.trim().parse().with_context(|| format!("{text:?} is not a percentage"))?, true)),
-        None => Ok((text.trim().parse().with_context(|| format!("{text:?} is not a count"))?, false)),
+        Some(p) => Ok((
+            p.trim()
+                .parse()
+                .with_context(|| format!("{text:?} is not a percentage"))?,
+            true,
+        )),
+        None => Ok((
+            text.trim()
+                .parse()
+                .with_context(|| format!("{text:?} is not a count"))?,
+            false,
+        )),
     }
 }
 
@@ -109,8 +119,13 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
     if args.group.is_none() && args.selector.is_none() {
         bail!("give --group or --selector");
     }
-    let content = std::fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
-    let (size, size_percent) = parse_size(if args.strategy == StrategyArg::Canary { &args.canary_size } else { &args.batch_size })?;
+    let content = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let (size, size_percent) = parse_size(if args.strategy == StrategyArg::Canary {
+        &args.canary_size
+    } else {
+        &args.batch_size
+    })?;
     let spec = RolloutSpec {
         group: args.group.clone().unwrap_or_default(),
         selector: args.selector.clone().unwrap_or_default(),
@@ -133,13 +148,24 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
     };
     let mut client = session.client().await?;
     let response = client
-        .push_config(PushConfigRequest { content, spec: Some(spec), reason: args.reason, dry_run: args.dry_run, supersede: args.supersede })
+        .push_config(PushConfigRequest {
+            content,
+            spec: Some(spec),
+            reason: args.reason,
+            dry_run: args.dry_run,
+            supersede: args.supersede,
+        })
         .await
         .map_err(crate::status_error)?
         .into_inner();
-    let rollout = response.rollout.context("the coordinator sent no rollout")?;
+    let rollout = response
+        .rollout
+        .context("the coordinator sent no rollout")?;
     if args.output != Output::Table {
-        print_structured(&rollouts::to_json(&rollout, Some(&response.diff)), args.output)?;
+        print_structured(
+            &rollouts::to_json(&rollout, Some(&response.diff)),
+            args.output,
+        )?;
         if args.dry_run || args.detach {
             return Ok(0);
         }
@@ -147,13 +173,30 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         println!("dry run: nothing changes");
         print_summary(&rollout);
         println!();
-        print!("{}", if response.diff.is_empty() { "(no difference)\n".to_owned() } else { response.diff });
+        print!(
+            "{}",
+            if response.diff.is_empty() {
+                "(no difference)\n".to_owned()
+            } else {
+                response.diff
+            }
+        );
         return Ok(0);
     } else {
-        println!("rollout {} created: {} to {}", rollout.id, config_label(&rollout), args.group.map(|g| format!("group {g}")).unwrap_or_else(|| "selector".into()));
+        println!(
+            "rollout {} created: {} to {}",
+            rollout.id,
+            config_label(&rollout),
+            args.group
+                .map(|g| format!("group {g}"))
+                .unwrap_or_else(|| "selector".into())
+        );
     }
     if args.detach {
-        println!("follow it with: ktctl rollout status {} --watch", rollout.id);
+        println!(
+            "follow it with: ktctl rollout status {} --watch",
+            rollout.id
+        );
         return Ok(0);
     }
     let last = follow(session, &rollout.id).await?;

@@ -14,7 +14,13 @@ pub struct Args {
 
 pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     let mut client = session.client().await?;
-    let version = client.get_config_version(GetConfigVersionRequest { version: args.version }).await.map_err(crate::status_error)?.into_inner();
+    let version = client
+        .get_config_version(GetConfigVersionRequest {
+            version: args.version,
+        })
+        .await
+        .map_err(crate::status_error)?
+        .into_inner();
     std::io::stdout().write_all(&version.content)?;
     Ok(())
 }

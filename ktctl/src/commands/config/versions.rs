@@ -14,7 +14,12 @@ pub struct Args {
 
 pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     let mut client = session.client().await?;
-    let versions = client.list_config_versions(ListConfigVersionsRequest {}).await.map_err(crate::status_error)?.into_inner().versions;
+    let versions = client
+        .list_config_versions(ListConfigVersionsRequest {})
+        .await
+        .map_err(crate::status_error)?
+        .into_inner()
+        .versions;
     if args.output != Output::Table {
         let rows: Vec<_> = versions
             .iter()
@@ -28,7 +33,19 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     let mut t = table(&["VERSION", "HASH", "AUTHOR", "MESSAGE"]);
     for v in &versions {
         let c = v.config.clone().unwrap_or_default();
-        t.add_row(vec![c.version, short_hash(&c.hash), v.author.rsplit('/').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/"), v.message.clone()]);
+        t.add_row(vec![
+            c.version,
+            short_hash(&c.hash),
+            v.author
+                .rsplit('/')
+                .take(2)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("/"),
+            v.message.clone(),
+        ]);
     }
     println!("{t}");
     Ok(())

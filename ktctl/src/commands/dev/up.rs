@@ -193,6 +193,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 health_interval: Duration::from_secs(1),
                 labels: &[("region", region), ("env", "dev")],
                 config_path: Some(&policy),
+                validator: &dev::find_binary("kt-gateway"),
                 state_dir: &gw_dir.join("agent-state"),
             }),
         )?;
@@ -257,8 +258,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ] {
         println!("  {command:<width$}  {what}", width = 24 + flag.len());
     }
-    println!("the gateways run {}: edit it (bump pack.version) and roll it out with", shared_policy.display());
-    println!("  ktctl config push --file {} --group dev --batch-size 1 --rollback-on-error", shared_policy.display());
+    println!(
+        "the gateways run {}: edit it (bump pack.version) and roll it out with",
+        shared_policy.display()
+    );
+    println!(
+        "  ktctl config push --file {} --group dev --batch-size 1 --rollback-on-error",
+        shared_policy.display()
+    );
     Ok(())
 }
 

@@ -15,10 +15,23 @@ pub struct Args {
 pub async fn run(session: &Session, action: RolloutAction, args: Args) -> anyhow::Result<()> {
     let mut client = session.client().await?;
     let rollout = client
-        .control_rollout(ControlRolloutRequest { id: args.id, action: action as i32, reason: args.reason })
+        .control_rollout(ControlRolloutRequest {
+            id: args.id,
+            action: action as i32,
+            reason: args.reason,
+        })
         .await
         .map_err(crate::status_error)?
         .into_inner();
-    println!("rollout {} is {}{}", rollout.id, rollout.state, if rollout.step.is_empty() { String::new() } else { format!(": {}", rollout.step) });
+    println!(
+        "rollout {} is {}{}",
+        rollout.id,
+        rollout.state,
+        if rollout.step.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", rollout.step)
+        }
+    );
     Ok(())
 }

@@ -20,7 +20,10 @@ pub struct Args {
 pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     let mut client = session.client().await?;
     let rollouts = client
-        .list_rollouts(ListRolloutsRequest { active_only: args.active, group: args.group.unwrap_or_default() })
+        .list_rollouts(ListRolloutsRequest {
+            active_only: args.active,
+            group: args.group.unwrap_or_default(),
+        })
         .await
         .map_err(crate::status_error)?
         .into_inner()
@@ -32,14 +35,26 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     let mut t = table(&["ID", "STATE", "CONFIG", "TARGET", "BATCH", "BY", "MESSAGE"]);
     for r in &rollouts {
         let spec = r.spec.clone().unwrap_or_default();
-        let target = if spec.group.is_empty() { "selector".to_owned() } else { spec.group.clone() };
+        let target = if spec.group.is_empty() {
+            "selector".to_owned()
+        } else {
+            spec.group.clone()
+        };
         t.add_row(vec![
             r.id.clone(),
             r.state.clone(),
             config_label(r),
             target,
-            format!("{}/{}", (r.current_batch as usize + 1).min(r.batches.len()), r.batches.len()),
-            r.created_by.rsplit('/').next().unwrap_or_default().to_owned(),
+            format!(
+                "{}/{}",
+                (r.current_batch as usize + 1).min(r.batches.len()),
+                r.batches.len()
+            ),
+            r.created_by
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
             r.message.chars().take(60).collect(),
         ]);
     }

@@ -22,11 +22,21 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         follow(session, &args.id).await?
     } else {
         let mut client = session.client().await?;
-        client.get_rollout(RolloutRequest { id: args.id.clone() }).await.map_err(crate::status_error)?.into_inner()
+        client
+            .get_rollout(RolloutRequest {
+                id: args.id.clone(),
+            })
+            .await
+            .map_err(crate::status_error)?
+            .into_inner()
     };
     match args.output {
         Output::Table => print_summary(&rollout),
         structured => print_structured(&to_json(&rollout, None), structured)?,
     }
-    Ok(if args.watch { exit_code(&rollout.state).unwrap_or(exit::FAILED) } else { 0 })
+    Ok(if args.watch {
+        exit_code(&rollout.state).unwrap_or(exit::FAILED)
+    } else {
+        0
+    })
 }

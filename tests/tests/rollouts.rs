@@ -1,0 +1,522 @@
+//! Policy rollouts through the real `ktctl`, coordinator, agents and gateways.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use kt_e2e::{TestFleet, row, wait_for};
+use serde_json::Value;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn all_healthy(n: usize) -> impl Fn(i32, &[Value]) -> bool {
+    move |code, rows| {
+        code == 0
+            && rows.len() == n
+            && rows
+                .iter()
+                .all(|r| r["agent"] == "connected" && r["status"] == "healthy")
+    }
+}
+
+async fn fleet(n: usize) -> TestFleet {
+    let fleet = TestFleet::start(n);
+    fleet
+        .wait_for_health("fleet healthy", PATIENCE, all_healthy(n))
+        .await;
+    fleet
+}
+
+/// Writes a variant of the policy the gateways run, with `version`, edited by `edit`.
+fn policy(fleet: &TestFleet, version: &str, edit: impl Fn(String) -> String) -> String {
+    let text = std::fs::read_to_string(&fleet.gateways[0].policy).expect("policy");
+    let text = edit(text.replace("version: 1.0.0", &format!("version: {version}")));
+    let path = fleet.dir.path().join(format!("policy-{version}.yaml"));
+    std::fs::write(&path, text).expect("write");
+    path.display().to_string()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn hashes(fleet: &TestFleet) -> Vec<String> {
+    fleet
+        .health()
+        .1
+        .iter()
+        .map(|r| r["config_hash"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn rollout(fleet: &TestFleet, id: &str) -> Value {
+    let out = fleet.ktctl(&["rollout", "status", id, "-o", "json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("rollout status: {}", text(&out)))
+}
+
+/// Sends allowed chat requests ("what is the weather today") to every gateway until dropped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+}
+
+impl Traffic {
+    fn start(fleet: &TestFleet) -> Self {
+        kt_proto::install_crypto_provider();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let client = reqwest::Client::new();
+        for gateway in &fleet.gateways {
+            let url = gateway.url("/v1/chat/completions");
+            let (stop, sent, client) = (stop.clone(), sent.clone(), client.clone());
+            tokio::spawn(async move {
+                let body = serde_json::json!({ "model": "mock-small", "messages": [{ "role": "user", "content": "what is the weather today" }] });
+                // Bounded: at most two minutes of one request every 10 ms per gateway.
+                for _ in 0..12_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let _ = client.post(&url).json(&body).send().await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+        }
+        Traffic { stop, sent }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_push_moves_one_gateway_at_a_time() {
+    let fleet = fleet(3).await;
+    let before = hashes(&fleet);
+    let file = policy(&fleet, "1.1.0", |t| t);
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        kt_e2e::GROUP,
+        "--strategy",
+        "rolling",
+        "--batch-size",
+        "1",
+        "--pause-between",
+        "1s",
+        "--min-healthy-time",
+        "300ms",
+        "--rollback-on-error",
+        "--reason",
+        "e2e",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let r = rollout(&fleet, "r-1");
+    assert_eq!(r["state"], "succeeded");
+    // Batches of one, in order, each applied only after the previous batch's pause.
+    let applied_at = |gateway: &str| {
+        r["history"]
+            .as_array()
+            .and_then(|h| {
+                h.iter()
+                    .find(|t| t["what"] == format!("{gateway}: applied (ok)"))
+            })
+            .and_then(|t| t["at_unix_ms"].as_u64())
+            .unwrap_or_else(|| panic!("no apply of {gateway}: {r:#}"))
+    };
+    let times = [
+        applied_at("gw-test-01"),
+        applied_at("gw-test-02"),
+        applied_at("gw-test-03"),
+    ];
+    assert!(times[0] < times[1] && times[1] < times[2], "{times:?}");
+    assert!(
+        times[1] - times[0] >= 1_300 && times[2] - times[1] >= 1_300,
+        "bake + pause between batches: {times:?}"
+    );
+    let after = hashes(&fleet);
+    assert!(
+        after.iter().all(|h| h == &after[0]) && after[0] != before[0],
+        "all on the new hash: {after:?}"
+    );
+    let stored = fleet.ktctl(&["config", "show", "1.1.0"]);
+    assert_eq!(
+        String::from_utf8_lossy(&stored.stdout),
+        std::fs::read_to_string(&file).expect("file")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_config_never_reaches_the_other_gateways() {
+    let fleet = fleet(3).await;
+    let before = hashes(&fleet);
+    let bad = policy(&fleet, "1.1.0", |t| {
+        t.replace("    - dlp-filter\n", "    - dlp-filter\n    - teleport\n")
+    });
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &bad,
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "100ms",
+        "--rollback-on-error",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "rolled back: {}", text(&out));
+    let r = rollout(&fleet, "r-1");
+    let states: Vec<&str> = r["batches"]
+        .as_array()
+        .expect("batches")
+        .iter()
+        .map(|b| b[0]["state"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(states, ["rejected", "pending", "pending"]);
+    assert!(
+        r["batches"][0][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("teleport")),
+        "{r:#}"
+    );
+    assert_eq!(hashes(&fleet), before, "nothing changed anywhere");
+
+    // Without --rollback-on-error the rollout pauses for a human instead.
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &bad,
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "100ms",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "paused: {}", text(&out));
+    assert_eq!(rollout(&fleet, "r-2")["state"], "paused");
+    let out = fleet.ktctl(&["rollout", "abort", "r-2", "--reason", "bad config"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verdict_mix_gate_rolls_back_a_policy_that_blocks_everything() {
+    let fleet = fleet(3).await;
+    let before = hashes(&fleet);
+    let traffic = Traffic::start(&fleet);
+    assert!(
+        wait_for(PATIENCE, || traffic.sent.load(Ordering::Relaxed) > 100).await,
+        "traffic flows"
+    );
+    // Valid, but it blocks every request of the traffic above.
+    let blocker = policy(&fleet, "1.1.0", |t| {
+        t.replace(
+            "      - ignore all previous instructions",
+            "      - the weather",
+        )
+    });
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &blocker,
+        "--group",
+        kt_e2e::GROUP,
+        "--batch-size",
+        "1",
+        "--min-healthy-time",
+        "3s",
+        "--max-block-rate-delta",
+        "0.2",
+        "--min-sample",
+        "20",
+        "--rollback-on-error",
+    ]);
+    drop(traffic);
+    assert_eq!(out.status.code(), Some(2), "rolled back: {}", text(&out));
+    let r = rollout(&fleet, "r-1");
+    let gate = r["gates"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["gate"] == "verdict_mix"))
+        .cloned()
+        .expect("verdict gate");
+    assert_eq!(gate["decision"], "failed", "{gate:#}");
+    assert!(gate["value"].as_f64().is_some_and(|v| v > 0.5), "{gate:#}");
+    assert_eq!(r["batches"][0][0]["state"], "rolled_back", "{r:#}");
+    assert_eq!(r["batches"][1][0]["state"], "pending");
+    fleet
+        .wait_for_health(
+            "every gateway back on the previous hash",
+            PATIENCE,
+            |_, rows| {
+                rows.iter()
+                    .map(|r| r["config_hash"].as_str().unwrap_or_default())
+                    .all(|h| h == before[0])
+            },
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_promote_pause_resume_and_abort() {
+    let fleet = fleet(3).await;
+    let before = hashes(&fleet);
+    let file = policy(&fleet, "1.1.0", |t| t);
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        kt_e2e::GROUP,
+        "--strategy",
+        "canary",
+        "--canary-size",
+        "1",
+        "--min-healthy-time",
+        "200ms",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "canary waits for promotion: {}",
+        text(&out)
+    );
+    assert_eq!(rollout(&fleet, "r-1")["state"], "awaiting_promotion");
+    let (_, rows) = fleet.health();
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["config_hash"] != before[0])
+            .count(),
+        1,
+        "only the canary moved"
+    );
+
+    // Abort: the canary returns to the baseline.
+    let out = fleet.ktctl(&["rollout", "abort", "r-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
+    assert_eq!(out.status.code(), Some(2), "aborted: {}", text(&out));
+    fleet
+        .wait_for_health("back on the baseline", PATIENCE, |_, rows| {
+            rows.iter().all(|r| r["config_hash"] == before[0])
+        })
+        .await;
+
+    // Promote a second canary; pause and resume on the way.
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        kt_e2e::GROUP,
+        "--strategy",
+        "canary",
+        "--canary-size",
+        "1",
+        "--min-healthy-time",
+        "200ms",
+        "--pause-between",
+        "3s",
+        "--detach",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = fleet.ktctl(&["rollout", "status", "r-2", "--watch"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        fleet
+            .ktctl(&["rollout", "promote", "r-2", "--reason", "canary looks fine"])
+            .status
+            .success()
+    );
+    let out = fleet.ktctl(&["rollout", "pause", "r-2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(rollout(&fleet, "r-2")["state"], "paused");
+    assert!(fleet.ktctl(&["rollout", "resume", "r-2"]).status.success());
+    let out = fleet.ktctl(&["rollout", "status", "r-2", "--watch"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let r = rollout(&fleet, "r-2");
+    let by_operator = r["history"].as_array().expect("history").iter().any(|t| {
+        t["what"]
+            .as_str()
+            .is_some_and(|w| w.contains("promoted: canary looks fine"))
+            && t["by"]
+                .as_str()
+                .is_some_and(|b| b.ends_with("/operator/tester"))
+    });
+    assert!(
+        by_operator,
+        "operator actions are recorded with identity and reason: {r:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_rollout_resumes_it() {
+    let mut fleet = fleet(3).await;
+    let file = policy(&fleet, "1.1.0", |t| t);
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "1s",
+        "--pause-between",
+        "1s",
+        "--detach",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Wait until the second batch is under way, and see the desired version in gateway health.
+    let mut seen_desired = false;
+    let reached = wait_for(PATIENCE, || {
+        let (_, rows) = fleet.health();
+        seen_desired |= row(&rows, "gw-test-02").is_some_and(|r| r["desired_version"] == "1.1.0");
+        rollout(&fleet, "r-1")["current_batch"].as_u64() == Some(1)
+    })
+    .await;
+    assert!(reached, "second batch never started");
+    if let Some(proc) = fleet.coordinator.proc.take() {
+        drop(proc); // SIGKILL
+    }
+    fleet.coordinator.start_again();
+    let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "resumed and finished: {}",
+        text(&out)
+    );
+    fleet
+        .wait_for_health("all on 1.1.0", PATIENCE, |_, rows| {
+            rows.iter().all(|r| r["config_version"] == "1.1.0")
+        })
+        .await;
+    assert!(
+        seen_desired
+            || fleet
+                .health()
+                .1
+                .iter()
+                .all(|r| r["desired_version"].is_null()),
+        "desired shown while moving"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_during_an_apply_leaves_a_valid_config() {
+    let mut fleet = fleet(1).await;
+    let file = policy(&fleet, "1.1.0", |t| t);
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "100ms",
+        "--detach",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    fleet.agents[0].kill();
+    // Whatever the agent had done, the gateway serves a whole, valid config.
+    let health: Value = reqwest::get(fleet.gateways[0].url("/health"))
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        ["1.0.0", "1.1.0"].contains(&health["config"]["version"].as_str().unwrap_or("")),
+        "{health}"
+    );
+    let validate = std::process::Command::new(kt_e2e::bin("kt-gateway"))
+        .arg("validate")
+        .arg(&fleet.gateways[0].policy)
+        .output()
+        .expect("validate");
+    assert!(validate.status.success(), "{}", text(&validate));
+    // When the agent returns, the rollout completes.
+    fleet.agents[0].start_again();
+    let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_rollouts_are_refused_and_a_dry_run_changes_nothing() {
+    let fleet = fleet(2).await;
+    let before = hashes(&fleet);
+    let file = policy(&fleet, "1.1.0", |t| t);
+    let plan = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        kt_e2e::GROUP,
+        "--dry-run",
+    ]);
+    assert!(plan.status.success(), "{}", text(&plan));
+    let plan_text = text(&plan);
+    assert!(
+        plan_text.contains("dry run")
+            && plan_text.contains("gw-test-01")
+            && plan_text.contains("+  version: 1.1.0"),
+        "{plan_text}"
+    );
+    let listed = fleet.ktctl(&["rollout", "list", "-o", "json"]);
+    assert_eq!(
+        serde_json::from_slice::<Vec<Value>>(&listed.stdout)
+            .expect("json")
+            .len(),
+        0,
+        "a dry run stores no rollout"
+    );
+    assert_eq!(hashes(&fleet), before);
+
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "60s",
+        "--detach",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let other = policy(&fleet, "1.2.0", |t| t);
+    let refused = fleet.ktctl(&["config", "push", "--file", &other, "--group", kt_e2e::GROUP]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused).contains("r-1"),
+        "names the rollout in the way: {}",
+        text(&refused)
+    );
+    let superseding = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &other,
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "100ms",
+        "--supersede",
+    ]);
+    assert_eq!(superseding.status.code(), Some(0), "{}", text(&superseding));
+    assert_eq!(rollout(&fleet, "r-1")["state"], "superseded");
+}
