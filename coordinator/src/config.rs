@@ -129,21 +129,48 @@ struct RawGroupsFile {
 struct RawGroup {
     #[serde(default)]
     gateways: Vec<String>,
+    /// Gateways whose labels all match are members too.
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
     #[serde(default)]
     config_source: Option<PathBuf>,
 }
 
-/// A named set of gateways and the config they should run.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A named set of gateways (listed, or matched by labels) and the config they should run.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Group {
     pub name: String,
     pub gateways: Vec<GatewayId>,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
     pub config_source: Option<PathBuf>,
+}
+
+impl Group {
+    /// Whether a gateway with these labels belongs to this group.
+    pub fn contains<'a>(&self, gateway: &str, label: impl Fn(&str) -> Option<&'a str>) -> bool {
+        self.gateways.iter().any(|g| g.as_str() == gateway)
+            || (!self.selector.is_empty()
+                && self
+                    .selector
+                    .iter()
+                    .all(|(k, v)| label(k) == Some(v.as_str())))
+    }
 }
 
 /// Loads a groups file; every gateway id must be valid.
 pub fn load_groups(path: &Path) -> Result<Vec<Group>, ConfigFileError> {
     let raw: RawGroupsFile = read_yaml_file(path)?;
+    groups_from_raw(path, raw)
+}
+
+/// Parses groups sent by an operator (`ktctl groups apply`); `source` names them in errors.
+pub fn parse_groups(source: &Path, text: &str) -> Result<Vec<Group>, ConfigFileError> {
+    let raw: RawGroupsFile = kt_proto::yaml::parse_yaml(source, text)?;
+    groups_from_raw(source, raw)
+}
+
+fn groups_from_raw(path: &Path, raw: RawGroupsFile) -> Result<Vec<Group>, ConfigFileError> {
     let base = path.parent().unwrap_or(Path::new("."));
     raw.groups
         .into_iter()
@@ -162,8 +189,16 @@ pub fn load_groups(path: &Path) -> Result<Vec<Group>, ConfigFileError> {
                     })
                 })
                 .collect::<Result<_, _>>()?;
+            if let Err(why) = GatewayId::new(&name) {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    format!("groups.{name}"),
+                    format!("invalid group name: {why}"),
+                ));
+            }
             Ok(Group {
                 gateways,
+                selector: group.selector,
                 config_source: group.config_source.map(|p| base.join(p)),
                 name,
             })

@@ -5,7 +5,7 @@
 //! derived from heartbeat times on a periodic tick, so nothing the agent does (or fails to do)
 //! can leave a record in a state that time does not eventually correct.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use kt_proto::identity::GatewayId;
 use kt_proto::unix_ms_now;
@@ -79,6 +79,11 @@ pub enum Command {
     Watch {
         reply: oneshot::Sender<(Vec<GatewayState>, broadcast::Receiver<GatewayState>)>,
     },
+    /// Adds or replaces groups; their listed gateways get records, every view is republished.
+    ApplyGroups {
+        groups: Vec<Group>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -94,7 +99,7 @@ pub struct FleetClosed;
 #[derive(Clone, Debug)]
 pub struct FleetHandle {
     commands: mpsc::Sender<Command>,
-    groups: std::sync::Arc<Groups>,
+    groups: SharedGroups,
 }
 
 impl FleetHandle {
@@ -141,53 +146,79 @@ impl FleetHandle {
     }
 
     /// Whether `gateway` is in `group` (for filtering watch streams outside the task).
-    pub fn in_group(&self, gateway: &str, group: &str) -> bool {
-        self.groups.contains(gateway, group)
+    pub fn in_group(&self, state: &GatewayState, group: &str) -> bool {
+        read(&self.groups).contains(
+            &state.gateway_id,
+            |k| state.labels.get(k).map(String::as_str),
+            group,
+        )
+    }
+
+    /// Every group definition.
+    pub fn groups(&self) -> Vec<Group> {
+        read(&self.groups).defs.values().cloned().collect()
+    }
+
+    /// Adds or replaces groups by name.
+    pub async fn apply_groups(&self, groups: Vec<Group>) -> Result<(), FleetClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ApplyGroups { groups, reply }).await?;
+        rx.await.map_err(|_| FleetClosed)
     }
 
     pub fn group_exists(&self, group: &str) -> bool {
-        self.groups.exists(group)
+        read(&self.groups).exists(group)
     }
 }
 
-/// Group membership, fixed for the life of the process (a later issue makes groups editable).
+/// The groups, shared with handles so that filters outside the task can read them.
+/// Written only by the fleet task (`ApplyGroups`).
 #[derive(Debug, Default)]
 struct Groups {
-    names: Vec<String>,
-    by_gateway: HashMap<GatewayId, Vec<String>>,
+    defs: BTreeMap<String, Group>,
 }
 
 impl Groups {
-    fn new(groups: &[Group]) -> Self {
-        let mut by_gateway: HashMap<GatewayId, Vec<String>> = HashMap::new();
-        for group in groups {
-            for gateway in &group.gateways {
-                by_gateway
-                    .entry(gateway.clone())
-                    .or_default()
-                    .push(group.name.clone());
-            }
-        }
-        Groups {
-            names: groups.iter().map(|g| g.name.clone()).collect(),
-            by_gateway,
-        }
-    }
-
     fn exists(&self, group: &str) -> bool {
-        self.names.iter().any(|g| g == group)
+        self.defs.contains_key(group)
     }
 
-    fn of(&self, gateway: &GatewayId) -> Vec<String> {
-        self.by_gateway.get(gateway).cloned().unwrap_or_default()
+    fn of<'a>(&self, gateway: &str, label: impl Fn(&str) -> Option<&'a str> + Copy) -> Vec<String> {
+        self.defs
+            .values()
+            .filter(|g| g.contains(gateway, label))
+            .map(|g| g.name.clone())
+            .collect()
     }
 
-    fn contains(&self, gateway: &str, group: &str) -> bool {
-        GatewayId::new(gateway)
-            .ok()
-            .and_then(|id| self.by_gateway.get(&id))
-            .is_some_and(|groups| groups.iter().any(|g| g == group))
+    fn contains<'a>(
+        &self,
+        gateway: &str,
+        label: impl Fn(&str) -> Option<&'a str>,
+        group: &str,
+    ) -> bool {
+        self.defs
+            .get(group)
+            .is_some_and(|g| g.contains(gateway, label))
     }
+
+    /// Adds or replaces groups by name; returns the gateways they list.
+    fn upsert(&mut self, groups: Vec<Group>) -> Vec<GatewayId> {
+        let listed: Vec<GatewayId> = groups
+            .iter()
+            .flat_map(|g| g.gateways.iter().cloned())
+            .collect();
+        for group in groups {
+            self.defs.insert(group.name.clone(), group);
+        }
+        listed
+    }
+}
+
+type SharedGroups = std::sync::Arc<std::sync::RwLock<Groups>>;
+
+fn read(groups: &SharedGroups) -> std::sync::RwLockReadGuard<'_, Groups> {
+    groups.read().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One gateway as the coordinator knows it.
@@ -253,7 +284,7 @@ impl Record {
 /// The fleet task.
 pub struct Fleet {
     liveness: LivenessConfig,
-    groups: std::sync::Arc<Groups>,
+    groups: SharedGroups,
     records: BTreeMap<GatewayId, Record>,
     commands: mpsc::Receiver<Command>,
     changes: broadcast::Sender<GatewayState>,
@@ -268,12 +299,13 @@ impl Fleet {
     pub fn new(liveness: LivenessConfig, groups: &[Group]) -> (Self, FleetHandle) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (changes, _) = broadcast::channel(CHANGE_QUEUE);
-        let groups = std::sync::Arc::new(Groups::new(groups));
-        let records = groups
-            .by_gateway
-            .keys()
-            .map(|id| (id.clone(), Record::never_seen()))
+        let mut defs = Groups::default();
+        let records = defs
+            .upsert(groups.to_vec())
+            .into_iter()
+            .map(|id| (id, Record::never_seen()))
             .collect();
+        let groups: SharedGroups = std::sync::Arc::new(std::sync::RwLock::new(defs));
         let fleet = Fleet {
             liveness,
             groups: groups.clone(),
@@ -407,6 +439,21 @@ impl Fleet {
                     self.refresh(&id, now, true);
                 }
             }
+            Command::ApplyGroups { groups, reply } => {
+                let listed = self
+                    .groups
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .upsert(groups);
+                for id in listed {
+                    self.records.entry(id).or_insert_with(Record::never_seen);
+                }
+                let ids: Vec<GatewayId> = self.records.keys().cloned().collect();
+                for id in ids {
+                    self.refresh(&id, now, true);
+                }
+                let _ = reply.send(());
+            }
             Command::List { group, reply } => {
                 let _ = reply.send(self.list(group.as_deref()));
             }
@@ -456,7 +503,9 @@ impl Fleet {
         Some(GatewayState {
             gateway_id: gateway.to_string(),
             labels: record.labels.clone().into_iter().collect(),
-            groups: self.groups.of(gateway),
+            groups: read(&self.groups).of(gateway.as_str(), |k| {
+                record.labels.get(k).map(String::as_str)
+            }),
             agent_state: record.state as i32,
             last_heartbeat_unix_ms: record.last_heartbeat_unix_ms,
             health: record.health.clone(),
@@ -468,14 +517,19 @@ impl Fleet {
     }
 
     fn list(&self, group: Option<&str>) -> Result<Vec<GatewayState>, UnknownGroup> {
-        if let Some(group) = group.filter(|g| !self.groups.exists(g)) {
+        let groups = read(&self.groups);
+        if let Some(group) = group.filter(|g| !groups.exists(g)) {
             return Err(UnknownGroup(group.to_owned()));
         }
         Ok(self
             .records
-            .keys()
-            .filter(|id| group.is_none_or(|g| self.groups.contains(id.as_str(), g)))
-            .filter_map(|id| self.view(id))
+            .iter()
+            .filter(|(id, record)| {
+                group.is_none_or(|g| {
+                    groups.contains(id.as_str(), |k| record.labels.get(k).map(String::as_str), g)
+                })
+            })
+            .filter_map(|(id, _)| self.view(id))
             .collect())
     }
 }
@@ -658,6 +712,7 @@ mod tests {
         let groups = [Group {
             name: "production".into(),
             gateways: vec![gw("gw-prod-01"), gw("gw-prod-02")],
+            selector: Default::default(),
             config_source: None,
         }];
         let (mut fleet, _handle) = Fleet::new(liveness(), &groups);

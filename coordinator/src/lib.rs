@@ -77,6 +77,13 @@ impl Coordinator {
             source,
         })?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir)?);
+        // Groups applied by operators are kept; the groups file, when there is one, wins for the
+        // names it defines (it is the configuration management's word).
+        let mut merged = store.list_groups()?;
+        merged.retain(|stored| !groups.iter().any(|g| g.name == stored.name));
+        store.put_groups(&groups)?;
+        merged.extend(groups);
+        let groups = merged;
         Ok(Coordinator {
             config,
             tls,

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::config::Group;
 use crate::rollout::model::RolloutRecord;
 
 /// A stored config version, content-addressed by its hash.
@@ -54,6 +55,9 @@ pub trait Store: Send + Sync {
         target: &str,
         reason: &str,
     ) -> Result<(), StoreError>;
+    /// Adds or replaces groups by name.
+    fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError>;
+    fn list_groups(&self) -> Result<Vec<Group>, StoreError>;
 }
 
 /// SQLite in the coordinator's data directory (`coordinator.db`, WAL journal).
@@ -78,6 +82,7 @@ impl SqliteStore {
                  author TEXT NOT NULL, created_at INTEGER NOT NULL, message TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS rollouts (
                  number INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, definition TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS audit (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, identity TEXT NOT NULL,
                  action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL);",
@@ -163,6 +168,30 @@ impl Store for SqliteStore {
             self.conn()
                 .query_row("SELECT MAX(number) FROM rollouts", [], |row| row.get(0))?;
         Ok(max.map_or(1, |m| u64::try_from(m).unwrap_or(0) + 1))
+    }
+
+    fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for group in groups {
+            tx.execute(
+                "INSERT INTO groups (name, definition) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET definition = excluded.definition",
+                params![group.name, serde_json::to_string(group)?],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT definition FROM groups ORDER BY name")?;
+        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for text in rows {
+            out.push(serde_json::from_str(&text?)?);
+        }
+        Ok(out)
     }
 
     fn audit(

@@ -18,7 +18,7 @@ use kt_proto::yaml::ConfigFileError;
 use tonic::transport::Channel;
 
 use crate::commands::{
-    config as config_cmd, dev as dev_cmd, fleet, gateway, pki as pki_cmd, rollout,
+    config as config_cmd, dev as dev_cmd, fleet, gateway, groups, pki as pki_cmd, rollout,
 };
 use crate::ktconfig::KtctlConfig;
 use kt_proto::v1::RolloutAction;
@@ -58,6 +58,9 @@ pub enum Noun {
     /// The fleet as a whole.
     #[command(subcommand)]
     Fleet(FleetVerb),
+    /// Groups of gateways: listed by id or matched by labels.
+    #[command(subcommand)]
+    Groups(GroupsVerb),
     /// Config versions: push one to a group, read the stored ones.
     #[command(subcommand)]
     Config(ConfigVerb),
@@ -67,6 +70,14 @@ pub enum Noun {
     /// A local fleet of real processes on loopback.
     #[command(subcommand)]
     Dev(DevVerb),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupsVerb {
+    /// Add or replace the groups of a groups file.
+    Apply(groups::apply::Args),
+    /// Every group with its members now.
+    List(groups::list::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,6 +206,12 @@ pub async fn run(cli: Cli) -> u8 {
             .map(|()| true),
         Noun::Config(ConfigVerb::Show(args)) => {
             config_cmd::show::run(&session, args).await.map(|()| true)
+        }
+        Noun::Groups(GroupsVerb::Apply(args)) => {
+            groups::apply::run(&session, args).await.map(|()| true)
+        }
+        Noun::Groups(GroupsVerb::List(args)) => {
+            groups::list::run(&session, args).await.map(|()| true)
         }
         Noun::Rollout(RolloutVerb::List(args)) => {
             rollout::list::run(&session, args).await.map(|()| true)

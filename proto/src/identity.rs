@@ -34,8 +34,25 @@ impl fmt::Display for Role {
 }
 
 /// A gateway's id: what an agent may speak for, and the key of all per-gateway state.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct GatewayId(String);
+
+impl TryFrom<String> for GatewayId {
+    type Error = IdentityError;
+
+    fn try_from(id: String) -> Result<Self, Self::Error> {
+        GatewayId::new(&id)
+    }
+}
+
+impl From<GatewayId> for String {
+    fn from(id: GatewayId) -> Self {
+        id.0
+    }
+}
 
 impl GatewayId {
     /// Accepts 1-63 characters of `[a-z0-9._-]`, starting with a letter or digit, so an id is

@@ -520,3 +520,115 @@ async fn overlapping_rollouts_are_refused_and_a_dry_run_changes_nothing() {
     assert_eq!(superseding.status.code(), Some(0), "{}", text(&superseding));
     assert_eq!(rollout(&fleet, "r-1")["state"], "superseded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_by_label_selector_target_rollouts_and_persist() {
+    let mut fleet = fleet(3).await;
+    let before = hashes(&fleet);
+    let groups = fleet.dir.path().join("more-groups.yaml");
+    std::fs::write(
+        &groups,
+        "groups:\n  eu:\n    selector: {region: eu}\n  canaries:\n    gateways: [gw-test-03]\n",
+    )
+    .expect("write");
+    let out = fleet.ktctl(&[
+        "groups",
+        "apply",
+        "-f",
+        groups.to_str().expect("utf-8"),
+        "--reason",
+        "regions",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let members = |fleet: &TestFleet| -> Vec<(String, Value)> {
+        let out = fleet.ktctl(&["groups", "list", "-o", "json"]);
+        let rows: Vec<Value> =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+        rows.into_iter()
+            .map(|g| {
+                (
+                    g["name"].as_str().unwrap_or_default().to_owned(),
+                    g["members"].clone(),
+                )
+            })
+            .collect()
+    };
+    let listed = members(&fleet);
+    assert!(
+        listed.contains(&("eu".to_owned(), serde_json::json!(["gw-test-02"]))),
+        "{listed:?}"
+    );
+    assert!(
+        listed.contains(&("canaries".to_owned(), serde_json::json!(["gw-test-03"]))),
+        "{listed:?}"
+    );
+    assert!(
+        listed.iter().any(|(name, _)| name == kt_e2e::GROUP),
+        "the file's group stays: {listed:?}"
+    );
+
+    let bad = fleet.dir.path().join("bad-groups.yaml");
+    std::fs::write(&bad, "groups:\n  eu:\n    members: [x]\n").expect("write");
+    let refused = fleet.ktctl(&["groups", "apply", "-f", bad.to_str().expect("utf-8")]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused).contains("members") && text(&refused).contains("line 3"),
+        "{}",
+        text(&refused)
+    );
+
+    let file = policy(&fleet, "1.1.0", |t| t);
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        "eu",
+        "--min-healthy-time",
+        "100ms",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    fleet
+        .wait_for_health("only eu moved", PATIENCE, |_, rows| {
+            rows.iter()
+                .all(|r| (r["config_version"] == "1.1.0") == (r["region"] == "eu"))
+        })
+        .await;
+    let file = policy(&fleet, "1.2.0", |t| t);
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--selector",
+        "region=us",
+        "--strategy",
+        "all-at-once",
+        "--min-healthy-time",
+        "100ms",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    fleet
+        .wait_for_health("us moved", PATIENCE, |_, rows| {
+            rows.iter().all(|r| {
+                r["config_version"]
+                    == if r["region"] == "us" {
+                        "1.2.0"
+                    } else {
+                        "1.1.0"
+                    }
+            })
+        })
+        .await;
+    assert_ne!(hashes(&fleet), before);
+
+    fleet.coordinator.stop();
+    fleet.coordinator.start_again();
+    // Selector membership needs the agents' labels, which come back with their hellos.
+    let kept = wait_for(PATIENCE, || {
+        members(&fleet).contains(&("eu".to_owned(), serde_json::json!(["gw-test-02"])))
+    })
+    .await;
+    assert!(kept, "groups survive a restart: {:?}", members(&fleet));
+}

@@ -42,6 +42,38 @@ type RolloutStream = Pin<Box<dyn Stream<Item = Result<v1::Rollout, Status>> + Se
 /// Pushed configs larger than this are refused before anything else.
 const MAX_PUSH_BYTES: usize = crate::rollout::plan::MAX_CONFIG_BYTES;
 
+impl OperatorApi {
+    async fn group_infos(&self) -> Result<v1::ListGroupsResponse, Status> {
+        let gateways = self
+            .fleet
+            .list(None)
+            .await
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?;
+        let groups = self
+            .fleet
+            .groups()
+            .into_iter()
+            .map(|g| v1::GroupInfo {
+                members: gateways
+                    .iter()
+                    .filter(|s| self.fleet.in_group(s, &g.name))
+                    .map(|s| s.gateway_id.clone())
+                    .collect(),
+                gateways: g.gateways.iter().map(ToString::to_string).collect(),
+                selector: g.selector.clone().into_iter().collect(),
+                config_source: g
+                    .config_source
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                name: g.name,
+            })
+            .collect();
+        Ok(v1::ListGroupsResponse { groups })
+    }
+}
+
 fn version_message(c: &StoredConfig, with_content: bool) -> v1::ConfigVersion {
     v1::ConfigVersion {
         config: Some(v1::ConfigRef {
@@ -263,6 +295,48 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(version_message(&full, true)))
     }
 
+    async fn apply_groups(
+        &self,
+        request: Request<v1::ApplyGroupsRequest>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        if request.content.len() > MAX_PUSH_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "groups file is larger than {MAX_PUSH_BYTES} bytes"
+            ))
+            .into());
+        }
+        let text = std::str::from_utf8(&request.content)
+            .map_err(|e| ApiError::InvalidArgument(format!("groups file is not UTF-8: {e}")))?;
+        let groups = crate::config::parse_groups(std::path::Path::new("groups file"), text)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
+        self.store.put_groups(&groups).map_err(ApiError::from)?;
+        self.fleet
+            .apply_groups(groups)
+            .await
+            .map_err(ApiError::from)?;
+        self.store
+            .audit(
+                kt_proto::unix_ms_now(),
+                &identity.uri(),
+                "groups apply",
+                &names.join(","),
+                &request.reason,
+            )
+            .map_err(ApiError::from)?;
+        self.group_infos().await.map(Response::new)
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<v1::ListGroupsRequest>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        self.group_infos().await.map(Response::new)
+    }
+
     type WatchFleetStream = WatchStream;
 
     async fn watch_fleet(
@@ -299,7 +373,7 @@ async fn forward_changes(
     let keep = |g: &GatewayState| {
         group
             .as_deref()
-            .is_none_or(|group| fleet.in_group(&g.gateway_id, group))
+            .is_none_or(|group| fleet.in_group(g, group))
     };
     loop {
         snapshot.retain(|g| keep(g));

@@ -513,9 +513,9 @@ impl Engine {
                     return Err(EngineError::NotFound(format!("no group named {group:?}")));
                 }
                 fleet
-                    .keys()
+                    .values()
                     .filter(|g| self.fleet.in_group(g, group))
-                    .cloned()
+                    .map(|g| g.gateway_id.clone())
                     .collect()
             }
             Target::Selector(selector) => fleet

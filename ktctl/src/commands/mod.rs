@@ -4,5 +4,6 @@ pub mod config;
 pub mod dev;
 pub mod fleet;
 pub mod gateway;
+pub mod groups;
 pub mod pki;
 pub mod rollout;
