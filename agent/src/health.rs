@@ -166,6 +166,7 @@ pub fn from_doc(doc: HealthDoc) -> v1::GatewayHealth {
             .collect(),
         policies_loaded: doc.policies_loaded,
         requests_processed: doc.requests_processed,
+        errors: doc.errors,
         verdicts: Some(v1::VerdictCounts {
             allow: doc.verdicts.allow,
             block: doc.verdicts.block,
@@ -187,6 +188,7 @@ pub fn materially_different(a: &v1::GatewayHealth, b: &v1::GatewayHealth) -> boo
         v1::GatewayHealth {
             uptime_seconds: 0,
             requests_processed: 0,
+            errors: 0,
             verdicts: None,
             cache: None,
             observed_at_unix_ms: 0,

@@ -214,11 +214,11 @@ async fn serve(
                 return Ok(());
             }
             _ = heartbeat.tick() => {
-                let (requests_processed, verdicts) = {
+                let (requests_processed, verdicts, errors) = {
                     let h = health.borrow();
-                    (h.requests_processed, h.verdicts)
+                    (h.requests_processed, h.verdicts, h.errors)
                 };
-                session.send(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: unix_ms_now(), requests_processed, verdicts })).await?;
+                session.send(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: unix_ms_now(), requests_processed, verdicts, errors })).await?;
             }
             changed = health.changed() => {
                 if changed.is_err() {

@@ -49,6 +49,7 @@ pub enum Command {
         session: SessionId,
         requests_processed: u64,
         verdicts: Option<VerdictCounts>,
+        errors: u64,
     },
     /// Sends a config offer on the gateway's session; replies whether it was handed over.
     Offer {
@@ -372,12 +373,14 @@ impl Fleet {
                 session,
                 requests_processed,
                 verdicts,
+                errors,
             } => {
                 if let Some(record) = self.current_session(&gateway, session) {
                     record.last_heartbeat = Some(now);
                     record.last_heartbeat_unix_ms = unix_ms_now();
                     if let Some(health) = &mut record.health {
                         health.requests_processed = requests_processed;
+                        health.errors = errors;
                         if verdicts.is_some() {
                             health.verdicts = verdicts;
                         }
@@ -693,6 +696,7 @@ mod tests {
                     session: 1,
                     requests_processed: s,
                     verdicts: None,
+                    errors: 0,
                 },
                 now,
             );

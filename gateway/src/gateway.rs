@@ -73,6 +73,8 @@ struct Shared {
     reloaded: Notify,
     probes: Probes,
     requests_processed: AtomicU64,
+    /// Requests answered with a 5xx status.
+    errors: AtomicU64,
     verdicts: [AtomicU64; 4],
     metrics: Metrics,
     events: EventSink,
@@ -110,6 +112,7 @@ impl Gateway {
                 reloaded: Notify::new(),
                 probes: Probes::default(),
                 requests_processed: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
                 verdicts: Default::default(),
                 metrics: Metrics::default(),
                 events,
@@ -186,6 +189,11 @@ impl Gateway {
         self.shared
             .requests_processed
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request answered with a server error (5xx).
+    pub fn count_error(&self) {
+        self.shared.errors.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count_verdict(&self, verdict: Verdict) {
@@ -280,6 +288,7 @@ impl Gateway {
             },
             pack_enabled: config.enabled,
             requests_processed: self.shared.requests_processed.load(Ordering::Relaxed),
+            errors: self.shared.errors.load(Ordering::Relaxed),
             verdicts: VerdictsDoc {
                 allow: count(0),
                 block: count(1),

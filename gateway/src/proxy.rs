@@ -613,6 +613,9 @@ async fn finish(
     let decision = &exchange.decision;
     let verdict = decision.verdict;
     gateway.count_verdict(verdict);
+    if status.is_server_error() {
+        gateway.count_error();
+    }
     let metrics = gateway.metrics();
     metrics
         .requests

@@ -88,6 +88,8 @@ pub enum ConfigVerb {
     Versions(config_cmd::versions::Args),
     /// Print a stored config version.
     Show(config_cmd::show::Args),
+    /// A unified diff of two stored config versions.
+    Diff(config_cmd::diff::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +106,10 @@ pub enum RolloutVerb {
     Promote(rollout::control::Args),
     /// Stop the rollout and return every touched gateway to its previous version.
     Abort(rollout::control::Args),
+    /// Every rollout, newest first, with the version it started from.
+    History(rollout::history::Args),
+    /// Return a group to what it ran before its last successful rollout (or --to-version).
+    Undo(rollout::undo::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +218,15 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Noun::Groups(GroupsVerb::List(args)) => {
             groups::list::run(&session, args).await.map(|()| true)
+        }
+        Noun::Config(ConfigVerb::Diff(args)) => {
+            config_cmd::diff::run(&session, args).await.map(|()| true)
+        }
+        Noun::Rollout(RolloutVerb::History(args)) => {
+            rollout::history::run(&session, args).await.map(|()| true)
+        }
+        Noun::Rollout(RolloutVerb::Undo(args)) => {
+            return finish(rollout::undo::run(&session, args).await);
         }
         Noun::Rollout(RolloutVerb::List(args)) => {
             rollout::list::run(&session, args).await.map(|()| true)

@@ -31,6 +31,8 @@ pub struct HealthDoc {
     #[serde(default = "enabled_by_default")]
     pub pack_enabled: bool,
     pub requests_processed: u64,
+    /// Requests answered with a server error (5xx).
+    pub errors: u64,
     pub verdicts: VerdictsDoc,
     pub cache: CacheDoc,
 }

@@ -632,3 +632,131 @@ async fn groups_by_label_selector_target_rollouts_and_persist() {
     .await;
     assert!(kept, "groups survive a restart: {:?}", members(&fleet));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_diff_undo_and_no_silent_downgrade() {
+    let fleet = fleet(2).await;
+    let before = hashes(&fleet);
+    let file = policy(&fleet, "1.1.0", |t| t);
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "100ms",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let diff = fleet.ktctl(&["config", "diff", "1.0.0", "1.1.0"]);
+    let diff_text = text(&diff);
+    assert!(
+        diff.status.success()
+            && diff_text.contains("-  version: 1.0.0")
+            && diff_text.contains("+  version: 1.1.0"),
+        "{diff_text}"
+    );
+    let history = fleet.ktctl(&["rollout", "history", "--group", kt_e2e::GROUP]);
+    let history_text = text(&history);
+    assert!(
+        history_text.contains("r-1")
+            && history_text.contains("succeeded")
+            && history_text.contains("1.0.0 ("),
+        "{history_text}"
+    );
+
+    // Pushing the lower version is refused by the agents: only a rollback may go back.
+    // The gateways' files now hold 1.1.0: write the 1.0.0 bytes back out from it.
+    let old = fleet.dir.path().join("policy-1.0.0-again.yaml");
+    std::fs::write(
+        &old,
+        std::fs::read_to_string(&file)
+            .expect("file")
+            .replace("version: 1.1.0", "version: 1.0.0"),
+    )
+    .expect("write");
+    let old = old.display().to_string();
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &old,
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "100ms",
+        "--rollback-on-error",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("only a rollback may go back"),
+        "{}",
+        text(&out)
+    );
+
+    let out = fleet.ktctl(&[
+        "rollout",
+        "undo",
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "100ms",
+        "--reason",
+        "back to known good",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    fleet
+        .wait_for_health("back on 1.0.0", PATIENCE, |_, rows| {
+            rows.iter().all(|r| r["config_hash"] == before[0])
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_rate_gate_rolls_back_a_policy_whose_provider_fails() {
+    let fleet = fleet(3).await;
+    let before = hashes(&fleet);
+    // A provider that answers every chat request with 500 (but its model list, the probe, works).
+    let failing =
+        kt_e2e::MockProvider::start(&fleet.dir.path().join("failing"), &["--error-every", "1"]);
+    let good = format!("http://{}/v1", fleet.provider.addr);
+    let file = policy(&fleet, "1.1.0", |t| {
+        t.replace(&good, &format!("http://{}/v1", failing.addr))
+    });
+    let traffic = Traffic::start(&fleet);
+    assert!(
+        wait_for(PATIENCE, || traffic.sent.load(Ordering::Relaxed) > 100).await,
+        "traffic flows"
+    );
+    let out = fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        &file,
+        "--group",
+        kt_e2e::GROUP,
+        "--min-healthy-time",
+        "3s",
+        "--max-error-rate",
+        "0.1",
+        "--min-sample",
+        "20",
+        "--rollback-on-error",
+    ]);
+    drop(traffic);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let r = rollout(&fleet, "r-1");
+    let gate = r["gates"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["gate"] == "error_rate"))
+        .cloned()
+        .expect("error gate");
+    assert_eq!(gate["decision"], "failed", "{gate:#}");
+    fleet
+        .wait_for_health("back on the previous hash", PATIENCE, |_, rows| {
+            rows.iter().all(|r| r["config_hash"] == before[0])
+        })
+        .await;
+}

@@ -207,6 +207,7 @@ async fn read_session(
                 session,
                 requests_processed: hb.requests_processed,
                 verdicts: hb.verdicts,
+                errors: hb.errors,
             },
             Some(AgentBody::Status(status)) => match status.health {
                 Some(health) => Command::Status {

@@ -135,6 +135,7 @@ impl OperatorService for OperatorApi {
             reason: request.reason,
             dry_run: request.dry_run,
             supersede: request.supersede,
+            rollback: request.rollback,
         };
         let (rollout, diff) = self
             .engine

@@ -42,6 +42,7 @@ pub struct Push {
     pub reason: String,
     pub dry_run: bool,
     pub supersede: bool,
+    pub rollback: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -450,6 +451,7 @@ impl Engine {
             created_at: now,
             message: String::new(),
             dry_run: push.dry_run,
+            rollback: push.rollback,
         };
         if push.dry_run {
             return Ok((r, diff_text));

@@ -67,6 +67,9 @@ pub struct Spec {
     pub progress_deadline_ms: u64,
     /// The verdict-mix gate, when set.
     pub max_block_rate_delta: Option<f64>,
+    /// The error-rate gate, when set: the largest fraction of 5xx answers in a bake.
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
     pub min_sample: u64,
     pub continue_on_inconclusive: bool,
     pub rollback_on_error: bool,
@@ -197,6 +200,10 @@ pub struct Transition {
 pub struct Counts {
     pub total: u64,
     pub block: u64,
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub errors: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -220,6 +227,9 @@ pub struct RolloutRecord {
     /// A plan shown by `--dry-run`, never stored nor run.
     #[serde(default)]
     pub dry_run: bool,
+    /// Offers go out marked as rollbacks (`ktctl rollout undo`): a lower version is accepted.
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 impl RolloutRecord {

@@ -121,6 +121,7 @@ mod tests {
             apply_deadline_ms: 1,
             progress_deadline_ms: 1,
             max_block_rate_delta: None,
+            max_error_rate: None,
             min_sample: 0,
             continue_on_inconclusive: false,
             rollback_on_error: false,

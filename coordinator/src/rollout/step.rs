@@ -39,6 +39,15 @@ fn counts(fleet: &BTreeMap<String, GatewayState>, gateway: &str) -> Counts {
         .map(|v| Counts {
             total: v.allow + v.block + v.redact + v.escalate,
             block: v.block,
+            ..Counts::default()
+        })
+        .map(|c| {
+            let health = fleet.get(gateway).and_then(|g| g.health.as_ref());
+            Counts {
+                requests: health.map_or(0, |h| h.requests_processed),
+                errors: health.map_or(0, |h| h.errors),
+                ..c
+            }
         })
         .unwrap_or_default()
 }
@@ -125,6 +134,7 @@ fn applying(
     let mut problem = None;
     for gateway in &batch {
         let config = r.config.clone();
+        let rollback = r.rollback;
         let deadline = r.spec.apply_deadline_ms;
         let id = r.id.clone();
         let Some(progress) = r.gateways.get_mut(gateway) else {
@@ -141,7 +151,7 @@ fn applying(
                     gateway: gateway.clone(),
                     offer_id,
                     config,
-                    rollback: false,
+                    rollback,
                     apply_deadline_ms: deadline,
                 });
             }
@@ -246,7 +256,11 @@ fn baking(r: &mut RolloutRecord, fleet: &BTreeMap<String, GatewayState>, now: u6
         "every batch gateway stayed healthy",
         now,
     );
-    match verdict_gate(r, fleet, &batch, now) {
+    let decision = match error_gate(r, fleet, &batch, now) {
+        GateDecision::Passed => verdict_gate(r, fleet, &batch, now),
+        other => other,
+    };
+    match decision {
         GateDecision::Failed(reason) => {
             fail(r, now, reason, Outcome::RolledBack);
             return;
@@ -308,6 +322,80 @@ enum GateDecision {
     Inconclusive(String),
 }
 
+/// Requests and counters of `gateways` over the bake window.
+fn window<'a>(
+    r: &RolloutRecord,
+    fleet: &BTreeMap<String, GatewayState>,
+    gateways: impl Iterator<Item = &'a String>,
+) -> Counts {
+    gateways.fold(Counts::default(), |sum, g| {
+        let start = r.bake_counts.get(g).copied().unwrap_or_default();
+        let end = counts(fleet, g);
+        Counts {
+            total: sum.total + end.total.saturating_sub(start.total),
+            block: sum.block + end.block.saturating_sub(start.block),
+            requests: sum.requests + end.requests.saturating_sub(start.requests),
+            errors: sum.errors + end.errors.saturating_sub(start.errors),
+        }
+    })
+}
+
+/// The share of the batch's requests answered with a server error during the bake.
+fn error_gate(
+    r: &mut RolloutRecord,
+    fleet: &BTreeMap<String, GatewayState>,
+    batch: &[String],
+    now: u64,
+) -> GateDecision {
+    let Some(threshold) = r.spec.max_error_rate else {
+        return GateDecision::Passed;
+    };
+    let applied: Vec<&String> = batch
+        .iter()
+        .filter(|g| {
+            r.gateways
+                .get(*g)
+                .is_some_and(|p| p.state == TargetState::Applied)
+        })
+        .collect();
+    let c = window(r, fleet, applied.into_iter());
+    let rate = if c.requests == 0 {
+        0.0
+    } else {
+        c.errors as f64 / c.requests as f64
+    };
+    let detail = format!(
+        "{} of {} requests failed ({:.1}%)",
+        c.errors,
+        c.requests,
+        rate * 100.0
+    );
+    if c.requests < r.spec.min_sample {
+        gate(
+            r,
+            "error_rate",
+            "inconclusive",
+            rate,
+            threshold,
+            &detail,
+            now,
+        );
+        return GateDecision::Inconclusive(format!(
+            "error-rate gate inconclusive: fewer than {} requests; {detail}",
+            r.spec.min_sample
+        ));
+    }
+    if rate > threshold {
+        gate(r, "error_rate", "failed", rate, threshold, &detail, now);
+        return GateDecision::Failed(format!(
+            "error-rate gate: {detail}, limit {:.1}%",
+            threshold * 100.0
+        ));
+    }
+    gate(r, "error_rate", "passed", rate, threshold, &detail, now);
+    GateDecision::Passed
+}
+
 /// The verdict mix: the block rate of the batch (new version) against the target gateways still
 /// on the old version, over the bake window.
 fn verdict_gate(
@@ -319,24 +407,19 @@ fn verdict_gate(
     let Some(threshold) = r.spec.max_block_rate_delta else {
         return GateDecision::Passed;
     };
-    let window = |gateways: &mut dyn Iterator<Item = &String>| {
-        gateways.fold(Counts::default(), |sum, g| {
-            let start = r.bake_counts.get(g).copied().unwrap_or_default();
-            let end = counts(fleet, g);
-            Counts {
-                total: sum.total + end.total.saturating_sub(start.total),
-                block: sum.block + end.block.saturating_sub(start.block),
-            }
-        })
-    };
-    let new = window(&mut batch.iter().filter(|g| {
-        r.gateways
-            .get(*g)
-            .is_some_and(|p| p.state == TargetState::Applied)
-    }));
+    let new = window(
+        r,
+        fleet,
+        batch.iter().filter(|g| {
+            r.gateways
+                .get(*g)
+                .is_some_and(|p| p.state == TargetState::Applied)
+        }),
+    );
     let old = window(
-        &mut r
-            .gateways
+        r,
+        fleet,
+        r.gateways
             .iter()
             .filter(|(_, p)| p.state == TargetState::Pending)
             .map(|(g, _)| g),
@@ -658,6 +741,7 @@ mod tests {
             apply_deadline_ms: 10_000,
             progress_deadline_ms: 600_000,
             max_block_rate_delta: None,
+            max_error_rate: None,
             min_sample: 10,
             continue_on_inconclusive: false,
             rollback_on_error: true,
@@ -710,6 +794,7 @@ mod tests {
             created_at: 0,
             message: String::new(),
             dry_run: false,
+            rollback: false,
         }
     }
 

@@ -47,6 +47,10 @@ pub fn spec_from_proto(spec: &v1::RolloutSpec) -> Result<Spec, String> {
     };
     let max_block_rate_delta =
         (spec.max_block_rate_delta >= 0.0).then_some(spec.max_block_rate_delta);
+    let max_error_rate = (spec.max_error_rate >= 0.0).then_some(spec.max_error_rate);
+    if max_error_rate.is_some_and(|r| !(0.0..=1.0).contains(&r) || r.is_nan()) {
+        return Err("max error rate must be between 0 and 1".into());
+    }
     if max_block_rate_delta.is_some_and(|d| !(0.0..=1.0).contains(&d) || d.is_nan()) {
         return Err("max block rate delta must be between 0 and 1".into());
     }
@@ -66,6 +70,7 @@ pub fn spec_from_proto(spec: &v1::RolloutSpec) -> Result<Spec, String> {
         apply_deadline_ms: or(spec.apply_deadline_ms, DEFAULT_APPLY_DEADLINE),
         progress_deadline_ms: or(spec.progress_deadline_ms, DEFAULT_PROGRESS_DEADLINE),
         max_block_rate_delta,
+        max_error_rate,
         min_sample: if spec.min_sample == 0 {
             DEFAULT_MIN_SAMPLE
         } else {
@@ -102,6 +107,7 @@ pub fn spec_to_proto(spec: &Spec) -> v1::RolloutSpec {
         apply_deadline_ms: spec.apply_deadline_ms,
         progress_deadline_ms: spec.progress_deadline_ms,
         max_block_rate_delta: spec.max_block_rate_delta.unwrap_or(-1.0),
+        max_error_rate: spec.max_error_rate.unwrap_or(-1.0),
         min_sample: spec.min_sample,
         continue_on_inconclusive: spec.continue_on_inconclusive,
         rollback_on_error: spec.rollback_on_error,

@@ -1,5 +1,6 @@
 //! `ktctl config`: pushing config versions and reading the stored ones.
 
+pub mod diff;
 pub mod push;
 pub mod show;
 pub mod versions;

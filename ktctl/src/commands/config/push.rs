@@ -51,7 +51,11 @@ pub struct Args {
     /// than this fraction (0.2 = 20 points). Off when not given.
     #[arg(long)]
     pub max_block_rate_delta: Option<f64>,
-    /// Requests each side needs before the verdict-mix gate decides.
+    /// Error-rate gate: fail when more than this fraction of a batch's requests get a server
+    /// error (5xx) during its bake. Off when not given.
+    #[arg(long)]
+    pub max_error_rate: Option<f64>,
+    /// Requests each side needs before the verdict-mix (or error-rate) gate decides.
     #[arg(long, default_value_t = 50)]
     pub min_sample: u64,
     /// When the verdict-mix gate has too few requests, go on instead of pausing.
@@ -142,34 +146,46 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         apply_deadline_ms: ms(args.apply_deadline),
         progress_deadline_ms: ms(args.progress_deadline),
         max_block_rate_delta: args.max_block_rate_delta.unwrap_or(-1.0),
+        max_error_rate: args.max_error_rate.unwrap_or(-1.0),
         min_sample: args.min_sample,
         continue_on_inconclusive: args.continue_on_inconclusive,
         rollback_on_error: args.rollback_on_error,
     };
+    let request = PushConfigRequest {
+        content,
+        spec: Some(spec),
+        reason: args.reason,
+        dry_run: args.dry_run,
+        supersede: args.supersede,
+        rollback: false,
+    };
+    send(session, request, args.detach, args.output).await
+}
+
+/// Sends a push, prints the plan or the rollout, and follows it unless detached.
+/// Returns the exit code.
+pub async fn send(
+    session: &Session,
+    request: PushConfigRequest,
+    detach: bool,
+    output: Output,
+) -> anyhow::Result<u8> {
+    let dry_run = request.dry_run;
     let mut client = session.client().await?;
     let response = client
-        .push_config(PushConfigRequest {
-            content,
-            spec: Some(spec),
-            reason: args.reason,
-            dry_run: args.dry_run,
-            supersede: args.supersede,
-        })
+        .push_config(request)
         .await
         .map_err(crate::status_error)?
         .into_inner();
     let rollout = response
         .rollout
         .context("the coordinator sent no rollout")?;
-    if args.output != Output::Table {
-        print_structured(
-            &rollouts::to_json(&rollout, Some(&response.diff)),
-            args.output,
-        )?;
-        if args.dry_run || args.detach {
+    if output != Output::Table {
+        print_structured(&rollouts::to_json(&rollout, Some(&response.diff)), output)?;
+        if dry_run || detach {
             return Ok(0);
         }
-    } else if args.dry_run {
+    } else if dry_run {
         println!("dry run: nothing changes");
         print_summary(&rollout);
         println!();
@@ -183,16 +199,9 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         );
         return Ok(0);
     } else {
-        println!(
-            "rollout {} created: {} to {}",
-            rollout.id,
-            config_label(&rollout),
-            args.group
-                .map(|g| format!("group {g}"))
-                .unwrap_or_else(|| "selector".into())
-        );
+        println!("rollout {} created: {}", rollout.id, config_label(&rollout));
     }
-    if args.detach {
+    if detach {
         println!(
             "follow it with: ktctl rollout status {} --watch",
             rollout.id
@@ -200,7 +209,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         return Ok(0);
     }
     let last = follow(session, &rollout.id).await?;
-    if args.output == Output::Table {
+    if output == Output::Table {
         println!();
         print_summary(&last);
     }
