@@ -164,7 +164,7 @@ pub async fn follow(session: &Session, id: &str) -> anyhow::Result<Rollout> {
             .collect();
         lines.sort_by_key(|(at, _)| *at);
         for (at, line) in lines {
-            println!("{}  {line}", clock(at));
+            println!("{}  {line}", kt_proto::clock::hms(at));
         }
         printed = r.history.len();
         gates_printed = r.gates.len();
@@ -173,7 +173,7 @@ pub async fn follow(session: &Session, id: &str) -> anyhow::Result<Rollout> {
                 if states.insert((g.gateway_id.clone(), g.state.clone())) && g.state == "offered" {
                     println!(
                         "{}  {:<14} {} offered {}",
-                        clock(kt_proto::unix_ms_now()),
+                        kt_proto::clock::hms(kt_proto::unix_ms_now()),
                         "coordinator",
                         g.gateway_id,
                         config_label(&r)
@@ -191,15 +191,6 @@ pub async fn follow(session: &Session, id: &str) -> anyhow::Result<Rollout> {
 
 fn short_by(by: &str) -> &str {
     by.rsplit('/').next().unwrap_or(by)
-}
-
-fn clock(unix_ms: u64) -> String {
-    let nanos = i128::from(unix_ms) * 1_000_000;
-    let format = time::macros::format_description!("[hour]:[minute]:[second]");
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| t.format(&format).ok())
-        .unwrap_or_default()
 }
 
 /// A rollout as JSON, for `-o json|yaml`.

@@ -73,7 +73,7 @@ impl GatewayRow {
                 .map_or(0, |h| h.providers.values().filter(|p| p.reachable).count()),
             providers_total: health.map_or(0, |h| h.providers.len()),
             requests_processed: health.map_or(0, |h| h.requests_processed),
-            last_seen: last_seen_ms.map(rfc3339),
+            last_seen: last_seen_ms.map(kt_proto::clock::rfc3339),
             last_seen_seconds_ago: last_seen_ms.map(|ms| now_unix_ms.saturating_sub(ms) / 1000),
             agent_version: state.agent_version.clone(),
             error: health.and_then(|h| non_empty(&h.error)),
@@ -118,17 +118,6 @@ pub fn agent_str(state: AgentState) -> &'static str {
         AgentState::Gone => "gone",
         AgentState::Unspecified => "unknown",
     }
-}
-
-fn rfc3339(unix_ms: u64) -> String {
-    let nanos = i128::from(unix_ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }
 
 /// A table without borders, in the style of kubectl.

@@ -125,9 +125,9 @@ pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
         Phase::Baking { until } => format!(
             "baking batch {} until {}",
             r.current_batch + 1,
-            clock(*until)
+            kt_proto::clock::hms(*until)
         ),
-        Phase::Pausing { until } => format!("pausing until {}", clock(*until)),
+        Phase::Pausing { until } => format!("pausing until {}", kt_proto::clock::hms(*until)),
         Phase::AwaitingPromotion => "canary passed; waiting for `ktctl rollout promote`".into(),
         Phase::Paused { .. } => "paused; `ktctl rollout resume` or `abort`".into(),
         Phase::RollingBack { .. } => "returning touched gateways to their previous version".into(),
@@ -183,13 +183,4 @@ pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
         created_at_unix_ms: r.created_at,
         message: r.message.clone(),
     }
-}
-
-fn clock(unix_ms: u64) -> String {
-    let nanos = i128::from(unix_ms) * 1_000_000;
-    let format = time::macros::format_description!("[hour]:[minute]:[second]");
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| t.format(&format).ok())
-        .unwrap_or_default()
 }

@@ -55,14 +55,8 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
         return print_structured(&rows, args.output);
     }
     let mut t = table(&["ID", "CREATED", "STATE", "TO", "FROM", "BY", "REASON"]);
-    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
     for r in &rollouts {
-        let created = time::OffsetDateTime::from_unix_timestamp_nanos(
-            i128::from(r.created_at_unix_ms) * 1_000_000,
-        )
-        .ok()
-        .and_then(|t| t.format(&format).ok())
-        .unwrap_or_default();
+        let created = kt_proto::clock::date_time(r.created_at_unix_ms);
         let from = baseline(r)
             .map(|b| format!("{} ({})", b.version, short_hash(&b.hash)))
             .unwrap_or_else(|| "-".into());
