@@ -19,9 +19,29 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub reconnect: ReconnectSettings,
-    /// Where the agent keeps the previous and last-known-good configs (needed to apply configs).
+    /// Where the agent keeps the previous and last-known-good configs and its event buffer.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub events: EventsSettings,
+}
+
+/// Bounds of the on-disk event buffer; past them the oldest events give way to a gap record.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSettings {
+    pub max_buffered_events: u64,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        EventsSettings {
+            max_buffered_events: 1_000_000,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -45,6 +65,9 @@ pub struct GatewaySettings {
     /// How long one health read may take.
     #[serde(default = "default_health_timeout", with = "humantime_serde")]
     pub health_timeout: Duration,
+    /// The gateway's decision events file (JSON lines), followed and forwarded when set.
+    #[serde(default)]
+    pub events_file: Option<PathBuf>,
     /// The gateway's config file. Without it the agent only reports, and refuses config offers.
     #[serde(default)]
     pub config_path: Option<PathBuf>,
@@ -123,6 +146,15 @@ impl AgentConfig {
         ] {
             *p = base.join(&*p);
         }
+        // Relative paths are relative to the config file's directory.
+        let optional = [
+            config.state_dir.as_mut(),
+            config.gateway.config_path.as_mut(),
+            config.gateway.events_file.as_mut(),
+        ];
+        for p in optional.into_iter().flatten() {
+            *p = base.join(&*p);
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -186,6 +218,20 @@ impl AgentConfig {
                 path,
                 "gateway.config_path",
                 "managing the gateway's config also needs gateway.reload and state_dir",
+            ));
+        }
+        if self.gateway.events_file.is_some() && self.state_dir.is_none() {
+            return Err(ConfigFileError::invalid(
+                path,
+                "gateway.events_file",
+                "forwarding events also needs state_dir (for the event buffer)",
+            ));
+        }
+        if self.events.max_buffered_events == 0 {
+            return Err(ConfigFileError::invalid(
+                path,
+                "events.max_buffered_events",
+                "must be positive",
             ));
         }
         let r = &self.reconnect;

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod backoff;
 pub mod config;
+pub mod events;
 pub mod health;
 pub mod session;
 
@@ -72,13 +73,35 @@ impl Agent {
             statuses,
             unsent: Default::default(),
         };
+        let settings = std::sync::Arc::new(self.settings);
+        if let (Some(file), Some(state_dir)) = (
+            settings.config.gateway.events_file.clone(),
+            settings.config.state_dir.clone(),
+        ) {
+            let limits = events::spool::Limits {
+                max_events: settings.config.events.max_buffered_events,
+                max_age: settings.config.events.max_age,
+            };
+            std::fs::create_dir_all(&state_dir)?;
+            let spool = events::spool::Spool::open(&state_dir, limits)
+                .map_err(|e| anyhow::anyhow!("event buffer in {}: {e}", state_dir.display()))?;
+            let spool = std::sync::Arc::new(std::sync::Mutex::new(spool));
+            let appended = std::sync::Arc::new(tokio::sync::Notify::new());
+            tasks.spawn(events::run_tailer(
+                file,
+                spool.clone(),
+                appended.clone(),
+                cancel.child_token(),
+            ));
+            tasks.spawn(events::send::run(
+                settings.clone(),
+                spool,
+                appended,
+                cancel.child_token(),
+            ));
+        }
         tasks.spawn(poller.run(cancel.child_token()));
-        tasks.spawn(session::run(
-            self.settings,
-            health,
-            link,
-            cancel.child_token(),
-        ));
+        tasks.spawn(session::run(settings, health, link, cancel.child_token()));
         tasks.close();
         tasks.wait().await;
         Ok(())

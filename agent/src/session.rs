@@ -81,7 +81,7 @@ pub struct ConfigLink {
 
 /// Keeps a session open until `cancel` fires, reconnecting whenever it is lost.
 pub async fn run(
-    settings: SessionSettings,
+    settings: std::sync::Arc<SessionSettings>,
     health: watch::Receiver<v1::GatewayHealth>,
     mut link: ConfigLink,
     cancel: CancellationToken,
