@@ -25,6 +25,26 @@ pub struct CoordinatorConfig {
     pub groups_file: Option<PathBuf>,
     #[serde(default)]
     pub liveness: LivenessConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+/// How long and how many decision events the coordinator keeps for `--since` and stats.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    pub max_events: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            retention: Duration::from_secs(24 * 3600),
+            max_events: 5_000_000,
+        }
+    }
 }
 
 /// How the coordinator judges agent liveness; all durations like `15s` or `2m`.

@@ -5,6 +5,7 @@
 //! listener until cancelled, so tests can bind port 0.
 
 pub mod config;
+pub mod events;
 pub mod fleet;
 pub mod grpc;
 pub mod rollout;
@@ -104,11 +105,21 @@ impl Coordinator {
         tasks.spawn(fleet.run(cancel.child_token()));
         let (engine, engine_handle) = Engine::new(self.store.clone(), handle.clone())?;
         tasks.spawn(engine.run(cancel.child_token()));
+        let (bus, bus_handle, publish) = events::bus::Bus::new();
+        tasks.spawn(bus.run(cancel.child_token()));
+        let retention = events::store::Retention {
+            max_age: self.config.events.retention,
+            max_events: self.config.events.max_events,
+        };
+        let (event_store, events_handle) =
+            events::store::EventStore::open(&self.config.data_dir, retention, publish)?;
+        tasks.spawn(event_store.run(cancel.child_token()));
 
         let agents = AgentApi::new(
             handle.clone(),
             engine_handle.clone(),
             self.store.clone(),
+            events_handle.clone(),
             trust_domain.clone(),
             self.config.liveness.clone(),
             cancel.clone(),
@@ -117,6 +128,8 @@ impl Coordinator {
             fleet: handle,
             engine: engine_handle,
             store: self.store.clone(),
+            events: events_handle,
+            bus: bus_handle,
             trust_domain,
             cancel: cancel.clone(),
         };

@@ -288,6 +288,8 @@ pub struct AgentSpec<'a> {
     pub config_path: Option<&'a Path>,
     /// The `kt-gateway` binary whose `validate` checks offered configs.
     pub validator: &'a Path,
+    /// The gateway's decision events file, which the agent then forwards.
+    pub events_file: Option<&'a Path>,
     pub state_dir: &'a Path,
 }
 
@@ -298,6 +300,9 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
         let _ = writeln!(labels, "  {k}: \"{v}\"");
     }
     let mut managed = String::new();
+    if let Some(events) = spec.events_file {
+        let _ = writeln!(managed, "  events_file: {}", events.display());
+    }
     if let Some(config_path) = spec.config_path {
         let validator =
             std::fs::canonicalize(spec.validator).unwrap_or_else(|_| spec.validator.to_owned());
@@ -407,6 +412,7 @@ mod tests {
             labels: &[("region", "us")],
             config_path: Some(Path::new("/g/policy.yaml")),
             validator: Path::new("/bin/kt-gateway"),
+            events_file: Some(Path::new("/g/events.jsonl")),
             state_dir: Path::new("/g/state"),
         });
         assert!(

@@ -18,7 +18,7 @@ use kt_proto::yaml::ConfigFileError;
 use tonic::transport::Channel;
 
 use crate::commands::{
-    config as config_cmd, dev as dev_cmd, fleet, gateway, groups, pki as pki_cmd, rollout,
+    config as config_cmd, dev as dev_cmd, events, fleet, gateway, groups, pki as pki_cmd, rollout,
 };
 use crate::ktconfig::KtctlConfig;
 use kt_proto::v1::RolloutAction;
@@ -67,9 +67,20 @@ pub enum Noun {
     /// Rollouts of config versions: follow and steer them.
     #[command(subcommand)]
     Rollout(RolloutVerb),
+    /// Decision events of every gateway: live tail and counts.
+    #[command(subcommand)]
+    Events(EventsVerb),
     /// A local fleet of real processes on loopback.
     #[command(subcommand)]
     Dev(DevVerb),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsVerb {
+    /// Decision events as they happen (and, with --since, stored ones first).
+    Tail(events::tail::Args),
+    /// Counts and block rate per gateway, config version or region.
+    Stats(events::stats::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +223,12 @@ pub async fn run(cli: Cli) -> u8 {
             .map(|()| true),
         Noun::Config(ConfigVerb::Show(args)) => {
             config_cmd::show::run(&session, args).await.map(|()| true)
+        }
+        Noun::Events(EventsVerb::Tail(args)) => {
+            events::tail::run(&session, args).await.map(|()| true)
+        }
+        Noun::Events(EventsVerb::Stats(args)) => {
+            events::stats::run(&session, args).await.map(|()| true)
         }
         Noun::Groups(GroupsVerb::Apply(args)) => {
             groups::apply::run(&session, args).await.map(|()| true)

@@ -402,6 +402,7 @@ impl TestFleet {
                     labels: &[("region", region), ("env", "test")],
                     config_path: Some(&gateway.policy),
                     validator: &bin("kt-gateway"),
+                    events_file: Some(&gateway.events),
                     state_dir: &gw_dir.join("agent-state"),
                 },
             );

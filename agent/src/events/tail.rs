@@ -63,22 +63,22 @@ impl Tailer {
         if self.cursor.ino != 0 && !same_file {
             // Rotated: finish the old file if it is where rotation put it, then go on with the new one.
             let rotated = rotated_path(&self.path);
-            if let Ok(old) = std::fs::metadata(&rotated) {
-                if old.ino() == self.cursor.ino
+            let unread_rest = std::fs::metadata(&rotated).is_ok_and(|old| {
+                old.ino() == self.cursor.ino
                     && old.dev() == self.cursor.dev
                     && old.len() > self.cursor.offset
-                {
-                    let mut polled = read_lines(&rotated, self.cursor, max_bytes, true)?;
-                    if !polled.more {
-                        polled.cursor = Cursor {
-                            dev: current.dev(),
-                            ino: current.ino(),
-                            offset: 0,
-                        };
-                        polled.more = true;
-                    }
-                    return Ok(polled);
+            });
+            if unread_rest {
+                let mut polled = read_lines(&rotated, self.cursor, max_bytes, true)?;
+                if !polled.more {
+                    polled.cursor = Cursor {
+                        dev: current.dev(),
+                        ino: current.ino(),
+                        offset: 0,
+                    };
+                    polled.more = true;
                 }
+                return Ok(polled);
             }
             return Ok(Polled {
                 cursor: Cursor {

@@ -26,10 +26,12 @@ use tracing::Instrument;
 use super::ApiError;
 use super::auth::authorize;
 use crate::config::LivenessConfig;
+use crate::events::store::{Batch, EventStoreHandle};
 use crate::fleet::{Command, FleetHandle, HelloInfo, SessionId};
 use crate::rollout::engine::EngineHandle;
 use crate::rollout::plan::{MAX_CONFIG_BYTES, content_hash, version_label};
 use crate::store::{Store, StoredConfig};
+use kt_proto::v1::{EventAck, EventBatch};
 
 /// How long an agent has to send its hello after opening a session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +42,7 @@ pub struct AgentApi {
     pub fleet: FleetHandle,
     pub engine: EngineHandle,
     pub store: Arc<dyn Store>,
+    pub events: EventStoreHandle,
     pub trust_domain: String,
     pub liveness: LivenessConfig,
     pub cancel: CancellationToken,
@@ -51,6 +54,7 @@ impl AgentApi {
         fleet: FleetHandle,
         engine: EngineHandle,
         store: Arc<dyn Store>,
+        events: EventStoreHandle,
         trust_domain: String,
         liveness: LivenessConfig,
         cancel: CancellationToken,
@@ -59,6 +63,7 @@ impl AgentApi {
             fleet,
             engine,
             store,
+            events,
             trust_domain,
             liveness,
             cancel,
@@ -90,10 +95,112 @@ impl AgentApi {
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+type AckStream = Pin<Box<dyn Stream<Item = Result<EventAck, Status>> + Send>>;
+
+/// Batches an agent may send ahead of acknowledgements.
+const EVENT_CREDIT: u32 = 8;
+/// Limits of one batch; larger ones end the stream with an error.
+const MAX_BATCH_EVENTS: usize = 10_000;
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Checks a batch from the network before it reaches the store.
+fn check_batch(batch: &EventBatch) -> Result<(), String> {
+    if batch.epoch == 0 || batch.first_seq == 0 {
+        return Err("epoch and sequence numbers start at 1".into());
+    }
+    if batch.events.len() > MAX_BATCH_EVENTS {
+        return Err(format!("a batch holds at most {MAX_BATCH_EVENTS} events"));
+    }
+    if batch.events.iter().any(|e| e.len() > MAX_EVENT_BYTES) {
+        return Err(format!("an event is larger than {MAX_EVENT_BYTES} bytes"));
+    }
+    match &batch.gap {
+        Some(gap)
+            if !batch.events.is_empty()
+                || gap.first_seq != batch.first_seq
+                || gap.last_seq < gap.first_seq =>
+        {
+            Err("a gap batch carries only a well-formed gap starting at first_seq".into())
+        }
+        None if batch.events.is_empty() => Err("an empty batch".into()),
+        _ => Ok(()),
+    }
+}
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type SessionStream = SessionStream;
+    type EventsStream = AckStream;
+
+    async fn events(
+        &self,
+        request: Request<Streaming<EventBatch>>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Agent)?;
+        let Identity::Agent { gateway, .. } = identity else {
+            return Err(ApiError::PermissionDenied("not an agent".into()).into());
+        };
+        let fleet = self.fleet.clone();
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(EVENT_CREDIT as usize);
+        let store = self.events.clone();
+        let cancel = self.cancel.clone();
+        let span = tracing::info_span!("agent_events", gateway_id = %gateway);
+        tokio::spawn(
+            async move {
+                let forward = async {
+                    // The region comes from the agent's hello, which may arrive after this stream opens.
+                    let mut region = String::new();
+                    loop {
+                        if region.is_empty() {
+                            region = region_of(&fleet, gateway.as_str()).await;
+                        }
+                        let batch = match inbound.message().await {
+                            Ok(Some(batch)) => batch,
+                            Ok(None) => return,
+                            Err(status) => {
+                                tracing::debug!(error = %status, "events stream broke");
+                                return;
+                            }
+                        };
+                        if let Err(why) = check_batch(&batch) {
+                            tracing::warn!(%why, "refused an event batch");
+                            let _ = tx.send(Err(Status::invalid_argument(why))).await;
+                            return;
+                        }
+                        let batch = Batch {
+                            gateway: gateway.to_string(),
+                            region: region.clone(),
+                            epoch: batch.epoch,
+                            first_seq: batch.first_seq,
+                            events: batch.events,
+                            gap: batch.gap,
+                        };
+                        let epoch = batch.epoch;
+                        let through = batch.last_seq();
+                        if let Err(error) = store.ingest(batch).await {
+                            let _ = tx.send(Err(Status::unavailable(error))).await;
+                            return;
+                        }
+                        let ack = EventAck {
+                            epoch,
+                            durable_through_seq: through,
+                            credit: EVENT_CREDIT,
+                        };
+                        if tx.send(Ok(ack)).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = forward => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn session(
         &self,
@@ -234,6 +341,17 @@ async fn read_session(
         if fleet.send(command).await.is_err() {
             return false;
         }
+    }
+}
+
+async fn region_of(fleet: &FleetHandle, gateway: &str) -> String {
+    match fleet.list(None).await {
+        Ok(Ok(gateways)) => gateways
+            .into_iter()
+            .find(|g| g.gateway_id == gateway)
+            .and_then(|g| g.labels.get("region").cloned())
+            .unwrap_or_default(),
+        _ => String::new(),
     }
 }
 

@@ -19,6 +19,9 @@ use tonic::{Request, Response, Status};
 
 use super::ApiError;
 use super::auth::authorize;
+use crate::events::bus::BusHandle;
+use crate::events::store::EventStoreHandle;
+use crate::events::{self, Filter, Published};
 use crate::fleet::{FleetHandle, UnknownGroup};
 use crate::rollout::engine::{Action, EngineHandle, Push};
 use crate::rollout::model::Target;
@@ -32,17 +35,50 @@ pub struct OperatorApi {
     pub fleet: FleetHandle,
     pub engine: EngineHandle,
     pub store: Arc<dyn Store>,
+    pub events: EventStoreHandle,
+    pub bus: BusHandle,
     pub trust_domain: String,
     pub cancel: CancellationToken,
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<FleetUpdate, Status>> + Send>>;
 type RolloutStream = Pin<Box<dyn Stream<Item = Result<v1::Rollout, Status>> + Send>>;
+type TailStream = Pin<Box<dyn Stream<Item = Result<v1::TailEventsResponse, Status>> + Send>>;
 
 /// Pushed configs larger than this are refused before anything else.
 const MAX_PUSH_BYTES: usize = crate::rollout::plan::MAX_CONFIG_BYTES;
 
 impl OperatorApi {
+    /// Resolves the gateways a filter names (ids, a group, a selector); `None` means all.
+    async fn event_filter(&self, filter: Option<v1::EventFilter>) -> Result<Filter, Status> {
+        let filter = filter.unwrap_or_default();
+        if filter.gateways.is_empty() && filter.group.is_empty() && filter.selector.is_empty() {
+            return Ok(Filter::new(&filter, None));
+        }
+        if !filter.group.is_empty() && !self.fleet.group_exists(&filter.group) {
+            return Err(ApiError::from(UnknownGroup(filter.group.clone())).into());
+        }
+        let gateways = self
+            .fleet
+            .list(None)
+            .await
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?;
+        let set = gateways
+            .iter()
+            .filter(|g| filter.gateways.is_empty() || filter.gateways.contains(&g.gateway_id))
+            .filter(|g| filter.group.is_empty() || self.fleet.in_group(g, &filter.group))
+            .filter(|g| {
+                filter
+                    .selector
+                    .iter()
+                    .all(|(k, v)| g.labels.get(k) == Some(v))
+            })
+            .map(|g| g.gateway_id.clone())
+            .collect();
+        Ok(Filter::new(&filter, Some(set)))
+    }
+
     async fn group_infos(&self) -> Result<v1::ListGroupsResponse, Status> {
         let gateways = self
             .fleet
@@ -336,6 +372,107 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
         authorize(&request, &self.trust_domain, Role::Operator)?;
         self.group_infos().await.map(Response::new)
+    }
+
+    type TailEventsStream = TailStream;
+
+    async fn tail_events(
+        &self,
+        request: Request<v1::TailEventsRequest>,
+    ) -> Result<Response<Self::TailEventsStream>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        let filter = self.event_filter(request.filter).await?;
+        // Subscribe before reading history, so nothing falls between the two.
+        let mut live = if request.no_follow {
+            None
+        } else {
+            Some(
+                self.bus
+                    .subscribe(filter.clone())
+                    .await
+                    .ok_or_else(|| ApiError::Internal("event bus stopped".into()))?,
+            )
+        };
+        let history = if request.since_unix_ms > 0 || request.no_follow {
+            self.events
+                .query(filter, request.since_unix_ms, request.limit)
+                .await
+        } else {
+            Vec::new()
+        };
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let cancel = self.cancel.clone();
+        let limit = request.limit;
+        tokio::spawn(async move {
+            let forward = async {
+                let mut sent = 0u64;
+                let mut seen: std::collections::HashMap<(String, u64), u64> =
+                    std::collections::HashMap::new();
+                for item in &history {
+                    if let Published::Event(e) = item {
+                        let last = seen.entry((e.gateway.clone(), e.epoch)).or_default();
+                        *last = (*last).max(e.seq);
+                    }
+                    if tx.send(Ok(events::to_proto(item))).await.is_err() {
+                        return;
+                    }
+                    sent += 1;
+                    if limit > 0 && sent >= limit {
+                        return;
+                    }
+                }
+                let Some(live) = live.as_mut() else { return };
+                while let Some(item) = live.recv().await {
+                    if let Some(v1::tail_events_response::Item::Event(e)) = &item.item {
+                        // Already sent from history.
+                        if seen
+                            .get(&(e.gateway_id.clone(), e.epoch))
+                            .is_some_and(|last| e.seq <= *last)
+                        {
+                            continue;
+                        }
+                        sent += 1;
+                    }
+                    if tx.send(Ok(item)).await.is_err() {
+                        return;
+                    }
+                    if limit > 0 && sent >= limit {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = forward => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn event_stats(
+        &self,
+        request: Request<v1::EventStatsRequest>,
+    ) -> Result<Response<v1::EventStatsResponse>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        let by = match request.by.as_str() {
+            "" | "gateway" => "gateway",
+            "config-version" => "config-version",
+            "region" => "region",
+            other => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "cannot group stats by {other:?}: use gateway, config-version or region"
+                ))
+                .into());
+            }
+        };
+        let filter = self.event_filter(request.filter).await?;
+        let rows = self
+            .events
+            .stats(filter, by.to_owned(), request.since_unix_ms)
+            .await;
+        Ok(Response::new(v1::EventStatsResponse { rows }))
     }
 
     type WatchFleetStream = WatchStream;

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod dev;
+pub mod events;
 pub mod fleet;
 pub mod gateway;
 pub mod groups;

@@ -194,6 +194,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 labels: &[("region", region), ("env", "dev")],
                 config_path: Some(&policy),
                 validator: &dev::find_binary("kt-gateway"),
+                events_file: Some(&gw_dir.join("events.jsonl")),
                 state_dir: &gw_dir.join("agent-state"),
             }),
         )?;

@@ -1,0 +1,187 @@
+//! Fan-out of stored events to tail subscribers, filters applied here, on the server.
+//!
+//! Each subscriber has a bounded queue. A subscriber that reads too slowly loses events, never
+//! slows ingest or anyone else, and is told how many it missed as soon as it has room again.
+
+use std::sync::Arc;
+
+use kt_proto::v1::{TailEventsResponse, tail_events_response::Item};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Filter, Published, to_proto};
+
+/// Items queued towards one subscriber.
+pub const SUBSCRIBER_QUEUE: usize = 8192;
+
+struct Subscriber {
+    filter: Filter,
+    tx: mpsc::Sender<TailEventsResponse>,
+    missed: u64,
+}
+
+impl Subscriber {
+    /// Delivers one item; false once the subscriber has gone.
+    fn deliver(&mut self, item: &Published) -> bool {
+        if self.missed > 0 {
+            match self.tx.try_send(TailEventsResponse {
+                item: Some(Item::Missed(self.missed)),
+            }) {
+                Ok(()) => self.missed = 0,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.missed += 1;
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        match self.tx.try_send(to_proto(item)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.missed += 1;
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Subscribe {
+    pub filter: Filter,
+    pub reply: tokio::sync::oneshot::Sender<mpsc::Receiver<TailEventsResponse>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BusHandle {
+    subscribe: mpsc::Sender<Subscribe>,
+}
+
+impl BusHandle {
+    pub async fn subscribe(&self, filter: Filter) -> Option<mpsc::Receiver<TailEventsResponse>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.subscribe
+            .send(Subscribe { filter, reply })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
+pub struct Bus {
+    published: mpsc::Receiver<Arc<Vec<Published>>>,
+    subscribe: mpsc::Receiver<Subscribe>,
+    subscribers: Vec<Subscriber>,
+}
+
+impl Bus {
+    /// The bus and the sender the event store publishes into.
+    pub fn new() -> (Self, BusHandle, mpsc::Sender<Arc<Vec<Published>>>) {
+        let (publish, published) = mpsc::channel(1024);
+        let (subscribe_tx, subscribe) = mpsc::channel(64);
+        (
+            Bus {
+                published,
+                subscribe,
+                subscribers: Vec::new(),
+            },
+            BusHandle {
+                subscribe: subscribe_tx,
+            },
+            publish,
+        )
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                Some(Subscribe { filter, reply }) = self.subscribe.recv() => {
+                    let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+                    if reply.send(rx).is_ok() {
+                        self.subscribers.push(Subscriber { filter, tx, missed: 0 });
+                    }
+                }
+                batch = self.published.recv() => {
+                    let Some(batch) = batch else { return };
+                    self.subscribers.retain_mut(|s| {
+                        let wanted: Vec<&Published> = batch.iter().filter(|p| s.filter.matches_published(p)).collect();
+                        wanted.into_iter().all(|p| s.deliver(p))
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventRecord;
+
+    fn event(seq: u64) -> Published {
+        Published::Event(EventRecord {
+            gateway: "gw".into(),
+            region: String::new(),
+            epoch: 1,
+            seq,
+            at: 0,
+            verdict: "allow".into(),
+            reason: String::new(),
+            config_version: String::new(),
+            acted: vec![],
+            body: Arc::from(&b"{}"[..]),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_stalled_subscriber_loses_events_and_is_told_how_many_while_others_get_all() {
+        let (bus, handle, publish) = Bus::new();
+        let cancel = CancellationToken::new();
+        tokio::spawn(bus.run(cancel.clone()));
+        let mut stalled = handle
+            .subscribe(Filter::default())
+            .await
+            .expect("subscribe");
+        let mut reader = handle
+            .subscribe(Filter::default())
+            .await
+            .expect("subscribe");
+        let total = SUBSCRIBER_QUEUE as u64 + 100;
+        let reading = tokio::spawn(async move {
+            let mut got = 0u64;
+            while got < total {
+                match reader.recv().await.and_then(|r| r.item) {
+                    Some(Item::Event(_)) => got += 1,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            got
+        });
+        for chunk in (1..=total).collect::<Vec<_>>().chunks(500) {
+            publish
+                .send(Arc::new(chunk.iter().map(|s| event(*s)).collect()))
+                .await
+                .expect("publish");
+        }
+        assert_eq!(
+            reading.await.expect("reader"),
+            total,
+            "the reading subscriber got everything"
+        );
+        // The stalled one holds a full queue; the rest was counted as missed.
+        let mut events = 0;
+        while let Ok(item) = stalled.try_recv() {
+            assert!(matches!(item.item, Some(Item::Event(_))));
+            events += 1;
+        }
+        assert_eq!(events, SUBSCRIBER_QUEUE);
+        publish
+            .send(Arc::new(vec![event(total + 1)]))
+            .await
+            .expect("publish");
+        let notice = stalled.recv().await.and_then(|r| r.item);
+        assert_eq!(notice, Some(Item::Missed(100)));
+        cancel.cancel();
+    }
+}

@@ -1,0 +1,188 @@
+//! Decision events from every gateway: durable ingest with deduplication ([`store`]) and
+//! fan-out to tail subscribers ([`bus`]).
+
+pub mod bus;
+pub mod store;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use kt_proto::v1::{self, EventGap};
+
+/// One stored event, with the fields filters and stats read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    pub gateway: String,
+    pub region: String,
+    pub epoch: u64,
+    pub seq: u64,
+    /// When the coordinator stored it (Unix ms): what `--since` and retention go by.
+    pub at: u64,
+    pub verdict: String,
+    pub reason: String,
+    pub config_version: String,
+    /// Policies that decided something other than allow.
+    pub acted: Vec<String>,
+    pub body: Arc<[u8]>,
+}
+
+/// What the bus carries: events, and gaps agents reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Published {
+    Event(EventRecord),
+    Gap { gateway: String, gap: EventGap },
+}
+
+/// A subscriber's or a query's filter, resolved: `gateways` is the set a group or selector
+/// named when the filter was made (`None`: every gateway).
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub gateways: Option<HashSet<String>>,
+    pub verdict: Option<String>,
+    pub policy: Option<String>,
+    pub reason: Option<String>,
+    pub config_version: Option<String>,
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    Some(s.to_owned()).filter(|s| !s.is_empty())
+}
+
+impl Filter {
+    pub fn new(filter: &v1::EventFilter, gateways: Option<HashSet<String>>) -> Self {
+        Filter {
+            gateways,
+            verdict: non_empty(&filter.verdict),
+            policy: non_empty(&filter.policy),
+            reason: non_empty(&filter.reason),
+            config_version: non_empty(&filter.config_version),
+        }
+    }
+
+    pub fn gateway(&self, gateway: &str) -> bool {
+        self.gateways
+            .as_ref()
+            .is_none_or(|set| set.contains(gateway))
+    }
+
+    pub fn matches(&self, e: &EventRecord) -> bool {
+        self.gateway(&e.gateway)
+            && self.verdict.as_ref().is_none_or(|v| *v == e.verdict)
+            && self.reason.as_ref().is_none_or(|r| *r == e.reason)
+            && self
+                .config_version
+                .as_ref()
+                .is_none_or(|c| *c == e.config_version)
+            && self
+                .policy
+                .as_ref()
+                .is_none_or(|p| e.acted.iter().any(|a| a == p))
+    }
+
+    pub fn matches_published(&self, p: &Published) -> bool {
+        match p {
+            Published::Event(e) => self.matches(e),
+            Published::Gap { gateway, .. } => self.gateway(gateway),
+        }
+    }
+}
+
+/// The fields of a decision event the coordinator indexes; everything else stays in the body.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Fields {
+    verdict: String,
+    reason_code: String,
+    config_version: String,
+    policies_evaluated: Vec<PolicyResult>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct PolicyResult {
+    name: String,
+    result: String,
+}
+
+/// Reads the indexed fields of an event body; `None` when it is not a JSON object.
+pub fn fields(body: &[u8]) -> Option<(String, String, String, Vec<String>)> {
+    let f: Fields = serde_json::from_slice(body).ok()?;
+    let acted = f
+        .policies_evaluated
+        .into_iter()
+        .filter(|p| p.result != "allow")
+        .map(|p| p.name)
+        .collect();
+    Some((f.verdict, f.reason_code, f.config_version, acted))
+}
+
+pub fn to_proto(p: &Published) -> v1::TailEventsResponse {
+    use v1::tail_events_response::Item;
+    let item = match p {
+        Published::Event(e) => Item::Event(v1::TailedEvent {
+            gateway_id: e.gateway.clone(),
+            region: e.region.clone(),
+            epoch: e.epoch,
+            seq: e.seq,
+            event: e.body.to_vec(),
+        }),
+        Published::Gap { gateway, gap } => Item::Gap(v1::GapNotice {
+            gateway_id: gateway.clone(),
+            gap: Some(gap.clone()),
+        }),
+    };
+    v1::TailEventsResponse { item: Some(item) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(gateway: &str, verdict: &str, acted: &[&str]) -> EventRecord {
+        EventRecord {
+            gateway: gateway.into(),
+            region: "eu".into(),
+            epoch: 1,
+            seq: 1,
+            at: 0,
+            verdict: verdict.into(),
+            reason: "r".into(),
+            config_version: "1.0.0".into(),
+            acted: acted.iter().map(|s| (*s).to_owned()).collect(),
+            body: Arc::from(&b"{}"[..]),
+        }
+    }
+
+    #[test]
+    fn filters_match_exactly() {
+        let all = Filter::default();
+        assert!(all.matches(&event("a", "allow", &[])));
+        let f = Filter {
+            verdict: Some("block".into()),
+            policy: Some("pii-detector".into()),
+            ..Default::default()
+        };
+        assert!(f.matches(&event("a", "block", &["pii-detector"])));
+        assert!(!f.matches(&event("a", "block", &["dlp-filter"])));
+        assert!(!f.matches(&event("a", "allow", &["pii-detector"])));
+        let g = Filter {
+            gateways: Some(["b".to_owned()].into()),
+            ..Default::default()
+        };
+        assert!(!g.matches(&event("a", "allow", &[])));
+        assert!(g.matches(&event("b", "allow", &[])));
+    }
+
+    #[test]
+    fn indexed_fields() {
+        let body = br#"{"verdict":"redact","reason_code":"pii.redacted","config_version":"2.0.0",
+            "policies_evaluated":[{"name":"prompt-injection","result":"allow"},{"name":"pii-detector","result":"redact"}]}"#;
+        let (verdict, reason, version, acted) = fields(body).expect("object");
+        assert_eq!(
+            (verdict.as_str(), reason.as_str(), version.as_str()),
+            ("redact", "pii.redacted", "2.0.0")
+        );
+        assert_eq!(acted, ["pii-detector"]);
+        assert!(fields(b"[1,2]").is_none());
+    }
+}

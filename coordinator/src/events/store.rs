@@ -1,0 +1,474 @@
+//! The event store: one task owns the SQLite database of recent events.
+//!
+//! Batches from every agent are written in one transaction per round (group commit), each
+//! event `INSERT OR IGNORE`d on `(gateway, epoch, seq)`, so an event sent twice (after a
+//! reconnect) is stored once. Only after the commit does an agent get its acknowledgement and
+//! do subscribers see the new events. Retention removes events by age and count.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kt_proto::unix_ms_now;
+use kt_proto::v1::{EventGap, EventStatsRow};
+use rusqlite::{Connection, params};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{EventRecord, Filter, Published, fields};
+
+/// One agent batch, as received.
+#[derive(Debug)]
+pub struct Batch {
+    pub gateway: String,
+    pub region: String,
+    pub epoch: u64,
+    pub first_seq: u64,
+    pub events: Vec<Vec<u8>>,
+    pub gap: Option<EventGap>,
+}
+
+impl Batch {
+    pub fn last_seq(&self) -> u64 {
+        match &self.gap {
+            Some(gap) => gap.last_seq,
+            None => self.first_seq + (self.events.len() as u64).saturating_sub(1),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Command {
+    /// Stores a batch; replies once it is durable.
+    Ingest {
+        batch: Batch,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Query {
+        filter: Filter,
+        since: u64,
+        limit: u64,
+        reply: oneshot::Sender<Vec<Published>>,
+    },
+    Stats {
+        filter: Filter,
+        by: String,
+        since: u64,
+        reply: oneshot::Sender<Vec<EventStatsRow>>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct EventStoreHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EventStoreHandle {
+    pub async fn ingest(&self, batch: Batch) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Ingest { batch, reply })
+            .await
+            .map_err(|_| "event store stopped".to_owned())?;
+        rx.await.map_err(|_| "event store stopped".to_owned())?
+    }
+
+    pub async fn query(&self, filter: Filter, since: u64, limit: u64) -> Vec<Published> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Query {
+                filter,
+                since,
+                limit,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn stats(&self, filter: Filter, by: String, since: u64) -> Vec<EventStatsRow> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Stats {
+                filter,
+                by,
+                since,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+/// How long and how many events are kept for `--since` and stats.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_events: u64,
+}
+
+pub struct EventStore {
+    conn: Connection,
+    retention: Retention,
+    commands: mpsc::Receiver<Command>,
+    publish: mpsc::Sender<Arc<Vec<Published>>>,
+}
+
+/// Batches gathered into one transaction at most.
+const GROUP_COMMIT: usize = 64;
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl EventStore {
+    pub fn open(
+        data_dir: &Path,
+        retention: Retention,
+        publish: mpsc::Sender<Arc<Vec<Published>>>,
+    ) -> rusqlite::Result<(Self, EventStoreHandle)> {
+        let conn = Connection::open(data_dir.join("events.db"))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS events (
+                 gateway TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL,
+                 region TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL, config_version TEXT NOT NULL,
+                 acted TEXT NOT NULL, body BLOB NOT NULL,
+                 PRIMARY KEY (gateway, epoch, seq)) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS events_at ON events (at);
+             CREATE TABLE IF NOT EXISTS gaps (
+                 gateway TEXT NOT NULL, epoch INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+                 count INTEGER NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
+                 PRIMARY KEY (gateway, epoch, first_seq)) WITHOUT ROWID;",
+        )?;
+        let (tx, commands) = mpsc::channel(1024);
+        Ok((
+            EventStore {
+                conn,
+                retention,
+                commands,
+                publish,
+            },
+            EventStoreHandle { tx },
+        ))
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut retention = tokio::time::interval(Duration::from_secs(10));
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let command = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = retention.tick() => {
+                    if let Err(error) = self.enforce_retention() {
+                        tracing::error!(%error, "event retention failed");
+                    }
+                    continue;
+                }
+                command = self.commands.recv() => match command { Some(c) => c, None => return },
+            };
+            let mut ingests = Vec::new();
+            let mut others = Vec::new();
+            let mut next = Some(command);
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Ingest { batch, reply } => ingests.push((batch, reply)),
+                    other => others.push(other),
+                }
+                if ingests.len() < GROUP_COMMIT {
+                    next = self.commands.try_recv().ok();
+                }
+            }
+            if !ingests.is_empty() {
+                self.ingest(ingests).await;
+            }
+            for command in others {
+                self.answer(command);
+            }
+        }
+    }
+
+    async fn ingest(&mut self, ingests: Vec<(Batch, oneshot::Sender<Result<(), String>>)>) {
+        let at = unix_ms_now();
+        let (result, published) = match self.write(&ingests, at) {
+            Ok(published) => (Ok(()), published),
+            Err(error) => {
+                tracing::error!(%error, "cannot store events");
+                (Err(format!("cannot store events: {error}")), Vec::new())
+            }
+        };
+        for (_, reply) in ingests {
+            let _ = reply.send(result.clone());
+        }
+        if !published.is_empty() {
+            // Never blocks ingest for long: the bus drains into bounded per-subscriber queues.
+            let _ = self.publish.send(Arc::new(published)).await;
+        }
+    }
+
+    /// One transaction for all batches; returns what was new (duplicates are not republished).
+    fn write(
+        &mut self,
+        ingests: &[(Batch, oneshot::Sender<Result<(), String>>)],
+        at: u64,
+    ) -> rusqlite::Result<Vec<Published>> {
+        let tx = self.conn.transaction()?;
+        let mut published = Vec::new();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO events (gateway, epoch, seq, at, region, verdict, reason, config_version, acted, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            let mut insert_gap = tx.prepare_cached(
+                "INSERT OR IGNORE INTO gaps (gateway, epoch, first_seq, last_seq, count, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for (batch, _) in ingests {
+                if let Some(gap) = &batch.gap {
+                    let new = insert_gap.execute(params![
+                        batch.gateway,
+                        i(batch.epoch),
+                        i(gap.first_seq),
+                        i(gap.last_seq),
+                        i(gap.count),
+                        gap.reason,
+                        i(at)
+                    ])?;
+                    if new == 1 {
+                        published.push(Published::Gap {
+                            gateway: batch.gateway.clone(),
+                            gap: gap.clone(),
+                        });
+                    }
+                    continue;
+                }
+                for (n, body) in batch.events.iter().enumerate() {
+                    let seq = batch.first_seq + n as u64;
+                    // Agents send only JSON objects; anything else is stored as an unknown verdict.
+                    let (verdict, reason, config_version, acted) = fields(body).unwrap_or_default();
+                    let new = insert.execute(params![
+                        batch.gateway,
+                        i(batch.epoch),
+                        i(seq),
+                        i(at),
+                        batch.region,
+                        verdict,
+                        reason,
+                        config_version,
+                        acted.join(","),
+                        body
+                    ])?;
+                    if new == 1 {
+                        published.push(Published::Event(EventRecord {
+                            gateway: batch.gateway.clone(),
+                            region: batch.region.clone(),
+                            epoch: batch.epoch,
+                            seq,
+                            at,
+                            verdict,
+                            reason,
+                            config_version,
+                            acted,
+                            body: Arc::from(body.as_slice()),
+                        }));
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(published)
+    }
+
+    fn answer(&self, command: Command) {
+        match command {
+            Command::Query {
+                filter,
+                since,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.query(&filter, since, limit).unwrap_or_else(|error| {
+                    tracing::error!(%error, "event query failed");
+                    Vec::new()
+                }));
+            }
+            Command::Stats {
+                filter,
+                by,
+                since,
+                reply,
+            } => {
+                let _ = reply.send(self.stats(&filter, &by, since).unwrap_or_else(|error| {
+                    tracing::error!(%error, "event stats failed");
+                    Vec::new()
+                }));
+            }
+            Command::Ingest { .. } => {}
+        }
+    }
+
+    fn rows(&self, since: u64, mut each: impl FnMut(EventRecord) -> bool) -> rusqlite::Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT gateway, epoch, seq, at, region, verdict, reason, config_version, acted, body
+             FROM events WHERE at >= ?1 ORDER BY at, gateway, epoch, seq",
+        )?;
+        let mut rows = stmt.query([i(since)])?;
+        while let Some(row) = rows.next()? {
+            let acted: String = row.get(8)?;
+            let record = EventRecord {
+                gateway: row.get(0)?,
+                epoch: row.get::<_, i64>(1)? as u64,
+                seq: row.get::<_, i64>(2)? as u64,
+                at: row.get::<_, i64>(3)? as u64,
+                region: row.get(4)?,
+                verdict: row.get(5)?,
+                reason: row.get(6)?,
+                config_version: row.get(7)?,
+                acted: acted
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                body: Arc::from(row.get::<_, Vec<u8>>(9)?.as_slice()),
+            };
+            if !each(record) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn query(&self, filter: &Filter, since: u64, limit: u64) -> rusqlite::Result<Vec<Published>> {
+        let mut out = Vec::new();
+        self.rows(since, |record| {
+            if filter.matches(&record) {
+                out.push(Published::Event(record));
+            }
+            limit == 0 || (out.len() as u64) < limit
+        })?;
+        Ok(out)
+    }
+
+    fn stats(&self, filter: &Filter, by: &str, since: u64) -> rusqlite::Result<Vec<EventStatsRow>> {
+        let mut rows: BTreeMap<String, EventStatsRow> = BTreeMap::new();
+        self.rows(since, |e| {
+            if filter.matches(&e) {
+                let key = match by {
+                    "config-version" => e.config_version.clone(),
+                    "region" => e.region.clone(),
+                    _ => e.gateway.clone(),
+                };
+                let row = rows.entry(key.clone()).or_insert_with(|| EventStatsRow {
+                    key,
+                    ..Default::default()
+                });
+                row.total += 1;
+                match e.verdict.as_str() {
+                    "allow" => row.allow += 1,
+                    "block" => row.block += 1,
+                    "redact" => row.redact += 1,
+                    "escalate" => row.escalate += 1,
+                    _ => {}
+                }
+            }
+            true
+        })?;
+        Ok(rows.into_values().collect())
+    }
+
+    fn enforce_retention(&mut self) -> rusqlite::Result<()> {
+        let cutoff = unix_ms_now()
+            .saturating_sub(u64::try_from(self.retention.max_age.as_millis()).unwrap_or(u64::MAX));
+        self.conn
+            .execute("DELETE FROM events WHERE at < ?1", [i(cutoff)])?;
+        self.conn
+            .execute("DELETE FROM gaps WHERE at < ?1", [i(cutoff)])?;
+        let count: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
+        let over = (count as u64).saturating_sub(self.retention.max_events);
+        if over > 0 {
+            self.conn.execute(
+                "DELETE FROM events WHERE (gateway, epoch, seq) IN (SELECT gateway, epoch, seq FROM events ORDER BY at LIMIT ?1)",
+                [i(over)],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(gateway: &str, first_seq: u64, verdicts: &[&str]) -> Batch {
+        Batch {
+            gateway: gateway.into(),
+            region: "eu".into(),
+            epoch: 7,
+            first_seq,
+            events: verdicts
+                .iter()
+                .map(|v| format!(r#"{{"verdict":"{v}","config_version":"1.0.0"}}"#).into_bytes())
+                .collect(),
+            gap: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_stored_and_published_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (publish, mut published) = mpsc::channel(16);
+        let retention = Retention {
+            max_age: Duration::from_secs(3600),
+            max_events: 1000,
+        };
+        let (store, handle) = EventStore::open(dir.path(), retention, publish).expect("open");
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(store.run(cancel.clone()));
+        handle
+            .ingest(batch("gw-a", 1, &["allow", "block"]))
+            .await
+            .expect("first");
+        handle
+            .ingest(batch("gw-a", 1, &["allow", "block", "block"]))
+            .await
+            .expect("resent with one more");
+        let first = published.recv().await.expect("published");
+        let second = published.recv().await.expect("published");
+        assert_eq!(
+            (first.len(), second.len()),
+            (2, 1),
+            "only the new event is published again"
+        );
+        let rows = handle.stats(Filter::default(), "gateway".into(), 0).await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].total, rows[0].block, rows[0].allow), (3, 2, 1));
+        let blocks = handle
+            .query(
+                Filter {
+                    verdict: Some("block".into()),
+                    ..Default::default()
+                },
+                0,
+                0,
+            )
+            .await;
+        assert_eq!(blocks.len(), 2);
+        let limited = handle.query(Filter::default(), 0, 1).await;
+        assert_eq!(limited.len(), 1);
+        cancel.cancel();
+        task.await.expect("store task");
+    }
+}
