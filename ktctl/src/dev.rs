@@ -137,7 +137,9 @@ pub fn is_running(pid: u32, binary: &Path) -> bool {
         return false;
     };
     let expected = std::fs::canonicalize(binary).unwrap_or_else(|_| binary.to_owned());
-    exe == expected
+    // A binary rebuilt since the process started shows as "<path> (deleted)": still ours.
+    let exe = exe.to_string_lossy();
+    exe.strip_suffix(" (deleted)").unwrap_or(&exe) == expected.to_string_lossy()
 }
 
 /// Stops a process by pid: SIGTERM, then SIGKILL after `grace`. Returns whether it was running.
@@ -377,6 +379,23 @@ mod tests {
         assert!(is_running(me, &exe));
         assert!(!is_running(me, Path::new("/bin/sh")));
         assert!(!is_running(u32::MAX - 1, &exe));
+    }
+
+    #[test]
+    fn a_process_whose_binary_was_rebuilt_is_still_recognised() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let copy = dir.path().join("sleeper");
+        std::fs::copy("/bin/sleep", &copy).expect("copy");
+        let mut child =
+            spawn(&copy, &["30".into()], &[], &dir.path().join("s.log")).expect("spawn");
+        let canonical = std::fs::canonicalize(&copy).expect("canonical");
+        std::fs::remove_file(&copy).expect("remove");
+        assert!(
+            is_running(child.id(), &canonical),
+            "a deleted binary still names the process"
+        );
+        assert!(stop(child.id(), &canonical, Duration::from_secs(5)));
+        let _ = child.wait();
     }
 
     #[test]
