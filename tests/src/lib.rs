@@ -5,6 +5,7 @@
 //! leaves nothing running. The binaries are the workspace's own, found next to the test
 //! executable's `target/<profile>` directory: build them first (`cargo build --workspace`).
 
+pub mod proxy;
 pub mod stats;
 
 use std::net::SocketAddr;
@@ -378,12 +379,24 @@ pub struct TestFleet {
 
 impl TestFleet {
     pub fn start(n: usize) -> Self {
+        Self::start_inner(n, false).0
+    }
+
+    /// Like `start`, with every agent reaching the coordinator through a [`proxy::CutProxy`].
+    pub fn start_with_proxy(n: usize) -> (Self, proxy::CutProxy) {
+        let (fleet, proxy) = Self::start_inner(n, true);
+        (fleet, proxy.expect("proxy"))
+    }
+
+    fn start_inner(n: usize, with_proxy: bool) -> (Self, Option<proxy::CutProxy>) {
         kt_proto::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = Pki::new(dir.path().join("pki"));
         let ids: Vec<String> = (1..=n).map(|i| format!("gw-test-{i:02}")).collect();
         let coordinator = CoordinatorNode::start(dir.path().join("coordinator"), &pki, &ids);
         let provider = MockProvider::start(&dir.path().join("provider"), &[]);
+        let proxy = with_proxy.then(|| proxy::CutProxy::start(coordinator.addr));
+        let agents_reach = proxy.as_ref().map_or(coordinator.addr, |p| p.addr);
         let mut gateways = Vec::new();
         let mut agents = Vec::new();
         for (i, id) in ids.iter().enumerate() {
@@ -395,7 +408,7 @@ impl TestFleet {
                 &gw_dir,
                 &AgentSpec {
                     gateway_id: id,
-                    coordinator: coordinator.addr,
+                    coordinator: agents_reach,
                     pki: &pki.dir,
                     gateway: gateway.addr,
                     health_interval: HEALTH_INTERVAL,
@@ -416,7 +429,7 @@ impl TestFleet {
         }
         .save(&ktctl_config)
         .expect("ktctl config");
-        TestFleet {
+        let fleet = TestFleet {
             dir,
             pki,
             provider,
@@ -424,7 +437,8 @@ impl TestFleet {
             gateways,
             agents,
             ktctl_config,
-        }
+        };
+        (fleet, proxy)
     }
 
     pub async fn operator(&self) -> OperatorServiceClient<Channel> {
@@ -479,6 +493,13 @@ pub fn ktctl(config: &Path, args: &[&str]) -> Output {
 /// Row `gateway` of a health listing.
 pub fn row<'a>(rows: &'a [serde_json::Value], gateway: &str) -> Option<&'a serde_json::Value> {
     rows.iter().find(|r| r["gateway"] == gateway)
+}
+
+/// `events.jsonl` -> `events.jsonl.1`, where a rotation moves a file.
+pub fn rotated(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
 }
 
 /// Polls `condition` every 50 ms until it holds (true) or `timeout` passes (false).

@@ -125,6 +125,7 @@ pub fn to_proto(p: &Published) -> v1::TailEventsResponse {
             epoch: e.epoch,
             seq: e.seq,
             event: e.body.to_vec(),
+            stored_at_unix_ms: e.at,
         }),
         Published::Gap { gateway, gap } => Item::Gap(v1::GapNotice {
             gateway_id: gateway.clone(),

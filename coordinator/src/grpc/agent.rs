@@ -152,9 +152,6 @@ impl AgentService for AgentApi {
                     // The region comes from the agent's hello, which may arrive after this stream opens.
                     let mut region = String::new();
                     loop {
-                        if region.is_empty() {
-                            region = region_of(&fleet, gateway.as_str()).await;
-                        }
                         let batch = match inbound.message().await {
                             Ok(Some(batch)) => batch,
                             Ok(None) => return,
@@ -167,6 +164,9 @@ impl AgentService for AgentApi {
                             tracing::warn!(%why, "refused an event batch");
                             let _ = tx.send(Err(Status::invalid_argument(why))).await;
                             return;
+                        }
+                        if region.is_empty() {
+                            region = region_of(&fleet, gateway.as_str()).await;
                         }
                         let batch = Batch {
                             gateway: gateway.to_string(),

@@ -48,6 +48,67 @@ type TailStream = Pin<Box<dyn Stream<Item = Result<v1::TailEventsResponse, Statu
 /// Pushed configs larger than this are refused before anything else.
 const MAX_PUSH_BYTES: usize = crate::rollout::plan::MAX_CONFIG_BYTES;
 
+/// One tail's progress: what it sent, so that replays and live events never repeat one.
+struct Tail {
+    filter: Filter,
+    limit: u64,
+    sent: u64,
+    /// Highest sequence number sent per (gateway, epoch).
+    seen: std::collections::HashMap<(String, u64), u64>,
+    /// Storage time of the last event sent: where a replay starts.
+    last_at: u64,
+}
+
+impl Tail {
+    /// Sends stored items not sent yet; false when the tail is done or gone.
+    async fn send_all(
+        &mut self,
+        tx: &mpsc::Sender<Result<v1::TailEventsResponse, Status>>,
+        items: &[Published],
+    ) -> bool {
+        for item in items {
+            let go_on = match events::to_proto(item).item {
+                Some(v1::tail_events_response::Item::Event(e)) => self.send_event(tx, e).await,
+                other => tx
+                    .send(Ok(v1::TailEventsResponse { item: other }))
+                    .await
+                    .is_ok(),
+            };
+            if !go_on {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn send_event(
+        &mut self,
+        tx: &mpsc::Sender<Result<v1::TailEventsResponse, Status>>,
+        e: v1::TailedEvent,
+    ) -> bool {
+        let last = self
+            .seen
+            .entry((e.gateway_id.clone(), e.epoch))
+            .or_default();
+        if e.seq <= *last {
+            return true;
+        }
+        *last = e.seq;
+        self.last_at = self.last_at.max(e.stored_at_unix_ms);
+        if tx
+            .send(Ok(v1::TailEventsResponse {
+                item: Some(v1::tail_events_response::Item::Event(e)),
+            }))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.sent += 1;
+        self.limit == 0 || self.sent < self.limit
+    }
+}
+
 impl OperatorApi {
     /// Resolves the gateways a filter names (ids, a group, a selector); `None` means all.
     async fn event_filter(&self, filter: Option<v1::EventFilter>) -> Result<Filter, Status> {
@@ -383,6 +444,7 @@ impl OperatorService for OperatorApi {
         authorize(&request, &self.trust_domain, Role::Operator)?;
         let request = request.into_inner();
         let filter = self.event_filter(request.filter).await?;
+        let replay_filter = filter.clone();
         // Subscribe before reading history, so nothing falls between the two.
         let mut live = if request.no_follow {
             None
@@ -403,41 +465,40 @@ impl OperatorService for OperatorApi {
         };
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         let cancel = self.cancel.clone();
-        let limit = request.limit;
+        let store = self.events.clone();
+        let mut tail = Tail {
+            filter: replay_filter,
+            limit: request.limit,
+            sent: 0,
+            seen: Default::default(),
+            last_at: if request.since_unix_ms > 0 {
+                request.since_unix_ms
+            } else {
+                kt_proto::unix_ms_now()
+            },
+        };
         tokio::spawn(async move {
             let forward = async {
-                let mut sent = 0u64;
-                let mut seen: std::collections::HashMap<(String, u64), u64> =
-                    std::collections::HashMap::new();
-                for item in &history {
-                    if let Published::Event(e) = item {
-                        let last = seen.entry((e.gateway.clone(), e.epoch)).or_default();
-                        *last = (*last).max(e.seq);
-                    }
-                    if tx.send(Ok(events::to_proto(item))).await.is_err() {
-                        return;
-                    }
-                    sent += 1;
-                    if limit > 0 && sent >= limit {
-                        return;
-                    }
+                if !tail.send_all(&tx, &history).await {
+                    return;
                 }
                 let Some(live) = live.as_mut() else { return };
                 while let Some(item) = live.recv().await {
-                    if let Some(v1::tail_events_response::Item::Event(e)) = &item.item {
-                        // Already sent from history.
-                        if seen
-                            .get(&(e.gateway_id.clone(), e.epoch))
-                            .is_some_and(|last| e.seq <= *last)
-                        {
-                            continue;
+                    let go_on = match item.item {
+                        // This tail fell behind the bus: what it missed is stored, so read it back.
+                        Some(v1::tail_events_response::Item::Missed(_)) => {
+                            let recovered = store.query(tail.filter.clone(), tail.last_at, 0).await;
+                            tail.send_all(&tx, &recovered).await
                         }
-                        sent += 1;
-                    }
-                    if tx.send(Ok(item)).await.is_err() {
-                        return;
-                    }
-                    if limit > 0 && sent >= limit {
+                        Some(v1::tail_events_response::Item::Event(e)) => {
+                            tail.send_event(&tx, e).await
+                        }
+                        other => tx
+                            .send(Ok(v1::TailEventsResponse { item: other }))
+                            .await
+                            .is_ok(),
+                    };
+                    if !go_on {
                         return;
                     }
                 }
