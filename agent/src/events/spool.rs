@@ -49,6 +49,8 @@ pub struct Spool {
     pub epoch: u64,
     next_seq: u64,
     limits: Limits,
+    /// Events in the table, kept in memory so appends need not count them.
+    buffered: u64,
 }
 
 impl std::fmt::Debug for Spool {
@@ -96,11 +98,13 @@ impl Spool {
             }
         };
         let next_seq = get("next_seq")?.map_or(1, |n| n as u64);
+        let buffered = conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))? as u64;
         Ok(Spool {
             conn,
             epoch,
             next_seq,
             limits,
+            buffered,
         })
     }
 
@@ -130,6 +134,7 @@ impl Spool {
                 tx.prepare_cached("INSERT INTO events (seq, body, at) VALUES (?1, ?2, ?3)")?;
             for body in events {
                 insert.execute(params![to_i64(self.next_seq), body, at])?;
+                self.buffered += 1;
                 self.next_seq += 1;
             }
             let mut meta = tx.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?;
@@ -144,16 +149,15 @@ impl Spool {
 
     /// Drops the oldest events beyond the limits, leaving a gap record in their place.
     fn enforce_limits(&mut self) -> rusqlite::Result<()> {
-        let count: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
-        let over = (count as u64).saturating_sub(self.limits.max_events);
+        // Both checks read the oldest rows through the primary key: no scan on every append.
+        let over = self.buffered.saturating_sub(self.limits.max_events);
         let too_old = now_ms() - i64::try_from(self.limits.max_age.as_millis()).unwrap_or(i64::MAX);
-        let old: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM events WHERE at < ?1",
-            [too_old],
-            |r| r.get(0),
-        )?;
+        let oldest_at: Option<i64> = self.conn.query_row("SELECT at FROM events ORDER BY seq LIMIT 1", [], |r| r.get(0)).optional()?;
+        let old: i64 = if oldest_at.is_some_and(|at| at < too_old) {
+            self.conn.query_row("SELECT COUNT(*) FROM events WHERE at < ?1", [too_old], |r| r.get(0))?
+        } else {
+            0
+        };
         let drop = over.max(old as u64);
         if drop == 0 {
             return Ok(());
@@ -169,7 +173,8 @@ impl Spool {
             [to_i64(drop)],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        tx.execute("DELETE FROM events WHERE seq <= ?1", [last])?;
+        let dropped = tx.execute("DELETE FROM events WHERE seq <= ?1", [last])?;
+        self.buffered = self.buffered.saturating_sub(dropped as u64);
         // Merge with a gap that ends right before, so repeated overflow stays one record.
         let previous: Option<(i64, i64)> = tx
             .query_row(
@@ -259,7 +264,8 @@ impl Spool {
     /// Deletes what the coordinator stored durably.
     pub fn ack(&mut self, through: u64) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM events WHERE seq <= ?1", [to_i64(through)])?;
+        let deleted = tx.execute("DELETE FROM events WHERE seq <= ?1", [to_i64(through)])?;
+        self.buffered = self.buffered.saturating_sub(deleted as u64);
         tx.execute("DELETE FROM gaps WHERE last_seq <= ?1", [to_i64(through)])?;
         tx.commit()
     }
