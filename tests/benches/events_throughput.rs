@@ -14,13 +14,25 @@ use kt_e2e::stats::Summary;
 use kt_proto::v1::{EventFilter, TailEventsRequest, tail_events_response::Item};
 
 fn now_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 fn main() {
-    let per_gateway: u64 = std::env::var("KT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-    let rate: Option<u64> = std::env::var("KT_BENCH_RATE").ok().and_then(|v| v.parse().ok());
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let per_gateway: u64 = std::env::var("KT_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let rate: Option<u64> = std::env::var("KT_BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async move {
         let fleet = TestFleet::start(3);
         fleet.wait_for_health("fleet up", Duration::from_secs(30), |code, rows| code == 0 && rows.len() == 3).await;

@@ -98,7 +98,8 @@ impl Spool {
             }
         };
         let next_seq = get("next_seq")?.map_or(1, |n| n as u64);
-        let buffered = conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))? as u64;
+        let buffered =
+            conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))? as u64;
         Ok(Spool {
             conn,
             epoch,
@@ -152,9 +153,18 @@ impl Spool {
         // Both checks read the oldest rows through the primary key: no scan on every append.
         let over = self.buffered.saturating_sub(self.limits.max_events);
         let too_old = now_ms() - i64::try_from(self.limits.max_age.as_millis()).unwrap_or(i64::MAX);
-        let oldest_at: Option<i64> = self.conn.query_row("SELECT at FROM events ORDER BY seq LIMIT 1", [], |r| r.get(0)).optional()?;
+        let oldest_at: Option<i64> = self
+            .conn
+            .query_row("SELECT at FROM events ORDER BY seq LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
         let old: i64 = if oldest_at.is_some_and(|at| at < too_old) {
-            self.conn.query_row("SELECT COUNT(*) FROM events WHERE at < ?1", [too_old], |r| r.get(0))?
+            self.conn.query_row(
+                "SELECT COUNT(*) FROM events WHERE at < ?1",
+                [too_old],
+                |r| r.get(0),
+            )?
         } else {
             0
         };
