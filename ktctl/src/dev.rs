@@ -292,6 +292,8 @@ pub struct AgentSpec<'a> {
     pub validator: &'a Path,
     /// The gateway's decision events file, which the agent then forwards.
     pub events_file: Option<&'a Path>,
+    /// The agent's event buffer bound (its default when `None`).
+    pub max_buffered_events: Option<u64>,
     pub state_dir: &'a Path,
 }
 
@@ -302,6 +304,10 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
         let _ = writeln!(labels, "  {k}: \"{v}\"");
     }
     let mut managed = String::new();
+    let buffer = spec
+        .max_buffered_events
+        .map(|n| format!("events:\n  max_buffered_events: {n}\n"))
+        .unwrap_or_default();
     if let Some(events) = spec.events_file {
         let _ = writeln!(managed, "  events_file: {}", events.display());
     }
@@ -317,7 +323,7 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
         );
     }
     format!(
-        "coordinator:\n  endpoints: [\"https://{coord}\"]\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ngateway:\n  health_url: \"http://{gateway}/health\"\n  health_interval: {hi}ms\n{managed}state_dir: {state}\nlabels:\n{labels}reconnect:\n  min_delay: 200ms\n  max_delay: 2s\n",
+        "coordinator:\n  endpoints: [\"https://{coord}\"]\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ngateway:\n  health_url: \"http://{gateway}/health\"\n  health_interval: {hi}ms\n{managed}state_dir: {state}\n{buffer}labels:\n{labels}reconnect:\n  min_delay: 200ms\n  max_delay: 2s\n",
         coord = spec.coordinator,
         ca = spec.pki.join("ca.crt").display(),
         cert = spec
@@ -432,6 +438,7 @@ mod tests {
             config_path: Some(Path::new("/g/policy.yaml")),
             validator: Path::new("/bin/kt-gateway"),
             events_file: Some(Path::new("/g/events.jsonl")),
+            max_buffered_events: Some(10),
             state_dir: Path::new("/g/state"),
         });
         assert!(

@@ -379,16 +379,21 @@ pub struct TestFleet {
 
 impl TestFleet {
     pub fn start(n: usize) -> Self {
-        Self::start_inner(n, false).0
+        Self::start_inner(n, false, None).0
     }
 
-    /// Like `start`, with every agent reaching the coordinator through a [`proxy::CutProxy`].
-    pub fn start_with_proxy(n: usize) -> (Self, proxy::CutProxy) {
-        let (fleet, proxy) = Self::start_inner(n, true);
+    /// Like `start`, with every agent reaching the coordinator through a [`proxy::CutProxy`],
+    /// and, when given, a small event buffer.
+    pub fn start_with_proxy(n: usize, max_buffered_events: Option<u64>) -> (Self, proxy::CutProxy) {
+        let (fleet, proxy) = Self::start_inner(n, true, max_buffered_events);
         (fleet, proxy.expect("proxy"))
     }
 
-    fn start_inner(n: usize, with_proxy: bool) -> (Self, Option<proxy::CutProxy>) {
+    fn start_inner(
+        n: usize,
+        with_proxy: bool,
+        max_buffered_events: Option<u64>,
+    ) -> (Self, Option<proxy::CutProxy>) {
         kt_proto::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = Pki::new(dir.path().join("pki"));
@@ -416,6 +421,7 @@ impl TestFleet {
                     config_path: Some(&gateway.policy),
                     validator: &bin("kt-gateway"),
                     events_file: Some(&gateway.events),
+                    max_buffered_events,
                     state_dir: &gw_dir.join("agent-state"),
                 },
             );

@@ -12,6 +12,8 @@ pub struct CutProxy {
     /// Cancelled to cut every open connection; replaced by a fresh one for the next ones.
     generation: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
+    /// While set, new connections are closed at once: the network is down.
+    blocked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CutProxy {
@@ -23,7 +25,9 @@ impl CutProxy {
         let listener = TcpListener::from_std(std_listener).expect("tokio listener");
         let generation = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
-        let (gen_for_task, stop_for_task) = (generation.clone(), stop.clone());
+        let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (gen_for_task, stop_for_task, blocked_for_task) =
+            (generation.clone(), stop.clone(), blocked.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -33,6 +37,10 @@ impl CutProxy {
                 let Ok((mut inbound, _)) = accepted else {
                     continue;
                 };
+                if blocked_for_task.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
                 let cut = gen_for_task
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -54,7 +62,20 @@ impl CutProxy {
             addr,
             generation,
             stop,
+            blocked,
         }
+    }
+
+    /// Cuts every connection and refuses new ones until `unblock`.
+    pub fn block(&self) {
+        self.blocked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
+    }
+
+    pub fn unblock(&self) {
+        self.blocked
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Drops every connection open now; new ones go through.

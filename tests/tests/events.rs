@@ -192,7 +192,7 @@ async fn decisions_from_every_gateway_reach_the_tail_with_filters_and_stats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_events_arrive_once_in_order_through_restarts_and_cuts() {
-    let (mut fleet, proxy) = TestFleet::start_with_proxy(3);
+    let (mut fleet, proxy) = TestFleet::start_with_proxy(3, None);
     healthy(&fleet, 3).await;
     const PER_GATEWAY: u64 = 33_334;
     const CHUNKS: u64 = 40;
@@ -313,4 +313,65 @@ async fn a_subscriber_that_stops_reading_stalls_neither_ingest_nor_others() {
         .filter(|l| l.contains("\"n\":"))
         .count() as u64;
     assert_eq!(lines, count, "the reading subscriber got every event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_agent_buffer_drops_the_oldest_and_says_so_with_a_gap() {
+    let (fleet, proxy) = TestFleet::start_with_proxy(1, Some(500));
+    healthy(&fleet, 1).await;
+    // The agent cannot reach the coordinator while 2,000 events arrive: 1,500 must give way.
+    proxy.block();
+    append_events(&fleet.gateways[0].events, "gw-test-01", 0, 2_000);
+    let spooled = wait_for(PATIENCE, || {
+        let log = fleet.agents[0]
+            .proc
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default();
+        log.contains("event buffer overflow")
+    })
+    .await;
+    assert!(spooled, "the agent buffered and overflowed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.unblock();
+
+    let stored = || {
+        stats(&fleet, &[])
+            .iter()
+            .map(|r| r["total"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert!(
+        wait_for(PATIENCE, || stored() >= 500).await,
+        "the newest events arrive: {}",
+        stored()
+    );
+    let items = tail_json(
+        &fleet,
+        &["--all-gateways", "--since", "1h", "--limit", "500"],
+    );
+    let gaps: Vec<&Value> = items.iter().filter(|i| i.get("gap").is_some()).collect();
+    let events: Vec<u64> = items.iter().filter_map(|i| i["n"].as_u64()).collect();
+    let dropped: u64 = gaps
+        .iter()
+        .map(|g| g["gap"]["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(!gaps.is_empty(), "a gap record: {items:?}");
+    assert_eq!(
+        dropped + events.len() as u64,
+        2_000,
+        "every event is either delivered or counted in a gap"
+    );
+    let first = 2_000 - events.len() as u64;
+    assert_eq!(
+        events,
+        (first..2_000).collect::<Vec<_>>(),
+        "the newest events survive, in order"
+    );
+    assert!(
+        gaps[0]["gap"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("buffer full")),
+        "{gaps:?}"
+    );
 }

@@ -349,15 +349,40 @@ impl EventStore {
         Ok(())
     }
 
+    /// Stored events and gap records from `since` on, in storage order.
     fn query(&self, filter: &Filter, since: u64, limit: u64) -> rusqlite::Result<Vec<Published>> {
-        let mut out = Vec::new();
+        let mut out: Vec<(u64, Published)> = Vec::new();
+        let mut events = 0u64;
         self.rows(since, |record| {
             if filter.matches(&record) {
-                out.push(Published::Event(record));
+                out.push((record.at, Published::Event(record)));
+                events += 1;
             }
-            limit == 0 || (out.len() as u64) < limit
+            limit == 0 || events < limit
         })?;
-        Ok(out)
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT gateway, first_seq, last_seq, count, reason, at FROM gaps WHERE at >= ?1 ORDER BY at",
+        )?;
+        let mut rows = stmt.query([i(since)])?;
+        while let Some(row) = rows.next()? {
+            let gateway: String = row.get(0)?;
+            if !filter.gateway(&gateway) {
+                continue;
+            }
+            let gap = EventGap {
+                first_seq: row.get::<_, i64>(1)? as u64,
+                last_seq: row.get::<_, i64>(2)? as u64,
+                count: row.get::<_, i64>(3)? as u64,
+                reason: row.get(4)?,
+            };
+            out.push((
+                row.get::<_, i64>(5)? as u64,
+                Published::Gap { gateway, gap },
+            ));
+        }
+        // Stable: a gap stored in the same commit as events stays before them.
+        out.sort_by_key(|(at, p)| (*at, !matches!(p, Published::Gap { .. })));
+        Ok(out.into_iter().map(|(_, p)| p).collect())
     }
 
     fn stats(&self, filter: &Filter, by: &str, since: u64) -> rusqlite::Result<Vec<EventStatsRow>> {

@@ -195,6 +195,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 config_path: Some(&policy),
                 validator: &dev::find_binary("kt-gateway"),
                 events_file: Some(&gw_dir.join("events.jsonl")),
+                max_buffered_events: None,
                 state_dir: &gw_dir.join("agent-state"),
             }),
         )?;
