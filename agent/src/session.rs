@@ -42,6 +42,22 @@ pub struct SessionSettings {
     pub boot_id: String,
 }
 
+impl SessionSettings {
+    /// The endpoint for connection attempt `attempt`: the configured ones in turn.
+    pub fn endpoint(&self, attempt: u64) -> &str {
+        let endpoints = &self.config.coordinator.endpoints;
+        &endpoints[usize::try_from(attempt % endpoints.len().max(1) as u64).unwrap_or(0)]
+    }
+
+    /// A fresh reconnect schedule.
+    pub fn backoff(&self) -> FullJitter {
+        FullJitter::new(
+            self.config.reconnect.min_delay,
+            self.config.reconnect.max_delay,
+        )
+    }
+}
+
 /// One open session: the sending half, the receiving half and what the coordinator assigned.
 struct OpenSession {
     outbound: mpsc::Sender<AgentMessage>,
@@ -88,15 +104,14 @@ pub async fn run(
 ) {
     let mut attempt: u64 = 0;
     loop {
-        let backoff = FullJitter::new(
-            settings.config.reconnect.min_delay,
-            settings.config.reconnect.max_delay,
-        );
+        let backoff = settings.backoff();
         let connect = || {
             attempt += 1;
-            let endpoints = &settings.config.coordinator.endpoints;
-            let index = usize::try_from(attempt % endpoints.len() as u64).unwrap_or(0);
-            connect(&settings, &endpoints[index], health.borrow().clone())
+            connect(
+                &settings,
+                settings.endpoint(attempt),
+                health.borrow().clone(),
+            )
         };
         let opened = tokio::select! {
             _ = cancel.cancelled() => return,

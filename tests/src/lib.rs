@@ -496,6 +496,17 @@ pub fn ktctl(config: &Path, args: &[&str]) -> Output {
         .expect("run ktctl")
 }
 
+/// A health check: `n` rows, every agent connected and every gateway healthy, exit code 0.
+pub fn all_healthy(n: usize) -> impl Fn(i32, &[serde_json::Value]) -> bool {
+    move |code, rows| {
+        code == 0
+            && rows.len() == n
+            && rows
+                .iter()
+                .all(|r| r["agent"] == "connected" && r["status"] == "healthy")
+    }
+}
+
 /// Row `gateway` of a health listing.
 pub fn row<'a>(rows: &'a [serde_json::Value], gateway: &str) -> Option<&'a serde_json::Value> {
     rows.iter().find(|r| r["gateway"] == gateway)

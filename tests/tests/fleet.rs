@@ -2,19 +2,9 @@
 
 use std::time::Duration;
 
-use kt_e2e::{HEALTH_INTERVAL, TestFleet, row};
+use kt_e2e::{HEALTH_INTERVAL, TestFleet, all_healthy, row};
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn all_healthy(n: usize) -> impl Fn(i32, &[serde_json::Value]) -> bool {
-    move |code, rows| {
-        code == 0
-            && rows.len() == n
-            && rows
-                .iter()
-                .all(|r| r["agent"] == "connected" && r["status"] == "healthy")
-    }
-}
 
 #[tokio::test]
 async fn three_gateways_show_healthy_and_connected() {

@@ -4,20 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use kt_e2e::{TestFleet, row, wait_for};
+use kt_e2e::{TestFleet, all_healthy, row, wait_for};
 use serde_json::Value;
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn all_healthy(n: usize) -> impl Fn(i32, &[Value]) -> bool {
-    move |code, rows| {
-        code == 0
-            && rows.len() == n
-            && rows
-                .iter()
-                .all(|r| r["agent"] == "connected" && r["status"] == "healthy")
-    }
-}
 
 async fn fleet(n: usize) -> TestFleet {
     let fleet = TestFleet::start(n);

@@ -16,7 +16,6 @@ use tonic::transport::Endpoint;
 
 use super::spool::Item;
 use super::{SharedSpool, lock};
-use crate::backoff::FullJitter;
 use crate::session::SessionSettings;
 
 /// Events per batch.
@@ -32,15 +31,10 @@ pub async fn run(
 ) {
     let mut attempt: u64 = 0;
     loop {
-        let backoff = FullJitter::new(
-            settings.config.reconnect.min_delay,
-            settings.config.reconnect.max_delay,
-        );
+        let backoff = settings.backoff();
         let open = || {
             attempt += 1;
-            let endpoints = &settings.config.coordinator.endpoints;
-            let endpoint =
-                endpoints[usize::try_from(attempt % endpoints.len() as u64).unwrap_or(0)].clone();
+            let endpoint = settings.endpoint(attempt).to_owned();
             let settings = settings.clone();
             async move { open(&settings, &endpoint).await }
         };

@@ -21,19 +21,32 @@ struct Subscriber {
 }
 
 impl Subscriber {
+    /// Sends the count of missed events if there is room; false once the subscriber has gone.
+    fn tell_missed(&mut self) -> bool {
+        if self.missed == 0 {
+            return !self.tx.is_closed();
+        }
+        match self.tx.try_send(TailEventsResponse {
+            item: Some(Item::Missed(self.missed)),
+        }) {
+            Ok(()) => {
+                self.missed = 0;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
     /// Delivers one item; false once the subscriber has gone.
     fn deliver(&mut self, item: &Published) -> bool {
+        if !self.tell_missed() {
+            return false;
+        }
         if self.missed > 0 {
-            match self.tx.try_send(TailEventsResponse {
-                item: Some(Item::Missed(self.missed)),
-            }) {
-                Ok(()) => self.missed = 0,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.missed += 1;
-                    return true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            }
+            // Still no room for the notice: this item is missed too.
+            self.missed += 1;
+            return true;
         }
         match self.tx.try_send(to_proto(item)) {
             Ok(()) => true,
@@ -93,9 +106,15 @@ impl Bus {
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
+        // A subscriber that missed events hears of it even when nothing new is published.
+        let mut notify = tokio::time::interval(std::time::Duration::from_millis(100));
+        notify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
+                _ = notify.tick() => {
+                    self.subscribers.retain_mut(Subscriber::tell_missed);
+                }
                 Some(Subscribe { filter, reply }) = self.subscribe.recv() => {
                     let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
                     if reply.send(rx).is_ok() {

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use kt_proto::v1::{PushConfigRequest, RolloutSpec, Strategy};
 
 use crate::Session;
+use crate::commands::parse_selector;
 use crate::rollouts::{self, EXIT_CODES_HELP, config_label, exit_code, follow, print_summary};
 use crate::view::{Output, print_structured};
 
@@ -85,15 +86,6 @@ pub struct Args {
     pub dry_run: bool,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-}
-
-fn parse_selector(text: &str) -> Result<HashMap<String, String>, String> {
-    text.split(',')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-            _ => Err(format!("{pair:?} is not key=value")),
-        })
-        .collect()
 }
 
 /// `N` or `N%`.

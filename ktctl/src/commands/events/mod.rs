@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use anyhow::Context;
 use kt_proto::v1::EventFilter;
 
+use crate::commands::parse_selector;
+
 /// Which gateways: exactly one of the target flags.
 #[derive(Debug, Clone, clap::Args)]
 #[group(required = true, multiple = false)]
@@ -23,15 +25,6 @@ pub struct Target {
     /// Gateways whose labels match, e.g. `region=eu`.
     #[arg(long, value_parser = parse_selector)]
     pub selector: Option<HashMap<String, String>>,
-}
-
-pub fn parse_selector(text: &str) -> Result<HashMap<String, String>, String> {
-    text.split(',')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-            _ => Err(format!("{pair:?} is not key=value")),
-        })
-        .collect()
 }
 
 impl Target {

@@ -4,8 +4,9 @@ use std::collections::HashMap;
 
 use kt_proto::v1::{EventFilter, EventStatsRequest};
 
-use super::{parse_selector, since_ms};
+use super::since_ms;
 use crate::Session;
+use crate::commands::parse_selector;
 use crate::view::{Output, print_structured, table};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
