@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kt_proto::unix_ms_now;
 use kt_proto::v1::{EventGap, EventStatsRow};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -121,6 +121,9 @@ pub struct Retention {
 pub struct EventStore {
     conn: Connection,
     retention: Retention,
+    /// The highest sequence number stored per (gateway, epoch). Agents send in order and resend
+    /// from their oldest unacknowledged event, so anything at or below it is a duplicate.
+    stored_through: std::collections::HashMap<(String, u64), u64>,
     commands: mpsc::Receiver<Command>,
     publish: mpsc::Sender<Arc<Vec<Published>>>,
 }
@@ -142,22 +145,53 @@ impl EventStore {
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
-             CREATE TABLE IF NOT EXISTS events (
-                 gateway TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL,
+             -- In storage order: the rowid grows with `at`, so time lookups search the rowid and
+             -- no index is maintained per event.
+             CREATE TABLE IF NOT EXISTS event_log (
+                 at INTEGER NOT NULL, gateway TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
                  region TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL, config_version TEXT NOT NULL,
-                 acted TEXT NOT NULL, body BLOB NOT NULL,
-                 PRIMARY KEY (gateway, epoch, seq)) WITHOUT ROWID;
-             CREATE INDEX IF NOT EXISTS events_at ON events (at);
+                 acted TEXT NOT NULL, body BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS gaps (
                  gateway TEXT NOT NULL, epoch INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
                  count INTEGER NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
                  PRIMARY KEY (gateway, epoch, first_seq)) WITHOUT ROWID;",
         )?;
+        let mut stored_through = std::collections::HashMap::new();
+        {
+            let mut stmt = conn.prepare(
+                "SELECT gateway, epoch, MAX(seq) FROM event_log GROUP BY gateway, epoch",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    (r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64),
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?;
+            for row in rows {
+                let (key, seq) = row?;
+                stored_through.insert(key, seq);
+            }
+            let mut gaps = conn.prepare(
+                "SELECT gateway, epoch, MAX(last_seq) FROM gaps GROUP BY gateway, epoch",
+            )?;
+            let rows = gaps.query_map([], |r| {
+                Ok((
+                    (r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64),
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?;
+            for row in rows {
+                let (key, seq) = row?;
+                let entry = stored_through.entry(key).or_insert(0);
+                *entry = (*entry).max(seq);
+            }
+        }
         let (tx, commands) = mpsc::channel(1024);
         Ok((
             EventStore {
                 conn,
                 retention,
+                stored_through,
                 commands,
                 publish,
             },
@@ -224,18 +258,32 @@ impl EventStore {
         ingests: &[(Batch, oneshot::Sender<Result<(), String>>)],
         at: u64,
     ) -> rusqlite::Result<Vec<Published>> {
+        // Sequence numbers stored by this transaction; they count only once it commits.
+        let mut overlay: std::collections::HashMap<(String, u64), u64> =
+            std::collections::HashMap::new();
         let tx = self.conn.transaction()?;
         let mut published = Vec::new();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO events (gateway, epoch, seq, at, region, verdict, reason, config_version, acted, body)
+                "INSERT INTO event_log (gateway, epoch, seq, at, region, verdict, reason, config_version, acted, body)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             let mut insert_gap = tx.prepare_cached(
                 "INSERT OR IGNORE INTO gaps (gateway, epoch, first_seq, last_seq, count, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for (batch, _) in ingests {
+                let key = (batch.gateway.clone(), batch.epoch);
+                let mut through = overlay
+                    .get(&key)
+                    .or_else(|| self.stored_through.get(&key))
+                    .copied()
+                    .unwrap_or(0);
                 if let Some(gap) = &batch.gap {
+                    if gap.last_seq <= through {
+                        continue;
+                    }
+                    through = gap.last_seq;
+                    overlay.insert(key, through);
                     let new = insert_gap.execute(params![
                         batch.gateway,
                         i(batch.epoch),
@@ -255,6 +303,10 @@ impl EventStore {
                 }
                 for (n, body) in batch.events.iter().enumerate() {
                     let seq = batch.first_seq + n as u64;
+                    if seq <= through {
+                        continue; // already stored: a batch sent again after a reconnect
+                    }
+                    through = seq;
                     // Agents send only JSON objects; anything else is stored as an unknown verdict.
                     let (verdict, reason, config_version, acted) = fields(body).unwrap_or_default();
                     let new = insert.execute(params![
@@ -284,9 +336,11 @@ impl EventStore {
                         }));
                     }
                 }
+                overlay.insert(key, through);
             }
         }
         tx.commit()?;
+        self.stored_through.extend(overlay);
         Ok(published)
     }
 
@@ -318,12 +372,40 @@ impl EventStore {
         }
     }
 
+    /// The first rowid stored at or after `since`: a binary search, since `at` grows with the rowid.
+    fn first_rowid_at(&self, since: u64) -> rusqlite::Result<i64> {
+        let (lo, hi): (Option<i64>, Option<i64>) =
+            self.conn
+                .query_row("SELECT MIN(rowid), MAX(rowid) FROM event_log", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+        let (Some(mut lo), Some(mut hi)) = (lo, hi) else {
+            return Ok(i64::MAX);
+        };
+        hi += 1; // one past the last: "none is late enough"
+        let mut probe = self.conn.prepare_cached(
+            "SELECT rowid, at FROM event_log WHERE rowid >= ?1 ORDER BY rowid LIMIT 1",
+        )?;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let found: Option<(i64, i64)> = probe
+                .query_row([mid], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match found {
+                Some((rowid, at)) if (at as u64) < since => lo = rowid + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
+    }
+
     fn rows(&self, since: u64, mut each: impl FnMut(EventRecord) -> bool) -> rusqlite::Result<()> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT gateway, epoch, seq, at, region, verdict, reason, config_version, acted, body
-             FROM events WHERE at >= ?1 ORDER BY at, gateway, epoch, seq",
+             FROM event_log WHERE rowid >= ?1 ORDER BY rowid",
         )?;
-        let mut rows = stmt.query([i(since)])?;
+        let start = self.first_rowid_at(since)?;
+        let mut rows = stmt.query([start])?;
         while let Some(row) = rows.next()? {
             let acted: String = row.get(8)?;
             let record = EventRecord {
@@ -415,17 +497,19 @@ impl EventStore {
     fn enforce_retention(&mut self) -> rusqlite::Result<()> {
         let cutoff = unix_ms_now()
             .saturating_sub(u64::try_from(self.retention.max_age.as_millis()).unwrap_or(u64::MAX));
-        self.conn
-            .execute("DELETE FROM events WHERE at < ?1", [i(cutoff)])?;
+        self.conn.execute(
+            "DELETE FROM event_log WHERE rowid < ?1",
+            [self.first_rowid_at(cutoff)?],
+        )?;
         self.conn
             .execute("DELETE FROM gaps WHERE at < ?1", [i(cutoff)])?;
         let count: i64 = self
             .conn
-            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
+            .query_row("SELECT COUNT(*) FROM event_log", [], |r| r.get(0))?;
         let over = (count as u64).saturating_sub(self.retention.max_events);
         if over > 0 {
             self.conn.execute(
-                "DELETE FROM events WHERE (gateway, epoch, seq) IN (SELECT gateway, epoch, seq FROM events ORDER BY at LIMIT ?1)",
+                "DELETE FROM event_log WHERE rowid IN (SELECT rowid FROM event_log ORDER BY rowid LIMIT ?1)",
                 [i(over)],
             )?;
         }
@@ -491,6 +575,14 @@ mod tests {
             )
             .await;
         assert_eq!(blocks.len(), 2);
+        let later = handle
+            .query(Filter::default(), unix_ms_now() + 3_600_000, 0)
+            .await;
+        assert!(later.is_empty(), "nothing is stored in the future");
+        let recent = handle
+            .query(Filter::default(), unix_ms_now() - 60_000, 0)
+            .await;
+        assert_eq!(recent.len(), 3, "the last minute holds all three");
         let limited = handle.query(Filter::default(), 0, 1).await;
         assert_eq!(limited.len(), 1);
         cancel.cancel();
