@@ -114,6 +114,8 @@ impl Coordinator {
         let (event_store, events_handle) =
             events::store::EventStore::open(&self.config.data_dir, retention, publish)?;
         tasks.spawn(event_store.run(cancel.child_token()));
+        let events_handle: Arc<dyn events::EventLog> = Arc::new(events_handle);
+        let bus_handle: Arc<dyn events::EventBus> = Arc::new(bus_handle);
 
         let agents = AgentApi::new(
             handle.clone(),

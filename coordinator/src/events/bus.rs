@@ -70,8 +70,9 @@ pub struct BusHandle {
     subscribe: mpsc::Sender<Subscribe>,
 }
 
-impl BusHandle {
-    pub async fn subscribe(&self, filter: Filter) -> Option<mpsc::Receiver<TailEventsResponse>> {
+#[tonic::async_trait]
+impl super::EventBus for BusHandle {
+    async fn subscribe(&self, filter: Filter) -> Option<mpsc::Receiver<TailEventsResponse>> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.subscribe
             .send(Subscribe { filter, reply })
@@ -136,7 +137,7 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::EventRecord;
+    use crate::events::{EventBus, EventRecord};
 
     fn event(seq: u64) -> Published {
         Published::Event(EventRecord {

@@ -4,10 +4,30 @@
 pub mod bus;
 pub mod store;
 
+use kt_proto::v1::{EventStatsRow, TailEventsResponse};
+use tokio::sync::mpsc;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use kt_proto::v1::{self, EventGap};
+
+/// Where events are kept: the embedded store now, a distributed log later. Writes must be
+/// durable and idempotent on `(gateway, epoch, seq)` before `ingest` returns.
+#[tonic::async_trait]
+pub trait EventLog: Send + Sync {
+    async fn ingest(&self, batch: store::Batch) -> Result<(), String>;
+    /// Stored events (and gap records) from `since` on, in storage order.
+    async fn query(&self, filter: Filter, since: u64, limit: u64) -> Vec<Published>;
+    async fn stats(&self, filter: Filter, by: String, since: u64) -> Vec<EventStatsRow>;
+}
+
+/// How stored events reach tail subscribers: in process now, a cross-region bus (NATS) later.
+/// A subscriber that reads too slowly must never slow ingest or other subscribers.
+#[tonic::async_trait]
+pub trait EventBus: Send + Sync {
+    async fn subscribe(&self, filter: Filter) -> Option<mpsc::Receiver<TailEventsResponse>>;
+}
 
 /// One stored event, with the fields filters and stats read.
 #[derive(Clone, Debug, PartialEq, Eq)]

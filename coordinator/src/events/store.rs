@@ -64,8 +64,9 @@ pub struct EventStoreHandle {
     tx: mpsc::Sender<Command>,
 }
 
-impl EventStoreHandle {
-    pub async fn ingest(&self, batch: Batch) -> Result<(), String> {
+#[tonic::async_trait]
+impl super::EventLog for EventStoreHandle {
+    async fn ingest(&self, batch: Batch) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Ingest { batch, reply })
@@ -74,7 +75,7 @@ impl EventStoreHandle {
         rx.await.map_err(|_| "event store stopped".to_owned())?
     }
 
-    pub async fn query(&self, filter: Filter, since: u64, limit: u64) -> Vec<Published> {
+    async fn query(&self, filter: Filter, since: u64, limit: u64) -> Vec<Published> {
         let (reply, rx) = oneshot::channel();
         if self
             .tx
@@ -92,7 +93,7 @@ impl EventStoreHandle {
         rx.await.unwrap_or_default()
     }
 
-    pub async fn stats(&self, filter: Filter, by: String, since: u64) -> Vec<EventStatsRow> {
+    async fn stats(&self, filter: Filter, by: String, since: u64) -> Vec<EventStatsRow> {
         let (reply, rx) = oneshot::channel();
         if self
             .tx
@@ -520,6 +521,7 @@ impl EventStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::EventLog;
 
     fn batch(gateway: &str, first_seq: u64, verdicts: &[&str]) -> Batch {
         Batch {

@@ -26,7 +26,8 @@ use tracing::Instrument;
 use super::ApiError;
 use super::auth::authorize;
 use crate::config::LivenessConfig;
-use crate::events::store::{Batch, EventStoreHandle};
+use crate::events::EventLog;
+use crate::events::store::Batch;
 use crate::fleet::{Command, FleetHandle, HelloInfo, SessionId};
 use crate::rollout::engine::EngineHandle;
 use crate::rollout::plan::{MAX_CONFIG_BYTES, content_hash, version_label};
@@ -42,7 +43,7 @@ pub struct AgentApi {
     pub fleet: FleetHandle,
     pub engine: EngineHandle,
     pub store: Arc<dyn Store>,
-    pub events: EventStoreHandle,
+    pub events: Arc<dyn EventLog>,
     pub trust_domain: String,
     pub liveness: LivenessConfig,
     pub cancel: CancellationToken,
@@ -54,7 +55,7 @@ impl AgentApi {
         fleet: FleetHandle,
         engine: EngineHandle,
         store: Arc<dyn Store>,
-        events: EventStoreHandle,
+        events: Arc<dyn EventLog>,
         trust_domain: String,
         liveness: LivenessConfig,
         cancel: CancellationToken,

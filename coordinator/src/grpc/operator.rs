@@ -19,9 +19,8 @@ use tonic::{Request, Response, Status};
 
 use super::ApiError;
 use super::auth::authorize;
-use crate::events::bus::BusHandle;
-use crate::events::store::EventStoreHandle;
 use crate::events::{self, Filter, Published};
+use crate::events::{EventBus, EventLog};
 use crate::fleet::{FleetHandle, UnknownGroup};
 use crate::rollout::engine::{Action, EngineHandle, Push};
 use crate::rollout::model::Target;
@@ -35,8 +34,8 @@ pub struct OperatorApi {
     pub fleet: FleetHandle,
     pub engine: EngineHandle,
     pub store: Arc<dyn Store>,
-    pub events: EventStoreHandle,
-    pub bus: BusHandle,
+    pub events: Arc<dyn EventLog>,
+    pub bus: Arc<dyn EventBus>,
     pub trust_domain: String,
     pub cancel: CancellationToken,
 }
