@@ -22,14 +22,52 @@ use super::{EventRecord, Filter, Published, fields};
 #[derive(Debug)]
 pub struct Batch {
     pub gateway: String,
-    pub region: String,
     pub epoch: u64,
     pub first_seq: u64,
-    pub events: Vec<Vec<u8>>,
+    /// Parsed by the caller (the agent's stream task), so the store's single task only writes.
+    pub events: Vec<EventRecord>,
     pub gap: Option<EventGap>,
 }
 
 impl Batch {
+    /// Reads the indexed fields of each event; bodies that are not JSON objects are kept with
+    /// empty fields (agents send only objects).
+    pub fn new(
+        gateway: String,
+        region: String,
+        epoch: u64,
+        first_seq: u64,
+        bodies: Vec<Vec<u8>>,
+        gap: Option<EventGap>,
+    ) -> Self {
+        let events = bodies
+            .into_iter()
+            .enumerate()
+            .map(|(n, body)| {
+                let (verdict, reason, config_version, acted) = fields(&body).unwrap_or_default();
+                EventRecord {
+                    gateway: gateway.clone(),
+                    region: region.clone(),
+                    epoch,
+                    seq: first_seq + n as u64,
+                    at: 0,
+                    verdict,
+                    reason,
+                    config_version,
+                    acted,
+                    body: Arc::from(body),
+                }
+            })
+            .collect();
+        Batch {
+            gateway,
+            epoch,
+            first_seq,
+            events,
+            gap,
+        }
+    }
+
     pub fn last_seq(&self) -> u64 {
         match &self.gap {
             Some(gap) => gap.last_seq,
@@ -237,14 +275,15 @@ impl EventStore {
 
     async fn ingest(&mut self, ingests: Vec<(Batch, oneshot::Sender<Result<(), String>>)>) {
         let at = unix_ms_now();
-        let (result, published) = match self.write(&ingests, at) {
+        let (batches, replies): (Vec<Batch>, Vec<_>) = ingests.into_iter().unzip();
+        let (result, published) = match self.write(batches, at) {
             Ok(published) => (Ok(()), published),
             Err(error) => {
                 tracing::error!(%error, "cannot store events");
                 (Err(format!("cannot store events: {error}")), Vec::new())
             }
         };
-        for (_, reply) in ingests {
+        for reply in replies {
             let _ = reply.send(result.clone());
         }
         if !published.is_empty() {
@@ -254,11 +293,7 @@ impl EventStore {
     }
 
     /// One transaction for all batches; returns what was new (duplicates are not republished).
-    fn write(
-        &mut self,
-        ingests: &[(Batch, oneshot::Sender<Result<(), String>>)],
-        at: u64,
-    ) -> rusqlite::Result<Vec<Published>> {
+    fn write(&mut self, batches: Vec<Batch>, at: u64) -> rusqlite::Result<Vec<Published>> {
         // Sequence numbers stored by this transaction; they count only once it commits.
         let mut overlay: std::collections::HashMap<(String, u64), u64> =
             std::collections::HashMap::new();
@@ -272,7 +307,7 @@ impl EventStore {
             let mut insert_gap = tx.prepare_cached(
                 "INSERT OR IGNORE INTO gaps (gateway, epoch, first_seq, last_seq, count, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
-            for (batch, _) in ingests {
+            for batch in batches {
                 let key = (batch.gateway.clone(), batch.epoch);
                 let mut through = overlay
                     .get(&key)
@@ -302,40 +337,25 @@ impl EventStore {
                     }
                     continue;
                 }
-                for (n, body) in batch.events.iter().enumerate() {
-                    let seq = batch.first_seq + n as u64;
-                    if seq <= through {
+                for mut record in batch.events {
+                    if record.seq <= through {
                         continue; // already stored: a batch sent again after a reconnect
                     }
-                    through = seq;
-                    // Agents send only JSON objects; anything else is stored as an unknown verdict.
-                    let (verdict, reason, config_version, acted) = fields(body).unwrap_or_default();
-                    let new = insert.execute(params![
-                        batch.gateway,
-                        i(batch.epoch),
-                        i(seq),
+                    through = record.seq;
+                    record.at = at;
+                    insert.execute(params![
+                        record.gateway,
+                        i(record.epoch),
+                        i(record.seq),
                         i(at),
-                        batch.region,
-                        verdict,
-                        reason,
-                        config_version,
-                        acted.join(","),
-                        body
+                        record.region,
+                        record.verdict,
+                        record.reason,
+                        record.config_version,
+                        record.acted.join(","),
+                        &record.body[..]
                     ])?;
-                    if new == 1 {
-                        published.push(Published::Event(EventRecord {
-                            gateway: batch.gateway.clone(),
-                            region: batch.region.clone(),
-                            epoch: batch.epoch,
-                            seq,
-                            at,
-                            verdict,
-                            reason,
-                            config_version,
-                            acted,
-                            body: Arc::from(body.as_slice()),
-                        }));
-                    }
+                    published.push(Published::Event(record));
                 }
                 overlay.insert(key, through);
             }
@@ -524,17 +544,11 @@ mod tests {
     use crate::events::EventLog;
 
     fn batch(gateway: &str, first_seq: u64, verdicts: &[&str]) -> Batch {
-        Batch {
-            gateway: gateway.into(),
-            region: "eu".into(),
-            epoch: 7,
-            first_seq,
-            events: verdicts
-                .iter()
-                .map(|v| format!(r#"{{"verdict":"{v}","config_version":"1.0.0"}}"#).into_bytes())
-                .collect(),
-            gap: None,
-        }
+        let bodies = verdicts
+            .iter()
+            .map(|v| format!(r#"{{"verdict":"{v}","config_version":"1.0.0"}}"#).into_bytes())
+            .collect();
+        Batch::new(gateway.into(), "eu".into(), 7, first_seq, bodies, None)
     }
 
     #[tokio::test]

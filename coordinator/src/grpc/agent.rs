@@ -169,14 +169,14 @@ impl AgentService for AgentApi {
                         if region.is_empty() {
                             region = region_of(&fleet, gateway.as_str()).await;
                         }
-                        let batch = Batch {
-                            gateway: gateway.to_string(),
-                            region: region.clone(),
-                            epoch: batch.epoch,
-                            first_seq: batch.first_seq,
-                            events: batch.events,
-                            gap: batch.gap,
-                        };
+                        let batch = Batch::new(
+                            gateway.to_string(),
+                            region.clone(),
+                            batch.epoch,
+                            batch.first_seq,
+                            batch.events,
+                            batch.gap,
+                        );
                         let epoch = batch.epoch;
                         let through = batch.last_seq();
                         if let Err(error) = store.ingest(batch).await {
