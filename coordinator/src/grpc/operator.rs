@@ -52,8 +52,8 @@ struct Tail {
     filter: Filter,
     limit: u64,
     sent: u64,
-    /// Highest sequence number sent per (gateway, epoch).
-    seen: std::collections::HashMap<(String, u64), u64>,
+    /// Highest sequence number sent per gateway and epoch (looked up without allocating).
+    seen: std::collections::HashMap<String, std::collections::HashMap<u64, u64>>,
     /// Storage time of the last event sent: where a replay starts.
     last_at: u64,
 }
@@ -85,10 +85,13 @@ impl Tail {
         tx: &mpsc::Sender<Result<v1::TailEventsResponse, Status>>,
         e: v1::TailedEvent,
     ) -> bool {
-        let last = self
-            .seen
-            .entry((e.gateway_id.clone(), e.epoch))
-            .or_default();
+        if !self.seen.contains_key(&e.gateway_id) {
+            self.seen.insert(e.gateway_id.clone(), Default::default());
+        }
+        let Some(epochs) = self.seen.get_mut(&e.gateway_id) else {
+            return true;
+        };
+        let last = epochs.entry(e.epoch).or_default();
         if e.seq <= *last {
             return true;
         }
