@@ -102,6 +102,17 @@ pub struct EventStoreHandle {
     tx: mpsc::Sender<Command>,
 }
 
+impl EventStoreHandle {
+    /// Sends a read request and waits for the answer; an empty answer once the store is gone.
+    async fn read<T: Default>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> T {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(make(reply)).await.is_err() {
+            return T::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
 #[tonic::async_trait]
 impl super::EventLog for EventStoreHandle {
     async fn ingest(&self, batch: Batch) -> Result<(), String> {
@@ -114,39 +125,23 @@ impl super::EventLog for EventStoreHandle {
     }
 
     async fn query(&self, filter: Filter, since: u64, limit: u64) -> Vec<Published> {
-        let (reply, rx) = oneshot::channel();
-        if self
-            .tx
-            .send(Command::Query {
-                filter,
-                since,
-                limit,
-                reply,
-            })
-            .await
-            .is_err()
-        {
-            return Vec::new();
-        }
-        rx.await.unwrap_or_default()
+        self.read(|reply| Command::Query {
+            filter,
+            since,
+            limit,
+            reply,
+        })
+        .await
     }
 
     async fn stats(&self, filter: Filter, by: String, since: u64) -> Vec<EventStatsRow> {
-        let (reply, rx) = oneshot::channel();
-        if self
-            .tx
-            .send(Command::Stats {
-                filter,
-                by,
-                since,
-                reply,
-            })
-            .await
-            .is_err()
-        {
-            return Vec::new();
-        }
-        rx.await.unwrap_or_default()
+        self.read(|reply| Command::Stats {
+            filter,
+            by,
+            since,
+            reply,
+        })
+        .await
     }
 }
 
