@@ -112,54 +112,30 @@ async fn decisions_from_every_gateway_reach_the_tail_with_filters_and_stats() {
     );
     assert!(all.iter().all(|e| e["region"].is_string()), "region added");
 
-    let blocks = tail_json(
-        &fleet,
-        &[
-            "--all-gateways",
-            "--since",
-            "1h",
-            "--limit",
-            "3",
-            "--verdict",
+    // Each filter returns exactly the matching events: (filter flags, field, value every result has).
+    let cases: [(&[&str], &str, &str); 4] = [
+        (
+            &["--all-gateways", "--verdict", "block"],
+            "verdict",
             "block",
-        ],
-    );
-    assert!(
-        blocks.len() == 3 && blocks.iter().all(|e| e["verdict"] == "block"),
-        "{blocks:?}"
-    );
-    let one = tail_json(
-        &fleet,
-        &["--gateway", "gw-test-02", "--since", "1h", "--limit", "3"],
-    );
-    assert!(
-        one.len() == 3 && one.iter().all(|e| e["gateway_id"] == "gw-test-02"),
-        "{one:?}"
-    );
-    let pii = tail_json(
-        &fleet,
-        &[
-            "--all-gateways",
-            "--since",
-            "1h",
-            "--limit",
-            "3",
-            "--policy",
-            "pii-detector",
-        ],
-    );
-    assert!(
-        pii.len() == 3 && pii.iter().all(|e| e["verdict"] == "redact"),
-        "{pii:?}"
-    );
-    let eu = tail_json(
-        &fleet,
-        &["--selector", "region=eu", "--since", "1h", "--limit", "3"],
-    );
-    assert!(
-        eu.len() == 3 && eu.iter().all(|e| e["gateway_id"] == "gw-test-02"),
-        "{eu:?}"
-    );
+        ),
+        (&["--gateway", "gw-test-02"], "gateway_id", "gw-test-02"),
+        (
+            &["--all-gateways", "--policy", "pii-detector"],
+            "verdict",
+            "redact",
+        ),
+        (&["--selector", "region=eu"], "gateway_id", "gw-test-02"),
+    ];
+    for (flags, field, value) in cases {
+        let mut args = flags.to_vec();
+        args.extend(["--since", "1h", "--limit", "3"]);
+        let found = tail_json(&fleet, &args);
+        assert!(
+            found.len() == 3 && found.iter().all(|e| e[field] == value),
+            "{flags:?}: {found:?}"
+        );
+    }
 
     let by_gateway = stats(&fleet, &["--by", "gateway"]);
     assert_eq!(by_gateway.len(), 3);

@@ -43,6 +43,15 @@ fn hashes(fleet: &TestFleet) -> Vec<String> {
         .collect()
 }
 
+/// The (first) evaluation of gate `name` in a rollout's JSON.
+fn gate(r: &Value, name: &str) -> Value {
+    r["gates"]
+        .as_array()
+        .and_then(|gates| gates.iter().find(|g| g["gate"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} gate in {r:#}"))
+}
+
 fn rollout(fleet: &TestFleet, id: &str) -> Value {
     let out = fleet.ktctl(&["rollout", "status", id, "-o", "json"]);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("rollout status: {}", text(&out)))
@@ -234,11 +243,7 @@ async fn the_verdict_mix_gate_rolls_back_a_policy_that_blocks_everything() {
     drop(traffic);
     assert_eq!(out.status.code(), Some(2), "rolled back: {}", text(&out));
     let r = rollout(&fleet, "r-1");
-    let gate = r["gates"]
-        .as_array()
-        .and_then(|g| g.iter().find(|g| g["gate"] == "verdict_mix"))
-        .cloned()
-        .expect("verdict gate");
+    let gate = gate(&r, "verdict_mix");
     assert_eq!(gate["decision"], "failed", "{gate:#}");
     assert!(gate["value"].as_f64().is_some_and(|v| v > 0.5), "{gate:#}");
     assert_eq!(r["batches"][0][0]["state"], "rolled_back", "{r:#}");
@@ -738,11 +743,7 @@ async fn the_error_rate_gate_rolls_back_a_policy_whose_provider_fails() {
     drop(traffic);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let r = rollout(&fleet, "r-1");
-    let gate = r["gates"]
-        .as_array()
-        .and_then(|g| g.iter().find(|g| g["gate"] == "error_rate"))
-        .cloned()
-        .expect("error gate");
+    let gate = gate(&r, "error_rate");
     assert_eq!(gate["decision"], "failed", "{gate:#}");
     fleet
         .wait_for_health("back on the previous hash", PATIENCE, |_, rows| {

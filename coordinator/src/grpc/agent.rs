@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::ApiError;
 use super::auth::authorize;
+use super::{ApiError, spawn_until_cancelled};
 use crate::config::LivenessConfig;
 use crate::events::EventLog;
 use crate::events::store::Batch;
@@ -147,55 +147,50 @@ impl AgentService for AgentApi {
         let store = self.events.clone();
         let cancel = self.cancel.clone();
         let span = tracing::info_span!("agent_events", gateway_id = %gateway);
-        tokio::spawn(
+        spawn_until_cancelled(
+            cancel,
             async move {
-                let forward = async {
-                    // The region comes from the agent's hello, which may arrive after this stream opens.
-                    let mut region = String::new();
-                    loop {
-                        let batch = match inbound.message().await {
-                            Ok(Some(batch)) => batch,
-                            Ok(None) => return,
-                            Err(status) => {
-                                tracing::debug!(error = %status, "events stream broke");
-                                return;
-                            }
-                        };
-                        if let Err(why) = check_batch(&batch) {
-                            tracing::warn!(%why, "refused an event batch");
-                            let _ = tx.send(Err(Status::invalid_argument(why))).await;
+                // The region comes from the agent's hello, which may arrive after this stream opens.
+                let mut region = String::new();
+                loop {
+                    let batch = match inbound.message().await {
+                        Ok(Some(batch)) => batch,
+                        Ok(None) => return,
+                        Err(status) => {
+                            tracing::debug!(error = %status, "events stream broke");
                             return;
                         }
-                        if region.is_empty() {
-                            region = region_of(&fleet, gateway.as_str()).await;
-                        }
-                        let batch = Batch::new(
-                            gateway.to_string(),
-                            region.clone(),
-                            batch.epoch,
-                            batch.first_seq,
-                            batch.events,
-                            batch.gap,
-                        );
-                        let epoch = batch.epoch;
-                        let through = batch.last_seq();
-                        if let Err(error) = store.ingest(batch).await {
-                            let _ = tx.send(Err(Status::unavailable(error))).await;
-                            return;
-                        }
-                        let ack = EventAck {
-                            epoch,
-                            durable_through_seq: through,
-                            credit: EVENT_CREDIT,
-                        };
-                        if tx.send(Ok(ack)).await.is_err() {
-                            return;
-                        }
+                    };
+                    if let Err(why) = check_batch(&batch) {
+                        tracing::warn!(%why, "refused an event batch");
+                        let _ = tx.send(Err(Status::invalid_argument(why))).await;
+                        return;
                     }
-                };
-                tokio::select! {
-                    _ = forward => {}
-                    _ = cancel.cancelled() => {}
+                    if region.is_empty() {
+                        region = region_of(&fleet, gateway.as_str()).await;
+                    }
+                    let batch = Batch::new(
+                        gateway.to_string(),
+                        region.clone(),
+                        batch.epoch,
+                        batch.first_seq,
+                        batch.events,
+                        batch.gap,
+                    );
+                    let epoch = batch.epoch;
+                    let through = batch.last_seq();
+                    if let Err(error) = store.ingest(batch).await {
+                        let _ = tx.send(Err(Status::unavailable(error))).await;
+                        return;
+                    }
+                    let ack = EventAck {
+                        epoch,
+                        durable_through_seq: through,
+                        credit: EVENT_CREDIT,
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
                 }
             }
             .instrument(span),

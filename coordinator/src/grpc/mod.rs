@@ -5,9 +5,27 @@ pub mod agent;
 pub mod auth;
 pub mod operator;
 
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+
 use crate::fleet::{FleetClosed, UnknownGroup};
 use crate::rollout::engine::EngineError;
 use crate::store::StoreError;
+
+/// Runs the work behind a response stream in its own task, until it ends or the coordinator
+/// shuts down (which ends the stream, so graceful shutdown need not wait for the client).
+pub fn spawn_until_cancelled(
+    cancel: CancellationToken,
+    work: impl Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = work => {}
+            _ = cancel.cancelled() => {}
+        }
+    });
+}
 
 /// The one mapping from internal errors to gRPC status codes.
 #[derive(Debug, thiserror::Error)]

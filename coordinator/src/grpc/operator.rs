@@ -17,8 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::ApiError;
 use super::auth::authorize;
+use super::{ApiError, spawn_until_cancelled};
 use crate::events::{self, Filter, Published};
 use crate::events::{EventBus, EventLog};
 use crate::fleet::{FleetHandle, UnknownGroup};
@@ -294,32 +294,26 @@ impl OperatorService for OperatorApi {
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         let engine = self.engine.clone();
         let cancel = self.cancel.clone();
-        tokio::spawn(async move {
-            let forward = async {
-                let mut current = first;
-                loop {
-                    let done = !current.is_active();
-                    if tx.send(Ok(to_proto(&current))).await.is_err() || done {
-                        return;
-                    }
-                    current = loop {
-                        match changes.recv().await {
-                            Ok(change) if change.id == id => break change,
-                            Ok(_) => {}
-                            Err(broadcast::error::RecvError::Lagged(_)) => {
-                                match engine.get(id.clone()).await {
-                                    Ok(fresh) => break fresh,
-                                    Err(_) => return,
-                                }
-                            }
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        }
-                    };
+        spawn_until_cancelled(cancel, async move {
+            let mut current = first;
+            loop {
+                let done = !current.is_active();
+                if tx.send(Ok(to_proto(&current))).await.is_err() || done {
+                    return;
                 }
-            };
-            tokio::select! {
-                _ = forward => {}
-                _ = cancel.cancelled() => {}
+                current = loop {
+                    match changes.recv().await {
+                        Ok(change) if change.id == id => break change,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            match engine.get(id.clone()).await {
+                                Ok(fresh) => break fresh,
+                                Err(_) => return,
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                };
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -479,35 +473,27 @@ impl OperatorService for OperatorApi {
                 kt_proto::unix_ms_now()
             },
         };
-        tokio::spawn(async move {
-            let forward = async {
-                if !tail.send_all(&tx, &history).await {
+        spawn_until_cancelled(cancel, async move {
+            if !tail.send_all(&tx, &history).await {
+                return;
+            }
+            let Some(live) = live.as_mut() else { return };
+            while let Some(item) = live.recv().await {
+                let go_on = match item.item {
+                    // This tail fell behind the bus: what it missed is stored, so read it back.
+                    Some(v1::tail_events_response::Item::Missed(_)) => {
+                        let recovered = store.query(tail.filter.clone(), tail.last_at, 0).await;
+                        tail.send_all(&tx, &recovered).await
+                    }
+                    Some(v1::tail_events_response::Item::Event(e)) => tail.send_event(&tx, e).await,
+                    other => tx
+                        .send(Ok(v1::TailEventsResponse { item: other }))
+                        .await
+                        .is_ok(),
+                };
+                if !go_on {
                     return;
                 }
-                let Some(live) = live.as_mut() else { return };
-                while let Some(item) = live.recv().await {
-                    let go_on = match item.item {
-                        // This tail fell behind the bus: what it missed is stored, so read it back.
-                        Some(v1::tail_events_response::Item::Missed(_)) => {
-                            let recovered = store.query(tail.filter.clone(), tail.last_at, 0).await;
-                            tail.send_all(&tx, &recovered).await
-                        }
-                        Some(v1::tail_events_response::Item::Event(e)) => {
-                            tail.send_event(&tx, e).await
-                        }
-                        other => tx
-                            .send(Ok(v1::TailEventsResponse { item: other }))
-                            .await
-                            .is_ok(),
-                    };
-                    if !go_on {
-                        return;
-                    }
-                }
-            };
-            tokio::select! {
-                _ = forward => {}
-                _ = cancel.cancelled() => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -553,11 +539,8 @@ impl OperatorService for OperatorApi {
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         let fleet = self.fleet.clone();
         let cancel = self.cancel.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = forward_changes(&fleet, group, snapshot, changes, &tx) => {}
-                _ = cancel.cancelled() => {}
-            }
+        spawn_until_cancelled(cancel, async move {
+            forward_changes(&fleet, group, snapshot, changes, &tx).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
