@@ -103,17 +103,24 @@ impl Coordinator {
         let tasks = TaskTracker::new();
         let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &self.groups);
         tasks.spawn(fleet.run(cancel.child_token()));
-        let (engine, engine_handle) = Engine::new(self.store.clone(), handle.clone())?;
-        tasks.spawn(engine.run(cancel.child_token()));
+        // The event store loads the decision counters the engine's gates read: open it first.
+        let decisions = events::counters::DecisionCounters::default();
         let (bus, bus_handle, publish) = events::bus::Bus::new();
         tasks.spawn(bus.run(cancel.child_token()));
         let retention = events::store::Retention {
             max_age: self.config.events.retention,
             max_events: self.config.events.max_events,
         };
-        let (event_store, events_handle) =
-            events::store::EventStore::open(&self.config.data_dir, retention, publish)?;
+        let (event_store, events_handle) = events::store::EventStore::open(
+            &self.config.data_dir,
+            retention,
+            publish,
+            decisions.clone(),
+        )?;
         tasks.spawn(event_store.run(cancel.child_token()));
+        let (engine, engine_handle) =
+            Engine::new(self.store.clone(), handle.clone(), decisions.clone())?;
+        tasks.spawn(engine.run(cancel.child_token()));
         let events_handle: Arc<dyn events::EventLog> = Arc::new(events_handle);
         let bus_handle: Arc<dyn events::EventBus> = Arc::new(bus_handle);
 
@@ -132,6 +139,7 @@ impl Coordinator {
             store: self.store.clone(),
             events: events_handle,
             bus: bus_handle,
+            decisions,
             trust_domain,
             cancel: cancel.clone(),
         };

@@ -51,8 +51,12 @@ fn tail_json(fleet: &TestFleet, args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
+/// `ktctl events stats` over the last hour, unless `args` asks for `--all-time`.
 fn stats(fleet: &TestFleet, args: &[&str]) -> Vec<Value> {
-    let mut all = vec!["events", "stats", "-o", "json", "--since", "1h"];
+    let mut all = vec!["events", "stats", "-o", "json"];
+    if !args.contains(&"--all-time") {
+        all.extend(["--since", "1h"]);
+    }
     all.extend_from_slice(args);
     let out = fleet.ktctl(&all);
     assert!(
@@ -163,6 +167,20 @@ async fn decisions_from_every_gateway_reach_the_tail_with_filters_and_stats() {
     assert_eq!(
         totals,
         BTreeMap::from([("eu".to_owned(), 3), ("us".to_owned(), 6)])
+    );
+
+    // The per-config counters the rollout gates read agree with the stored events.
+    let counted = stats(&fleet, &["--all-time", "--by", "config-version"]);
+    let stored = stats(&fleet, &["--by", "config-version"]);
+    assert_eq!(counted, stored);
+    assert_eq!(
+        (
+            counted.len(),
+            counted[0]["total"].as_u64(),
+            counted[0]["block"].as_u64()
+        ),
+        (1, Some(9), Some(3)),
+        "{counted:?}"
     );
 }
 

@@ -2,11 +2,13 @@
 //! fan-out to tail subscribers ([`bus`]).
 
 pub mod bus;
+pub mod counters;
 pub mod store;
 
 use kt_proto::v1::{EventStatsRow, TailEventsResponse};
 use tokio::sync::mpsc;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -107,33 +109,63 @@ impl Filter {
     }
 }
 
-/// The fields of a decision event the coordinator indexes; everything else stays in the body.
+/// The fields of a decision event the coordinator reads; everything else stays in the body.
+/// Strings are borrowed from the body where JSON allows (no escapes), so parsing allocates
+/// only what is kept.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(default)]
-struct Fields {
-    verdict: String,
-    reason_code: String,
-    config_version: String,
-    policies_evaluated: Vec<PolicyResult>,
+struct Fields<'a> {
+    #[serde(borrow)]
+    verdict: Cow<'a, str>,
+    #[serde(borrow)]
+    reason_code: Cow<'a, str>,
+    #[serde(borrow)]
+    config_version: Cow<'a, str>,
+    #[serde(borrow)]
+    config_hash: Cow<'a, str>,
+    status: u16,
+    #[serde(borrow)]
+    policies_evaluated: Vec<PolicyResult<'a>>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(default)]
-struct PolicyResult {
-    name: String,
-    result: String,
+struct PolicyResult<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow)]
+    result: Cow<'a, str>,
+}
+
+/// The indexed fields of one event.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Indexed {
+    pub verdict: String,
+    pub reason: String,
+    pub config_version: String,
+    pub config_hash: String,
+    pub status: u16,
+    /// Policies that decided something other than allow.
+    pub acted: Vec<String>,
 }
 
 /// Reads the indexed fields of an event body; `None` when it is not a JSON object.
-pub fn fields(body: &[u8]) -> Option<(String, String, String, Vec<String>)> {
-    let f: Fields = serde_json::from_slice(body).ok()?;
+pub fn fields(body: &[u8]) -> Option<Indexed> {
+    let f: Fields<'_> = serde_json::from_slice(body).ok()?;
     let acted = f
         .policies_evaluated
         .into_iter()
         .filter(|p| p.result != "allow")
-        .map(|p| p.name)
+        .map(|p| p.name.into_owned())
         .collect();
-    Some((f.verdict, f.reason_code, f.config_version, acted))
+    Some(Indexed {
+        verdict: f.verdict.into_owned(),
+        reason: f.reason_code.into_owned(),
+        config_version: f.config_version.into_owned(),
+        config_hash: f.config_hash.into_owned(),
+        status: f.status,
+        acted,
+    })
 }
 
 pub fn to_proto(p: &Published) -> v1::TailEventsResponse {
@@ -197,13 +229,22 @@ mod tests {
     #[test]
     fn indexed_fields() {
         let body = br#"{"verdict":"redact","reason_code":"pii.redacted","config_version":"2.0.0",
-            "policies_evaluated":[{"name":"prompt-injection","result":"allow"},{"name":"pii-detector","result":"redact"}]}"#;
-        let (verdict, reason, version, acted) = fields(body).expect("object");
+            "config_hash":"sha256:ab","status":200,"policies_evaluated":[{"name":"prompt-injection",
+            "result":"allow"},{"name":"pii-detector","result":"redact"}]}"#;
+        let f = fields(body).expect("object");
         assert_eq!(
-            (verdict.as_str(), reason.as_str(), version.as_str()),
+            (
+                f.verdict.as_str(),
+                f.reason.as_str(),
+                f.config_version.as_str()
+            ),
             ("redact", "pii.redacted", "2.0.0")
         );
-        assert_eq!(acted, ["pii-detector"]);
+        assert_eq!((f.config_hash.as_str(), f.status), ("sha256:ab", 200));
+        assert_eq!(f.acted, ["pii-detector"]);
+        // Escaped strings cannot be borrowed and are still read.
+        let escaped = fields(br#"{"reason_code":"a\"b"}"#).expect("object");
+        assert_eq!(escaped.reason, "a\"b");
         assert!(fields(b"[1,2]").is_none());
     }
 }

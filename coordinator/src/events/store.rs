@@ -16,6 +16,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::counters::{self, DecisionCounters};
 use super::{EventRecord, Filter, Published, fields};
 
 /// One agent batch, as received.
@@ -25,8 +26,16 @@ pub struct Batch {
     pub epoch: u64,
     pub first_seq: u64,
     /// Parsed by the caller (the agent's stream task), so the store's single task only writes.
-    pub events: Vec<EventRecord>,
+    pub events: Vec<Ingested>,
     pub gap: Option<EventGap>,
+}
+
+/// One received event: what is stored, and what the decision counters add.
+#[derive(Debug)]
+pub struct Ingested {
+    pub record: EventRecord,
+    pub config_hash: String,
+    pub status: u16,
 }
 
 impl Batch {
@@ -44,18 +53,22 @@ impl Batch {
             .into_iter()
             .enumerate()
             .map(|(n, body)| {
-                let (verdict, reason, config_version, acted) = fields(&body).unwrap_or_default();
-                EventRecord {
-                    gateway: gateway.clone(),
-                    region: region.clone(),
-                    epoch,
-                    seq: first_seq + n as u64,
-                    at: 0,
-                    verdict,
-                    reason,
-                    config_version,
-                    acted,
-                    body: Arc::from(body),
+                let f = fields(&body).unwrap_or_default();
+                Ingested {
+                    record: EventRecord {
+                        gateway: gateway.clone(),
+                        region: region.clone(),
+                        epoch,
+                        seq: first_seq + n as u64,
+                        at: 0,
+                        verdict: f.verdict,
+                        reason: f.reason,
+                        config_version: f.config_version,
+                        acted: f.acted,
+                        body: Arc::from(body),
+                    },
+                    config_hash: f.config_hash,
+                    status: f.status,
                 }
             })
             .collect();
@@ -160,6 +173,7 @@ pub struct EventStore {
     stored_through: std::collections::HashMap<(String, u64), u64>,
     commands: mpsc::Receiver<Command>,
     publish: mpsc::Sender<Arc<Vec<Published>>>,
+    counters: DecisionCounters,
 }
 
 /// Batches gathered into one transaction at most.
@@ -174,6 +188,7 @@ impl EventStore {
         data_dir: &Path,
         retention: Retention,
         publish: mpsc::Sender<Arc<Vec<Published>>>,
+        counters: DecisionCounters,
     ) -> rusqlite::Result<(Self, EventStoreHandle)> {
         let conn = Connection::open(data_dir.join("events.db"))?;
         conn.execute_batch(
@@ -190,6 +205,8 @@ impl EventStore {
                  count INTEGER NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
                  PRIMARY KEY (gateway, epoch, first_seq)) WITHOUT ROWID;",
         )?;
+        conn.execute_batch(counters::SCHEMA)?;
+        counters::load(&conn, &counters)?;
         let mut stored_through = std::collections::HashMap::new();
         {
             let mut stmt = conn.prepare(
@@ -228,6 +245,7 @@ impl EventStore {
                 stored_through,
                 commands,
                 publish,
+                counters,
             },
             EventStoreHandle { tx },
         ))
@@ -292,6 +310,7 @@ impl EventStore {
         // Sequence numbers stored by this transaction; they count only once it commits.
         let mut overlay: std::collections::HashMap<(String, u64), u64> =
             std::collections::HashMap::new();
+        let mut tallies = counters::Delta::new();
         let tx = self.conn.transaction()?;
         let mut published = Vec::new();
         {
@@ -332,12 +351,31 @@ impl EventStore {
                     }
                     continue;
                 }
-                for mut record in batch.events {
+                // Most events of a batch share one config: look its tally up once per change.
+                let mut tally: Option<(String, counters::Tally)> = None;
+                for Ingested {
+                    mut record,
+                    config_hash,
+                    status,
+                } in batch.events
+                {
                     if record.seq <= through {
                         continue; // already stored: a batch sent again after a reconnect
                     }
                     through = record.seq;
                     record.at = at;
+                    if tally.as_ref().is_none_or(|(hash, _)| *hash != config_hash) {
+                        flush_tally(&mut tallies, &batch.gateway, tally.take());
+                        let fresh = counters::Tally {
+                            config_version: record.config_version.clone(),
+                            region: record.region.clone(),
+                            ..Default::default()
+                        };
+                        tally = Some((config_hash, fresh));
+                    }
+                    if let Some((_, t)) = &mut tally {
+                        t.add_event(&record.verdict, status);
+                    }
                     insert.execute(params![
                         record.gateway,
                         i(record.epoch),
@@ -352,11 +390,14 @@ impl EventStore {
                     ])?;
                     published.push(Published::Event(record));
                 }
+                flush_tally(&mut tallies, &batch.gateway, tally);
                 overlay.insert(key, through);
             }
         }
+        counters::store(&tx, &tallies)?;
         tx.commit()?;
         self.stored_through.extend(overlay);
+        self.counters.merge(&tallies);
         Ok(published)
     }
 
@@ -533,6 +574,20 @@ impl EventStore {
     }
 }
 
+/// Adds a batch's running tally for one config to the transaction's tallies.
+fn flush_tally(
+    tallies: &mut counters::Delta,
+    gateway: &str,
+    tally: Option<(String, counters::Tally)>,
+) {
+    if let Some((hash, t)) = tally {
+        tallies
+            .entry((gateway.to_owned(), hash))
+            .or_default()
+            .merge(&t);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,7 +596,10 @@ mod tests {
     fn batch(gateway: &str, first_seq: u64, verdicts: &[&str]) -> Batch {
         let bodies = verdicts
             .iter()
-            .map(|v| format!(r#"{{"verdict":"{v}","config_version":"1.0.0"}}"#).into_bytes())
+            .map(|v| {
+                format!(r#"{{"verdict":"{v}","config_version":"1.0.0","config_hash":"sha256:aa","status":200}}"#)
+                    .into_bytes()
+            })
             .collect();
         Batch::new(gateway.into(), "eu".into(), 7, first_seq, bodies, None)
     }
@@ -554,7 +612,9 @@ mod tests {
             max_age: Duration::from_secs(3600),
             max_events: 1000,
         };
-        let (store, handle) = EventStore::open(dir.path(), retention, publish).expect("open");
+        let counters = DecisionCounters::default();
+        let (store, handle) =
+            EventStore::open(dir.path(), retention, publish, counters.clone()).expect("open");
         let cancel = CancellationToken::new();
         let task = tokio::spawn(store.run(cancel.clone()));
         handle
@@ -596,7 +656,23 @@ mod tests {
         assert_eq!(recent.len(), 3, "the last minute holds all three");
         let limited = handle.query(Filter::default(), 0, 1).await;
         assert_eq!(limited.len(), 1);
+        let tally = |counters: &DecisionCounters| {
+            let t = &counters.snapshot()["gw-a"]["sha256:aa"];
+            (t.requests, t.allow, t.block, t.config_version.clone())
+        };
+        assert_eq!(
+            tally(&counters),
+            (3, 1, 2, "1.0.0".to_owned()),
+            "the resent events are counted once"
+        );
         cancel.cancel();
         task.await.expect("store task");
+
+        // The counters are stored with the events: a reopened store starts from them.
+        let reopened = DecisionCounters::default();
+        let (publish, _published) = mpsc::channel(16);
+        let _store =
+            EventStore::open(dir.path(), retention, publish, reopened.clone()).expect("reopen");
+        assert_eq!(tally(&reopened), tally(&counters));
     }
 }

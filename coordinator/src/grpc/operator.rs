@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::authorize;
 use super::{ApiError, spawn_until_cancelled};
+use crate::events::counters::{self, DecisionCounters};
 use crate::events::{self, Filter, Published};
 use crate::events::{EventBus, EventLog};
 use crate::fleet::{FleetHandle, UnknownGroup};
@@ -36,6 +37,7 @@ pub struct OperatorApi {
     pub store: Arc<dyn Store>,
     pub events: Arc<dyn EventLog>,
     pub bus: Arc<dyn EventBus>,
+    pub decisions: DecisionCounters,
     pub trust_domain: String,
     pub cancel: CancellationToken,
 }
@@ -517,6 +519,23 @@ impl OperatorService for OperatorApi {
             }
         };
         let filter = self.event_filter(request.filter).await?;
+        if request.all_time {
+            if request.since_unix_ms != 0
+                || filter.verdict.is_some()
+                || filter.policy.is_some()
+                || filter.reason.is_some()
+                || filter.config_version.is_some()
+            {
+                return Err(ApiError::InvalidArgument(
+                    "all-time stats come from per-gateway counters: they take no time window and \
+                     no verdict, policy, reason or config-version filter"
+                        .into(),
+                )
+                .into());
+            }
+            let rows = counters::stats_rows(&self.decisions.snapshot(), &filter, by);
+            return Ok(Response::new(v1::EventStatsResponse { rows }));
+        }
         let rows = self
             .events
             .stats(filter, by.to_owned(), request.since_unix_ms)

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::model::{ConfigId, Outcome, Phase, RolloutRecord, Spec, Target, TargetState};
 use super::plan::{content_hash, diff, plan, version_label};
-use super::step::{self, Effect};
+use super::step::{self, Effect, Observed};
+use crate::events::counters::DecisionCounters;
 use crate::fleet::FleetHandle;
 use crate::store::{Store, StoreError, StoredConfig};
 
@@ -156,6 +157,7 @@ impl EngineHandle {
 pub struct Engine {
     store: Arc<dyn Store>,
     fleet: FleetHandle,
+    decisions: DecisionCounters,
     rollouts: BTreeMap<String, RolloutRecord>,
     commands: mpsc::Receiver<Command>,
     changes: broadcast::Sender<RolloutRecord>,
@@ -167,6 +169,7 @@ impl Engine {
     pub fn new(
         store: Arc<dyn Store>,
         fleet: FleetHandle,
+        decisions: DecisionCounters,
     ) -> Result<(Self, EngineHandle), StoreError> {
         let mut rollouts = BTreeMap::new();
         for mut r in store.list_rollouts()? {
@@ -188,6 +191,7 @@ impl Engine {
             Engine {
                 store,
                 fleet,
+                decisions,
                 rollouts,
                 commands,
                 changes,
@@ -211,13 +215,18 @@ impl Engine {
         }
     }
 
-    async fn fleet_now(&self) -> BTreeMap<String, GatewayState> {
-        match self.fleet.list(None).await {
+    /// The fleet now, with the decisions counted from events.
+    async fn observe(&self) -> Observed {
+        let fleet = match self.fleet.list(None).await {
             Ok(Ok(gateways)) => gateways
                 .into_iter()
                 .map(|g| (g.gateway_id.clone(), g))
                 .collect(),
             _ => BTreeMap::new(),
+        };
+        Observed {
+            fleet,
+            decisions: self.decisions.snapshot(),
         }
     }
 
@@ -225,7 +234,7 @@ impl Engine {
         if !self.rollouts.values().any(RolloutRecord::is_active) {
             return;
         }
-        let fleet = self.fleet_now().await;
+        let observed = self.observe().await;
         let now = unix_ms_now();
         let ids: Vec<String> = self
             .rollouts
@@ -234,16 +243,16 @@ impl Engine {
             .map(|r| r.id.clone())
             .collect();
         for id in ids {
-            self.advance(&id, &fleet, now).await;
+            self.advance(&id, &observed, now).await;
         }
     }
 
     /// Steps one rollout; persists, then carries out the effects, then publishes.
-    async fn advance(&mut self, id: &str, fleet: &BTreeMap<String, GatewayState>, now: u64) {
+    async fn advance(&mut self, id: &str, observed: &Observed, now: u64) {
         let Some(mut r) = self.rollouts.get(id).cloned() else {
             return;
         };
-        let (effects, changed) = step::step(&mut r, fleet, now);
+        let (effects, changed) = step::step(&mut r, observed, now);
         if changed {
             self.commit(r.clone()).await;
         }
@@ -345,8 +354,8 @@ impl Engine {
             now,
         ) {
             self.commit(r).await;
-            let fleet = self.fleet_now().await;
-            self.advance(&id, &fleet, now).await;
+            let observed = self.observe().await;
+            self.advance(&id, &observed, now).await;
         }
     }
 
@@ -400,8 +409,8 @@ impl Engine {
             version: version.clone(),
             hash: content_hash(&push.content),
         };
-        let fleet = self.fleet_now().await;
-        let gateways = self.resolve(&push.spec.target, &fleet)?;
+        let observed = self.observe().await;
+        let gateways = self.resolve(&push.spec.target, &observed.fleet)?;
         let now = unix_ms_now();
 
         let in_the_way: Vec<&RolloutRecord> = self
@@ -418,7 +427,7 @@ impl Engine {
         }
         let superseded: Vec<String> = in_the_way.iter().map(|r| r.id.clone()).collect();
 
-        let (progress, batches) = plan(&push.spec, &gateways, &fleet, &config);
+        let (progress, batches) = plan(&push.spec, &gateways, &observed.fleet, &config);
         let diff_text = self.diff_against_baseline(&progress, &push.content, &config);
         let number = if push.dry_run {
             0
@@ -499,7 +508,7 @@ impl Engine {
         self.rollouts.insert(r.id.clone(), r.clone());
         let _ = self.changes.send(r.clone());
         let id = r.id.clone();
-        self.advance(&id, &fleet, now).await;
+        self.advance(&id, &observed, now).await;
         let r = self.rollouts.get(&id).cloned().unwrap_or(r);
         Ok((r, diff_text))
     }
@@ -581,8 +590,8 @@ impl Engine {
         let action_name = format!("{action:?}").to_lowercase();
         self.store.audit(now, identity, &action_name, id, reason)?;
         self.commit(r).await;
-        let fleet = self.fleet_now().await;
-        self.advance(id, &fleet, now).await;
+        let observed = self.observe().await;
+        self.advance(id, &observed, now).await;
         self.find(id).cloned()
     }
 }

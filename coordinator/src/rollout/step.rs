@@ -1,9 +1,11 @@
 //! The rollout state machine: one pure step from a record, the fleet as it is now, and the time,
 //! to a new record and the effects to carry out. Pure, so every rule is unit-tested.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use kt_proto::v1::{AgentState, GatewayState, HealthStatus};
+
+use crate::events::counters::GatewayTallies;
 
 use super::model::{
     ConfigId, Counts, GateRecord, Outcome, Phase, RolloutRecord, Strategy, TargetState,
@@ -31,39 +33,43 @@ pub fn connected(fleet: &BTreeMap<String, GatewayState>, gateway: &str) -> bool 
         .is_some_and(|g| g.agent_state == AgentState::Connected as i32)
 }
 
-fn counts(fleet: &BTreeMap<String, GatewayState>, gateway: &str) -> Counts {
-    fleet
+/// What a step sees of the fleet: each gateway's state, and the decisions counted from each
+/// gateway's events per config hash (see `events::counters`).
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    pub fleet: BTreeMap<String, GatewayState>,
+    pub decisions: HashMap<String, GatewayTallies>,
+}
+
+/// The decisions the gates compare for `gateway`, counted from its events: those made on the
+/// rollout's config once it applied it, those made on any other config while it waits.
+fn counts(r: &RolloutRecord, observed: &Observed, gateway: &str) -> Counts {
+    let on_new = r
+        .gateways
         .get(gateway)
-        .and_then(|g| g.health.as_ref())
-        .and_then(|h| h.verdicts)
-        .map(|v| Counts {
-            total: v.allow + v.block + v.redact + v.escalate,
-            block: v.block,
-            ..Counts::default()
+        .is_some_and(|p| p.state == TargetState::Applied);
+    observed
+        .decisions
+        .get(gateway)
+        .into_iter()
+        .flatten()
+        .filter(|(hash, _)| (**hash == r.config.hash) == on_new)
+        .fold(Counts::default(), |sum, (_, t)| Counts {
+            total: sum.total + t.decided(),
+            block: sum.block + t.block,
+            requests: sum.requests + t.requests,
+            errors: sum.errors + t.errors,
         })
-        .map(|c| {
-            let health = fleet.get(gateway).and_then(|g| g.health.as_ref());
-            Counts {
-                requests: health.map_or(0, |h| h.requests_processed),
-                errors: health.map_or(0, |h| h.errors),
-                ..c
-            }
-        })
-        .unwrap_or_default()
 }
 
 /// Advances `r` as far as the fleet allows now; returns the effects and whether `r` changed.
-pub fn step(
-    r: &mut RolloutRecord,
-    fleet: &BTreeMap<String, GatewayState>,
-    now: u64,
-) -> (Vec<Effect>, bool) {
+pub fn step(r: &mut RolloutRecord, observed: &Observed, now: u64) -> (Vec<Effect>, bool) {
     let before = r.clone();
     let mut effects = Vec::new();
     // A few passes, so that one tick can go e.g. from "all applied" through a zero-length bake.
     for _ in 0..8 {
         let phase_before = r.phase.clone();
-        advance(r, fleet, now, &mut effects);
+        advance(r, observed, now, &mut effects);
         if r.phase == phase_before {
             break;
         }
@@ -72,12 +78,8 @@ pub fn step(
     (effects, changed)
 }
 
-fn advance(
-    r: &mut RolloutRecord,
-    fleet: &BTreeMap<String, GatewayState>,
-    now: u64,
-    effects: &mut Vec<Effect>,
-) {
+fn advance(r: &mut RolloutRecord, observed: &Observed, now: u64, effects: &mut Vec<Effect>) {
+    let fleet = &observed.fleet;
     let running = matches!(
         r.phase,
         Phase::Applying | Phase::Baking { .. } | Phase::Pausing { .. } | Phase::RollingBack { .. }
@@ -97,8 +99,8 @@ fn advance(
         return;
     }
     match r.phase.clone() {
-        Phase::Applying => applying(r, fleet, now, effects),
-        Phase::Baking { until } => baking(r, fleet, now, until),
+        Phase::Applying => applying(r, observed, now, effects),
+        Phase::Baking { until } => baking(r, observed, now, until),
         Phase::Pausing { until } => {
             if now >= until {
                 r.current_batch += 1;
@@ -121,12 +123,8 @@ fn offer_id(rollout: &str, gateway: &str, n: u32) -> String {
     format!("{rollout}/{gateway}/{n}")
 }
 
-fn applying(
-    r: &mut RolloutRecord,
-    fleet: &BTreeMap<String, GatewayState>,
-    now: u64,
-    effects: &mut Vec<Effect>,
-) {
+fn applying(r: &mut RolloutRecord, observed: &Observed, now: u64, effects: &mut Vec<Effect>) {
+    let fleet = &observed.fleet;
     let Some(batch) = r.batches.get(r.current_batch).cloned() else {
         finish(r, now, Outcome::Succeeded, "every batch applied");
         return;
@@ -199,7 +197,7 @@ fn applying(
         r.bake_counts = r
             .gateways
             .keys()
-            .map(|g| (g.clone(), counts(fleet, g)))
+            .map(|g| (g.clone(), counts(r, observed, g)))
             .collect();
         let until = now + r.spec.min_healthy_time_ms;
         r.phase = Phase::Baking { until };
@@ -215,7 +213,8 @@ fn applying(
     }
 }
 
-fn baking(r: &mut RolloutRecord, fleet: &BTreeMap<String, GatewayState>, now: u64, until: u64) {
+fn baking(r: &mut RolloutRecord, observed: &Observed, now: u64, until: u64) {
+    let fleet = &observed.fleet;
     let batch = r.batches.get(r.current_batch).cloned().unwrap_or_default();
     let unhealthy: Vec<&String> = batch
         .iter()
@@ -256,8 +255,8 @@ fn baking(r: &mut RolloutRecord, fleet: &BTreeMap<String, GatewayState>, now: u6
         "every batch gateway stayed healthy",
         now,
     );
-    let decision = match error_gate(r, fleet, &batch, now) {
-        GateDecision::Passed => verdict_gate(r, fleet, &batch, now),
+    let decision = match error_gate(r, observed, &batch, now) {
+        GateDecision::Passed => verdict_gate(r, observed, &batch, now),
         other => other,
     };
     match decision {
@@ -325,12 +324,12 @@ enum GateDecision {
 /// Requests and counters of `gateways` over the bake window.
 fn window<'a>(
     r: &RolloutRecord,
-    fleet: &BTreeMap<String, GatewayState>,
+    observed: &Observed,
     gateways: impl Iterator<Item = &'a String>,
 ) -> Counts {
     gateways.fold(Counts::default(), |sum, g| {
         let start = r.bake_counts.get(g).copied().unwrap_or_default();
-        let end = counts(fleet, g);
+        let end = counts(r, observed, g);
         Counts {
             total: sum.total + end.total.saturating_sub(start.total),
             block: sum.block + end.block.saturating_sub(start.block),
@@ -343,7 +342,7 @@ fn window<'a>(
 /// The share of the batch's requests answered with a server error during the bake.
 fn error_gate(
     r: &mut RolloutRecord,
-    fleet: &BTreeMap<String, GatewayState>,
+    observed: &Observed,
     batch: &[String],
     now: u64,
 ) -> GateDecision {
@@ -358,7 +357,7 @@ fn error_gate(
                 .is_some_and(|p| p.state == TargetState::Applied)
         })
         .collect();
-    let c = window(r, fleet, applied.into_iter());
+    let c = window(r, observed, applied.into_iter());
     let rate = if c.requests == 0 {
         0.0
     } else {
@@ -400,7 +399,7 @@ fn error_gate(
 /// on the old version, over the bake window.
 fn verdict_gate(
     r: &mut RolloutRecord,
-    fleet: &BTreeMap<String, GatewayState>,
+    observed: &Observed,
     batch: &[String],
     now: u64,
 ) -> GateDecision {
@@ -409,7 +408,7 @@ fn verdict_gate(
     };
     let new = window(
         r,
-        fleet,
+        observed,
         batch.iter().filter(|g| {
             r.gateways
                 .get(*g)
@@ -418,7 +417,7 @@ fn verdict_gate(
     );
     let old = window(
         r,
-        fleet,
+        observed,
         r.gateways
             .iter()
             .filter(|(_, p)| p.state == TargetState::Pending)
@@ -725,8 +724,9 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::counters::Tally;
     use crate::rollout::model::{GatewayProgress, Size, Spec, Target};
-    use kt_proto::v1::{ConfigInfo, ConfigPhase, GatewayHealth, VerdictCounts};
+    use kt_proto::v1::{ConfigInfo, ConfigPhase, GatewayHealth};
 
     const OLD: &str = "sha256:old";
     const NEW: &str = "sha256:new";
@@ -798,10 +798,16 @@ mod tests {
         }
     }
 
-    fn fleet(gateways: &[(&str, bool, u64, u64)]) -> BTreeMap<String, GatewayState> {
-        gateways
+    /// Gateways `(id, connected, requests, blocked)`, all on the old config.
+    fn fleet(gateways: &[(&str, bool, u64, u64)]) -> Observed {
+        on_new(gateways, &[])
+    }
+
+    /// As [`fleet`], with the decisions of the gateways in `new` made on the new config.
+    fn on_new(gateways: &[(&str, bool, u64, u64)], new: &[&str]) -> Observed {
+        let fleet = gateways
             .iter()
-            .map(|(id, up, total, block)| {
+            .map(|(id, up, _, _)| {
                 let state = GatewayState {
                     gateway_id: (*id).to_owned(),
                     agent_state: if *up {
@@ -815,18 +821,59 @@ mod tests {
                             hash: OLD.into(),
                             ..Default::default()
                         }),
-                        verdicts: Some(VerdictCounts {
-                            allow: total - block,
-                            block: *block,
-                            ..Default::default()
-                        }),
                         ..Default::default()
                     }),
                     ..Default::default()
                 };
                 ((*id).to_owned(), state)
             })
-            .collect()
+            .collect();
+        let decisions = gateways
+            .iter()
+            .map(|(id, _, total, block)| {
+                let hash = if new.contains(id) { NEW } else { OLD };
+                let tally = Tally {
+                    allow: total - block,
+                    block: *block,
+                    requests: *total,
+                    ..Default::default()
+                };
+                ((*id).to_owned(), [(hash.to_owned(), tally)].into())
+            })
+            .collect();
+        Observed { fleet, decisions }
+    }
+
+    #[test]
+    fn gates_count_each_side_on_its_own_config() {
+        let mut r = rollout(spec(Strategy::Rolling), &["a", "b"]);
+        let mut observed = fleet(&[("a", true, 10, 1), ("b", true, 20, 2)]);
+        observed.decisions.get_mut("a").map(|t| {
+            t.insert(
+                NEW.into(),
+                Tally {
+                    block: 5,
+                    allow: 2,
+                    requests: 8,
+                    errors: 1,
+                    ..Default::default()
+                },
+            )
+        });
+        let pending = counts(&r, &observed, "a");
+        assert_eq!((pending.total, pending.block), (10, 1), "old config only");
+        r.gateways.get_mut("a").expect("a").state = TargetState::Applied;
+        let applied = counts(&r, &observed, "a");
+        assert_eq!(
+            (
+                applied.total,
+                applied.block,
+                applied.requests,
+                applied.errors
+            ),
+            (7, 5, 8, 1),
+            "new config only"
+        );
     }
 
     fn offers(effects: &[Effect]) -> Vec<String> {
@@ -948,16 +995,16 @@ mod tests {
             100,
         );
         assert!(matches!(r.phase, Phase::Baking { .. }));
-        // During the bake a blocks everything, b and c block nothing.
-        let (effects, _) = step(
-            &mut r,
-            &fleet(&[
-                ("a", true, 200, 100),
+        // During the bake a blocks everything on the new config, b and c block nothing.
+        let baked = on_new(
+            &[
+                ("a", true, 100, 100),
                 ("b", true, 200, 0),
                 ("c", true, 200, 0),
-            ]),
-            3_000,
+            ],
+            &["a"],
         );
+        let (effects, _) = step(&mut r, &baked, 3_000);
         assert!(
             matches!(r.phase, Phase::RollingBack { .. }),
             "{:?}",
@@ -983,15 +1030,7 @@ mod tests {
             ("a", true, OLD)
         );
         answer(&mut r, "a", offer_id, ConfigPhase::Applied, "", 3_100);
-        step(
-            &mut r,
-            &fleet(&[
-                ("a", true, 200, 100),
-                ("b", true, 200, 0),
-                ("c", true, 200, 0),
-            ]),
-            3_200,
-        );
+        step(&mut r, &baked, 3_200);
         assert_eq!(r.phase, Phase::Done(Outcome::RolledBack));
         assert_eq!(
             r.gateways["b"].offers_sent, 0,

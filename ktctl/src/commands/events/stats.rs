@@ -1,4 +1,5 @@
-//! `ktctl events stats [--group G | --gateway ID | --selector k=v] [--by gateway|config-version|region] [--since 15m]`
+//! `ktctl events stats [--group G | --gateway ID | --selector k=v] [--by gateway|config-version|region]
+//! [--since 15m | --all-time]`
 
 use std::collections::HashMap;
 
@@ -27,8 +28,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = By::Gateway)]
     pub by: By,
     /// The window: a duration back from now, or an RFC 3339 time.
-    #[arg(long, default_value = "15m")]
+    #[arg(long, default_value = "15m", conflicts_with = "all_time")]
     pub since: String,
+    /// Every decision since each gateway's first event, from the coordinator's per-config
+    /// counters (the ones rollout gates read), not limited by event retention.
+    #[arg(long)]
+    pub all_time: bool,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -50,7 +55,12 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
         .event_stats(EventStatsRequest {
             filter: Some(filter),
             by: by.into(),
-            since_unix_ms: since_ms(&args.since)?,
+            since_unix_ms: if args.all_time {
+                0
+            } else {
+                since_ms(&args.since)?
+            },
+            all_time: args.all_time,
         })
         .await
         .map_err(crate::status_error)?
