@@ -26,11 +26,17 @@ pub struct AgentConfig {
     pub events: EventsSettings,
 }
 
+/// The smallest event buffer: one event of the largest size the coordinator takes fits.
+const MIN_BUFFERED_BYTES: u64 = 64 << 10;
+
 /// Bounds of the on-disk event buffer; past them the oldest events give way to a gap record.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsSettings {
     pub max_buffered_events: u64,
+    /// The bodies' total size: a number of bytes or e.g. `512MiB`.
+    #[serde(deserialize_with = "kt_proto::size::deserialize")]
+    pub max_buffered_bytes: u64,
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
 }
@@ -39,6 +45,7 @@ impl Default for EventsSettings {
     fn default() -> Self {
         EventsSettings {
             max_buffered_events: 1_000_000,
+            max_buffered_bytes: 1 << 30,
             max_age: Duration::from_secs(24 * 3600),
         }
     }
@@ -232,6 +239,13 @@ impl AgentConfig {
                 path,
                 "events.max_buffered_events",
                 "must be positive",
+            ));
+        }
+        if self.events.max_buffered_bytes < MIN_BUFFERED_BYTES {
+            return Err(ConfigFileError::invalid(
+                path,
+                "events.max_buffered_bytes",
+                "must be at least 64KiB (one event can be as large)",
             ));
         }
         let r = &self.reconnect;

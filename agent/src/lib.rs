@@ -80,6 +80,7 @@ impl Agent {
         ) {
             let limits = events::spool::Limits {
                 max_events: settings.config.events.max_buffered_events,
+                max_bytes: settings.config.events.max_buffered_bytes,
                 max_age: settings.config.events.max_age,
             };
             std::fs::create_dir_all(&state_dir)?;

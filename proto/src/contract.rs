@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The largest decision event (one line of the events file) that travels: agents skip larger
+/// lines as invalid, the coordinator refuses larger events.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthStatus {

@@ -18,8 +18,10 @@ use super::spool::Item;
 use super::{SharedSpool, lock};
 use crate::session::SessionSettings;
 
-/// Events per batch.
+/// Events per batch, and their bytes: well under the 4 MiB a gRPC message may hold by default
+/// (an event is at most 1 MiB, see `kt_proto::contract::MAX_EVENT_BYTES`).
 const BATCH: usize = 2000;
+const BATCH_BYTES: usize = 2 << 20;
 /// Batches in flight before the first acknowledgement grants credit.
 const INITIAL_CREDIT: u32 = 4;
 
@@ -96,9 +98,10 @@ async fn stream(
     loop {
         while (in_flight.len() as u32) < credit {
             let spool = spool.clone();
-            let items =
-                tokio::task::spawn_blocking(move || lock(&spool).read_after(sent_through, BATCH))
-                    .await??;
+            let items = tokio::task::spawn_blocking(move || {
+                lock(&spool).read_after(sent_through, BATCH, BATCH_BYTES)
+            })
+            .await??;
             let Some(batch) = to_batch(epoch, &items) else {
                 break;
             };

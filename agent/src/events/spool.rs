@@ -3,7 +3,7 @@
 //!
 //! Events and the file cursor are written in one transaction, so an event is either taken
 //! from the file and buffered, or neither: nothing is lost or read twice across restarts.
-//! The buffer is bounded by count and age; when it overflows, the oldest events are dropped
+//! The buffer is bounded by count, bytes and age; when it overflows, the oldest events are dropped
 //! and a gap record takes their sequence numbers, so the coordinator learns exactly what is
 //! missing.
 
@@ -41,6 +41,8 @@ impl Item {
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_events: u64,
+    /// The events' bodies, summed.
+    pub max_bytes: u64,
     pub max_age: Duration,
 }
 
@@ -49,8 +51,9 @@ pub struct Spool {
     pub epoch: u64,
     next_seq: u64,
     limits: Limits,
-    /// Events in the table, kept in memory so appends need not count them.
+    /// Events in the table and their bodies' bytes, kept in memory so appends need not count.
     buffered: u64,
+    buffered_bytes: u64,
 }
 
 impl std::fmt::Debug for Spool {
@@ -98,14 +101,18 @@ impl Spool {
             }
         };
         let next_seq = get("next_seq")?.map_or(1, |n| n as u64);
-        let buffered =
-            conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))? as u64;
+        let (buffered, buffered_bytes) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM events",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?;
         Ok(Spool {
             conn,
             epoch,
             next_seq,
             limits,
             buffered,
+            buffered_bytes,
         })
     }
 
@@ -136,6 +143,7 @@ impl Spool {
             for body in events {
                 insert.execute(params![to_i64(self.next_seq), body, at])?;
                 self.buffered += 1;
+                self.buffered_bytes += body.len() as u64;
                 self.next_seq += 1;
             }
             let mut meta = tx.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?;
@@ -150,8 +158,10 @@ impl Spool {
 
     /// Drops the oldest events beyond the limits, leaving a gap record in their place.
     fn enforce_limits(&mut self) -> rusqlite::Result<()> {
-        // Both checks read the oldest rows through the primary key: no scan on every append.
+        // Every check reads the oldest rows through the primary key: no scan on every append.
         let over = self.buffered.saturating_sub(self.limits.max_events);
+        let over_bytes =
+            self.oldest_covering(self.buffered_bytes.saturating_sub(self.limits.max_bytes))?;
         let too_old = now_ms() - i64::try_from(self.limits.max_age.as_millis()).unwrap_or(i64::MAX);
         let oldest_at: Option<i64> = self
             .conn
@@ -159,20 +169,21 @@ impl Spool {
                 r.get(0)
             })
             .optional()?;
-        let old: i64 = if oldest_at.is_some_and(|at| at < too_old) {
+        let old: u64 = if oldest_at.is_some_and(|at| at < too_old) {
             self.conn.query_row(
                 "SELECT COUNT(*) FROM events WHERE at < ?1",
                 [too_old],
-                |r| r.get(0),
-            )?
+                |r| r.get::<_, i64>(0),
+            )? as u64
         } else {
             0
         };
-        let drop = over.max(old as u64);
+        let full = over.max(over_bytes);
+        let drop = full.max(old);
         if drop == 0 {
             return Ok(());
         }
-        let reason = if over >= old as u64 {
+        let reason = if full >= old {
             "agent buffer full"
         } else {
             "older than the buffer's age limit"
@@ -183,8 +194,9 @@ impl Spool {
             [to_i64(drop)],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let dropped = tx.execute("DELETE FROM events WHERE seq <= ?1", [last])?;
-        self.buffered = self.buffered.saturating_sub(dropped as u64);
+        let (dropped, dropped_bytes) = delete_through(&tx, last)?;
+        self.buffered = self.buffered.saturating_sub(dropped);
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(dropped_bytes);
         // Merge with a gap that ends right before, so repeated overflow stays one record.
         let previous: Option<(i64, i64)> = tx
             .query_row(
@@ -218,8 +230,32 @@ impl Spool {
         Ok(())
     }
 
-    /// Up to `max` items with a sequence number above `after`, in order.
-    pub fn read_after(&self, after: u64, max: usize) -> rusqlite::Result<Vec<Item>> {
+    /// How many of the oldest events hold at least `bytes` bytes (0 for none).
+    fn oldest_covering(&self, bytes: u64) -> rusqlite::Result<u64> {
+        if bytes == 0 {
+            return Ok(0);
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT length(body) FROM events ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        let (mut count, mut covered) = (0u64, 0u64);
+        while covered < bytes {
+            let Some(row) = rows.next()? else { break };
+            covered += row.get::<_, i64>(0)? as u64;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Items with a sequence number above `after`, in order: at most `max` events of at most
+    /// `max_bytes` in all (but always at least one, so that no event is too large to send).
+    pub fn read_after(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> rusqlite::Result<Vec<Item>> {
         let mut items = Vec::new();
         let mut stmt = self.conn.prepare_cached("SELECT first_seq, last_seq, count, reason FROM gaps WHERE last_seq > ?1 ORDER BY first_seq LIMIT 1")?;
         let gap: Option<Item> = stmt
@@ -241,8 +277,16 @@ impl Spool {
                 body: r.get(1)?,
             })
         })?;
+        let mut bytes = 0;
         for row in rows {
-            items.push(row?);
+            let item = row?;
+            if let Item::Event { body, .. } = &item {
+                bytes += body.len();
+                if bytes > max_bytes && !items.is_empty() {
+                    break;
+                }
+            }
+            items.push(item);
         }
         if let Some(Item::Gap { first_seq, .. }) = &gap {
             // The gap comes before any event after it.
@@ -274,8 +318,9 @@ impl Spool {
     /// Deletes what the coordinator stored durably.
     pub fn ack(&mut self, through: u64) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
-        let deleted = tx.execute("DELETE FROM events WHERE seq <= ?1", [to_i64(through)])?;
-        self.buffered = self.buffered.saturating_sub(deleted as u64);
+        let (deleted, deleted_bytes) = delete_through(&tx, to_i64(through))?;
+        self.buffered = self.buffered.saturating_sub(deleted);
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(deleted_bytes);
         tx.execute("DELETE FROM gaps WHERE last_seq <= ?1", [to_i64(through)])?;
         tx.commit()
     }
@@ -289,6 +334,19 @@ impl Spool {
     }
 }
 
+/// Deletes the events up to `seq`; returns how many and their bytes.
+fn delete_through(tx: &rusqlite::Transaction<'_>, seq: i64) -> rusqlite::Result<(u64, u64)> {
+    let mut stmt =
+        tx.prepare_cached("DELETE FROM events WHERE seq <= ?1 RETURNING length(body)")?;
+    let mut rows = stmt.query([seq])?;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    while let Some(row) = rows.next()? {
+        count += 1;
+        bytes += row.get::<_, i64>(0)? as u64;
+    }
+    Ok((count, bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +354,7 @@ mod tests {
     fn limits(max_events: u64) -> Limits {
         Limits {
             max_events,
+            max_bytes: u64::MAX,
             max_age: Duration::from_secs(3600),
         }
     }
@@ -322,7 +381,7 @@ mod tests {
         let mut s = Spool::open(dir.path(), limits(100)).expect("reopen");
         assert_eq!(s.epoch, epoch, "the epoch is kept");
         assert_eq!(s.cursor().expect("cursor"), cursor);
-        let items = s.read_after(0, 10).expect("read");
+        let items = s.read_after(0, 10, usize::MAX).expect("read");
         assert_eq!(
             items.iter().map(Item::last_seq).collect::<Vec<_>>(),
             [1, 2, 3]
@@ -331,7 +390,7 @@ mod tests {
         assert_eq!(s.acked_through().expect("acked"), 2);
         s.append(&bodies(1, 3), cursor).expect("append");
         assert_eq!(
-            s.read_after(2, 10)
+            s.read_after(2, 10, usize::MAX)
                 .expect("read")
                 .iter()
                 .map(Item::last_seq)
@@ -350,7 +409,7 @@ mod tests {
                 .expect("append");
         }
         // 12 events, 5 kept: seqs 1..=7 dropped as one gap.
-        let items = s.read_after(0, 100).expect("read");
+        let items = s.read_after(0, 100, usize::MAX).expect("read");
         assert_eq!(
             items[0],
             Item::Gap {
@@ -360,18 +419,64 @@ mod tests {
                 reason: "agent buffer full".into()
             }
         );
-        let rest = s.read_after(7, 100).expect("read");
+        let rest = s.read_after(7, 100, usize::MAX).expect("read");
         assert_eq!(
             rest.iter().map(Item::last_seq).collect::<Vec<_>>(),
             [8, 9, 10, 11, 12]
         );
         s.ack(7).expect("ack the gap");
         assert_eq!(
-            s.read_after(0, 100)
+            s.read_after(0, 100, usize::MAX)
                 .expect("read")
                 .first()
                 .map(Item::last_seq),
             Some(8)
         );
+    }
+
+    #[test]
+    fn the_byte_bound_drops_the_oldest_and_survives_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bounded = Limits {
+            max_bytes: 1_000,
+            ..limits(1_000)
+        };
+        let event = |n: usize| vec![b'x'; n];
+        {
+            let mut s = Spool::open(dir.path(), bounded).expect("open");
+            s.append(&[event(400), event(400)], Cursor::default())
+                .expect("append");
+            assert_eq!(s.read_after(0, 100, usize::MAX).expect("read").len(), 2);
+        }
+        // Reopened, the spool still knows it holds 800 bytes: 300 more push out the first.
+        let mut s = Spool::open(dir.path(), bounded).expect("reopen");
+        s.append(&[event(300)], Cursor::default()).expect("append");
+        let items = s.read_after(0, 100, usize::MAX).expect("read");
+        assert!(
+            matches!(
+                items[0],
+                Item::Gap {
+                    first_seq: 1,
+                    last_seq: 1,
+                    count: 1,
+                    ..
+                }
+            ),
+            "{:?}",
+            items[0]
+        );
+        // Acknowledged events free their bytes: two more of 300 fit after the ack.
+        s.ack(2).expect("ack");
+        s.append(&[event(300), event(300)], Cursor::default())
+            .expect("append");
+        let rest = s.read_after(1, 100, usize::MAX).expect("read");
+        assert_eq!(
+            rest.iter().map(Item::last_seq).collect::<Vec<_>>(),
+            [3, 4, 5],
+            "nothing more dropped"
+        );
+        // A batch stops at the byte limit, but always takes one event.
+        assert_eq!(s.read_after(2, 100, 650).expect("read").len(), 2);
+        assert_eq!(s.read_after(2, 100, 10).expect("read").len(), 1);
     }
 }

@@ -10,6 +10,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use kt_proto::contract::MAX_EVENT_BYTES;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,7 +120,7 @@ pub fn rotated_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Reads whole lines from `cursor.offset`; `finished` files also give up a last unterminated line.
+/// Reads whole lines from `cursor.offset`; lines over [`MAX_EVENT_BYTES`] are invalid; `finished` files also give up a last unterminated line.
 fn read_lines(
     path: &Path,
     cursor: Cursor,
@@ -162,6 +163,7 @@ fn read_lines(
             continue;
         }
         if line.first() == Some(&b'{')
+            && line.len() <= MAX_EVENT_BYTES
             && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
         {
             polled.events.push(line.to_vec());

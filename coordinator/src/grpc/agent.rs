@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use kt_proto::contract::MAX_EVENT_BYTES;
 use kt_proto::identity::{GatewayId, Identity, Role};
 use kt_proto::unix_ms_now;
 use kt_proto::v1::agent_message::Body as AgentBody;
@@ -102,7 +103,6 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<EventAck, Status>> + Send>>;
 const EVENT_CREDIT: u32 = 8;
 /// Limits of one batch; larger ones end the stream with an error.
 const MAX_BATCH_EVENTS: usize = 10_000;
-const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 /// Checks a batch from the network before it reaches the store.
 fn check_batch(batch: &EventBatch) -> Result<(), String> {
