@@ -85,6 +85,22 @@ pub struct GatewaySettings {
     /// How to make the gateway load a new config file: exactly one of the three.
     #[serde(default)]
     pub reload: Option<ReloadSettings>,
+    /// Where the gateway's OpenAI-compatible API answers (synthetic probes go there), e.g.
+    /// `http://127.0.0.1:41002`; defaults to the health URL's scheme, host and port.
+    #[serde(default)]
+    pub api_url: Option<String>,
+}
+
+impl GatewaySettings {
+    /// The gateway's API base URL, without a trailing slash.
+    pub fn api_base(&self) -> String {
+        self.api_url
+            .clone()
+            .or_else(|| crate::probe::origin(&self.health_url))
+            .unwrap_or_else(|| self.health_url.clone())
+            .trim_end_matches('/')
+            .to_owned()
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

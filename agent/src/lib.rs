@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod config;
 pub mod events;
 pub mod health;
+pub mod probe;
 pub mod session;
 
 use kt_proto::identity::{Identity, Role};
@@ -74,6 +75,7 @@ impl Agent {
             unsent: Default::default(),
         };
         let settings = std::sync::Arc::new(self.settings);
+        let mut forwarding = None;
         if let (Some(file), Some(state_dir)) = (
             settings.config.gateway.events_file.clone(),
             settings.config.state_dir.clone(),
@@ -88,21 +90,33 @@ impl Agent {
                 .map_err(|e| anyhow::anyhow!("event buffer in {}: {e}", state_dir.display()))?;
             let spool = std::sync::Arc::new(std::sync::Mutex::new(spool));
             let appended = std::sync::Arc::new(tokio::sync::Notify::new());
+            let report = events::ForwardingReport::default();
             tasks.spawn(events::run_tailer(
                 file,
                 spool.clone(),
                 appended.clone(),
+                report.clone(),
                 cancel.child_token(),
             ));
             tasks.spawn(events::send::run(
                 settings.clone(),
                 spool,
                 appended,
+                report.clone(),
                 cancel.child_token(),
             ));
+            forwarding = Some(report);
         }
+        let prober = probe::Prober::new(settings.config.gateway.api_base())?;
+        let observers = session::Observers { prober, forwarding };
         tasks.spawn(poller.run(cancel.child_token()));
-        tasks.spawn(session::run(settings, health, link, cancel.child_token()));
+        tasks.spawn(session::run(
+            settings,
+            health,
+            link,
+            observers,
+            cancel.child_token(),
+        ));
         tasks.close();
         tasks.wait().await;
         Ok(())

@@ -15,7 +15,7 @@ use kt_proto::v1::agent_service_client::AgentServiceClient;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
 use kt_proto::v1::{
     self, AgentMessage, ConfigOffer, ConfigPhase, ConfigRef, ConfigStatus, CoordinatorMessage,
-    Goodbye, Heartbeat, Hello, StatusUpdate, Welcome,
+    Goodbye, Heartbeat, Hello, ProbeResult, StatusUpdate, Welcome,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,7 +25,9 @@ use tonic::transport::Endpoint;
 
 use crate::backoff::FullJitter;
 use crate::config::AgentConfig;
+use crate::events::ForwardingReport;
 use crate::health::{MAX_HEARTBEAT_INTERVAL, materially_different};
+use crate::probe::Prober;
 
 /// Messages queued towards the coordinator before sending waits.
 const OUTBOUND_QUEUE: usize = 16;
@@ -95,11 +97,19 @@ pub struct ConfigLink {
     pub unsent: VecDeque<ConfigStatus>,
 }
 
+/// What the session reports besides health, and answers besides offers.
+pub struct Observers {
+    pub prober: Prober,
+    /// `None` when the agent forwards no events.
+    pub forwarding: Option<ForwardingReport>,
+}
+
 /// Keeps a session open until `cancel` fires, reconnecting whenever it is lost.
 pub async fn run(
     settings: std::sync::Arc<SessionSettings>,
     health: watch::Receiver<v1::GatewayHealth>,
     mut link: ConfigLink,
+    observers: Observers,
     cancel: CancellationToken,
 ) {
     let mut attempt: u64 = 0;
@@ -127,7 +137,7 @@ pub async fn run(
             coordinator_version = %session.welcome.coordinator_version,
             "session open"
         );
-        match serve(session, health.clone(), &mut link, &cancel).await {
+        match serve(session, health.clone(), &mut link, &observers, &cancel).await {
             Ok(()) => return,
             Err(lost) => {
                 tracing::warn!(error = %lost, "session with the coordinator lost, reconnecting")
@@ -212,11 +222,15 @@ async fn serve(
     mut session: OpenSession,
     mut health: watch::Receiver<v1::GatewayHealth>,
     link: &mut ConfigLink,
+    observers: &Observers,
     cancel: &CancellationToken,
 ) -> Result<(), SessionLost> {
+    // Probe results of this session; a probe still running when it ends answers nobody.
+    let (probe_results, mut probes_done) = mpsc::channel::<ProbeResult>(4);
     let interval = Duration::from_millis(session.welcome.heartbeat_interval_ms.max(50))
         .min(MAX_HEARTBEAT_INTERVAL);
-    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    // The first heartbeat goes at once, so the coordinator has fresh counters from the start.
+    let mut heartbeat = tokio::time::interval(interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Anything observed since the hello is reported at once, and so is every undelivered answer.
     health.mark_changed();
@@ -233,7 +247,9 @@ async fn serve(
                     let h = health.borrow();
                     (h.requests_processed, h.verdicts, h.errors)
                 };
-                session.send(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: unix_ms_now(), requests_processed, verdicts, errors })).await?;
+                let now = unix_ms_now();
+                let events = observers.forwarding.as_ref().map(|f| f.heartbeat(now));
+                session.send(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: now, requests_processed, verdicts, errors, events })).await?;
             }
             changed = health.changed() => {
                 if changed.is_err() {
@@ -246,6 +262,9 @@ async fn serve(
                     session.send(AgentBody::Status(StatusUpdate { health: Some(current.clone()) })).await?;
                     session.reported = current;
                 }
+            }
+            Some(result) = probes_done.recv() => {
+                session.send(AgentBody::ProbeResult(result)).await?;
             }
             Some(status) = link.statuses.recv() => {
                 link.unsent.push_back(status);
@@ -271,6 +290,14 @@ async fn serve(
                             flush(&mut session, &mut link.unsent).await?;
                         }
                     }
+                }
+                Ok(Some(CoordinatorMessage { body: Some(CoordinatorBody::Probe(request)) })) => {
+                    tracing::info!(probe_id = %request.probe_id, prompts = request.prompts.len(), "synthetic probe asked");
+                    let prober = observers.prober.clone();
+                    let results = probe_results.clone();
+                    tokio::spawn(async move {
+                        let _ = results.send(prober.run(request).await).await;
+                    });
                 }
                 Ok(Some(message)) => tracing::debug!(?message, "message from the coordinator"),
                 Ok(None) => return Err(SessionLost("the coordinator ended the session".into())),

@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 
 use kt_proto::identity::GatewayId;
 use kt_proto::unix_ms_now;
+use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
 use kt_proto::v1::{
-    AgentState, ConfigOffer, ConfigRef, CoordinatorMessage, GatewayHealth, GatewayState,
-    VerdictCounts,
+    AgentState, ConfigOffer, ConfigRef, CoordinatorMessage, EventForwarding, GatewayHealth,
+    GatewayState, ProbeRequest, VerdictCounts,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::{Duration, Instant};
@@ -33,6 +34,8 @@ pub struct HelloInfo {
     pub boot_id: String,
     pub health: Option<GatewayHealth>,
     pub peer_address: String,
+    /// When the agent's verified certificate expires (Unix ms; 0 when unreadable).
+    pub cert_not_after_unix_ms: u64,
 }
 
 /// Requests to the fleet task.
@@ -50,11 +53,13 @@ pub enum Command {
         requests_processed: u64,
         verdicts: Option<VerdictCounts>,
         errors: u64,
+        events: Option<EventForwarding>,
     },
-    /// Sends a config offer on the gateway's session; replies whether it was handed over.
-    Offer {
+    /// Sends a message (a config offer, a probe) on the gateway's session; replies whether it
+    /// was handed over.
+    Deliver {
         gateway: String,
-        offer: ConfigOffer,
+        body: CoordinatorBody,
         reply: oneshot::Sender<bool>,
     },
     /// What a rollout wants the gateway to run (shown to operators), or nothing.
@@ -119,11 +124,20 @@ impl FleetHandle {
 
     /// Hands `offer` to the gateway's open session; false when it has none or it is full.
     pub async fn offer(&self, gateway: String, offer: ConfigOffer) -> bool {
+        self.deliver(gateway, CoordinatorBody::Offer(offer)).await
+    }
+
+    /// Hands a synthetic probe to the gateway's open session; false as for offers.
+    pub async fn probe(&self, gateway: String, request: ProbeRequest) -> bool {
+        self.deliver(gateway, CoordinatorBody::Probe(request)).await
+    }
+
+    async fn deliver(&self, gateway: String, body: CoordinatorBody) -> bool {
         let (reply, rx) = oneshot::channel();
         if self
-            .send(Command::Offer {
+            .send(Command::Deliver {
                 gateway,
-                offer,
+                body,
                 reply,
             })
             .await
@@ -241,6 +255,8 @@ struct Record {
     /// The open session's sending half.
     outbound: Option<Outbound>,
     desired: Option<ConfigRef>,
+    events: Option<EventForwarding>,
+    cert_not_after_unix_ms: u64,
 }
 
 impl Record {
@@ -258,6 +274,8 @@ impl Record {
             connected_since_unix_ms: 0,
             outbound: None,
             desired: None,
+            events: None,
+            cert_not_after_unix_ms: 0,
         }
     }
 
@@ -356,6 +374,7 @@ impl Fleet {
                 record.labels = hello.labels;
                 record.agent_version = hello.agent_version;
                 record.peer_address = hello.peer_address;
+                record.cert_not_after_unix_ms = hello.cert_not_after_unix_ms;
                 if hello.health.is_some() {
                     record.health = hello.health;
                 }
@@ -374,8 +393,10 @@ impl Fleet {
                 requests_processed,
                 verdicts,
                 errors,
+                events,
             } => {
                 if let Some(record) = self.current_session(&gateway, session) {
+                    record.events = events;
                     record.last_heartbeat = Some(now);
                     record.last_heartbeat_unix_ms = unix_ms_now();
                     if let Some(health) = &mut record.health {
@@ -413,9 +434,9 @@ impl Fleet {
                     self.refresh(&gateway, now, false);
                 }
             }
-            Command::Offer {
+            Command::Deliver {
                 gateway,
-                offer,
+                body,
                 reply,
             } => {
                 let outbound = GatewayId::new(&gateway)
@@ -423,9 +444,7 @@ impl Fleet {
                     .and_then(|id| self.records.get(&id))
                     .and_then(|r| r.outbound.clone());
                 let delivered = outbound.is_some_and(|tx| {
-                    let message = CoordinatorMessage {
-                        body: Some(kt_proto::v1::coordinator_message::Body::Offer(offer)),
-                    };
+                    let message = CoordinatorMessage { body: Some(body) };
                     tx.try_send(Ok(message)).is_ok()
                 });
                 let _ = reply.send(delivered);
@@ -516,6 +535,8 @@ impl Fleet {
             peer_address: record.peer_address.clone(),
             connected_since_unix_ms: record.connected_since_unix_ms,
             desired: record.desired.clone(),
+            events: record.events,
+            agent_cert_not_after_unix_ms: record.cert_not_after_unix_ms,
         })
     }
 
@@ -557,6 +578,7 @@ mod tests {
             boot_id: "b".into(),
             health: None,
             peer_address: "127.0.0.1:1".into(),
+            cert_not_after_unix_ms: 0,
         }
     }
 
@@ -697,6 +719,7 @@ mod tests {
                     requests_processed: s,
                     verdicts: None,
                     errors: 0,
+                    events: None,
                 },
                 now,
             );

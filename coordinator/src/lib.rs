@@ -8,6 +8,7 @@ pub mod config;
 pub mod events;
 pub mod fleet;
 pub mod grpc;
+pub mod probes;
 pub mod rollout;
 pub mod store;
 
@@ -124,15 +125,18 @@ impl Coordinator {
         let events_handle: Arc<dyn events::EventLog> = Arc::new(events_handle);
         let bus_handle: Arc<dyn events::EventBus> = Arc::new(bus_handle);
 
-        let agents = AgentApi::new(
-            handle.clone(),
-            engine_handle.clone(),
-            self.store.clone(),
-            events_handle.clone(),
-            trust_domain.clone(),
-            self.config.liveness.clone(),
-            cancel.clone(),
-        );
+        let probes = probes::Probes::default();
+        let agents = AgentApi {
+            fleet: handle.clone(),
+            engine: engine_handle.clone(),
+            store: self.store.clone(),
+            events: events_handle.clone(),
+            probes: probes.clone(),
+            trust_domain: trust_domain.clone(),
+            liveness: self.config.liveness.clone(),
+            cancel: cancel.clone(),
+            next_session: Arc::new(1.into()),
+        };
         let operators = OperatorApi {
             fleet: handle,
             engine: engine_handle,
@@ -140,6 +144,7 @@ impl Coordinator {
             events: events_handle,
             bus: bus_handle,
             decisions,
+            probes,
             trust_domain,
             cancel: cancel.clone(),
         };

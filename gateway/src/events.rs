@@ -39,6 +39,9 @@ pub struct DecisionEvent {
     pub completion_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
     pub error: Option<String>,
+    /// A synthetic probe, not a user's request; written only when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub synthetic: bool,
 }
 
 /// Where events go and when the file rotates.
@@ -195,6 +198,7 @@ mod tests {
             completion_tokens: None,
             total_tokens: None,
             error: None,
+            synthetic: false,
         }
     }
 

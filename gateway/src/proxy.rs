@@ -91,7 +91,15 @@ struct Exchange {
     target: Option<ResolvedTarget>,
     cached: bool,
     usage: Option<Value>,
+    /// A synthetic probe (`x-kt-synthetic`, sent by `ktctl doctor` through the agent): marked in
+    /// its decision event and left out of the verdict counters.
+    synthetic: bool,
 }
+
+/// The request header that marks a synthetic probe.
+pub const SYNTHETIC_HEADER: &str = "x-kt-synthetic";
+/// The response header that carries the verdict, so a probe need not parse bodies.
+pub const VERDICT_HEADER: &str = "x-kt-verdict";
 
 pub async fn chat_completions(
     State(gateway): State<Gateway>,
@@ -115,6 +123,7 @@ pub async fn chat_completions(
         target: None,
         cached: false,
         usage: None,
+        synthetic: headers.contains_key(SYNTHETIC_HEADER),
     };
     let result = handle(&gateway, &mut exchange, &headers, body).await;
     let (status, error, response) = match result {
@@ -612,7 +621,9 @@ async fn finish(
 ) -> Response {
     let decision = &exchange.decision;
     let verdict = decision.verdict;
-    gateway.count_verdict(verdict);
+    if !exchange.synthetic {
+        gateway.count_verdict(verdict);
+    }
     if status.is_server_error() {
         gateway.count_error();
     }
@@ -664,11 +675,15 @@ async fn finish(
         completion_tokens: token("completion_tokens"),
         total_tokens: token("total_tokens"),
         error: error.map(|e| e.message),
+        synthetic: exchange.synthetic,
     };
     gateway.events().record(event).await;
     if let Ok(value) = HeaderValue::from_str(&exchange.request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
+    response
+        .headers_mut()
+        .insert(VERDICT_HEADER, HeaderValue::from_static(verdict.as_str()));
     response
 }
 

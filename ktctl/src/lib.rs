@@ -4,6 +4,7 @@
 pub mod client;
 pub mod commands;
 pub mod dev;
+pub mod doctor;
 pub mod ktconfig;
 pub mod pki;
 pub mod rollouts;
@@ -70,6 +71,9 @@ pub enum Noun {
     /// Decision events of every gateway: live tail and counts.
     #[command(subcommand)]
     Events(EventsVerb),
+    /// Check the whole path (coordinator, certificates, agents, gateways, providers, config,
+    /// events, policy) and say what is wrong and what to do; exits 1 when a check failed.
+    Doctor(commands::doctor::Args),
     /// A local fleet of real processes on loopback.
     #[command(subcommand)]
     Dev(DevVerb),
@@ -190,10 +194,14 @@ impl Session {
     }
 
     pub async fn client(&self) -> anyhow::Result<OperatorServiceClient<Channel>> {
+        client::connect(&self.context()?).await
+    }
+
+    /// The context in use: where the coordinator is and which certificate to present.
+    pub fn context(&self) -> anyhow::Result<ktconfig::Context> {
         let path = self.config_path()?;
         let config = KtctlConfig::load(&path)?;
-        let context = config.context(self.context.as_deref(), &path)?;
-        client::connect(context).await
+        Ok(config.context(self.context.as_deref(), &path)?.clone())
     }
 }
 
@@ -271,6 +279,7 @@ pub async fn run(cli: Cli) -> u8 {
                 .await
                 .map(|()| true)
         }
+        Noun::Doctor(args) => commands::doctor::run(&session, args).await,
         Noun::Dev(DevVerb::Up(args)) => dev_cmd::up::run(args).await.map(|()| true),
         Noun::Dev(DevVerb::Status(args)) => dev_cmd::status::run(args),
         Noun::Dev(DevVerb::Down(args)) => dev_cmd::down::run(args).map(|()| true),

@@ -120,6 +120,15 @@ pub fn agent_str(state: AgentState) -> &'static str {
     }
 }
 
+pub fn health_str(status: HealthStatus) -> &'static str {
+    match status {
+        HealthStatus::Healthy => "healthy",
+        HealthStatus::Degraded => "degraded",
+        HealthStatus::Unhealthy => "unhealthy",
+        HealthStatus::Unspecified => "unknown",
+    }
+}
+
 /// A table without borders, in the style of kubectl.
 pub fn table(header: &[&str]) -> Table {
     let mut table = Table::new();

@@ -210,6 +210,13 @@ impl Identity {
     }
 }
 
+/// When a DER certificate stops being valid, in Unix ms; `None` when it cannot be read.
+pub fn not_after_unix_ms(der: &[u8]) -> Option<u64> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let seconds = cert.validity().not_after.timestamp();
+    u64::try_from(seconds).ok().map(|s| s.saturating_mul(1000))
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.uri())

@@ -28,15 +28,49 @@ pub fn lock(spool: &SharedSpool) -> std::sync::MutexGuard<'_, Spool> {
     spool.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The latest state of forwarding, for heartbeats: written by the tailer and the sender after
+/// each change of the buffer, read without touching the buffer.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardingReport {
+    inner: Arc<Mutex<(spool::Forwarding, u64)>>,
+}
+
+impl ForwardingReport {
+    /// Takes the buffer's state after a change.
+    pub fn update(&self, spool: &Spool) {
+        match spool.forwarding() {
+            Ok(now) => self.inner.lock().unwrap_or_else(|p| p.into_inner()).0 = now,
+            Err(error) => tracing::warn!(%error, "cannot read the event buffer's state"),
+        }
+    }
+
+    fn add_invalid(&self, lines: u64) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).1 += lines;
+    }
+
+    /// What the next heartbeat says.
+    pub fn heartbeat(&self, now_ms: u64) -> kt_proto::v1::EventForwarding {
+        let (state, invalid) = *self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        kt_proto::v1::EventForwarding {
+            backlog: state.backlog,
+            oldest_buffered_age_ms: state.oldest_at_ms.map_or(0, |at| now_ms.saturating_sub(at)),
+            dropped: state.dropped,
+            invalid_lines: invalid,
+        }
+    }
+}
+
 /// Follows `path` into the spool until cancelled; wakes the sender after each append.
 pub async fn run_tailer(
     path: PathBuf,
     spool: SharedSpool,
     appended: Arc<Notify>,
+    report: ForwardingReport,
     cancel: CancellationToken,
 ) {
     let cursor = {
         let guard = lock(&spool);
+        report.update(&guard);
         guard.cursor().unwrap_or_default()
     };
     let mut tailer = Tailer::new(path.clone(), cursor);
@@ -44,14 +78,18 @@ pub async fn run_tailer(
     loop {
         let step = {
             let spool = spool.clone();
+            let reporter = report.clone();
             let polled = tailer.poll(READ_CHUNK);
             match polled {
                 Ok(polled) => {
                     let result = tokio::task::spawn_blocking(move || {
                         let changed = !polled.events.is_empty();
-                        lock(&spool)
-                            .append(&polled.events, polled.cursor)
-                            .map(|()| (polled, changed))
+                        let mut spool = lock(&spool);
+                        let appended = spool.append(&polled.events, polled.cursor);
+                        if changed {
+                            reporter.update(&spool);
+                        }
+                        appended.map(|()| (polled, changed))
                     })
                     .await;
                     match result {
@@ -59,6 +97,7 @@ pub async fn run_tailer(
                             tailer.commit(polled.cursor);
                             if polled.invalid > 0 {
                                 invalid_total += polled.invalid;
+                                report.add_invalid(polled.invalid);
                                 tracing::warn!(file = %path.display(), invalid = polled.invalid, invalid_total, "skipped lines that are not JSON events");
                             }
                             if changed {

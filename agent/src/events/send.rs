@@ -15,7 +15,7 @@ use tonic::Streaming;
 use tonic::transport::Endpoint;
 
 use super::spool::Item;
-use super::{SharedSpool, lock};
+use super::{ForwardingReport, SharedSpool, lock};
 use crate::session::SessionSettings;
 
 /// Events per batch, and their bytes: well under the 4 MiB a gRPC message may hold by default
@@ -29,6 +29,7 @@ pub async fn run(
     settings: Arc<SessionSettings>,
     spool: SharedSpool,
     appended: Arc<Notify>,
+    report: ForwardingReport,
     cancel: CancellationToken,
 ) {
     let mut attempt: u64 = 0;
@@ -49,7 +50,7 @@ pub async fn run(
         let Ok((outbound, acks)) = opened else {
             continue;
         };
-        match stream(&spool, &appended, outbound, acks, &cancel).await {
+        match stream(&spool, &appended, &report, outbound, acks, &cancel).await {
             Ok(()) => return,
             Err(error) => tracing::info!(%error, "events stream lost, reconnecting"),
         }
@@ -84,6 +85,7 @@ async fn open(
 async fn stream(
     spool: &SharedSpool,
     appended: &Notify,
+    report: &ForwardingReport,
     outbound: mpsc::Sender<EventBatch>,
     mut acks: Streaming<EventAck>,
     cancel: &CancellationToken,
@@ -125,7 +127,14 @@ async fn stream(
                         in_flight.pop_front();
                     }
                     let spool = spool.clone();
-                    tokio::task::spawn_blocking(move || lock(&spool).ack(through)).await??;
+                    let report = report.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut spool = lock(&spool);
+                        spool.ack(through)?;
+                        report.update(&spool);
+                        Ok::<_, rusqlite::Error>(())
+                    })
+                    .await??;
                 }
                 credit = ack.credit.max(1);
             }

@@ -54,6 +54,8 @@ pub struct Spool {
     /// Events in the table and their bodies' bytes, kept in memory so appends need not count.
     buffered: u64,
     buffered_bytes: u64,
+    /// Events dropped by overflow since this process opened the spool.
+    dropped: u64,
 }
 
 impl std::fmt::Debug for Spool {
@@ -113,6 +115,7 @@ impl Spool {
             limits,
             buffered,
             buffered_bytes,
+            dropped: 0,
         })
     }
 
@@ -197,6 +200,7 @@ impl Spool {
         let (dropped, dropped_bytes) = delete_through(&tx, last)?;
         self.buffered = self.buffered.saturating_sub(dropped);
         self.buffered_bytes = self.buffered_bytes.saturating_sub(dropped_bytes);
+        self.dropped += dropped;
         // Merge with a gap that ends right before, so repeated overflow stays one record.
         let previous: Option<(i64, i64)> = tx
             .query_row(
@@ -325,13 +329,28 @@ impl Spool {
         tx.commit()
     }
 
-    /// Events waiting for an acknowledgement.
-    pub fn backlog(&self) -> rusqlite::Result<u64> {
-        Ok(self
+    /// The forwarding state for heartbeats: backlog, when the oldest buffered event was
+    /// buffered, and how many were dropped.
+    pub fn forwarding(&self) -> rusqlite::Result<Forwarding> {
+        let oldest_at: Option<i64> = self
             .conn
-            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))?
-            as u64)
+            .prepare_cached("SELECT at FROM events ORDER BY seq LIMIT 1")?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        Ok(Forwarding {
+            backlog: self.buffered,
+            oldest_at_ms: oldest_at.map(|at| at.max(0) as u64),
+            dropped: self.dropped,
+        })
     }
+}
+
+/// What heartbeats report about the buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    pub backlog: u64,
+    pub oldest_at_ms: Option<u64>,
+    pub dropped: u64,
 }
 
 /// Deletes the events up to `seq`; returns how many and their bytes.

@@ -124,6 +124,7 @@ struct Fields<'a> {
     #[serde(borrow)]
     config_hash: Cow<'a, str>,
     status: u16,
+    synthetic: bool,
     #[serde(borrow)]
     policies_evaluated: Vec<PolicyResult<'a>>,
 }
@@ -145,6 +146,8 @@ pub struct Indexed {
     pub config_version: String,
     pub config_hash: String,
     pub status: u16,
+    /// A probe from `ktctl doctor`: stored and tailed, never counted for the gates.
+    pub synthetic: bool,
     /// Policies that decided something other than allow.
     pub acted: Vec<String>,
 }
@@ -164,6 +167,7 @@ pub fn fields(body: &[u8]) -> Option<Indexed> {
         config_version: f.config_version.into_owned(),
         config_hash: f.config_hash.into_owned(),
         status: f.status,
+        synthetic: f.synthetic,
         acted,
     })
 }

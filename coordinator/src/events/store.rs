@@ -36,6 +36,7 @@ pub struct Ingested {
     pub record: EventRecord,
     pub config_hash: String,
     pub status: u16,
+    pub synthetic: bool,
 }
 
 impl Batch {
@@ -69,6 +70,7 @@ impl Batch {
                     },
                     config_hash: f.config_hash,
                     status: f.status,
+                    synthetic: f.synthetic,
                 }
             })
             .collect();
@@ -351,12 +353,12 @@ impl EventStore {
                     }
                     continue;
                 }
-                // Most events of a batch share one config: look its tally up once per change.
-                let mut tally: Option<(String, counters::Tally)> = None;
+                let mut tally: RunningTally = None;
                 for Ingested {
                     mut record,
                     config_hash,
                     status,
+                    synthetic,
                 } in batch.events
                 {
                     if record.seq <= through {
@@ -364,17 +366,9 @@ impl EventStore {
                     }
                     through = record.seq;
                     record.at = at;
-                    if tally.as_ref().is_none_or(|(hash, _)| *hash != config_hash) {
-                        flush_tally(&mut tallies, &batch.gateway, tally.take());
-                        let fresh = counters::Tally {
-                            config_version: record.config_version.clone(),
-                            region: record.region.clone(),
-                            ..Default::default()
-                        };
-                        tally = Some((config_hash, fresh));
-                    }
-                    if let Some((_, t)) = &mut tally {
-                        t.add_event(&record.verdict, status);
+                    // A probe is stored and tailed like any event, but it is not traffic.
+                    if !synthetic {
+                        count(&mut tally, &mut tallies, &record, config_hash, status);
                     }
                     insert.execute(params![
                         record.gateway,
@@ -431,11 +425,14 @@ impl EventStore {
 
     /// The first rowid stored at or after `since`: a binary search, since `at` grows with the rowid.
     fn first_rowid_at(&self, since: u64) -> rusqlite::Result<i64> {
-        let (lo, hi): (Option<i64>, Option<i64>) =
-            self.conn
-                .query_row("SELECT MIN(rowid), MAX(rowid) FROM event_log", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?;
+        // Two queries: each alone is one B-tree descent, while `SELECT MIN(rowid), MAX(rowid)`
+        // together scans the whole table.
+        let lo: Option<i64> = self
+            .conn
+            .query_row("SELECT MIN(rowid) FROM event_log", [], |r| r.get(0))?;
+        let hi: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(rowid) FROM event_log", [], |r| r.get(0))?;
         let (Some(mut lo), Some(mut hi)) = (lo, hi) else {
             return Ok(i64::MAX);
         };
@@ -574,13 +571,37 @@ impl EventStore {
     }
 }
 
-/// Adds a batch's running tally for one config to the transaction's tallies.
-fn flush_tally(
+/// The running tally of a batch: for one config at a time, since most events of a batch share
+/// one; a change of config adds the finished tally to the transaction's.
+type RunningTally = Option<(String, counters::Tally)>;
+
+fn count(
+    running: &mut RunningTally,
     tallies: &mut counters::Delta,
-    gateway: &str,
-    tally: Option<(String, counters::Tally)>,
+    record: &EventRecord,
+    config_hash: String,
+    status: u16,
 ) {
-    if let Some((hash, t)) = tally {
+    if running
+        .as_ref()
+        .is_none_or(|(hash, _)| *hash != config_hash)
+    {
+        flush_tally(tallies, &record.gateway, running.take());
+        let fresh = counters::Tally {
+            config_version: record.config_version.clone(),
+            region: record.region.clone(),
+            ..Default::default()
+        };
+        *running = Some((config_hash, fresh));
+    }
+    if let Some((_, t)) = running {
+        t.add_event(&record.verdict, status);
+    }
+}
+
+/// Adds a batch's running tally to the transaction's tallies.
+fn flush_tally(tallies: &mut counters::Delta, gateway: &str, running: RunningTally) {
+    if let Some((hash, t)) = running {
         tallies
             .entry((gateway.to_owned(), hash))
             .or_default()

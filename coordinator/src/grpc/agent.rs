@@ -30,6 +30,7 @@ use crate::config::LivenessConfig;
 use crate::events::EventLog;
 use crate::events::store::Batch;
 use crate::fleet::{Command, FleetHandle, HelloInfo, SessionId};
+use crate::probes::Probes;
 use crate::rollout::engine::EngineHandle;
 use crate::rollout::plan::{MAX_CONFIG_BYTES, content_hash, version_label};
 use crate::store::{Store, StoredConfig};
@@ -45,34 +46,15 @@ pub struct AgentApi {
     pub engine: EngineHandle,
     pub store: Arc<dyn Store>,
     pub events: Arc<dyn EventLog>,
+    pub probes: Probes,
     pub trust_domain: String,
     pub liveness: LivenessConfig,
     pub cancel: CancellationToken,
-    next_session: Arc<AtomicU64>,
+    /// Numbers sessions, so a stale session's end cannot touch a newer one.
+    pub next_session: Arc<AtomicU64>,
 }
 
 impl AgentApi {
-    pub fn new(
-        fleet: FleetHandle,
-        engine: EngineHandle,
-        store: Arc<dyn Store>,
-        events: Arc<dyn EventLog>,
-        trust_domain: String,
-        liveness: LivenessConfig,
-        cancel: CancellationToken,
-    ) -> Self {
-        AgentApi {
-            fleet,
-            engine,
-            store,
-            events,
-            trust_domain,
-            liveness,
-            cancel,
-            next_session: Arc::new(AtomicU64::new(1)),
-        }
-    }
-
     /// Keeps the bytes of the config an agent says its gateway runs, so a rollback can return
     /// to it. Only well-formed configs within the size limit are kept.
     fn remember_running_config(&self, gateway: &GatewayId, identity: &Identity, content: Vec<u8>) {
@@ -206,6 +188,14 @@ impl AgentService for AgentApi {
         let Identity::Agent { gateway, .. } = identity.clone() else {
             return Err(ApiError::PermissionDenied("not an agent".into()).into());
         };
+        let cert_not_after_unix_ms = request
+            .peer_certs()
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .and_then(|leaf| kt_proto::identity::not_after_unix_ms(leaf))
+            })
+            .unwrap_or(0);
         let peer_address = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -255,6 +245,7 @@ impl AgentService for AgentApi {
                     boot_id: hello.boot_id,
                     health: hello.health,
                     peer_address,
+                    cert_not_after_unix_ms,
                 },
                 outbound: outbound.clone(),
             })
@@ -263,12 +254,13 @@ impl AgentService for AgentApi {
 
         let fleet = self.fleet.clone();
         let engine = self.engine.clone();
+        let probes = self.probes.clone();
         let cancel = self.cancel.clone();
         let span = tracing::info_span!("agent_session", gateway_id = %gateway, session);
         tokio::spawn(
             async move {
                 let clean = tokio::select! {
-                    clean = read_session(&fleet, &engine, &gateway, session, &mut inbound) => clean,
+                    clean = read_session(&fleet, &engine, &probes, &gateway, session, &mut inbound) => clean,
                     _ = cancel.cancelled() => false,
                 };
                 // The fleet task drops its copy on `Ended`; then the response stream ends.
@@ -291,6 +283,7 @@ impl AgentService for AgentApi {
 async fn read_session(
     fleet: &FleetHandle,
     engine: &EngineHandle,
+    probes: &Probes,
     gateway: &GatewayId,
     session: SessionId,
     inbound: &mut Streaming<AgentMessage>,
@@ -311,6 +304,7 @@ async fn read_session(
                 requests_processed: hb.requests_processed,
                 verdicts: hb.verdicts,
                 errors: hb.errors,
+                events: hb.events,
             },
             Some(AgentBody::Status(status)) => match status.health {
                 Some(health) => Command::Status {
@@ -322,6 +316,12 @@ async fn read_session(
             },
             Some(AgentBody::ConfigStatus(status)) => {
                 engine.answer(gateway.to_string(), status).await;
+                continue;
+            }
+            Some(AgentBody::ProbeResult(result)) => {
+                if !probes.answer(gateway, result) {
+                    tracing::debug!("probe answer nobody waits for (timed out, or not ours)");
+                }
                 continue;
             }
             Some(AgentBody::Goodbye(bye)) => {

@@ -46,6 +46,11 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Internal(String),
+    /// The gateway's agent has no open session to carry the request.
+    #[error("{0}")]
+    NotConnected(String),
+    #[error("{0}")]
+    TimedOut(String),
 }
 
 impl From<EngineError> for ApiError {
@@ -78,6 +83,8 @@ impl From<ApiError> for tonic::Status {
             ApiError::Missing(_) => tonic::Status::not_found(message),
             ApiError::Conflict(_) => tonic::Status::failed_precondition(message),
             ApiError::Internal(_) => tonic::Status::internal(message),
+            ApiError::NotConnected(_) => tonic::Status::unavailable(message),
+            ApiError::TimedOut(_) => tonic::Status::deadline_exceeded(message),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! `OperatorService`: what ktctl calls. Every call requires an operator certificate.
 
 use std::pin::Pin;
+use std::time::Duration;
 
-use kt_proto::identity::Role;
+use kt_proto::identity::{GatewayId, Role};
 use kt_proto::v1::operator_service_server::OperatorService;
 use kt_proto::v1::{
     self, ControlRolloutRequest, FleetSnapshot, FleetUpdate, GatewayState, GetConfigVersionRequest,
@@ -23,6 +24,7 @@ use crate::events::counters::{self, DecisionCounters};
 use crate::events::{self, Filter, Published};
 use crate::events::{EventBus, EventLog};
 use crate::fleet::{FleetHandle, UnknownGroup};
+use crate::probes::Probes;
 use crate::rollout::engine::{Action, EngineHandle, Push};
 use crate::rollout::model::Target;
 use crate::rollout::view::{spec_from_proto, to_proto};
@@ -38,9 +40,14 @@ pub struct OperatorApi {
     pub events: Arc<dyn EventLog>,
     pub bus: Arc<dyn EventBus>,
     pub decisions: DecisionCounters,
+    pub probes: Probes,
     pub trust_domain: String,
     pub cancel: CancellationToken,
 }
+
+/// Bounds of one synthetic probe.
+const MAX_PROBE_PROMPTS: usize = 8;
+const MAX_PROBE_PROMPT_BYTES: usize = 16 * 1024;
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<FleetUpdate, Status>> + Send>>;
 type RolloutStream = Pin<Box<dyn Stream<Item = Result<v1::Rollout, Status>> + Send>>;
@@ -541,6 +548,61 @@ impl OperatorService for OperatorApi {
             .stats(filter, by.to_owned(), request.since_unix_ms)
             .await;
         Ok(Response::new(v1::EventStatsResponse { rows }))
+    }
+
+    async fn probe_gateway(
+        &self,
+        request: Request<v1::ProbeGatewayRequest>,
+    ) -> Result<Response<v1::ProbeResult>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        let gateway = GatewayId::new(&request.gateway_id).map_err(|e| {
+            ApiError::InvalidArgument(format!("gateway id {:?}: {e}", request.gateway_id))
+        })?;
+        if request.prompts.is_empty() || request.prompts.len() > MAX_PROBE_PROMPTS {
+            return Err(ApiError::InvalidArgument(format!(
+                "a probe sends 1 to {MAX_PROBE_PROMPTS} prompts"
+            ))
+            .into());
+        }
+        if request
+            .prompts
+            .iter()
+            .any(|p| p.text.len() > MAX_PROBE_PROMPT_BYTES)
+        {
+            return Err(ApiError::InvalidArgument(format!(
+                "a probe prompt is at most {MAX_PROBE_PROMPT_BYTES} bytes"
+            ))
+            .into());
+        }
+        let timeout = match request.timeout_ms {
+            0 => Duration::from_secs(10),
+            ms => Duration::from_millis(ms.min(60_000)),
+        };
+        let (probe_id, answer) = self.probes.register(gateway.clone());
+        tracing::info!(%identity, gateway_id = %gateway, %probe_id, "synthetic probe");
+        let probe = v1::ProbeRequest {
+            probe_id: probe_id.clone(),
+            prompts: request.prompts,
+        };
+        if !self.fleet.probe(gateway.to_string(), probe).await {
+            self.probes.forget(&probe_id);
+            return Err(ApiError::NotConnected(format!(
+                "the agent of {gateway} has no open session: nothing can carry the probe"
+            ))
+            .into());
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => Ok(Response::new(result)),
+            _ => {
+                self.probes.forget(&probe_id);
+                Err(ApiError::TimedOut(format!(
+                    "the agent of {gateway} did not answer the probe within {} ms",
+                    timeout.as_millis()
+                ))
+                .into())
+            }
+        }
     }
 
     type WatchFleetStream = WatchStream;

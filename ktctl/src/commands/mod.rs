@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod dev;
+pub mod doctor;
 pub mod events;
 pub mod fleet;
 pub mod gateway;

@@ -1,0 +1,214 @@
+//! `ktctl doctor [--gateway ID | --group G | --all] [--checks connectivity,certs,...] [--json]`
+//!
+//! Gathers what the checks need (one timed `ListGateways`, the operator's certificate, a
+//! synthetic probe through each live gateway), judges it with [`crate::doctor::check`], and prints
+//! one line per check, a summary and a hint per problem. Exits 1 when a check failed.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kt_proto::v1::{GatewayState, ListGatewaysRequest, ProbeGatewayRequest, ProbePrompt};
+
+use crate::Session;
+use crate::doctor::{self, CertInfo, Check, Inputs, Mark, Section};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Only these gateways.
+    #[arg(long, conflicts_with_all = ["group", "all"])]
+    pub gateway: Vec<String>,
+    /// Only the gateways of this group.
+    #[arg(long, conflicts_with = "all")]
+    pub group: Option<String>,
+    /// Every gateway (the default).
+    #[arg(long)]
+    pub all: bool,
+    /// The sections to check, comma-separated [default: all of them].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub checks: Vec<Section>,
+    /// One JSON document instead of text, for CI and runbooks.
+    #[arg(long)]
+    pub json: bool,
+    /// How long each gateway's probe may take.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub probe_timeout: Duration,
+}
+
+/// Returns whether no check failed.
+pub async fn run(session: &Session, args: Args) -> anyhow::Result<bool> {
+    let sections = if args.checks.is_empty() {
+        Section::ALL.to_vec()
+    } else {
+        args.checks.clone()
+    };
+    let inputs = gather(session, &args, &sections).await?;
+    let checks = doctor::check(&inputs, &sections);
+    let (errors, warnings) = doctor::summary(&checks);
+    if args.json {
+        let document = serde_json::json!({
+            "coordinator": inputs.coordinator,
+            "checks": checks,
+            "summary": { "errors": errors, "warnings": warnings },
+            "ok": errors == 0,
+        });
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    } else {
+        print_text(&checks, errors, warnings);
+    }
+    Ok(errors == 0)
+}
+
+async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow::Result<Inputs> {
+    let context = session.context()?;
+    let mut inputs = Inputs {
+        now_ms: kt_proto::unix_ms_now(),
+        coordinator: context.coordinator.clone(),
+        ..Default::default()
+    };
+    if sections.contains(&Section::Certs) {
+        inputs.operator_cert = Some(CertInfo {
+            subject: format!("operator certificate {}", context.cert.display()),
+            not_after_ms: read_not_after(&context.cert),
+        });
+    }
+    let started = Instant::now();
+    let listed = match session.client().await {
+        Ok(mut client) => client
+            .list_gateways(ListGatewaysRequest {
+                group: args.group.clone().unwrap_or_default(),
+            })
+            .await
+            .map(|r| r.into_inner().gateways)
+            .map_err(|status| format!("{} ({:?})", status.message(), status.code())),
+        Err(error) => Err(format!("{error:#}")),
+    };
+    let rtt = started.elapsed();
+    let gateways = match listed {
+        Ok(gateways) => {
+            inputs.rtt = Some(Ok(rtt));
+            gateways
+        }
+        Err(error) => {
+            // Without the coordinator nothing else can be checked; say so and stop there.
+            inputs.rtt = Some(Err(error));
+            return Ok(inputs);
+        }
+    };
+    inputs.gateways = select(gateways, &args.gateway)?;
+    if !sections.contains(&Section::Connectivity) {
+        inputs.rtt = None;
+    }
+    if sections.contains(&Section::Policy) {
+        inputs.probes = probe(session, &inputs.gateways, args.probe_timeout).await?;
+    }
+    Ok(inputs)
+}
+
+fn select(gateways: Vec<GatewayState>, only: &[String]) -> anyhow::Result<Vec<GatewayState>> {
+    if only.is_empty() {
+        return Ok(gateways);
+    }
+    if let Some(unknown) = only
+        .iter()
+        .find(|id| !gateways.iter().any(|g| g.gateway_id == **id))
+    {
+        anyhow::bail!("the coordinator knows no gateway {unknown:?}");
+    }
+    Ok(gateways
+        .into_iter()
+        .filter(|g| only.contains(&g.gateway_id))
+        .collect())
+}
+
+/// Probes every live gateway at once; a gateway whose probe fails gets the error.
+async fn probe(
+    session: &Session,
+    gateways: &[GatewayState],
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<String, Result<kt_proto::v1::ProbeResult, String>>> {
+    let client = session.client().await?;
+    let prompts = vec![
+        ProbePrompt {
+            name: doctor::KNOWN_BAD.into(),
+            text: doctor::KNOWN_BAD_PROMPT.into(),
+        },
+        ProbePrompt {
+            name: doctor::KNOWN_GOOD.into(),
+            text: doctor::KNOWN_GOOD_PROMPT.into(),
+        },
+    ];
+    let asks = doctor::probe_targets(gateways).into_iter().map(|gateway| {
+        let mut client = client.clone();
+        let request = ProbeGatewayRequest {
+            gateway_id: gateway.clone(),
+            prompts: prompts.clone(),
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        };
+        async move {
+            let answer = client
+                .probe_gateway(request)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|status| status.message().to_owned());
+            (gateway, answer)
+        }
+    });
+    Ok(futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .collect())
+}
+
+fn read_not_after(path: &std::path::Path) -> Result<u64, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let der =
+        CertificateDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    kt_proto::identity::not_after_unix_ms(&der)
+        .ok_or_else(|| format!("{}: not a readable X.509 certificate", path.display()))
+}
+
+fn mark_str(mark: Mark) -> &'static str {
+    match mark {
+        Mark::Pass => "PASS",
+        Mark::Warn => "WARN",
+        Mark::Fail => "FAIL",
+        Mark::Skip => "SKIP",
+    }
+}
+
+fn print_text(checks: &[Check], errors: usize, warnings: usize) {
+    let mut section = None;
+    for check in checks {
+        if section != Some(check.section) {
+            section = Some(check.section);
+            println!("{}", check.section.name());
+        }
+        println!(
+            "  {}  {:<28} {}  [{}]",
+            mark_str(check.mark),
+            check.subject,
+            check.value,
+            check.threshold
+        );
+    }
+    println!();
+    println!("summary: {errors} error(s), {warnings} warning(s)");
+    let problems: Vec<&Check> = checks
+        .iter()
+        .filter(|c| matches!(c.mark, Mark::Fail | Mark::Warn))
+        .collect();
+    if !problems.is_empty() {
+        println!("hints:");
+        for c in problems {
+            if let Some(hint) = &c.hint {
+                println!(
+                    "  {} {}/{}: {hint}",
+                    mark_str(c.mark),
+                    c.section.name(),
+                    c.subject
+                );
+            }
+        }
+    }
+}
