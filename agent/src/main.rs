@@ -65,6 +65,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let cancel = CancellationToken::new();
         tokio::spawn(daemon::cancel_on_terminate(cancel.clone()));
+        // Config and certificates are checked: from here the agent only retries, never exits.
+        daemon::notify("READY=1");
         agent.run(cancel).await
     });
     match result {

@@ -137,6 +137,7 @@ impl Coordinator {
             cancel: cancel.clone(),
             next_session: Arc::new(1.into()),
         };
+        let fleet_for_reload = handle.clone();
         let operators = OperatorApi {
             fleet: handle,
             engine: engine_handle,
@@ -159,6 +160,18 @@ impl Coordinator {
                 cancel.clone().cancelled_owned(),
             );
 
+        if let Some(path) = self.config.groups_file.clone() {
+            // Installed before serving, so an early SIGHUP cannot take its default action (exit).
+            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            let store = self.store.clone();
+            tasks.spawn(reload_groups_on_hangup(
+                path,
+                hangup,
+                store,
+                fleet_for_reload,
+                cancel.child_token(),
+            ));
+        }
         let mut server = std::pin::pin!(server);
         tokio::select! {
             result = &mut server => result?,
@@ -171,5 +184,45 @@ impl Coordinator {
         tasks.close();
         tasks.wait().await;
         Ok(())
+    }
+}
+
+/// `systemctl reload` (SIGHUP) reads the groups file again. The file's groups replace those of
+/// the same names, as at start; a file that does not parse changes nothing.
+async fn reload_groups_on_hangup(
+    path: std::path::PathBuf,
+    mut hangup: tokio::signal::unix::Signal,
+    store: Arc<dyn Store>,
+    fleet: fleet::FleetHandle,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            received = hangup.recv() => if received.is_none() { return },
+        }
+        let groups = match load_groups(&path) {
+            Ok(groups) => groups,
+            Err(error) => {
+                tracing::error!(%error, "groups file not reloaded: the groups stay as they were");
+                continue;
+            }
+        };
+        let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
+        if let Err(error) = store.put_groups(&groups) {
+            tracing::error!(%error, "cannot store the reloaded groups");
+            continue;
+        }
+        if fleet.apply_groups(groups).await.is_err() {
+            return; // shutting down
+        }
+        let _ = store.audit(
+            kt_proto::unix_ms_now(),
+            "coordinator",
+            "groups reload",
+            &names.join(","),
+            &format!("SIGHUP: {}", path.display()),
+        );
+        tracing::info!(groups = %names.join(","), file = %path.display(), "groups file reloaded");
     }
 }

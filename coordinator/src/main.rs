@@ -88,6 +88,7 @@ async fn serve(
     tracing::info!(%addr, trust_domain = coordinator.trust_domain(), "coordinator listening");
     let cancel = CancellationToken::new();
     tokio::spawn(daemon::cancel_on_terminate(cancel.clone()));
+    daemon::notify("READY=1");
     coordinator.run(listener, cancel).await?;
     tracing::info!("coordinator stopped");
     Ok(())

@@ -187,7 +187,9 @@ async fn run(
             tokio::select! {
                 _ = reload_cancel.cancelled() => return,
                 signal = hangup.recv() => match signal {
-                    Some(()) => { let _ = reloader.reload(); }
+                    Some(()) => {
+                        let _ = reloader.reload();
+                    }
                     None => return,
                 },
             }
@@ -195,6 +197,7 @@ async fn run(
     });
     let probes = tokio::spawn(gateway.clone().run_probes(cancel.child_token()));
     tokio::spawn(daemon::cancel_on_terminate(cancel.clone()));
+    daemon::notify("READY=1");
     kt_gateway::http::serve(gateway, listener, cancel.clone()).await?;
     cancel.cancel();
     let _ = probes.await;

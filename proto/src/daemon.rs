@@ -41,6 +41,32 @@ pub fn write_ready_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Tells the service manager about the daemon's state (`READY=1`, `STOPPING=1`, ...), the
+/// `sd_notify` protocol of systemd's `Type=notify`: one datagram to `$NOTIFY_SOCKET`. Nothing
+/// happens when the variable is not set (not started by systemd); a failure is only logged.
+pub fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    if let Err(error) = send_notify(&path, state) {
+        tracing::warn!(%error, "cannot notify the service manager");
+    }
+}
+
+fn send_notify(path: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let bytes = path.as_bytes();
+    // A leading '@' names a socket in the abstract namespace.
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::from_abstract_name(name)?,
+        None => UnixAddr::from_pathname(Path::new(path))?,
+    };
+    UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
+}
+
 /// Cancels `cancel` on SIGTERM or SIGINT: the start of a graceful shutdown.
 pub async fn cancel_on_terminate(cancel: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -55,6 +81,7 @@ pub async fn cancel_on_terminate(cancel: tokio_util::sync::CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
         _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
     }
+    notify("STOPPING=1");
     cancel.cancel();
 }
 
@@ -74,4 +101,29 @@ pub async fn listen(
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_sends_one_datagram_to_a_path_or_abstract_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify.sock");
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        send_notify(path.as_os_str(), "READY=1").expect("send");
+        let mut buf = [0u8; 64];
+        let n = listener.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"READY=1");
+
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("kt-notify-test-{}", std::process::id());
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let abstract_listener = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("bind");
+        send_notify(std::ffi::OsStr::new(&format!("@{name}")), "STOPPING=1").expect("send");
+        let n = abstract_listener.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"STOPPING=1");
+    }
 }

@@ -179,7 +179,8 @@ pub struct CoordinatorNode {
     pub addr: SocketAddr,
     dir: PathBuf,
     pki_dir: PathBuf,
-    groups: PathBuf,
+    /// The groups file it reads at start and on SIGHUP.
+    pub groups: PathBuf,
 }
 
 impl CoordinatorNode {

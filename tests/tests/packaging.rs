@@ -1,0 +1,247 @@
+//! What `deploy/` ships and what the daemons do for a service manager: the systemd units
+//! (verified with `systemd-analyze verify` in a temporary root when it is installed, and
+//! checked structurally always), `Type=notify` readiness, and `systemctl reload`.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kt_e2e::{Pki, Proc, TEST_LIVENESS, bin, ktctl, wait_for};
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+const UNITS: [&str; 3] = [
+    "kt-coordinator.service",
+    "kt-gateway@.service",
+    "kt-agent@.service",
+];
+
+/// `Key=value` lines of a unit file, in order.
+fn directives(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[test]
+fn systemd_units_are_hardened_notify_services_that_validate_first() {
+    for unit in UNITS {
+        let text = std::fs::read_to_string(deploy().join("systemd").join(unit)).expect(unit);
+        let d = directives(&text);
+        let value = |key: &str| d.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        for (key, expected) in [
+            ("Type", "notify"),
+            ("NoNewPrivileges", "yes"),
+            ("ProtectSystem", "strict"),
+            ("PrivateTmp", "yes"),
+            ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+            ("User", "kt-fleet"),
+        ] {
+            assert_eq!(value(key), Some(expected), "{unit}: {key}");
+        }
+        assert!(
+            value("ExecStartPre").is_some_and(|v| v.contains(" validate")),
+            "{unit}: validates before starting"
+        );
+        assert!(value("Restart").is_some(), "{unit}: a restart policy");
+        let reloads = value("ExecReload");
+        if unit == "kt-agent@.service" {
+            assert_eq!(reloads, None, "the agent restarts instead");
+            assert_eq!(value("WantedBy"), Some("kt-gateway@%i.service"));
+            assert!(
+                value("After").is_some_and(|v| v.contains("kt-gateway@%i.service")),
+                "starts after its gateway"
+            );
+            for key in ["BindsTo", "PartOf"] {
+                assert_eq!(value(key), None, "the agent must outlive a stopped gateway");
+            }
+        } else {
+            assert_eq!(reloads, Some("/bin/kill -HUP $MAINPID"), "{unit}");
+        }
+    }
+}
+
+#[test]
+fn systemd_analyze_verifies_the_units_installed_in_a_temporary_root() {
+    let Ok(analyze) = which("systemd-analyze") else {
+        // The structural test above still runs; .ci/run installs systemd so this one does too.
+        eprintln!("systemd-analyze not installed: skipped");
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let root = root.path();
+    let units = root.join("etc/systemd/system");
+    std::fs::create_dir_all(&units).expect("units dir");
+    for unit in UNITS {
+        std::fs::copy(deploy().join("systemd").join(unit), units.join(unit)).expect("copy unit");
+    }
+    // The binaries the units run, and the system's own units they refer to (targets).
+    std::fs::create_dir_all(root.join("usr/bin")).expect("bin dir");
+    for binary in ["kt-coordinator", "kt-gateway", "kt-agent"] {
+        std::fs::copy(bin(binary), root.join("usr/bin").join(binary)).expect("copy binary");
+    }
+    std::fs::create_dir_all(root.join("bin")).expect("bin dir");
+    std::fs::copy(which("kill").expect("kill"), root.join("bin/kill")).expect("copy kill");
+    copy_dir(
+        Path::new("/usr/lib/systemd/system"),
+        &root.join("usr/lib/systemd/system"),
+    );
+
+    let out = std::process::Command::new(analyze)
+        .arg(format!("--root={}", root.display()))
+        .args([
+            "verify",
+            "kt-coordinator.service",
+            "kt-gateway@gw-01.service",
+            "kt-agent@gw-01.service",
+        ])
+        .output()
+        .expect("systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {}\n{stderr}",
+        out.status
+    );
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("dir");
+    for entry in std::fs::read_dir(from).expect("read dir").flatten() {
+        let target = to.join(entry.file_name());
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if kind.is_symlink() {
+            if let Ok(link) = std::fs::read_link(entry.path()) {
+                let _ = std::os::unix::fs::symlink(link, target);
+            }
+        } else {
+            let _ = std::fs::copy(entry.path(), target);
+        }
+    }
+}
+
+/// A coordinator started as systemd would: with `$NOTIFY_SOCKET`.
+struct NotifiedCoordinator {
+    proc: Proc,
+    notify: UnixDatagram,
+    groups: PathBuf,
+    ktctl_config: PathBuf,
+}
+
+fn start_notified(dir: &Path) -> NotifiedCoordinator {
+    let pki = Pki::new(dir.join("pki"));
+    let groups = dir.join("groups.yaml");
+    std::fs::write(&groups, "groups:\n  first:\n    gateways: [gw-a]\n").expect("groups");
+    let config = dir.join("coordinator.yaml");
+    std::fs::write(
+        &config,
+        kt_ctl::dev::coordinator_config(
+            "127.0.0.1:0".parse().expect("addr"),
+            &pki.dir,
+            &dir.join("data"),
+            &groups,
+            TEST_LIVENESS,
+        ),
+    )
+    .expect("config");
+    let socket = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&socket).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let ready = dir.join("coordinator.addr");
+    let socket_arg = socket.display().to_string();
+    let mut proc = Proc::spawn_with_env(
+        "kt-coordinator",
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--ready-file".into(),
+            ready.display().to_string(),
+        ],
+        &[("NOTIFY_SOCKET", socket_arg.as_str())],
+        dir.join("coordinator.log"),
+    );
+    let addr = proc.wait_ready(&ready);
+    let ktctl_config = dir.join("ktctl.yaml");
+    kt_ctl::ktconfig::KtctlConfig {
+        current_context: Some("test".into()),
+        contexts: vec![pki.context(addr, "tester")],
+    }
+    .save(&ktctl_config)
+    .expect("ktctl config");
+    NotifiedCoordinator {
+        proc,
+        notify,
+        groups,
+        ktctl_config,
+    }
+}
+
+fn next_notification(notify: &UnixDatagram) -> String {
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("a notification within 20 s");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn group_names(ktctl_config: &Path) -> Vec<String> {
+    let out = ktctl(ktctl_config, &["groups", "list", "-o", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    rows.iter()
+        .filter_map(|g| g["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_coordinator_notifies_readiness_and_reloads_its_groups_on_sighup() {
+    kt_proto::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_notified(dir.path());
+    assert_eq!(next_notification(&c.notify), "READY=1");
+    assert_eq!(group_names(&c.ktctl_config), ["first"]);
+
+    // systemctl reload: the edited file is read again.
+    std::fs::write(
+        &c.groups,
+        "groups:\n  first:\n    gateways: [gw-a]\n  second:\n    selector: {region: eu}\n",
+    )
+    .expect("groups");
+    c.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    let reloaded = wait_for(Duration::from_secs(10), || {
+        group_names(&c.ktctl_config) == ["first", "second"]
+    })
+    .await;
+    assert!(reloaded, "{:?}", group_names(&c.ktctl_config));
+
+    // A file that does not parse changes nothing, and the coordinator keeps running.
+    std::fs::write(&c.groups, "groups:\n  third: [not a group\n").expect("groups");
+    c.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    let logged = wait_for(Duration::from_secs(10), || {
+        c.proc.log_text().contains("groups file not reloaded")
+    })
+    .await;
+    assert!(logged, "{}", c.proc.log_text());
+    assert_eq!(group_names(&c.ktctl_config), ["first", "second"]);
+
+    c.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(next_notification(&c.notify), "STOPPING=1");
+    assert!(c.proc.wait_exit(Duration::from_secs(10)).success());
+}
