@@ -77,6 +77,10 @@ pub enum Noun {
     /// A local fleet of real processes on loopback.
     #[command(subcommand)]
     Dev(DevVerb),
+    /// Shell completions for bash, zsh or fish, on standard output.
+    Completion(commands::completion::CompletionArgs),
+    /// Man pages for ktctl and every subcommand, written to a directory.
+    Man(commands::completion::ManArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,6 +284,8 @@ pub async fn run(cli: Cli) -> u8 {
                 .map(|()| true)
         }
         Noun::Doctor(args) => commands::doctor::run(&session, args).await,
+        Noun::Completion(args) => commands::completion::completion(args).map(|()| true),
+        Noun::Man(args) => commands::completion::man(args).map(|()| true),
         Noun::Dev(DevVerb::Up(args)) => dev_cmd::up::run(args).await.map(|()| true),
         Noun::Dev(DevVerb::Status(args)) => dev_cmd::status::run(args),
         Noun::Dev(DevVerb::Down(args)) => dev_cmd::down::run(args).map(|()| true),

@@ -245,3 +245,55 @@ async fn the_coordinator_notifies_readiness_and_reloads_its_groups_on_sighup() {
     assert_eq!(next_notification(&c.notify), "STOPPING=1");
     assert!(c.proc.wait_exit(Duration::from_secs(10)).success());
 }
+
+#[test]
+fn every_binary_has_a_version_and_ktctl_ships_completions_and_man_pages() {
+    for binary in ["kt-coordinator", "kt-gateway", "kt-agent", "ktctl"] {
+        let out = std::process::Command::new(bin(binary))
+            .arg("--version")
+            .output()
+            .expect(binary);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.starts_with(&format!("{binary} 0.")),
+            "{binary}: {text}"
+        );
+    }
+    let ktctl_bin = bin("ktctl");
+    for (shell, marker) in [
+        ("bash", "complete -F _ktctl"),
+        ("zsh", "#compdef ktctl"),
+        ("fish", "complete -c ktctl"),
+    ] {
+        let out = std::process::Command::new(&ktctl_bin)
+            .args(["completion", shell])
+            .output()
+            .expect("completion");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && script.contains(marker), "{shell}");
+        assert!(
+            script.contains("doctor"),
+            "{shell}: every subcommand completes"
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(&ktctl_bin)
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("man");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "ktctl.1",
+        "ktctl-doctor.1",
+        "ktctl-config-push.1",
+        "ktctl-events-tail.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).expect(page);
+        assert!(text.contains(".TH"), "{page} is a man page");
+    }
+}
