@@ -24,6 +24,9 @@ pub struct AgentConfig {
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub events: EventsSettings,
+    /// Where Prometheus scrapes `GET /metrics` (plain HTTP, read-only); none when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The smallest event buffer: one event of the largest size the coordinator takes fits.

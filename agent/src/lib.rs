@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod config;
 pub mod events;
 pub mod health;
+pub mod metrics;
 pub mod probe;
 pub mod session;
 
@@ -76,6 +77,7 @@ impl Agent {
         };
         let settings = std::sync::Arc::new(self.settings);
         let mut forwarding = None;
+        let metrics = std::sync::Arc::new(metrics::Metrics::default());
         if let (Some(file), Some(state_dir)) = (
             settings.config.gateway.events_file.clone(),
             settings.config.state_dir.clone(),
@@ -90,7 +92,7 @@ impl Agent {
                 .map_err(|e| anyhow::anyhow!("event buffer in {}: {e}", state_dir.display()))?;
             let spool = std::sync::Arc::new(std::sync::Mutex::new(spool));
             let appended = std::sync::Arc::new(tokio::sync::Notify::new());
-            let report = events::ForwardingReport::default();
+            let report = events::ForwardingReport::new(metrics.clone());
             tasks.spawn(events::run_tailer(
                 file,
                 spool.clone(),
@@ -108,7 +110,23 @@ impl Agent {
             forwarding = Some(report);
         }
         let prober = probe::Prober::new(settings.config.gateway.api_base())?;
-        let observers = session::Observers { prober, forwarding };
+        if let Some(addr) = settings.config.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics_listen {addr}: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
+            let encode = scrape(metrics.clone(), forwarding.clone());
+            tasks.spawn(kt_proto::metrics_http::serve(
+                listener,
+                encode,
+                cancel.child_token(),
+            ));
+        }
+        let observers = session::Observers {
+            prober,
+            forwarding,
+            metrics,
+        };
         tasks.spawn(poller.run(cancel.child_token()));
         tasks.spawn(session::run(
             settings,
@@ -121,4 +139,18 @@ impl Agent {
         tasks.wait().await;
         Ok(())
     }
+}
+
+/// What a scrape encodes: the counters, with the forwarding gauges read first.
+fn scrape(
+    metrics: std::sync::Arc<metrics::Metrics>,
+    forwarding: Option<events::ForwardingReport>,
+) -> kt_proto::metrics_http::Encode {
+    std::sync::Arc::new(move || {
+        if let Some(report) = &forwarding {
+            report.scrape(kt_proto::unix_ms_now());
+        }
+        let text = metrics.encode();
+        Box::pin(async move { text })
+    })
 }

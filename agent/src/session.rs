@@ -27,7 +27,9 @@ use crate::backoff::FullJitter;
 use crate::config::AgentConfig;
 use crate::events::ForwardingReport;
 use crate::health::{MAX_HEARTBEAT_INTERVAL, materially_different};
+use crate::metrics::{Metrics, ResultLabels};
 use crate::probe::Prober;
+use std::sync::Arc;
 
 /// Messages queued towards the coordinator before sending waits.
 const OUTBOUND_QUEUE: usize = 16;
@@ -102,6 +104,7 @@ pub struct Observers {
     pub prober: Prober,
     /// `None` when the agent forwards no events.
     pub forwarding: Option<ForwardingReport>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Keeps a session open until `cancel` fires, reconnecting whenever it is lost.
@@ -137,7 +140,10 @@ pub async fn run(
             coordinator_version = %session.welcome.coordinator_version,
             "session open"
         );
-        match serve(session, health.clone(), &mut link, &observers, &cancel).await {
+        observers.metrics.connected.set(1);
+        let served = serve(session, health.clone(), &mut link, &observers, &cancel).await;
+        observers.metrics.connected.set(0);
+        match served {
             Ok(()) => return,
             Err(lost) => {
                 tracing::warn!(error = %lost, "session with the coordinator lost, reconnecting")
@@ -250,6 +256,7 @@ async fn serve(
                 let now = unix_ms_now();
                 let events = observers.forwarding.as_ref().map(|f| f.heartbeat(now));
                 session.send(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: now, requests_processed, verdicts, errors, events })).await?;
+                observers.metrics.heartbeats_sent.inc();
             }
             changed = health.changed() => {
                 if changed.is_err() {
@@ -267,6 +274,7 @@ async fn serve(
                 session.send(AgentBody::ProbeResult(result)).await?;
             }
             Some(status) = link.statuses.recv() => {
+                count_answer(&observers.metrics, &status);
                 link.unsent.push_back(status);
                 flush(&mut session, &mut link.unsent).await?;
             }
@@ -280,13 +288,15 @@ async fn serve(
                             }
                         }
                         None => {
-                            link.unsent.push_back(ConfigStatus {
+                            let refused = ConfigStatus {
                                 offer_id: offer.offer_id,
                                 config: offer.config,
                                 phase: ConfigPhase::Rejected as i32,
                                 running: session.reported.config.as_ref().map(|c| ConfigRef { version: c.version.clone(), hash: c.hash.clone() }),
                                 error: "this agent does not manage its gateway's config (no gateway.config_path)".into(),
-                            });
+                            };
+                            count_answer(&observers.metrics, &refused);
+                            link.unsent.push_back(refused);
                             flush(&mut session, &mut link.unsent).await?;
                         }
                     }
@@ -305,6 +315,20 @@ async fn serve(
             },
         }
     }
+}
+
+fn count_answer(metrics: &Metrics, status: &ConfigStatus) {
+    let result = match ConfigPhase::try_from(status.phase) {
+        Ok(ConfigPhase::Applied) => "applied",
+        Ok(ConfigPhase::Rejected) => "rejected",
+        Ok(ConfigPhase::Failed) => "failed",
+        Ok(ConfigPhase::Superseded) => "superseded",
+        _ => "unknown",
+    };
+    metrics
+        .config_applies
+        .get_or_create(&ResultLabels { result })
+        .inc();
 }
 
 /// Sends queued answers in order; an answer leaves the queue only once sent.

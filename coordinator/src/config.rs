@@ -27,6 +27,9 @@ pub struct CoordinatorConfig {
     pub liveness: LivenessConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    /// Where Prometheus scrapes `GET /metrics` (plain HTTP, read-only); none when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How long and how many decision events the coordinator keeps for `--since` and stats.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod events;
 pub mod fleet;
 pub mod grpc;
+pub mod metrics;
 pub mod probes;
 pub mod rollout;
 pub mod store;
@@ -106,7 +107,8 @@ impl Coordinator {
         tasks.spawn(fleet.run(cancel.child_token()));
         // The event store loads the decision counters the engine's gates read: open it first.
         let decisions = events::counters::DecisionCounters::default();
-        let (bus, bus_handle, publish) = events::bus::Bus::new();
+        let metrics = Arc::new(metrics::Metrics::default());
+        let (bus, bus_handle, publish) = events::bus::Bus::new(metrics.clone());
         tasks.spawn(bus.run(cancel.child_token()));
         let retention = events::store::Retention {
             max_age: self.config.events.retention,
@@ -117,10 +119,15 @@ impl Coordinator {
             retention,
             publish,
             decisions.clone(),
+            metrics.clone(),
         )?;
         tasks.spawn(event_store.run(cancel.child_token()));
-        let (engine, engine_handle) =
-            Engine::new(self.store.clone(), handle.clone(), decisions.clone())?;
+        let (engine, engine_handle) = Engine::new(
+            self.store.clone(),
+            handle.clone(),
+            decisions.clone(),
+            metrics.clone(),
+        )?;
         tasks.spawn(engine.run(cancel.child_token()));
         let events_handle: Arc<dyn events::EventLog> = Arc::new(events_handle);
         let bus_handle: Arc<dyn events::EventBus> = Arc::new(bus_handle);
@@ -132,12 +139,25 @@ impl Coordinator {
             store: self.store.clone(),
             events: events_handle.clone(),
             probes: probes.clone(),
+            metrics: metrics.clone(),
             trust_domain: trust_domain.clone(),
             liveness: self.config.liveness.clone(),
             cancel: cancel.clone(),
             next_session: Arc::new(1.into()),
         };
         let fleet_for_reload = handle.clone();
+        if let Some(addr) = self.config.metrics_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics_listen {addr}: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
+            let encode = scrape(metrics.clone(), handle.clone(), engine_handle.clone());
+            tasks.spawn(kt_proto::metrics_http::serve(
+                listener,
+                encode,
+                cancel.child_token(),
+            ));
+        }
         let operators = OperatorApi {
             fleet: handle,
             engine: engine_handle,
@@ -224,5 +244,44 @@ async fn reload_groups_on_hangup(
             &format!("SIGHUP: {}", path.display()),
         );
         tracing::info!(groups = %names.join(","), file = %path.display(), "groups file reloaded");
+    }
+}
+
+/// What a scrape encodes: the counters, with the gauges of states read from the fleet and the
+/// rollout engine first.
+fn scrape(
+    metrics: Arc<metrics::Metrics>,
+    fleet: fleet::FleetHandle,
+    engine: rollout::engine::EngineHandle,
+) -> kt_proto::metrics_http::Encode {
+    Arc::new(move || {
+        let (metrics, fleet, engine) = (metrics.clone(), fleet.clone(), engine.clone());
+        Box::pin(async move {
+            if let Ok(Ok(gateways)) = fleet.list(None).await {
+                let states = gateways.iter().map(|g| {
+                    kt_proto::v1::AgentState::try_from(g.agent_state)
+                        .map_or("unknown", agent_state_name)
+                });
+                metrics::Metrics::set_states(&metrics.agents, &AGENT_STATES, states);
+            }
+            if let Ok(rollouts) = engine.list().await {
+                let states = rollouts.iter().map(|r| r.state_name());
+                metrics::Metrics::set_states(&metrics.rollouts, &[], states);
+            }
+            metrics.encode()
+        })
+    })
+}
+
+const AGENT_STATES: [&str; 4] = ["connected", "unreachable", "disconnected", "gone"];
+
+fn agent_state_name(state: kt_proto::v1::AgentState) -> &'static str {
+    use kt_proto::v1::AgentState;
+    match state {
+        AgentState::Connected => "connected",
+        AgentState::Unreachable => "unreachable",
+        AgentState::Disconnected => "disconnected",
+        AgentState::Gone => "gone",
+        AgentState::Unspecified => "unknown",
     }
 }

@@ -295,6 +295,8 @@ pub struct AgentSpec<'a> {
     /// The agent's event buffer bound (its default when `None`).
     pub max_buffered_events: Option<u64>,
     pub state_dir: &'a Path,
+    /// Where the agent serves `/metrics`, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `agent.yaml` text. The agent reaches the coordinator by IP and checks its IP SAN.
@@ -307,6 +309,10 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
     let buffer = spec
         .max_buffered_events
         .map(|n| format!("events:\n  max_buffered_events: {n}\n"))
+        .unwrap_or_default();
+    let metrics = spec
+        .metrics_listen
+        .map(|addr| format!("metrics_listen: \"{addr}\"\n"))
         .unwrap_or_default();
     if let Some(events) = spec.events_file {
         let _ = writeln!(managed, "  events_file: {}", events.display());
@@ -323,7 +329,7 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
         );
     }
     format!(
-        "coordinator:\n  endpoints: [\"https://{coord}\"]\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ngateway:\n  health_url: \"http://{gateway}/health\"\n  health_interval: {hi}ms\n{managed}state_dir: {state}\n{buffer}labels:\n{labels}reconnect:\n  min_delay: 200ms\n  max_delay: 2s\n",
+        "coordinator:\n  endpoints: [\"https://{coord}\"]\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ngateway:\n  health_url: \"http://{gateway}/health\"\n  health_interval: {hi}ms\n{managed}state_dir: {state}\n{buffer}{metrics}labels:\n{labels}reconnect:\n  min_delay: 200ms\n  max_delay: 2s\n",
         coord = spec.coordinator,
         ca = spec.pki.join("ca.crt").display(),
         cert = spec
@@ -440,6 +446,7 @@ mod tests {
             events_file: Some(Path::new("/g/events.jsonl")),
             max_buffered_events: Some(10),
             state_dir: Path::new("/g/state"),
+            metrics_listen: None,
         });
         assert!(
             text.contains("reload: {url: \"http://127.0.0.1:8/admin/reload\"}"),

@@ -424,6 +424,7 @@ impl TestFleet {
                     events_file: Some(&gateway.events),
                     max_buffered_events,
                     state_dir: &gw_dir.join("agent-state"),
+                    metrics_listen: None,
                 },
             );
             gateways.push(gateway);

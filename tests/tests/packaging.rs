@@ -6,7 +6,10 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kt_e2e::{Pki, Proc, TEST_LIVENESS, bin, ktctl, wait_for};
+use kt_ctl::dev::AgentSpec;
+use kt_e2e::{
+    AgentNode, GatewayNode, MockProvider, Pki, Proc, TEST_LIVENESS, bin, ktctl, wait_for,
+};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -144,24 +147,30 @@ struct NotifiedCoordinator {
     notify: UnixDatagram,
     groups: PathBuf,
     ktctl_config: PathBuf,
+    pki: Pki,
+    addr: std::net::SocketAddr,
 }
 
 fn start_notified(dir: &Path) -> NotifiedCoordinator {
+    start_coordinator(dir, None)
+}
+
+fn start_coordinator(dir: &Path, metrics: Option<std::net::SocketAddr>) -> NotifiedCoordinator {
     let pki = Pki::new(dir.join("pki"));
     let groups = dir.join("groups.yaml");
     std::fs::write(&groups, "groups:\n  first:\n    gateways: [gw-a]\n").expect("groups");
     let config = dir.join("coordinator.yaml");
-    std::fs::write(
-        &config,
-        kt_ctl::dev::coordinator_config(
-            "127.0.0.1:0".parse().expect("addr"),
-            &pki.dir,
-            &dir.join("data"),
-            &groups,
-            TEST_LIVENESS,
-        ),
-    )
-    .expect("config");
+    let mut text = kt_ctl::dev::coordinator_config(
+        "127.0.0.1:0".parse().expect("addr"),
+        &pki.dir,
+        &dir.join("data"),
+        &groups,
+        TEST_LIVENESS,
+    );
+    if let Some(addr) = metrics {
+        text.push_str(&format!("metrics_listen: \"{addr}\"\n"));
+    }
+    std::fs::write(&config, text).expect("config");
     let socket = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&socket).expect("bind notify socket");
     notify
@@ -193,6 +202,8 @@ fn start_notified(dir: &Path) -> NotifiedCoordinator {
         notify,
         groups,
         ktctl_config,
+        pki,
+        addr,
     }
 }
 
@@ -295,5 +306,91 @@ fn every_binary_has_a_version_and_ktctl_ships_completions_and_man_pages() {
     ] {
         let text = std::fs::read_to_string(dir.path().join(page)).expect(page);
         assert!(text.contains(".TH"), "{page} is a man page");
+    }
+}
+
+/// A loopback address no one listens on now.
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// The value of a sample line `name value` (or `name{labels} value`) in a scrape.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let client = reqwest::Client::new();
+    match client.get(format!("http://{addr}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+#[tokio::test]
+async fn coordinator_and_agent_metrics_count_sessions_heartbeats_and_events() {
+    kt_proto::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (coordinator_metrics, agent_metrics) = (free_addr(), free_addr());
+    let c = start_coordinator(&dir.path().join("coordinator"), Some(coordinator_metrics));
+    let provider = MockProvider::start(&dir.path().join("provider"), &[]);
+    let gw_dir = dir.path().join("gw-a");
+    let gateway = GatewayNode::start(gw_dir.clone(), "gw-a", provider.addr);
+    c.pki.issue_agent("gw-a");
+    let _agent = AgentNode::start(
+        &gw_dir,
+        &AgentSpec {
+            gateway_id: "gw-a",
+            coordinator: c.addr,
+            pki: &c.pki.dir,
+            gateway: gateway.addr,
+            health_interval: Duration::from_millis(200),
+            labels: &[("region", "eu")],
+            config_path: Some(&gateway.policy),
+            validator: &bin("kt-gateway"),
+            events_file: Some(&gateway.events),
+            max_buffered_events: None,
+            state_dir: &gw_dir.join("agent-state"),
+            metrics_listen: Some(agent_metrics),
+        },
+    );
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let body = serde_json::json!({"model": "mock-small", "messages": [{"role": "user", "content": "hi"}]});
+        client
+            .post(gateway.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+    }
+    // Polled until every count is there, with a deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (c_text, a_text) = (
+            scrape(coordinator_metrics).await,
+            scrape(agent_metrics).await,
+        );
+        let counted = sample(&c_text, "kt_coordinator_agents{state=\"connected\"}") == Some(1.0)
+            && sample(&c_text, "kt_coordinator_heartbeats_total").is_some_and(|n| n > 0.0)
+            && sample(&c_text, "kt_coordinator_events_stored_total") == Some(5.0)
+            && sample(&a_text, "kt_agent_connected") == Some(1.0)
+            && sample(&a_text, "kt_agent_heartbeats_sent_total").is_some_and(|n| n > 0.0)
+            && sample(&a_text, "kt_agent_events_buffered_total") == Some(5.0)
+            && sample(&a_text, "kt_agent_events_acknowledged_total") == Some(5.0)
+            && sample(&a_text, "kt_agent_events_backlog") == Some(0.0);
+        if counted {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "coordinator:\n{c_text}\nagent:\n{a_text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use spool::Spool;
 use tail::Tailer;
 
@@ -30,22 +31,54 @@ pub fn lock(spool: &SharedSpool) -> std::sync::MutexGuard<'_, Spool> {
 
 /// The latest state of forwarding, for heartbeats: written by the tailer and the sender after
 /// each change of the buffer, read without touching the buffer.
+/// It also keeps the forwarding metrics.
 #[derive(Clone, Debug, Default)]
 pub struct ForwardingReport {
     inner: Arc<Mutex<(spool::Forwarding, u64)>>,
+    metrics: Arc<Metrics>,
 }
 
 impl ForwardingReport {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        ForwardingReport {
+            inner: Default::default(),
+            metrics,
+        }
+    }
+
     /// Takes the buffer's state after a change.
     pub fn update(&self, spool: &Spool) {
         match spool.forwarding() {
-            Ok(now) => self.inner.lock().unwrap_or_else(|p| p.into_inner()).0 = now,
+            Ok(now) => {
+                let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let newly_dropped = now.dropped.saturating_sub(inner.0.dropped);
+                self.metrics.events_dropped.inc_by(newly_dropped);
+                inner.0 = now;
+            }
             Err(error) => tracing::warn!(%error, "cannot read the event buffer's state"),
         }
     }
 
     fn add_invalid(&self, lines: u64) {
+        self.metrics.events_invalid_lines.inc_by(lines);
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).1 += lines;
+    }
+
+    fn buffered(&self, events: u64) {
+        self.metrics.events_buffered.inc_by(events);
+    }
+
+    pub fn acknowledged(&self, events: u64) {
+        self.metrics.events_acknowledged.inc_by(events);
+    }
+
+    /// Sets the gauges a scrape reads.
+    pub fn scrape(&self, now_ms: u64) {
+        let now = self.heartbeat(now_ms);
+        self.metrics.events_backlog.set(now.backlog as i64);
+        self.metrics
+            .events_lag_ms
+            .set(i64::try_from(now.oldest_buffered_age_ms).unwrap_or(i64::MAX));
     }
 
     /// What the next heartbeat says.
@@ -87,6 +120,7 @@ pub async fn run_tailer(
                         let mut spool = lock(&spool);
                         let appended = spool.append(&polled.events, polled.cursor);
                         if changed {
+                            reporter.buffered(polled.events.len() as u64);
                             reporter.update(&spool);
                         }
                         appended.map(|()| (polled, changed))

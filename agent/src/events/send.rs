@@ -130,7 +130,8 @@ async fn stream(
                     let report = report.clone();
                     tokio::task::spawn_blocking(move || {
                         let mut spool = lock(&spool);
-                        spool.ack(through)?;
+                        let deleted = spool.ack(through)?;
+                        report.acknowledged(deleted);
                         report.update(&spool);
                         Ok::<_, rusqlite::Error>(())
                     })

@@ -319,14 +319,15 @@ impl Spool {
         }))
     }
 
-    /// Deletes what the coordinator stored durably.
-    pub fn ack(&mut self, through: u64) -> rusqlite::Result<()> {
+    /// Deletes what the coordinator stored durably; returns how many events that was.
+    pub fn ack(&mut self, through: u64) -> rusqlite::Result<u64> {
         let tx = self.conn.transaction()?;
         let (deleted, deleted_bytes) = delete_through(&tx, to_i64(through))?;
         self.buffered = self.buffered.saturating_sub(deleted);
         self.buffered_bytes = self.buffered_bytes.saturating_sub(deleted_bytes);
         tx.execute("DELETE FROM gaps WHERE last_seq <= ?1", [to_i64(through)])?;
-        tx.commit()
+        tx.commit()?;
+        Ok(deleted)
     }
 
     /// The forwarding state for heartbeats: backlog, when the oldest buffered event was

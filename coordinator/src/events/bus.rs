@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Filter, Published, to_proto};
+use crate::metrics::Metrics;
 
 /// Items queued towards one subscriber.
 pub const SUBSCRIBER_QUEUE: usize = 8192;
@@ -39,19 +40,24 @@ impl Subscriber {
     }
 
     /// Delivers one item; false once the subscriber has gone.
-    fn deliver(&mut self, item: &Published) -> bool {
+    fn deliver(&mut self, item: &Published, metrics: &Metrics) -> bool {
         if !self.tell_missed() {
             return false;
         }
         if self.missed > 0 {
             // Still no room for the notice: this item is missed too.
             self.missed += 1;
+            metrics.events_missed_by_subscribers.inc();
             return true;
         }
         match self.tx.try_send(to_proto(item)) {
-            Ok(()) => true,
+            Ok(()) => {
+                metrics.events_delivered.inc();
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.missed += 1;
+                metrics.events_missed_by_subscribers.inc();
                 true
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -86,11 +92,12 @@ pub struct Bus {
     published: mpsc::Receiver<Arc<Vec<Published>>>,
     subscribe: mpsc::Receiver<Subscribe>,
     subscribers: Vec<Subscriber>,
+    metrics: Arc<Metrics>,
 }
 
 impl Bus {
     /// The bus and the sender the event store publishes into.
-    pub fn new() -> (Self, BusHandle, mpsc::Sender<Arc<Vec<Published>>>) {
+    pub fn new(metrics: Arc<Metrics>) -> (Self, BusHandle, mpsc::Sender<Arc<Vec<Published>>>) {
         let (publish, published) = mpsc::channel(1024);
         let (subscribe_tx, subscribe) = mpsc::channel(64);
         (
@@ -98,6 +105,7 @@ impl Bus {
                 published,
                 subscribe,
                 subscribers: Vec::new(),
+                metrics,
             },
             BusHandle {
                 subscribe: subscribe_tx,
@@ -115,6 +123,9 @@ impl Bus {
                 _ = cancel.cancelled() => return,
                 _ = notify.tick() => {
                     self.subscribers.retain_mut(Subscriber::tell_missed);
+                    let lag = self.subscribers.iter().map(|s| SUBSCRIBER_QUEUE - s.tx.capacity()).max().unwrap_or(0);
+                    self.metrics.subscriber_lag.set(lag as i64);
+                    self.metrics.subscribers.set(self.subscribers.len() as i64);
                 }
                 Some(Subscribe { filter, reply }) = self.subscribe.recv() => {
                     let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
@@ -126,7 +137,7 @@ impl Bus {
                     let Some(batch) = batch else { return };
                     self.subscribers.retain_mut(|s| {
                         let wanted: Vec<&Published> = batch.iter().filter(|p| s.filter.matches_published(p)).collect();
-                        wanted.into_iter().all(|p| s.deliver(p))
+                        wanted.into_iter().all(|p| s.deliver(p, &self.metrics))
                     });
                 }
             }
@@ -156,7 +167,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stalled_subscriber_loses_events_and_is_told_how_many_while_others_get_all() {
-        let (bus, handle, publish) = Bus::new();
+        let (bus, handle, publish) = Bus::new(Default::default());
         let cancel = CancellationToken::new();
         tokio::spawn(bus.run(cancel.clone()));
         let mut stalled = handle

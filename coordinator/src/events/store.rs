@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::counters::{self, DecisionCounters};
 use super::{EventRecord, Filter, Published, fields};
+use crate::metrics::Metrics;
 
 /// One agent batch, as received.
 #[derive(Debug)]
@@ -176,6 +177,7 @@ pub struct EventStore {
     commands: mpsc::Receiver<Command>,
     publish: mpsc::Sender<Arc<Vec<Published>>>,
     counters: DecisionCounters,
+    metrics: Arc<Metrics>,
 }
 
 /// Batches gathered into one transaction at most.
@@ -191,6 +193,7 @@ impl EventStore {
         retention: Retention,
         publish: mpsc::Sender<Arc<Vec<Published>>>,
         counters: DecisionCounters,
+        metrics: Arc<Metrics>,
     ) -> rusqlite::Result<(Self, EventStoreHandle)> {
         let conn = Connection::open(data_dir.join("events.db"))?;
         conn.execute_batch(
@@ -248,6 +251,7 @@ impl EventStore {
                 commands,
                 publish,
                 counters,
+                metrics,
             },
             EventStoreHandle { tx },
         ))
@@ -392,6 +396,12 @@ impl EventStore {
         tx.commit()?;
         self.stored_through.extend(overlay);
         self.counters.merge(&tallies);
+        for p in &published {
+            match p {
+                Published::Event(_) => self.metrics.events_stored.inc(),
+                Published::Gap { gap, .. } => self.metrics.events_lost_by_agents.inc_by(gap.count),
+            };
+        }
         Ok(published)
     }
 
@@ -634,8 +644,14 @@ mod tests {
             max_events: 1000,
         };
         let counters = DecisionCounters::default();
-        let (store, handle) =
-            EventStore::open(dir.path(), retention, publish, counters.clone()).expect("open");
+        let (store, handle) = EventStore::open(
+            dir.path(),
+            retention,
+            publish,
+            counters.clone(),
+            Default::default(),
+        )
+        .expect("open");
         let cancel = CancellationToken::new();
         let task = tokio::spawn(store.run(cancel.clone()));
         handle
@@ -692,8 +708,14 @@ mod tests {
         // The counters are stored with the events: a reopened store starts from them.
         let reopened = DecisionCounters::default();
         let (publish, _published) = mpsc::channel(16);
-        let _store =
-            EventStore::open(dir.path(), retention, publish, reopened.clone()).expect("reopen");
+        let _store = EventStore::open(
+            dir.path(),
+            retention,
+            publish,
+            reopened.clone(),
+            Default::default(),
+        )
+        .expect("reopen");
         assert_eq!(tally(&reopened), tally(&counters));
     }
 }

@@ -16,7 +16,7 @@ use kt_proto::unix_ms_now;
 use kt_proto::v1::agent_message::Body as AgentBody;
 use kt_proto::v1::agent_service_server::AgentService;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
-use kt_proto::v1::{AgentMessage, CoordinatorMessage, Welcome};
+use kt_proto::v1::{AgentMessage, ConfigPhase, CoordinatorMessage, Welcome};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,6 +30,7 @@ use crate::config::LivenessConfig;
 use crate::events::EventLog;
 use crate::events::store::Batch;
 use crate::fleet::{Command, FleetHandle, HelloInfo, SessionId};
+use crate::metrics::{Metrics, ResultLabels};
 use crate::probes::Probes;
 use crate::rollout::engine::EngineHandle;
 use crate::rollout::plan::{MAX_CONFIG_BYTES, content_hash, version_label};
@@ -47,6 +48,7 @@ pub struct AgentApi {
     pub store: Arc<dyn Store>,
     pub events: Arc<dyn EventLog>,
     pub probes: Probes,
+    pub metrics: Arc<Metrics>,
     pub trust_domain: String,
     pub liveness: LivenessConfig,
     pub cancel: CancellationToken,
@@ -255,12 +257,13 @@ impl AgentService for AgentApi {
         let fleet = self.fleet.clone();
         let engine = self.engine.clone();
         let probes = self.probes.clone();
+        let metrics = self.metrics.clone();
         let cancel = self.cancel.clone();
         let span = tracing::info_span!("agent_session", gateway_id = %gateway, session);
         tokio::spawn(
             async move {
                 let clean = tokio::select! {
-                    clean = read_session(&fleet, &engine, &probes, &gateway, session, &mut inbound) => clean,
+                    clean = read_session(&fleet, &engine, &probes, &metrics, &gateway, session, &mut inbound) => clean,
                     _ = cancel.cancelled() => false,
                 };
                 // The fleet task drops its copy on `Ended`; then the response stream ends.
@@ -284,6 +287,7 @@ async fn read_session(
     fleet: &FleetHandle,
     engine: &EngineHandle,
     probes: &Probes,
+    metrics: &Metrics,
     gateway: &GatewayId,
     session: SessionId,
     inbound: &mut Streaming<AgentMessage>,
@@ -298,14 +302,17 @@ async fn read_session(
             }
         };
         let command = match message.body {
-            Some(AgentBody::Heartbeat(hb)) => Command::Heartbeat {
-                gateway: gateway.clone(),
-                session,
-                requests_processed: hb.requests_processed,
-                verdicts: hb.verdicts,
-                errors: hb.errors,
-                events: hb.events,
-            },
+            Some(AgentBody::Heartbeat(hb)) => {
+                metrics.heartbeats.inc();
+                Command::Heartbeat {
+                    gateway: gateway.clone(),
+                    session,
+                    requests_processed: hb.requests_processed,
+                    verdicts: hb.verdicts,
+                    errors: hb.errors,
+                    events: hb.events,
+                }
+            }
             Some(AgentBody::Status(status)) => match status.health {
                 Some(health) => Command::Status {
                     gateway: gateway.clone(),
@@ -315,6 +322,17 @@ async fn read_session(
                 None => continue,
             },
             Some(AgentBody::ConfigStatus(status)) => {
+                let result = match ConfigPhase::try_from(status.phase) {
+                    Ok(ConfigPhase::Applied) => "applied",
+                    Ok(ConfigPhase::Rejected) => "rejected",
+                    Ok(ConfigPhase::Failed) => "failed",
+                    Ok(ConfigPhase::Superseded) => "superseded",
+                    _ => "unknown",
+                };
+                metrics
+                    .config_applies
+                    .get_or_create(&ResultLabels { result })
+                    .inc();
                 engine.answer(gateway.to_string(), status).await;
                 continue;
             }

@@ -16,6 +16,7 @@ use super::plan::{content_hash, diff, plan, version_label};
 use super::step::{self, Effect, Observed};
 use crate::events::counters::DecisionCounters;
 use crate::fleet::FleetHandle;
+use crate::metrics::{GateLabels, Metrics};
 use crate::store::{Store, StoreError, StoredConfig};
 
 /// How often active rollouts look at the fleet and the clock.
@@ -158,6 +159,7 @@ pub struct Engine {
     store: Arc<dyn Store>,
     fleet: FleetHandle,
     decisions: DecisionCounters,
+    metrics: Arc<Metrics>,
     rollouts: BTreeMap<String, RolloutRecord>,
     commands: mpsc::Receiver<Command>,
     changes: broadcast::Sender<RolloutRecord>,
@@ -170,6 +172,7 @@ impl Engine {
         store: Arc<dyn Store>,
         fleet: FleetHandle,
         decisions: DecisionCounters,
+        metrics: Arc<Metrics>,
     ) -> Result<(Self, EngineHandle), StoreError> {
         let mut rollouts = BTreeMap::new();
         for mut r in store.list_rollouts()? {
@@ -192,6 +195,7 @@ impl Engine {
                 store,
                 fleet,
                 decisions,
+                metrics,
                 rollouts,
                 commands,
                 changes,
@@ -266,6 +270,19 @@ impl Engine {
             // Without a durable record the transition must not take effect: keep the old record.
             tracing::error!(rollout = %r.id, %error, "cannot persist rollout transition");
             return;
+        }
+        let counted = self
+            .rollouts
+            .get(&r.id)
+            .map_or(0, |before| before.gates.len());
+        for g in r.gates.iter().skip(counted) {
+            self.metrics
+                .gate_evaluations
+                .get_or_create(&GateLabels {
+                    gate: g.gate.clone(),
+                    decision: g.decision.clone(),
+                })
+                .inc();
         }
         if let Phase::Done(_) = r.phase {
             for gateway in r.gateways.keys() {

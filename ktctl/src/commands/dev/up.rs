@@ -197,6 +197,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 events_file: Some(&gw_dir.join("events.jsonl")),
                 max_buffered_events: None,
                 state_dir: &gw_dir.join("agent-state"),
+                metrics_listen: None,
             }),
         )?;
         start(

@@ -1,0 +1,150 @@
+//! Prometheus metrics of the coordinator (`metrics_listen`): agents by state, heartbeats,
+//! rollouts by state, gate evaluations, config applies by result, events in, out and dropped,
+//! and how far the slowest tail subscriber lags.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GateLabels {
+    pub gate: String,
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Set at each scrape from the fleet.
+    pub agents: Family<StateLabels, Gauge>,
+    pub heartbeats: Counter,
+    /// Set at each scrape from the rollout engine.
+    pub rollouts: Family<StateLabels, Gauge>,
+    pub gate_evaluations: Family<GateLabels, Counter>,
+    pub config_applies: Family<ResultLabels, Counter>,
+    pub events_stored: Counter,
+    pub events_lost_by_agents: Counter,
+    pub events_delivered: Counter,
+    pub events_missed_by_subscribers: Counter,
+    pub subscribers: Gauge,
+    pub subscriber_lag: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kt_coordinator");
+        let agents = Family::<StateLabels, Gauge>::default();
+        registry.register("agents", "Gateways by agent state", agents.clone());
+        let heartbeats = Counter::default();
+        registry.register(
+            "heartbeats",
+            "Heartbeats received from agents",
+            heartbeats.clone(),
+        );
+        let rollouts = Family::<StateLabels, Gauge>::default();
+        registry.register("rollouts", "Rollouts by state", rollouts.clone());
+        let gate_evaluations = Family::<GateLabels, Counter>::default();
+        registry.register(
+            "gate_evaluations",
+            "Rollout gate evaluations by gate and decision",
+            gate_evaluations.clone(),
+        );
+        let config_applies = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_applies",
+            "Agents' answers to config offers by result",
+            config_applies.clone(),
+        );
+        let events_stored = Counter::default();
+        registry.register(
+            "events_stored",
+            "Decision events stored (duplicates excluded)",
+            events_stored.clone(),
+        );
+        let events_lost_by_agents = Counter::default();
+        registry.register(
+            "events_lost_by_agents",
+            "Events agents dropped from full buffers, as their gap records say",
+            events_lost_by_agents.clone(),
+        );
+        let events_delivered = Counter::default();
+        registry.register(
+            "events_delivered",
+            "Events handed to tail subscribers",
+            events_delivered.clone(),
+        );
+        let events_missed_by_subscribers = Counter::default();
+        registry.register(
+            "events_missed_by_subscribers",
+            "Events tail subscribers missed because they read too slowly",
+            events_missed_by_subscribers.clone(),
+        );
+        let subscribers = Gauge::default();
+        registry.register("subscribers", "Live tail subscribers", subscribers.clone());
+        let subscriber_lag = Gauge::default();
+        registry.register(
+            "subscriber_lag",
+            "Events queued for the slowest tail subscriber",
+            subscriber_lag.clone(),
+        );
+        Metrics {
+            registry,
+            agents,
+            heartbeats,
+            rollouts,
+            gate_evaluations,
+            config_applies,
+            events_stored,
+            events_lost_by_agents,
+            events_delivered,
+            events_missed_by_subscribers,
+            subscribers,
+            subscriber_lag,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        out
+    }
+
+    /// Replaces a gauge family's values with `counts`; the states in `all` are always present.
+    pub fn set_states<'a>(
+        family: &Family<StateLabels, Gauge>,
+        all: &[&str],
+        counts: impl Iterator<Item = &'a str>,
+    ) {
+        family.clear();
+        for state in all {
+            family
+                .get_or_create(&StateLabels {
+                    state: (*state).to_owned(),
+                })
+                .set(0);
+        }
+        for state in counts {
+            family
+                .get_or_create(&StateLabels {
+                    state: state.to_owned(),
+                })
+                .inc();
+        }
+    }
+}
