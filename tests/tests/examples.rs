@@ -31,6 +31,26 @@ fn example_configs_parse() {
             .expect("groups.yaml");
     assert_eq!(groups.len(), 2);
 
+    assert!(coordinator.metrics_listen.is_some());
+    assert!(
+        groups.iter().any(|g| !g.selector.is_empty()),
+        "a label selector group"
+    );
+
     let agent = kt_agent::config::AgentConfig::load(&example("agent.yaml")).expect("agent.yaml");
     assert_eq!(agent.labels["region"], "eu");
+    assert!(
+        agent.apply_settings().is_some(),
+        "the example manages its gateway's config"
+    );
+    assert!(agent.gateway.events_file.is_some() && agent.metrics_listen.is_some());
+
+    // The unit's environment file: KEY=value lines, and the secret the example policy names.
+    let env = std::fs::read_to_string(example("gateway.env")).expect("gateway.env");
+    let keys: Vec<&str> = env
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_once('=').expect("KEY=value").0)
+        .collect();
+    assert!(keys.contains(&"MOCK_PROVIDER_KEY"), "{keys:?}");
 }

@@ -1,0 +1,255 @@
+//! deploy/kubernetes, checked without a cluster: every manifest parses, the objects refer to
+//! each other consistently (selectors, services, volumes, config maps), the probes and ports are
+//! the gateway contract's, and the configs inside the ConfigMaps load with the binaries' own
+//! loaders.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")
+}
+
+/// Every object of every manifest, by `(kind, name)`.
+fn objects() -> BTreeMap<(String, String), Value> {
+    let mut all = BTreeMap::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir())
+        .expect("deploy/kubernetes")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("manifest");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value =
+                Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let kind = value["kind"].as_str().expect("kind").to_owned();
+            let name = value["metadata"]["name"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| {
+                    file.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into()
+                });
+            assert!(value["apiVersion"].is_string(), "{kind} {name}: apiVersion");
+            assert!(
+                all.insert((kind.clone(), name.clone()), value).is_none(),
+                "{kind} {name} defined twice"
+            );
+        }
+    }
+    all
+}
+
+fn get<'a>(objects: &'a BTreeMap<(String, String), Value>, kind: &str, name: &str) -> &'a Value {
+    objects
+        .get(&(kind.to_owned(), name.to_owned()))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn seq(v: &Value) -> &[Value] {
+    v.as_sequence().map_or(&[], Vec::as_slice)
+}
+
+/// Checks a pod template: labels match the selector, every mount names a volume, every config
+/// map volume names a ConfigMap of the manifests. Returns the containers by name.
+fn check_pod<'a>(
+    objects: &BTreeMap<(String, String), Value>,
+    owner: &str,
+    spec: &'a Value,
+) -> BTreeMap<String, &'a Value> {
+    let labels = &spec["template"]["metadata"]["labels"];
+    for (k, v) in spec["selector"]["matchLabels"]
+        .as_mapping()
+        .expect("matchLabels")
+    {
+        assert_eq!(
+            &labels[k.as_str().expect("key")],
+            v,
+            "{owner}: selector matches the pods"
+        );
+    }
+    let pod = &spec["template"]["spec"];
+    let volumes: Vec<&str> = seq(&pod["volumes"])
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    let claims: Vec<&str> = seq(&spec["volumeClaimTemplates"])
+        .iter()
+        .filter_map(|c| c["metadata"]["name"].as_str())
+        .collect();
+    for v in seq(&pod["volumes"]) {
+        if let Some(map) = v["configMap"]["name"].as_str() {
+            get(objects, "ConfigMap", map);
+        }
+    }
+    let mut containers = BTreeMap::new();
+    for c in seq(&pod["initContainers"])
+        .iter()
+        .chain(seq(&pod["containers"]))
+    {
+        let name = c["name"].as_str().expect("container name");
+        for m in seq(&c["volumeMounts"]) {
+            let volume = m["name"].as_str().expect("mount name");
+            assert!(
+                volumes.contains(&volume) || claims.contains(&volume),
+                "{owner}/{name}: mount {volume} has no volume"
+            );
+        }
+        assert_eq!(
+            c["securityContext"]["allowPrivilegeEscalation"],
+            Value::Bool(false),
+            "{owner}/{name}: no privilege escalation"
+        );
+        containers.insert(name.to_owned(), c);
+    }
+    assert_eq!(
+        pod["securityContext"]["runAsNonRoot"],
+        Value::Bool(true),
+        "{owner}"
+    );
+    containers
+}
+
+fn http_probe(container: &Value, probe: &str) -> (String, u64) {
+    let get = &container[probe]["httpGet"];
+    (
+        get["path"].as_str().unwrap_or_default().to_owned(),
+        get["port"].as_u64().unwrap_or_default(),
+    )
+}
+
+#[test]
+fn manifests_are_consistent_and_follow_the_gateway_contract() {
+    let objects = objects();
+
+    let kustomization = get(&objects, "Kustomization", "kustomization.yaml");
+    let listed: Vec<&str> = seq(&kustomization["resources"])
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for file in ["namespace.yaml", "coordinator.yaml", "gateway.yaml"] {
+        assert!(listed.contains(&file), "kustomization lists {file}");
+        assert!(dir().join(file).is_file(), "{file} exists");
+    }
+    for ((kind, name), value) in &objects {
+        if !matches!(kind.as_str(), "Namespace" | "Kustomization") {
+            assert_eq!(value["metadata"]["namespace"], "kt-fleet", "{kind} {name}");
+        }
+    }
+
+    // Gateways: three replicas, each a gateway and its agent sidecar.
+    let deployment = &get(&objects, "Deployment", "kt-gateway")["spec"];
+    assert_eq!(deployment["replicas"], 3);
+    let containers = check_pod(&objects, "kt-gateway", deployment);
+    let gateway = containers["gateway"];
+    assert!(
+        seq(&gateway["ports"])
+            .iter()
+            .any(|p| p["containerPort"] == 41002),
+        "the gateway listens on 41002"
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            http_probe(gateway, probe),
+            ("/health".to_owned(), 41002),
+            "{probe}"
+        );
+    }
+    assert!(
+        containers.contains_key("agent"),
+        "the agent runs as a sidecar"
+    );
+    // Each pod has its own agent identity, named after the pod.
+    let identity = seq(&deployment["template"]["spec"]["volumes"])
+        .iter()
+        .find(|v| v["name"] == "identity")
+        .expect("identity volume");
+    let uri = identity["csi"]["volumeAttributes"]["csi.cert-manager.io/uri-sans"]
+        .as_str()
+        .expect("uri-sans");
+    assert_eq!(uri, "spiffe://kt-fleet.local/agent/${POD_NAME}");
+    get(&objects, "Issuer", "kt-fleet-ca");
+
+    // The coordinator: a StatefulSet with a volume, behind a Service.
+    let statefulset = &get(&objects, "StatefulSet", "kt-coordinator")["spec"];
+    let service_name = statefulset["serviceName"].as_str().expect("serviceName");
+    let service = &get(&objects, "Service", service_name)["spec"];
+    let containers = check_pod(&objects, "kt-coordinator", statefulset);
+    let coordinator = containers["coordinator"];
+    assert!(
+        seq(&coordinator["volumeMounts"])
+            .iter()
+            .any(|m| m["name"] == "data"),
+        "the coordinator keeps its state on the claimed volume"
+    );
+    let pod_labels = &statefulset["template"]["metadata"]["labels"];
+    for (k, v) in service["selector"].as_mapping().expect("selector") {
+        assert_eq!(
+            &pod_labels[k.as_str().expect("key")],
+            v,
+            "the Service selects the pod"
+        );
+    }
+    let port_names: Vec<&str> = seq(&coordinator["ports"])
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for p in seq(&service["ports"]) {
+        let target = p["targetPort"].as_str().expect("named targetPort");
+        assert!(port_names.contains(&target), "Service port {target}");
+    }
+    assert!(seq(&service["ports"]).iter().any(|p| p["port"] == 41001));
+}
+
+/// Writes the files of a ConfigMap into `dir`.
+fn unpack(objects: &BTreeMap<(String, String), Value>, name: &str, dir: &Path) {
+    let data = get(objects, "ConfigMap", name)["data"]
+        .as_mapping()
+        .expect("data");
+    for (file, text) in data {
+        std::fs::write(
+            dir.join(file.as_str().expect("file name")),
+            text.as_str().expect("text"),
+        )
+        .expect("write");
+    }
+}
+
+#[test]
+fn configs_in_the_config_maps_load_with_the_binaries_loaders() {
+    let objects = objects();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    unpack(&objects, "kt-coordinator-config", dir);
+    unpack(&objects, "kt-agent-config", dir);
+    unpack(&objects, "kt-gateway-policy", dir);
+
+    let coordinator =
+        kt_coordinator::config::CoordinatorConfig::load(&dir.join("coordinator.yaml"))
+            .expect("coordinator.yaml");
+    kt_coordinator::config::load_groups(coordinator.groups_file.as_ref().expect("groups_file"))
+        .expect("groups.yaml");
+    let agent = kt_agent::config::AgentConfig::load(&dir.join("agent.yaml")).expect("agent.yaml");
+    assert_eq!(
+        agent.coordinator.endpoints,
+        ["https://kt-coordinator.kt-fleet.svc:41001"]
+    );
+    let policy = std::process::Command::new(kt_e2e::bin("kt-gateway"))
+        .arg("validate")
+        .arg(dir.join("policy-config.yaml"))
+        .output()
+        .expect("kt-gateway validate");
+    assert!(
+        policy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&policy.stderr)
+    );
+}
