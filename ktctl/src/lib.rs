@@ -74,6 +74,8 @@ pub enum Noun {
     /// Check the whole path (coordinator, certificates, agents, gateways, providers, config,
     /// events, policy) and say what is wrong and what to do; exits 1 when a check failed.
     Doctor(commands::doctor::Args),
+    /// The operating loop, step by step, on a local fleet it brings up and stops again.
+    Demo(commands::demo::Args),
     /// A local fleet of real processes on loopback.
     #[command(subcommand)]
     Dev(DevVerb),
@@ -284,6 +286,7 @@ pub async fn run(cli: Cli) -> u8 {
                 .map(|()| true)
         }
         Noun::Doctor(args) => commands::doctor::run(&session, args).await,
+        Noun::Demo(args) => commands::demo::run(args).await,
         Noun::Completion(args) => commands::completion::completion(args).map(|()| true),
         Noun::Man(args) => commands::completion::man(args).map(|()| true),
         Noun::Dev(DevVerb::Up(args)) => dev_cmd::up::run(args).await.map(|()| true),

@@ -223,3 +223,37 @@ async fn governed_requests_through_a_dev_gateway(address: &str, events_file: &st
         "{health}"
     );
 }
+
+#[tokio::test]
+async fn the_demo_walks_the_operating_loop_and_leaves_nothing_running() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("demo");
+    let _guard = DevFleetGuard(dir.clone());
+    let out = ktctl(&["demo", "--dir", dir.to_str().expect("utf-8 path")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "ok    fleet health",
+        "ok    rolling push of 1.1.0",
+        "ok    event tail",
+        "ok    bad push rolled back",
+        "ok    doctor",
+    ] {
+        assert!(stdout.contains(step), "{step}:\n{stdout}");
+    }
+    assert!(stdout.contains("verdict-mix gate"), "{stdout}");
+    let state = dev::DevState::load(&dir)
+        .expect("state")
+        .expect("the demo's fleet");
+    let running: Vec<u32> = state
+        .processes
+        .iter()
+        .filter(|p| dev::is_running(p.pid, &p.binary))
+        .map(|p| p.pid)
+        .collect();
+    assert!(running.is_empty(), "still running: {running:?}");
+}

@@ -2,6 +2,7 @@
 
 pub mod completion;
 pub mod config;
+pub mod demo;
 pub mod dev;
 pub mod doctor;
 pub mod events;
