@@ -123,7 +123,7 @@ impl Agent {
             ));
         }
         let observers = session::Observers {
-            prober,
+            prober: Some(prober),
             forwarding,
             metrics,
         };

@@ -16,6 +16,8 @@ pub struct ResultLabels {
 pub struct Metrics {
     registry: Registry,
     pub connected: Gauge,
+    pub sessions_opened: Counter,
+    pub connect_failures: Counter,
     pub heartbeats_sent: Counter,
     pub config_applies: Family<ResultLabels, Counter>,
     pub events_buffered: Counter,
@@ -35,6 +37,18 @@ impl Default for Metrics {
             "connected",
             "1 while a session with the coordinator is open",
             connected.clone(),
+        );
+        let sessions_opened = Counter::default();
+        registry.register(
+            "sessions_opened",
+            "Sessions opened with the coordinator",
+            sessions_opened.clone(),
+        );
+        let connect_failures = Counter::default();
+        registry.register(
+            "connect_failures",
+            "Failed attempts to open a session (connection, TLS handshake or refusal)",
+            connect_failures.clone(),
         );
         let heartbeats_sent = Counter::default();
         registry.register(
@@ -87,6 +101,8 @@ impl Default for Metrics {
         Metrics {
             registry,
             connected,
+            sessions_opened,
+            connect_failures,
             heartbeats_sent,
             config_applies,
             events_buffered,

@@ -101,7 +101,8 @@ pub struct ConfigLink {
 
 /// What the session reports besides health, and answers besides offers.
 pub struct Observers {
-    pub prober: Prober,
+    /// `None` when nothing can be probed (the fleet simulator): probes are answered with an error.
+    pub prober: Option<Prober>,
     /// `None` when the agent forwards no events.
     pub forwarding: Option<ForwardingReport>,
     pub metrics: Arc<Metrics>,
@@ -131,6 +132,7 @@ pub async fn run(
             opened = connect
                 .retry(backoff)
                 .notify(|error: &anyhow::Error, delay: Duration| {
+                    observers.metrics.connect_failures.inc();
                     tracing::warn!(error = format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "cannot open a session with the coordinator");
                 }) => opened,
         };
@@ -140,13 +142,23 @@ pub async fn run(
             coordinator_version = %session.welcome.coordinator_version,
             "session open"
         );
-        observers.metrics.connected.set(1);
+        let spread = Duration::from_millis(session.welcome.reconnect_spread_ms);
+        // One gauge may count many agents (the fleet simulator shares it): up and down, not set.
+        observers.metrics.connected.inc();
+        observers.metrics.sessions_opened.inc();
         let served = serve(session, health.clone(), &mut link, &observers, &cancel).await;
-        observers.metrics.connected.set(0);
+        observers.metrics.connected.dec();
         match served {
             Ok(()) => return,
             Err(lost) => {
-                tracing::warn!(error = %lost, "session with the coordinator lost, reconnecting")
+                // Every agent lost its session at the same moment when the coordinator went
+                // away: spread the returns over the window it announced.
+                let wait = spread.mul_f64(rand::random::<f64>());
+                tracing::warn!(error = %lost, wait_ms = wait.as_millis() as u64, "session with the coordinator lost, reconnecting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
             }
         }
     }
@@ -306,7 +318,15 @@ async fn serve(
                     let prober = observers.prober.clone();
                     let results = probe_results.clone();
                     tokio::spawn(async move {
-                        let _ = results.send(prober.run(request).await).await;
+                        let result = match prober {
+                            Some(prober) => prober.run(request).await,
+                            None => ProbeResult {
+                                probe_id: request.probe_id,
+                                error: "this agent cannot probe its gateway".into(),
+                                ..Default::default()
+                            },
+                        };
+                        let _ = results.send(result).await;
                     });
                 }
                 Ok(Some(message)) => tracing::debug!(?message, "message from the coordinator"),

@@ -66,6 +66,14 @@ pub struct LivenessConfig {
     /// No heartbeat for this long: `gone`.
     #[serde(with = "humantime_serde")]
     pub gone_after: Duration,
+    /// Announced in the welcome: an agent that loses its session waits a random delay up to
+    /// this long before reconnecting, so a coordinator restart is not met by every agent at once.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_spread: Duration,
+}
+
+fn default_reconnect_spread() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for LivenessConfig {
@@ -75,6 +83,7 @@ impl Default for LivenessConfig {
             unreachable_after: Duration::from_secs(45),
             disconnected_after: Duration::from_secs(120),
             gone_after: Duration::from_secs(24 * 3600),
+            reconnect_spread: default_reconnect_spread(),
         }
     }
 }

@@ -54,6 +54,8 @@ pub enum Command {
         verdicts: Option<VerdictCounts>,
         errors: u64,
         events: Option<EventForwarding>,
+        /// When the coordinator read it off the session.
+        received: Instant,
     },
     /// Sends a message (a config offer, a probe) on the gateway's session; replies whether it
     /// was handed over.
@@ -307,6 +309,7 @@ pub struct Fleet {
     records: BTreeMap<GatewayId, Record>,
     commands: mpsc::Receiver<Command>,
     changes: broadcast::Sender<GatewayState>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// How many commands may queue before senders wait.
@@ -315,6 +318,12 @@ const COMMAND_QUEUE: usize = 4096;
 const CHANGE_QUEUE: usize = 4096;
 
 impl Fleet {
+    /// Records into `metrics` instead of a private set.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     pub fn new(liveness: LivenessConfig, groups: &[Group]) -> (Self, FleetHandle) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (changes, _) = broadcast::channel(CHANGE_QUEUE);
@@ -331,6 +340,7 @@ impl Fleet {
             records,
             commands: rx,
             changes,
+            metrics: Default::default(),
         };
         (
             fleet,
@@ -394,7 +404,11 @@ impl Fleet {
                 verdicts,
                 errors,
                 events,
+                received,
             } => {
+                self.metrics
+                    .heartbeat_processing
+                    .observe(received.elapsed().as_secs_f64());
                 if let Some(record) = self.current_session(&gateway, session) {
                     record.events = events;
                     record.last_heartbeat = Some(now);
@@ -568,6 +582,7 @@ mod tests {
             unreachable_after: Duration::from_secs(3),
             disconnected_after: Duration::from_secs(10),
             gone_after: Duration::from_secs(100),
+            ..LivenessConfig::default()
         }
     }
 
@@ -720,6 +735,7 @@ mod tests {
                     verdicts: None,
                     errors: 0,
                     events: None,
+                    received: Instant::now(),
                 },
                 now,
             );

@@ -103,11 +103,15 @@ impl Coordinator {
     pub async fn run(self, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
         let trust_domain = self.trust_domain().to_owned();
         let tasks = TaskTracker::new();
+        let metrics = Arc::new(metrics::Metrics::default());
         let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &self.groups);
-        tasks.spawn(fleet.run(cancel.child_token()));
+        tasks.spawn(
+            fleet
+                .with_metrics(metrics.clone())
+                .run(cancel.child_token()),
+        );
         // The event store loads the decision counters the engine's gates read: open it first.
         let decisions = events::counters::DecisionCounters::default();
-        let metrics = Arc::new(metrics::Metrics::default());
         let (bus, bus_handle, publish) = events::bus::Bus::new(metrics.clone());
         tasks.spawn(bus.run(cancel.child_token()));
         let retention = events::store::Retention {

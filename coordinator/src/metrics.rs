@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,6 +31,8 @@ pub struct Metrics {
     /// Set at each scrape from the fleet.
     pub agents: Family<StateLabels, Gauge>,
     pub heartbeats: Counter,
+    /// From a heartbeat's arrival to the fleet task having recorded it.
+    pub heartbeat_processing: Histogram,
     /// Set at each scrape from the rollout engine.
     pub rollouts: Family<StateLabels, Gauge>,
     pub gate_evaluations: Family<GateLabels, Counter>,
@@ -52,6 +55,13 @@ impl Default for Metrics {
             "heartbeats",
             "Heartbeats received from agents",
             heartbeats.clone(),
+        );
+        // 10 us .. ~5 s
+        let heartbeat_processing = Histogram::new(exponential_buckets(0.000_01, 2.0, 20));
+        registry.register(
+            "heartbeat_processing_seconds",
+            "Time from a heartbeat's arrival to the fleet task having recorded it",
+            heartbeat_processing.clone(),
         );
         let rollouts = Family::<StateLabels, Gauge>::default();
         registry.register("rollouts", "Rollouts by state", rollouts.clone());
@@ -103,6 +113,7 @@ impl Default for Metrics {
             registry,
             agents,
             heartbeats,
+            heartbeat_processing,
             rollouts,
             gate_evaluations,
             config_applies,

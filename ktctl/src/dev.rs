@@ -256,7 +256,7 @@ pub fn coordinator_config(
     liveness: Liveness,
 ) -> String {
     format!(
-        "listen: \"{listen}\"\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ndata_dir: {data}\ngroups_file: {groups}\nliveness:\n  heartbeat_interval: {hb}ms\n  unreachable_after: {un}ms\n  disconnected_after: {dis}ms\n",
+        "listen: \"{listen}\"\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ndata_dir: {data}\ngroups_file: {groups}\nliveness:\n  heartbeat_interval: {hb}ms\n  unreachable_after: {un}ms\n  disconnected_after: {dis}ms\n  reconnect_spread: {hb}ms\n",
         ca = pki.join("ca.crt").display(),
         cert = pki.join("coordinator.crt").display(),
         key = pki.join("coordinator.key").display(),

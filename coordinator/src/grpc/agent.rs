@@ -233,6 +233,7 @@ impl AgentService for AgentApi {
                 heartbeat_interval_ms: duration_ms(self.liveness.heartbeat_interval),
                 liveness_timeout_ms: duration_ms(self.liveness.unreachable_after),
                 capabilities: Vec::new(),
+                reconnect_spread_ms: duration_ms(self.liveness.reconnect_spread),
             })),
         };
         // The queue is empty, so this cannot fail for lack of room; the welcome goes first.
@@ -311,6 +312,7 @@ async fn read_session(
                     verdicts: hb.verdicts,
                     errors: hb.errors,
                     events: hb.events,
+                    received: tokio::time::Instant::now(),
                 }
             }
             Some(AgentBody::Status(status)) => match status.health {

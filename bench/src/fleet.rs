@@ -1,0 +1,235 @@
+//! What the simulated agents run against: certificates (issued once into a cache directory),
+//! a real coordinator process on loopback, and its CPU and memory as `/proc` tells them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kt_ctl::dev;
+use kt_ctl::pki::{self, LeafRole};
+use kt_proto::identity::GatewayId;
+
+/// The simulated gateways' ids: `sim-00001`, ...
+pub fn agent_id(i: usize) -> String {
+    format!("sim-{:05}", i + 1)
+}
+
+/// Makes sure `dir` holds a CA, a coordinator and an operator certificate, and one agent
+/// certificate per simulated gateway; only missing ones are issued.
+pub fn ensure_certs(dir: &Path, agents: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if !dir.join(pki::CA_CERT).is_file() {
+        pki::init_ca(dir, pki::DEFAULT_TRUST_DOMAIN, false)?;
+    }
+    let leaves = [
+        (
+            "coordinator.crt".to_owned(),
+            LeafRole::Coordinator {
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse()?],
+            },
+        ),
+        (
+            "operator-bench.crt".to_owned(),
+            LeafRole::Operator {
+                name: "bench".into(),
+            },
+        ),
+    ];
+    for (file, role) in leaves {
+        if !dir.join(file).is_file() {
+            pki::issue(dir, &role, 365, false)?;
+        }
+    }
+    let started = Instant::now();
+    let mut issued = 0;
+    for i in 0..agents {
+        let id = agent_id(i);
+        if dir.join(format!("agent-{id}.crt")).is_file() {
+            continue;
+        }
+        let gateway = GatewayId::new(&id).map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
+        pki::issue(dir, &LeafRole::Agent { gateway }, 365, false)?;
+        issued += 1;
+    }
+    if issued > 0 {
+        eprintln!(
+            "issued {issued} agent certificates into {} in {:.1}s (kept for later runs)",
+            dir.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Raises this process's open-file limit to its hard limit (children inherit it); says so
+/// when even that is below what `needed` connections take.
+pub fn raise_fd_limit(needed: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard
+                && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            {
+                eprintln!("cannot raise the open-file limit from {soft} to {hard}: {error}");
+            }
+            if hard < needed {
+                eprintln!(
+                    "warning: the open-file limit is {hard}, below the ~{needed} this run needs; \
+                     raise it (ulimit -n, or LimitNOFILE=) or connections will fail"
+                );
+            }
+        }
+        Err(error) => eprintln!("cannot read the open-file limit: {error}"),
+    }
+}
+
+/// The coordinator process under test.
+pub struct Coordinator {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+pub struct CoordinatorSettings {
+    pub heartbeat_interval: Duration,
+    pub reconnect_spread: Duration,
+}
+
+impl Coordinator {
+    pub fn start(work: &Path, pki: &Path, settings: &CoordinatorSettings) -> anyhow::Result<Self> {
+        let dir = work.join("coordinator");
+        std::fs::create_dir_all(&dir)?;
+        let groups = dir.join("groups.yaml");
+        std::fs::write(&groups, "groups:\n  sim:\n    selector: {fleet: sim}\n")?;
+        let metrics_addr = free_addr()?;
+        let hb = settings.heartbeat_interval.as_millis();
+        let text = format!(
+            "listen: \"127.0.0.1:0\"\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ndata_dir: {data}\n\
+             groups_file: {groups}\nliveness:\n  heartbeat_interval: {hb}ms\n  unreachable_after: {un}ms\n\
+             \x20 disconnected_after: {dis}ms\n  reconnect_spread: {spread}ms\nmetrics_listen: \"{metrics_addr}\"\n",
+            ca = pki.join(pki::CA_CERT).display(),
+            cert = pki.join("coordinator.crt").display(),
+            key = pki.join("coordinator.key").display(),
+            data = dir.join("data").display(),
+            groups = groups.display(),
+            un = hb * 3,
+            dis = hb * 8,
+            spread = settings.reconnect_spread.as_millis(),
+        );
+        let config = dir.join("coordinator.yaml");
+        std::fs::write(&config, text)?;
+        let mut coordinator = Coordinator {
+            child: None,
+            addr: "127.0.0.1:0".parse()?,
+            metrics_addr,
+            dir,
+            config,
+        };
+        coordinator.start_again()?;
+        Ok(coordinator)
+    }
+
+    /// Starts the process (again) on the port it had, or a free one the first time.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        let ready = self.dir.join("coordinator.addr");
+        let _ = std::fs::remove_file(&ready);
+        let log = self.dir.join("coordinator.log");
+        let args = vec![
+            "--config".into(),
+            self.config.display().to_string(),
+            "--listen".into(),
+            self.addr.to_string(),
+            "--ready-file".into(),
+            ready.display().to_string(),
+        ];
+        let mut child = dev::spawn(&dev::find_binary("kt-coordinator"), &args, &[], &log)?;
+        self.addr = dev::wait_ready(&mut child, &ready, &log, Duration::from_secs(30))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the process at once (no goodbye to anyone): every session is cut.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn stats(&self) -> Option<ProcStats> {
+        ProcStats::read(self.pid()?)
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// CPU time and resident memory of a process.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcStats {
+    pub cpu: Duration,
+    pub rss_bytes: u64,
+}
+
+impl ProcStats {
+    pub fn read(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as u64;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rss_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(ProcStats {
+            cpu: Duration::from_millis(ticks * 1000 / hz.max(1)),
+            rss_bytes: rss_kb * 1024,
+        })
+    }
+}
+
+/// An operator client of the coordinator, with the bench's operator certificate.
+pub async fn operator(
+    pki: &Path,
+    addr: SocketAddr,
+) -> anyhow::Result<
+    kt_proto::v1::operator_service_client::OperatorServiceClient<tonic::transport::Channel>,
+> {
+    let context = kt_ctl::ktconfig::Context {
+        name: "bench".into(),
+        coordinator: format!("https://{addr}"),
+        server_name: None,
+        ca: pki.join(pki::CA_CERT),
+        cert: pki.join("operator-bench.crt"),
+        key: pki.join("operator-bench.key"),
+    };
+    kt_ctl::client::connect(&context)
+        .await
+        .context("operator connection")
+}
