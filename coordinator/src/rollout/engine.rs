@@ -19,6 +19,9 @@ use crate::fleet::FleetHandle;
 use crate::metrics::{GateLabels, Metrics};
 use crate::store::{Store, StoreError, StoredConfig};
 
+/// Answers handled together at most (see `handle_queued`).
+const ANSWER_BATCH: usize = 4096;
+
 /// How often active rollouts look at the fleet and the clock.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -212,7 +215,7 @@ impl Engine {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => self.tick().await,
                 command = self.commands.recv() => match command {
-                    Some(command) => self.handle(command).await,
+                    Some(command) => self.handle_queued(command).await,
                     None => return,
                 },
             }
@@ -257,11 +260,13 @@ impl Engine {
             return;
         };
         let (effects, changed) = step::step(&mut r, observed, now);
+        // An all-at-once rollout offers one config to every gateway: read it once.
+        let mut contents: std::collections::HashMap<String, Vec<u8>> = Default::default();
         if changed {
             self.commit(r.clone()).await;
         }
         for effect in effects {
-            self.carry_out(&r, effect).await;
+            self.carry_out(&r, effect, &mut contents).await;
         }
     }
 
@@ -293,7 +298,12 @@ impl Engine {
         self.rollouts.insert(r.id.clone(), r);
     }
 
-    async fn carry_out(&mut self, r: &RolloutRecord, effect: Effect) {
+    async fn carry_out(
+        &mut self,
+        r: &RolloutRecord,
+        effect: Effect,
+        contents: &mut std::collections::HashMap<String, Vec<u8>>,
+    ) {
         let Effect::Offer {
             gateway,
             offer_id,
@@ -301,8 +311,18 @@ impl Engine {
             rollback,
             apply_deadline_ms,
         } = effect;
-        let content = match self.store.get_config(&config.hash) {
-            Ok(Some(stored)) => stored.content,
+        let stored = match contents.get(&config.hash) {
+            Some(content) => Ok(Some(content.clone())),
+            None => self
+                .store
+                .get_config(&config.hash)
+                .map(|found| found.map(|c| c.content)),
+        };
+        let content = match stored {
+            Ok(Some(content)) => {
+                contents.insert(config.hash.clone(), content.clone());
+                content
+            }
             Ok(None) => {
                 tracing::error!(rollout = %r.id, gateway_id = %gateway, hash = %config.hash, "no stored copy of the config to offer");
                 let status = ConfigStatus {
@@ -314,7 +334,7 @@ impl Engine {
                     ),
                     ..Default::default()
                 };
-                Box::pin(self.on_answer(gateway, status)).await;
+                Box::pin(self.on_answers(vec![(gateway, status)])).await;
                 return;
             }
             Err(error) => {
@@ -342,36 +362,78 @@ impl Engine {
         }
     }
 
-    async fn on_answer(&mut self, gateway: String, status: ConfigStatus) {
-        let phase = ConfigPhase::try_from(status.phase).unwrap_or(ConfigPhase::Unspecified);
+    /// Handles `first` and every command already queued behind it, answers together: with
+    /// thousands of agents answering an all-at-once rollout, each batch of answers is persisted
+    /// and acted on once, not once per answer.
+    async fn handle_queued(&mut self, first: Command) {
+        let mut answers = Vec::new();
+        let mut next = Some(first);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Answer { gateway, status } => {
+                    answers.push((gateway, status));
+                    if answers.len() < ANSWER_BATCH {
+                        next = self.commands.try_recv().ok();
+                    }
+                }
+                other => {
+                    self.on_answers(std::mem::take(&mut answers)).await;
+                    self.handle(other).await;
+                    next = self.commands.try_recv().ok();
+                }
+            }
+        }
+        self.on_answers(answers).await;
+    }
+
+    /// Records agents' answers in their rollouts, persists each changed rollout once, then
+    /// advances them.
+    async fn on_answers(&mut self, answers: Vec<(String, ConfigStatus)>) {
+        if answers.is_empty() {
+            return;
+        }
         let now = unix_ms_now();
-        let owner = self
-            .rollouts
-            .values()
-            .find(|r| {
-                r.is_active()
-                    && r.gateways
-                        .get(&gateway)
-                        .is_some_and(|p| p.offer_id.as_deref() == Some(status.offer_id.as_str()))
-            })
-            .map(|r| r.id.clone());
-        let Some(id) = owner else {
-            tracing::debug!(gateway_id = %gateway, offer_id = %status.offer_id, "answer to no active offer");
+        let mut changed: BTreeMap<String, RolloutRecord> = BTreeMap::new();
+        for (gateway, status) in answers {
+            let phase = ConfigPhase::try_from(status.phase).unwrap_or(ConfigPhase::Unspecified);
+            let owner = self
+                .rollouts
+                .values()
+                .find(|r| {
+                    r.is_active()
+                        && r.gateways.get(&gateway).is_some_and(|p| {
+                            p.offer_id.as_deref() == Some(status.offer_id.as_str())
+                        })
+                })
+                .map(|r| r.id.clone());
+            let Some(id) = owner else {
+                tracing::debug!(gateway_id = %gateway, offer_id = %status.offer_id, "answer to no active offer");
+                continue;
+            };
+            if let Some(r) = changed.get_mut(&id) {
+                step::answer(r, &gateway, &status.offer_id, phase, &status.error, now);
+            } else if let Some(mut r) = self.rollouts.get(&id).cloned()
+                && step::answer(
+                    &mut r,
+                    &gateway,
+                    &status.offer_id,
+                    phase,
+                    &status.error,
+                    now,
+                )
+            {
+                changed.insert(id, r);
+            }
+        }
+        if changed.is_empty() {
             return;
-        };
-        let Some(mut r) = self.rollouts.get(&id).cloned() else {
-            return;
-        };
-        if step::answer(
-            &mut r,
-            &gateway,
-            &status.offer_id,
-            phase,
-            &status.error,
-            now,
-        ) {
+        }
+        let ids: Vec<String> = changed.keys().cloned().collect();
+        for r in changed.into_values() {
             self.commit(r).await;
-            let observed = self.observe().await;
+        }
+        let observed = self.observe().await;
+        for id in ids {
             self.advance(&id, &observed, now).await;
         }
     }
@@ -406,7 +468,7 @@ impl Engine {
                 let receiver = self.changes.subscribe();
                 let _ = reply.send(self.find(&id).cloned().map(|r| (r, receiver)));
             }
-            Command::Answer { gateway, status } => self.on_answer(gateway, status).await,
+            Command::Answer { gateway, status } => self.on_answers(vec![(gateway, status)]).await,
         }
     }
 
