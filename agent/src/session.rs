@@ -338,13 +338,7 @@ async fn serve(
 }
 
 fn count_answer(metrics: &Metrics, status: &ConfigStatus) {
-    let result = match ConfigPhase::try_from(status.phase) {
-        Ok(ConfigPhase::Applied) => "applied",
-        Ok(ConfigPhase::Rejected) => "rejected",
-        Ok(ConfigPhase::Failed) => "failed",
-        Ok(ConfigPhase::Superseded) => "superseded",
-        _ => "unknown",
-    };
+    let result = ConfigPhase::label_of(status.phase);
     metrics
         .config_applies
         .get_or_create(&ResultLabels { result })

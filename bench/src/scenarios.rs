@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kt_proto::v1::{
-    EventFilter, FleetUpdate, HealthStatus, PushConfigRequest, RolloutRequest, RolloutSpec,
-    Strategy, TailEventsRequest, WatchFleetRequest, fleet_update, tail_events_response,
+    EventFilter, FleetUpdate, PushConfigRequest, RolloutRequest, RolloutSpec, Strategy,
+    TailEventsRequest, WatchFleetRequest, fleet_update, tail_events_response,
 };
 use serde_json::{Value, json};
 
@@ -39,6 +39,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// p50, p99 and max of `values` (sorted here).
+fn spread(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (
+        percentile(values, 50.0),
+        percentile(values, 99.0),
+        values.last().copied().unwrap_or(0.0),
+    )
 }
 
 impl Run<'_> {
@@ -138,14 +148,7 @@ pub async fn steady(run: &Run<'_>) -> anyhow::Result<Outcome> {
         // 1% of the agents change health every second: status updates on top of heartbeats.
         for _ in 0..per_second {
             let agent = &sim.agents[next % sim.agents.len()];
-            agent.health.send_modify(|h| {
-                h.status = if h.status == HealthStatus::Healthy as i32 {
-                    HealthStatus::Degraded as i32
-                } else {
-                    HealthStatus::Healthy as i32
-                };
-                h.observed_at_unix_ms = kt_proto::unix_ms_now();
-            });
+            agent.toggle_health();
             next += 1;
             changes += 1;
         }
@@ -290,12 +293,7 @@ pub async fn rollout(run: &Run<'_>) -> anyhow::Result<Outcome> {
             .collect();
         (l, applied.offer_bytes)
     };
-    latencies.sort_by(f64::total_cmp);
-    let (p50, p99, max) = (
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
-        latencies.last().copied().unwrap_or(0.0),
-    );
+    let (p50, p99, max) = spread(&mut latencies);
     sim.stop();
     Ok(Outcome {
         json: json!({
@@ -531,14 +529,7 @@ pub async fn watch(
         tokio::time::sleep(tick).await;
         for _ in 0..per_tick {
             let agent = &sim.agents[next % sim.agents.len()];
-            agent.health.send_modify(|h| {
-                h.status = if h.status == HealthStatus::Healthy as i32 {
-                    HealthStatus::Degraded as i32
-                } else {
-                    HealthStatus::Healthy as i32
-                };
-                h.observed_at_unix_ms = kt_proto::unix_ms_now();
-            });
+            agent.toggle_health();
             next += 1;
             changes += 1;
         }
@@ -550,12 +541,7 @@ pub async fn watch(
         received.push(n);
         latencies.extend(l);
     }
-    latencies.sort_by(f64::total_cmp);
-    let (p50, p99, max) = (
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
-        latencies.last().copied().unwrap_or(0.0),
-    );
+    let (p50, p99, max) = spread(&mut latencies);
     sim.stop();
     Ok(Outcome {
         json: json!({

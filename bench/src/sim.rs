@@ -35,6 +35,21 @@ pub struct SimAgent {
     cancel: CancellationToken,
 }
 
+impl SimAgent {
+    /// The simulated gateway turns degraded, or healthy again, observed now: the agent sends a
+    /// status update and watchers see the change.
+    pub fn toggle_health(&self) {
+        self.health.send_modify(|h| {
+            h.status = if h.status == HealthStatus::Healthy as i32 {
+                HealthStatus::Degraded as i32
+            } else {
+                HealthStatus::Healthy as i32
+            };
+            h.observed_at_unix_ms = kt_proto::unix_ms_now();
+        });
+    }
+}
+
 pub struct SimFleet {
     pub agents: Vec<SimAgent>,
     /// Shared by every simulated agent: counters add up across the fleet.

@@ -264,7 +264,7 @@ fn scrape(
             if let Ok(Ok(gateways)) = fleet.list(None).await {
                 let states = gateways.iter().map(|g| {
                     kt_proto::v1::AgentState::try_from(g.agent_state)
-                        .map_or("unknown", agent_state_name)
+                        .map_or("unknown", kt_proto::v1::AgentState::label)
                 });
                 metrics::Metrics::set_states(&metrics.agents, &AGENT_STATES, states);
             }
@@ -278,14 +278,3 @@ fn scrape(
 }
 
 const AGENT_STATES: [&str; 4] = ["connected", "unreachable", "disconnected", "gone"];
-
-fn agent_state_name(state: kt_proto::v1::AgentState) -> &'static str {
-    use kt_proto::v1::AgentState;
-    match state {
-        AgentState::Connected => "connected",
-        AgentState::Unreachable => "unreachable",
-        AgentState::Disconnected => "disconnected",
-        AgentState::Gone => "gone",
-        AgentState::Unspecified => "unknown",
-    }
-}

@@ -129,11 +129,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(%error, "cannot encode metrics");
-        }
-        out
+        kt_proto::metrics_http::encode(&self.registry)
     }
 
     /// Replaces a gauge family's values with `counts`; the states in `all` are always present.

@@ -111,13 +111,7 @@ impl GatewayRow {
 }
 
 pub fn agent_str(state: AgentState) -> &'static str {
-    match state {
-        AgentState::Connected => "connected",
-        AgentState::Unreachable => "unreachable",
-        AgentState::Disconnected => "disconnected",
-        AgentState::Gone => "gone",
-        AgentState::Unspecified => "unknown",
-    }
+    state.label()
 }
 
 pub fn health_str(status: HealthStatus) -> &'static str {

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod contract;
 pub mod daemon;
 pub mod identity;
+pub mod labels;
 pub mod metrics_http;
 pub mod size;
 pub mod tls;

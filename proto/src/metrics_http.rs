@@ -15,6 +15,15 @@ use tokio_util::sync::CancellationToken;
 /// Produces the OpenMetrics text at each scrape (gauges may be read from live state first).
 pub type Encode = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
+/// The OpenMetrics text of `registry`.
+pub fn encode(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::error!(%error, "cannot encode metrics");
+    }
+    out
+}
+
 /// Serves `GET /metrics` on `listener` until `cancel` fires.
 pub async fn serve(listener: TcpListener, encode: Encode, cancel: CancellationToken) {
     let app = axum::Router::new().route(

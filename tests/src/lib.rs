@@ -534,3 +534,32 @@ pub async fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) ->
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Stops whatever `ktctl dev up` (or `ktctl demo`) started in a directory, by pid, even when the
+/// test fails.
+pub struct DevFleetGuard(pub PathBuf);
+
+impl Drop for DevFleetGuard {
+    fn drop(&mut self) {
+        if let Ok(Some(state)) = dev::DevState::load(&self.0) {
+            for p in &state.processes {
+                dev::stop(p.pid, &p.binary, Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// `kt-gateway validate FILE`, asserting that it accepts the file.
+pub fn assert_valid_policy(path: &Path) {
+    let out = std::process::Command::new(bin("kt-gateway"))
+        .arg("validate")
+        .arg(path)
+        .output()
+        .expect("kt-gateway validate");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -3,20 +3,7 @@
 use std::time::Duration;
 
 use kt_ctl::dev;
-use kt_e2e::{bin, wait_for};
-
-/// Stops whatever `dev up` started in `dir`, by pid, even when the test fails.
-struct DevFleetGuard(std::path::PathBuf);
-
-impl Drop for DevFleetGuard {
-    fn drop(&mut self) {
-        if let Ok(Some(state)) = dev::DevState::load(&self.0) {
-            for p in &state.processes {
-                dev::stop(p.pid, &p.binary, Duration::from_secs(2));
-            }
-        }
-    }
-}
+use kt_e2e::{DevFleetGuard, bin, wait_for};
 
 fn ktctl(args: &[&str]) -> std::process::Output {
     std::process::Command::new(bin("ktctl"))

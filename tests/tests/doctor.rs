@@ -1,25 +1,12 @@
 //! `ktctl doctor` on a dev fleet: quiet when all is well, and exactly the problems that were
 //! caused, with hints, when a gateway is stopped and the provider made unreachable.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use kt_ctl::dev::{self, DevState, Role};
-use kt_e2e::{bin, wait_for};
+use kt_e2e::{DevFleetGuard, bin, wait_for};
 use serde_json::Value;
-
-/// Stops whatever `dev up` started in `dir`, by pid, even when the test fails.
-struct DevFleetGuard(PathBuf);
-
-impl Drop for DevFleetGuard {
-    fn drop(&mut self) {
-        if let Ok(Some(state)) = DevState::load(&self.0) {
-            for p in &state.processes {
-                dev::stop(p.pid, &p.binary, Duration::from_secs(2));
-            }
-        }
-    }
-}
 
 fn ktctl(args: &[&str]) -> std::process::Output {
     std::process::Command::new(bin("ktctl"))

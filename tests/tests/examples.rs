@@ -10,16 +10,7 @@ fn example(name: &str) -> PathBuf {
 
 #[test]
 fn example_configs_parse() {
-    let policy = std::process::Command::new(kt_e2e::bin("kt-gateway"))
-        .arg("validate")
-        .arg(example("policy-config.yaml"))
-        .output()
-        .expect("kt-gateway validate");
-    assert!(
-        policy.status.success(),
-        "{}",
-        String::from_utf8_lossy(&policy.stderr)
-    );
+    kt_e2e::assert_valid_policy(&example("policy-config.yaml"));
 
     let ktctl = kt_ctl::ktconfig::KtctlConfig::load(&example("ktctl.yaml")).expect("ktctl.yaml");
     assert_eq!(ktctl.current_context.as_deref(), Some("production"));

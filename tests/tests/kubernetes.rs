@@ -242,14 +242,5 @@ fn configs_in_the_config_maps_load_with_the_binaries_loaders() {
         agent.coordinator.endpoints,
         ["https://kt-coordinator.kt-fleet.svc:41001"]
     );
-    let policy = std::process::Command::new(kt_e2e::bin("kt-gateway"))
-        .arg("validate")
-        .arg(dir.join("policy-config.yaml"))
-        .output()
-        .expect("kt-gateway validate");
-    assert!(
-        policy.status.success(),
-        "{}",
-        String::from_utf8_lossy(&policy.stderr)
-    );
+    kt_e2e::assert_valid_policy(&dir.join("policy-config.yaml"));
 }
