@@ -4,6 +4,7 @@
 //! polling its gateway and retries with full-jitter backoff, forever, doing nothing else.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::Retryable;
@@ -29,7 +30,6 @@ use crate::events::ForwardingReport;
 use crate::health::{MAX_HEARTBEAT_INTERVAL, materially_different};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::probe::Prober;
-use std::sync::Arc;
 
 /// Messages queued towards the coordinator before sending waits.
 const OUTBOUND_QUEUE: usize = 16;

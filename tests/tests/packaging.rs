@@ -394,3 +394,63 @@ async fn coordinator_and_agent_metrics_count_sessions_heartbeats_and_events() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Starts a coordinator with `env`, waits until it listens, stops it; returns its log.
+fn coordinator_log(dir: &Path, env: &[(&str, &str)]) -> String {
+    std::fs::create_dir_all(dir).expect("dir");
+    let pki = Pki::new(dir.join("pki"));
+    let groups = dir.join("groups.yaml");
+    std::fs::write(&groups, "groups: {}\n").expect("groups");
+    let config = dir.join("coordinator.yaml");
+    let text = kt_ctl::dev::coordinator_config(
+        "127.0.0.1:0".parse().expect("addr"),
+        &pki.dir,
+        &dir.join("data"),
+        &groups,
+        TEST_LIVENESS,
+    );
+    std::fs::write(&config, text).expect("config");
+    let ready = dir.join("coordinator.addr");
+    let mut proc = Proc::spawn_with_env(
+        "kt-coordinator",
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--ready-file".into(),
+            ready.display().to_string(),
+        ],
+        env,
+        dir.join("coordinator.log"),
+    );
+    proc.wait_ready(&ready);
+    let log = proc.log_text();
+    proc.terminate();
+    log
+}
+
+#[test]
+fn daemons_log_json_on_request_filtered_like_rust_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = coordinator_log(
+        &dir.path().join("json"),
+        &[("KT_LOG_FORMAT", "json"), ("RUST_LOG", "info")],
+    );
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "INFO" && l["fields"]["message"] == "coordinator listening"),
+        "{json}"
+    );
+    let quiet = coordinator_log(&dir.path().join("warn"), &[("RUST_LOG", "warn")]);
+    assert!(!quiet.contains("coordinator listening"), "{quiet}");
+    let text = coordinator_log(&dir.path().join("text"), &[("RUST_LOG", "info")]);
+    assert!(
+        text.contains("coordinator listening") && !text.trim_start().starts_with('{'),
+        "{text}"
+    );
+}
