@@ -138,6 +138,7 @@ pub async fn steady(run: &Run<'_>) -> anyhow::Result<Outcome> {
         .stats()
         .ok_or_else(|| anyhow::anyhow!("no coordinator"))?;
     let heartbeats_before = sim.metrics.heartbeats_sent.get();
+    let buckets_before = heartbeat_buckets(&coordinator).await;
     let started = Instant::now();
     let mut peak_rss = before.rss_bytes;
     let mut changes = 0u64;
@@ -162,7 +163,7 @@ pub async fn steady(run: &Run<'_>) -> anyhow::Result<Outcome> {
         .ok_or_else(|| anyhow::anyhow!("no coordinator"))?;
     let heartbeats = sim.metrics.heartbeats_sent.get() - heartbeats_before;
     let cores = (after.cpu - before.cpu).as_secs_f64() / elapsed.as_secs_f64();
-    let latency = heartbeat_latency(&coordinator).await;
+    let latency = heartbeat_latency(&buckets_before, &heartbeat_buckets(&coordinator).await);
     sim.stop();
     Ok(Outcome {
         json: json!({
@@ -189,8 +190,8 @@ pub async fn steady(run: &Run<'_>) -> anyhow::Result<Outcome> {
     })
 }
 
-/// p50/p99 of the coordinator's heartbeat processing time, from its metrics (bucket bounds).
-async fn heartbeat_latency(coordinator: &Coordinator) -> Value {
+/// The coordinator's heartbeat processing histogram: cumulative counts by upper bound.
+async fn heartbeat_buckets(coordinator: &Coordinator) -> Vec<(f64, f64)> {
     let text = scrape(coordinator.metrics_addr).await;
     let mut buckets: Vec<(f64, f64)> = text
         .lines()
@@ -206,9 +207,24 @@ async fn heartbeat_latency(coordinator: &Coordinator) -> Value {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets
+}
+
+/// p50 and p99 of the heartbeats processed between two scrapes, as histogram bucket bounds.
+fn heartbeat_latency(before: &[(f64, f64)], after: &[(f64, f64)]) -> Value {
+    let window: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(bound, count)| {
+            let earlier = before
+                .iter()
+                .find(|(b, _)| b == bound)
+                .map_or(0.0, |(_, c)| *c);
+            (*bound, count - earlier)
+        })
+        .collect();
+    let total = window.last().map_or(0.0, |b| b.1);
     let quantile = |q: f64| {
-        buckets
+        window
             .iter()
             .find(|(_, count)| *count >= q * total)
             .map(|(bound, _)| bound * 1000.0)
