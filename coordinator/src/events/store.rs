@@ -396,12 +396,16 @@ impl EventStore {
         tx.commit()?;
         self.stored_through.extend(overlay);
         self.counters.merge(&tallies);
+        let mut stored = 0;
         for p in &published {
             match p {
-                Published::Event(_) => self.metrics.events_stored.inc(),
-                Published::Gap { gap, .. } => self.metrics.events_lost_by_agents.inc_by(gap.count),
-            };
+                Published::Event(_) => stored += 1,
+                Published::Gap { gap, .. } => {
+                    self.metrics.events_lost_by_agents.inc_by(gap.count);
+                }
+            }
         }
+        self.metrics.events_stored.inc_by(stored);
         Ok(published)
     }
 

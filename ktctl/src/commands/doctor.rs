@@ -120,7 +120,10 @@ fn select(gateways: Vec<GatewayState>, only: &[String]) -> anyhow::Result<Vec<Ga
         .collect())
 }
 
-/// Probes every live gateway at once; a gateway whose probe fails gets the error.
+/// Probes sent at the same time at most.
+const PROBES_AT_ONCE: usize = 32;
+
+/// Probes every live gateway; a gateway whose probe fails gets the error.
 async fn probe(
     session: &Session,
     gateways: &[GatewayState],
@@ -153,7 +156,11 @@ async fn probe(
             (gateway, answer)
         }
     });
-    Ok(futures_util::future::join_all(asks)
+    // A few at a time: a large fleet must not get every probe in the same instant.
+    use futures_util::StreamExt;
+    Ok(futures_util::stream::iter(asks)
+        .buffer_unordered(PROBES_AT_ONCE)
+        .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect())
