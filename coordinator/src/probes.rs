@@ -17,17 +17,17 @@ pub struct Probes {
 }
 
 impl Probes {
-    /// Registers a probe to `gateway`; returns its id and where the answer arrives.
-    pub fn register(&self, gateway: GatewayId) -> (String, oneshot::Receiver<ProbeResult>) {
+    /// Registers a probe to `gateway`. The probe is forgotten when the returned handle is
+    /// dropped: answered, timed out, or its caller gone.
+    pub fn register(&self, gateway: GatewayId) -> Waiter {
         let id = format!("probe-{:016x}", rand::random::<u64>());
         let (tx, rx) = oneshot::channel();
         self.lock().insert(id.clone(), (gateway, tx));
-        (id, rx)
-    }
-
-    /// Forgets a probe nobody waits for any more (timed out, or never delivered).
-    pub fn forget(&self, id: &str) {
-        self.lock().remove(id);
+        Waiter {
+            probes: self.clone(),
+            id,
+            answer: rx,
+        }
     }
 
     /// Hands an agent's answer to whoever waits; false when no probe of this id was sent to
@@ -49,6 +49,20 @@ impl Probes {
     }
 }
 
+/// A registered probe: its id, and where its answer arrives.
+#[derive(Debug)]
+pub struct Waiter {
+    probes: Probes,
+    pub id: String,
+    pub answer: oneshot::Receiver<ProbeResult>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.probes.lock().remove(&self.id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,7 +72,8 @@ mod tests {
         let probes = Probes::default();
         let a = GatewayId::new("gw-a").expect("id");
         let b = GatewayId::new("gw-b").expect("id");
-        let (id, mut rx) = probes.register(a.clone());
+        let mut waiter = probes.register(a.clone());
+        let id = waiter.id.clone();
         let result = ProbeResult {
             probe_id: id.clone(),
             ..Default::default()
@@ -67,9 +82,9 @@ mod tests {
             !probes.answer(&b, result.clone()),
             "another gateway's agent"
         );
-        assert!(rx.try_recv().is_err());
+        assert!(waiter.answer.try_recv().is_err());
         assert!(probes.answer(&a, result));
-        assert_eq!(rx.try_recv().expect("answered").probe_id, id);
+        assert_eq!(waiter.answer.try_recv().expect("answered").probe_id, id);
         assert!(
             !probes.answer(
                 &a,
@@ -80,5 +95,18 @@ mod tests {
             ),
             "answered once"
         );
+    }
+
+    #[test]
+    fn a_probe_nobody_waits_for_is_forgotten() {
+        let probes = Probes::default();
+        let a = GatewayId::new("gw-a").expect("id");
+        let id = probes.register(a.clone()).id.clone();
+        let late = ProbeResult {
+            probe_id: id,
+            ..Default::default()
+        };
+        assert!(!probes.answer(&a, late), "dropped waiter: nothing kept");
+        assert!(probes.lock().is_empty());
     }
 }

@@ -579,29 +579,26 @@ impl OperatorService for OperatorApi {
             0 => Duration::from_secs(10),
             ms => Duration::from_millis(ms.min(60_000)),
         };
-        let (probe_id, answer) = self.probes.register(gateway.clone());
-        tracing::info!(%identity, gateway_id = %gateway, %probe_id, "synthetic probe");
+        // Forgotten when this call ends, however it ends (the operator may go away first).
+        let mut waiter = self.probes.register(gateway.clone());
+        tracing::info!(%identity, gateway_id = %gateway, probe_id = %waiter.id, "synthetic probe");
         let probe = v1::ProbeRequest {
-            probe_id: probe_id.clone(),
+            probe_id: waiter.id.clone(),
             prompts: request.prompts,
         };
         if !self.fleet.probe(gateway.to_string(), probe).await {
-            self.probes.forget(&probe_id);
             return Err(ApiError::NotConnected(format!(
                 "the agent of {gateway} has no open session: nothing can carry the probe"
             ))
             .into());
         }
-        match tokio::time::timeout(timeout, answer).await {
+        match tokio::time::timeout(timeout, &mut waiter.answer).await {
             Ok(Ok(result)) => Ok(Response::new(result)),
-            _ => {
-                self.probes.forget(&probe_id);
-                Err(ApiError::TimedOut(format!(
-                    "the agent of {gateway} did not answer the probe within {} ms",
-                    timeout.as_millis()
-                ))
-                .into())
-            }
+            _ => Err(ApiError::TimedOut(format!(
+                "the agent of {gateway} did not answer the probe within {} ms",
+                timeout.as_millis()
+            ))
+            .into()),
         }
     }
 
