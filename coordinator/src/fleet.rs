@@ -605,6 +605,25 @@ mod tests {
         GatewayId::new(id).expect("valid id")
     }
 
+    fn connect(fleet: &mut Fleet, id: &str, session: SessionId, now: Instant) {
+        let command = Command::Connected {
+            gateway: gw(id),
+            session,
+            hello: hello(),
+            outbound: outbound(),
+        };
+        fleet.handle(command, now);
+    }
+
+    fn end(fleet: &mut Fleet, id: &str, session: SessionId, clean: bool, now: Instant) {
+        let command = Command::Ended {
+            gateway: gw(id),
+            session,
+            clean,
+        };
+        fleet.handle(command, now);
+    }
+
     fn state_of(fleet: &Fleet, id: &str) -> AgentState {
         fleet.records[&gw(id)].state
     }
@@ -613,15 +632,7 @@ mod tests {
     async fn silence_walks_connected_unreachable_disconnected_gone() {
         let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
         let start = Instant::now();
-        fleet.handle(
-            Command::Connected {
-                gateway: gw("gw-1"),
-                session: 1,
-                hello: hello(),
-                outbound: outbound(),
-            },
-            start,
-        );
+        connect(&mut fleet, "gw-1", 1, start);
         assert_eq!(state_of(&fleet, "gw-1"), AgentState::Connected);
 
         for (after, expected) in [
@@ -640,40 +651,10 @@ mod tests {
     async fn broken_session_is_unreachable_goodbye_is_disconnected() {
         let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
         let now = Instant::now();
-        fleet.handle(
-            Command::Connected {
-                gateway: gw("gw-1"),
-                session: 1,
-                hello: hello(),
-                outbound: outbound(),
-            },
-            now,
-        );
-        fleet.handle(
-            Command::Connected {
-                gateway: gw("gw-2"),
-                session: 2,
-                hello: hello(),
-                outbound: outbound(),
-            },
-            now,
-        );
-        fleet.handle(
-            Command::Ended {
-                gateway: gw("gw-1"),
-                session: 1,
-                clean: false,
-            },
-            now,
-        );
-        fleet.handle(
-            Command::Ended {
-                gateway: gw("gw-2"),
-                session: 2,
-                clean: true,
-            },
-            now,
-        );
+        connect(&mut fleet, "gw-1", 1, now);
+        connect(&mut fleet, "gw-2", 2, now);
+        end(&mut fleet, "gw-1", 1, false, now);
+        end(&mut fleet, "gw-2", 2, true, now);
         assert_eq!(state_of(&fleet, "gw-1"), AgentState::Unreachable);
         assert_eq!(state_of(&fleet, "gw-2"), AgentState::Disconnected);
     }
@@ -682,32 +663,9 @@ mod tests {
     async fn a_stale_session_cannot_touch_the_new_one() {
         let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
         let now = Instant::now();
-        fleet.handle(
-            Command::Connected {
-                gateway: gw("gw-1"),
-                session: 1,
-                hello: hello(),
-                outbound: outbound(),
-            },
-            now,
-        );
-        fleet.handle(
-            Command::Connected {
-                gateway: gw("gw-1"),
-                session: 2,
-                hello: hello(),
-                outbound: outbound(),
-            },
-            now,
-        );
-        fleet.handle(
-            Command::Ended {
-                gateway: gw("gw-1"),
-                session: 1,
-                clean: true,
-            },
-            now,
-        );
+        connect(&mut fleet, "gw-1", 1, now);
+        connect(&mut fleet, "gw-1", 2, now);
+        end(&mut fleet, "gw-1", 1, true, now);
         assert_eq!(state_of(&fleet, "gw-1"), AgentState::Connected);
     }
 
@@ -716,15 +674,7 @@ mod tests {
         let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
         let mut changes = fleet.changes.subscribe();
         let start = Instant::now();
-        fleet.handle(
-            Command::Connected {
-                gateway: gw("gw-1"),
-                session: 1,
-                hello: hello(),
-                outbound: outbound(),
-            },
-            start,
-        );
+        connect(&mut fleet, "gw-1", 1, start);
         for s in 1..20 {
             let now = start + Duration::from_secs(s);
             fleet.handle(

@@ -288,7 +288,7 @@ fn agents(inputs: &Inputs, checks: &mut Vec<Check>) {
                 Section::Agents,
                 Mark::Fail,
                 g.gateway_id.clone(),
-                format!("{}, {seen}", crate::view::agent_str(state)),
+                format!("{}, {seen}", state.label()),
                 threshold.clone(),
                 Some(format!(
                     "check the agent on {}'s host (systemctl status kt-agent; journalctl -u kt-agent): it must reach the coordinator and present a valid certificate",
@@ -382,7 +382,7 @@ fn gateways(inputs: &Inputs, checks: &mut Vec<Check>) {
             continue;
         }
         let status = HealthStatus::try_from(h.status).unwrap_or(HealthStatus::Unspecified);
-        let status_name = crate::view::health_str(status);
+        let status_name = status.label();
         let reload_error = h
             .config
             .as_ref()

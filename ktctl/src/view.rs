@@ -46,12 +46,9 @@ impl GatewayRow {
         let agent = AgentState::try_from(state.agent_state).unwrap_or(AgentState::Unspecified);
         let health = state.health.as_ref();
         let status = match (agent, health) {
-            (AgentState::Connected, Some(h)) => match HealthStatus::try_from(h.status) {
-                Ok(HealthStatus::Healthy) => "healthy",
-                Ok(HealthStatus::Degraded) => "degraded",
-                Ok(HealthStatus::Unhealthy) => "unhealthy",
-                _ => "unknown",
-            },
+            (AgentState::Connected, Some(h)) => {
+                HealthStatus::try_from(h.status).map_or("unknown", HealthStatus::label)
+            }
             _ => "unknown",
         };
         let config = health.and_then(|h| h.config.as_ref());
@@ -62,7 +59,7 @@ impl GatewayRow {
             groups: state.groups.clone(),
             region: state.labels.get("region").cloned(),
             labels: state.labels.clone().into_iter().collect(),
-            agent: agent_str(agent),
+            agent: agent.label(),
             status,
             config_version: config.and_then(|c| non_empty(&c.version)),
             config_hash: config.and_then(|c| non_empty(&c.hash)),
@@ -107,19 +104,6 @@ impl GatewayRow {
             Some(s) if s < 7200 => format!("{}m ago", s / 60),
             Some(s) => format!("{}h ago", s / 3600),
         }
-    }
-}
-
-pub fn agent_str(state: AgentState) -> &'static str {
-    state.label()
-}
-
-pub fn health_str(status: HealthStatus) -> &'static str {
-    match status {
-        HealthStatus::Healthy => "healthy",
-        HealthStatus::Degraded => "degraded",
-        HealthStatus::Unhealthy => "unhealthy",
-        HealthStatus::Unspecified => "unknown",
     }
 }
 

@@ -1,6 +1,6 @@
 //! Lowercase names of protocol enums, as logs, metrics labels and the CLI show them.
 
-use crate::v1::{AgentState, ConfigPhase};
+use crate::v1::{AgentState, ConfigPhase, HealthStatus};
 
 impl AgentState {
     pub fn label(self) -> &'static str {
@@ -10,6 +10,17 @@ impl AgentState {
             AgentState::Disconnected => "disconnected",
             AgentState::Gone => "gone",
             AgentState::Unspecified => "unknown",
+        }
+    }
+}
+
+impl HealthStatus {
+    pub fn label(self) -> &'static str {
+        match self {
+            HealthStatus::Healthy => "healthy",
+            HealthStatus::Degraded => "degraded",
+            HealthStatus::Unhealthy => "unhealthy",
+            HealthStatus::Unspecified => "unknown",
         }
     }
 }

@@ -151,11 +151,13 @@ struct NotifiedCoordinator {
     addr: std::net::SocketAddr,
 }
 
-fn start_notified(dir: &Path) -> NotifiedCoordinator {
-    start_coordinator(dir, None)
-}
-
-fn start_coordinator(dir: &Path, metrics: Option<std::net::SocketAddr>) -> NotifiedCoordinator {
+/// Starts a coordinator as systemd would (with `$NOTIFY_SOCKET`), with `env` besides, and
+/// serving metrics on `metrics` if given.
+fn start_coordinator(
+    dir: &Path,
+    metrics: Option<std::net::SocketAddr>,
+    env: &[(&str, &str)],
+) -> NotifiedCoordinator {
     let pki = Pki::new(dir.join("pki"));
     let groups = dir.join("groups.yaml");
     std::fs::write(&groups, "groups:\n  first:\n    gateways: [gw-a]\n").expect("groups");
@@ -178,6 +180,8 @@ fn start_coordinator(dir: &Path, metrics: Option<std::net::SocketAddr>) -> Notif
         .expect("timeout");
     let ready = dir.join("coordinator.addr");
     let socket_arg = socket.display().to_string();
+    let mut env = env.to_vec();
+    env.push(("NOTIFY_SOCKET", socket_arg.as_str()));
     let mut proc = Proc::spawn_with_env(
         "kt-coordinator",
         &[
@@ -186,7 +190,7 @@ fn start_coordinator(dir: &Path, metrics: Option<std::net::SocketAddr>) -> Notif
             "--ready-file".into(),
             ready.display().to_string(),
         ],
-        &[("NOTIFY_SOCKET", socket_arg.as_str())],
+        &env,
         dir.join("coordinator.log"),
     );
     let addr = proc.wait_ready(&ready);
@@ -225,7 +229,7 @@ fn group_names(ktctl_config: &Path) -> Vec<String> {
 async fn the_coordinator_notifies_readiness_and_reloads_its_groups_on_sighup() {
     kt_proto::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_notified(dir.path());
+    let c = start_coordinator(dir.path(), None, &[]);
     assert_eq!(next_notification(&c.notify), "READY=1");
     assert_eq!(group_names(&c.ktctl_config), ["first"]);
 
@@ -337,7 +341,11 @@ async fn coordinator_and_agent_metrics_count_sessions_heartbeats_and_events() {
     kt_proto::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let (coordinator_metrics, agent_metrics) = (free_addr(), free_addr());
-    let c = start_coordinator(&dir.path().join("coordinator"), Some(coordinator_metrics));
+    let c = start_coordinator(
+        &dir.path().join("coordinator"),
+        Some(coordinator_metrics),
+        &[],
+    );
     let provider = MockProvider::start(&dir.path().join("provider"), &[]);
     let gw_dir = dir.path().join("gw-a");
     let gateway = GatewayNode::start(gw_dir.clone(), "gw-a", provider.addr);
@@ -398,33 +406,9 @@ async fn coordinator_and_agent_metrics_count_sessions_heartbeats_and_events() {
 /// Starts a coordinator with `env`, waits until it listens, stops it; returns its log.
 fn coordinator_log(dir: &Path, env: &[(&str, &str)]) -> String {
     std::fs::create_dir_all(dir).expect("dir");
-    let pki = Pki::new(dir.join("pki"));
-    let groups = dir.join("groups.yaml");
-    std::fs::write(&groups, "groups: {}\n").expect("groups");
-    let config = dir.join("coordinator.yaml");
-    let text = kt_ctl::dev::coordinator_config(
-        "127.0.0.1:0".parse().expect("addr"),
-        &pki.dir,
-        &dir.join("data"),
-        &groups,
-        TEST_LIVENESS,
-    );
-    std::fs::write(&config, text).expect("config");
-    let ready = dir.join("coordinator.addr");
-    let mut proc = Proc::spawn_with_env(
-        "kt-coordinator",
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "--ready-file".into(),
-            ready.display().to_string(),
-        ],
-        env,
-        dir.join("coordinator.log"),
-    );
-    proc.wait_ready(&ready);
-    let log = proc.log_text();
-    proc.terminate();
+    let c = start_coordinator(dir, None, env);
+    let log = c.proc.log_text();
+    c.proc.terminate();
     log
 }
 

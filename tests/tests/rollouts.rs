@@ -26,6 +26,13 @@ fn policy(fleet: &TestFleet, version: &str, edit: impl Fn(String) -> String) -> 
     path.display().to_string()
 }
 
+/// `ktctl config push --file FILE --group test FLAGS...`
+fn push(fleet: &TestFleet, file: &str, flags: &[&str]) -> std::process::Output {
+    let mut args = vec!["config", "push", "--file", file, "--group", kt_e2e::GROUP];
+    args.extend_from_slice(flags);
+    fleet.ktctl(&args)
+}
+
 fn text(out: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -100,25 +107,23 @@ async fn rolling_push_moves_one_gateway_at_a_time() {
     let fleet = fleet(3).await;
     let before = hashes(&fleet);
     let file = policy(&fleet, "1.1.0", |t| t);
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
+    let out = push(
+        &fleet,
         &file,
-        "--group",
-        kt_e2e::GROUP,
-        "--strategy",
-        "rolling",
-        "--batch-size",
-        "1",
-        "--pause-between",
-        "1s",
-        "--min-healthy-time",
-        "300ms",
-        "--rollback-on-error",
-        "--reason",
-        "e2e",
-    ]);
+        &[
+            "--strategy",
+            "rolling",
+            "--batch-size",
+            "1",
+            "--pause-between",
+            "1s",
+            "--min-healthy-time",
+            "300ms",
+            "--rollback-on-error",
+            "--reason",
+            "e2e",
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let r = rollout(&fleet, "r-1");
     assert_eq!(r["state"], "succeeded");
@@ -162,17 +167,11 @@ async fn a_rejected_config_never_reaches_the_other_gateways() {
     let bad = policy(&fleet, "1.1.0", |t| {
         t.replace("    - dlp-filter\n", "    - dlp-filter\n    - teleport\n")
     });
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
+    let out = push(
+        &fleet,
         &bad,
-        "--group",
-        kt_e2e::GROUP,
-        "--min-healthy-time",
-        "100ms",
-        "--rollback-on-error",
-    ]);
+        &["--min-healthy-time", "100ms", "--rollback-on-error"],
+    );
     assert_eq!(out.status.code(), Some(2), "rolled back: {}", text(&out));
     let r = rollout(&fleet, "r-1");
     let states: Vec<&str> = r["batches"]
@@ -191,16 +190,7 @@ async fn a_rejected_config_never_reaches_the_other_gateways() {
     assert_eq!(hashes(&fleet), before, "nothing changed anywhere");
 
     // Without --rollback-on-error the rollout pauses for a human instead.
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
-        &bad,
-        "--group",
-        kt_e2e::GROUP,
-        "--min-healthy-time",
-        "100ms",
-    ]);
+    let out = push(&fleet, &bad, &["--min-healthy-time", "100ms"]);
     assert_eq!(out.status.code(), Some(4), "paused: {}", text(&out));
     assert_eq!(rollout(&fleet, "r-2")["state"], "paused");
     let out = fleet.ktctl(&["rollout", "abort", "r-2", "--reason", "bad config"]);
@@ -223,23 +213,21 @@ async fn the_verdict_mix_gate_rolls_back_a_policy_that_blocks_everything() {
             "      - the weather",
         )
     });
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
+    let out = push(
+        &fleet,
         &blocker,
-        "--group",
-        kt_e2e::GROUP,
-        "--batch-size",
-        "1",
-        "--min-healthy-time",
-        "3s",
-        "--max-block-rate-delta",
-        "0.2",
-        "--min-sample",
-        "20",
-        "--rollback-on-error",
-    ]);
+        &[
+            "--batch-size",
+            "1",
+            "--min-healthy-time",
+            "3s",
+            "--max-block-rate-delta",
+            "0.2",
+            "--min-sample",
+            "20",
+            "--rollback-on-error",
+        ],
+    );
     drop(traffic);
     assert_eq!(out.status.code(), Some(2), "rolled back: {}", text(&out));
     let r = rollout(&fleet, "r-1");
@@ -266,20 +254,18 @@ async fn canary_promote_pause_resume_and_abort() {
     let fleet = fleet(3).await;
     let before = hashes(&fleet);
     let file = policy(&fleet, "1.1.0", |t| t);
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
+    let out = push(
+        &fleet,
         &file,
-        "--group",
-        kt_e2e::GROUP,
-        "--strategy",
-        "canary",
-        "--canary-size",
-        "1",
-        "--min-healthy-time",
-        "200ms",
-    ]);
+        &[
+            "--strategy",
+            "canary",
+            "--canary-size",
+            "1",
+            "--min-healthy-time",
+            "200ms",
+        ],
+    );
     assert_eq!(
         out.status.code(),
         Some(4),
@@ -308,23 +294,21 @@ async fn canary_promote_pause_resume_and_abort() {
         .await;
 
     // Promote a second canary; pause and resume on the way.
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
+    let out = push(
+        &fleet,
         &file,
-        "--group",
-        kt_e2e::GROUP,
-        "--strategy",
-        "canary",
-        "--canary-size",
-        "1",
-        "--min-healthy-time",
-        "200ms",
-        "--pause-between",
-        "3s",
-        "--detach",
-    ]);
+        &[
+            "--strategy",
+            "canary",
+            "--canary-size",
+            "1",
+            "--min-healthy-time",
+            "200ms",
+            "--pause-between",
+            "3s",
+            "--detach",
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let out = fleet.ktctl(&["rollout", "status", "r-2", "--watch"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
@@ -359,19 +343,17 @@ async fn canary_promote_pause_resume_and_abort() {
 async fn a_coordinator_killed_mid_rollout_resumes_it() {
     let mut fleet = fleet(3).await;
     let file = policy(&fleet, "1.1.0", |t| t);
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
+    let out = push(
+        &fleet,
         &file,
-        "--group",
-        kt_e2e::GROUP,
-        "--min-healthy-time",
-        "1s",
-        "--pause-between",
-        "1s",
-        "--detach",
-    ]);
+        &[
+            "--min-healthy-time",
+            "1s",
+            "--pause-between",
+            "1s",
+            "--detach",
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out));
     // Wait until the second batch is under way, and see the desired version in gateway health.
     let mut seen_desired = false;
@@ -413,17 +395,7 @@ async fn a_coordinator_killed_mid_rollout_resumes_it() {
 async fn an_agent_killed_during_an_apply_leaves_a_valid_config() {
     let mut fleet = fleet(1).await;
     let file = policy(&fleet, "1.1.0", |t| t);
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
-        &file,
-        "--group",
-        kt_e2e::GROUP,
-        "--min-healthy-time",
-        "100ms",
-        "--detach",
-    ]);
+    let out = push(&fleet, &file, &["--min-healthy-time", "100ms", "--detach"]);
     assert!(out.status.success(), "{}", text(&out));
     fleet.agents[0].kill();
     // Whatever the agent had done, the gateway serves a whole, valid config.
@@ -454,15 +426,7 @@ async fn overlapping_rollouts_are_refused_and_a_dry_run_changes_nothing() {
     let fleet = fleet(2).await;
     let before = hashes(&fleet);
     let file = policy(&fleet, "1.1.0", |t| t);
-    let plan = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
-        &file,
-        "--group",
-        kt_e2e::GROUP,
-        "--dry-run",
-    ]);
+    let plan = push(&fleet, &file, &["--dry-run"]);
     assert!(plan.status.success(), "{}", text(&plan));
     let plan_text = text(&plan);
     assert!(
@@ -481,37 +445,21 @@ async fn overlapping_rollouts_are_refused_and_a_dry_run_changes_nothing() {
     );
     assert_eq!(hashes(&fleet), before);
 
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
-        &file,
-        "--group",
-        kt_e2e::GROUP,
-        "--min-healthy-time",
-        "60s",
-        "--detach",
-    ]);
+    let out = push(&fleet, &file, &["--min-healthy-time", "60s", "--detach"]);
     assert!(out.status.success(), "{}", text(&out));
     let other = policy(&fleet, "1.2.0", |t| t);
-    let refused = fleet.ktctl(&["config", "push", "--file", &other, "--group", kt_e2e::GROUP]);
+    let refused = push(&fleet, &other, &[]);
     assert_eq!(refused.status.code(), Some(1));
     assert!(
         text(&refused).contains("r-1"),
         "names the rollout in the way: {}",
         text(&refused)
     );
-    let superseding = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
+    let superseding = push(
+        &fleet,
         &other,
-        "--group",
-        kt_e2e::GROUP,
-        "--min-healthy-time",
-        "100ms",
-        "--supersede",
-    ]);
+        &["--min-healthy-time", "100ms", "--supersede"],
+    );
     assert_eq!(superseding.status.code(), Some(0), "{}", text(&superseding));
     assert_eq!(rollout(&fleet, "r-1")["state"], "superseded");
 }
@@ -633,16 +581,7 @@ async fn history_diff_undo_and_no_silent_downgrade() {
     let fleet = fleet(2).await;
     let before = hashes(&fleet);
     let file = policy(&fleet, "1.1.0", |t| t);
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
-        &file,
-        "--group",
-        kt_e2e::GROUP,
-        "--min-healthy-time",
-        "100ms",
-    ]);
+    let out = push(&fleet, &file, &["--min-healthy-time", "100ms"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
     let diff = fleet.ktctl(&["config", "diff", "1.0.0", "1.1.0"]);
@@ -673,17 +612,11 @@ async fn history_diff_undo_and_no_silent_downgrade() {
     )
     .expect("write");
     let old = old.display().to_string();
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
+    let out = push(
+        &fleet,
         &old,
-        "--group",
-        kt_e2e::GROUP,
-        "--min-healthy-time",
-        "100ms",
-        "--rollback-on-error",
-    ]);
+        &["--min-healthy-time", "100ms", "--rollback-on-error"],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         text(&out).contains("only a rollback may go back"),
@@ -725,21 +658,19 @@ async fn the_error_rate_gate_rolls_back_a_policy_whose_provider_fails() {
         wait_for(PATIENCE, || traffic.sent.load(Ordering::Relaxed) > 100).await,
         "traffic flows"
     );
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
+    let out = push(
+        &fleet,
         &file,
-        "--group",
-        kt_e2e::GROUP,
-        "--min-healthy-time",
-        "3s",
-        "--max-error-rate",
-        "0.1",
-        "--min-sample",
-        "20",
-        "--rollback-on-error",
-    ]);
+        &[
+            "--min-healthy-time",
+            "3s",
+            "--max-error-rate",
+            "0.1",
+            "--min-sample",
+            "20",
+            "--rollback-on-error",
+        ],
+    );
     drop(traffic);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let r = rollout(&fleet, "r-1");

@@ -212,25 +212,14 @@ impl EventStore {
         )?;
         conn.execute_batch(counters::SCHEMA)?;
         counters::load(&conn, &counters)?;
+        // What is stored per (gateway, epoch): the highest event, or gap, sequence number.
         let mut stored_through = std::collections::HashMap::new();
-        {
-            let mut stmt = conn.prepare(
-                "SELECT gateway, epoch, MAX(seq) FROM event_log GROUP BY gateway, epoch",
-            )?;
+        for highest in [
+            "SELECT gateway, epoch, MAX(seq) FROM event_log GROUP BY gateway, epoch",
+            "SELECT gateway, epoch, MAX(last_seq) FROM gaps GROUP BY gateway, epoch",
+        ] {
+            let mut stmt = conn.prepare(highest)?;
             let rows = stmt.query_map([], |r| {
-                Ok((
-                    (r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64),
-                    r.get::<_, i64>(2)? as u64,
-                ))
-            })?;
-            for row in rows {
-                let (key, seq) = row?;
-                stored_through.insert(key, seq);
-            }
-            let mut gaps = conn.prepare(
-                "SELECT gateway, epoch, MAX(last_seq) FROM gaps GROUP BY gateway, epoch",
-            )?;
-            let rows = gaps.query_map([], |r| {
                 Ok((
                     (r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64),
                     r.get::<_, i64>(2)? as u64,

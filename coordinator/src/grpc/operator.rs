@@ -121,6 +121,11 @@ impl Tail {
 }
 
 impl OperatorApi {
+    /// The fleet's gateways, or a group's.
+    async fn gateways(&self, group: Option<String>) -> Result<Vec<GatewayState>, ApiError> {
+        Ok(self.fleet.list(group).await??)
+    }
+
     /// Resolves the gateways a filter names (ids, a group, a selector); `None` means all.
     async fn event_filter(&self, filter: Option<v1::EventFilter>) -> Result<Filter, Status> {
         let filter = filter.unwrap_or_default();
@@ -130,12 +135,7 @@ impl OperatorApi {
         if !filter.group.is_empty() && !self.fleet.group_exists(&filter.group) {
             return Err(ApiError::from(UnknownGroup(filter.group.clone())).into());
         }
-        let gateways = self
-            .fleet
-            .list(None)
-            .await
-            .map_err(ApiError::from)?
-            .map_err(ApiError::from)?;
+        let gateways = self.gateways(None).await?;
         let set = gateways
             .iter()
             .filter(|g| filter.gateways.is_empty() || filter.gateways.contains(&g.gateway_id))
@@ -152,12 +152,7 @@ impl OperatorApi {
     }
 
     async fn group_infos(&self) -> Result<v1::ListGroupsResponse, Status> {
-        let gateways = self
-            .fleet
-            .list(None)
-            .await
-            .map_err(ApiError::from)?
-            .map_err(ApiError::from)?;
+        let gateways = self.gateways(None).await?;
         let groups = self
             .fleet
             .groups()
@@ -211,12 +206,7 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<ListGatewaysResponse>, Status> {
         authorize(&request, &self.trust_domain, Role::Operator)?;
         let group = group_filter(request.into_inner().group);
-        let gateways = self
-            .fleet
-            .list(group)
-            .await
-            .map_err(ApiError::from)?
-            .map_err(ApiError::from)?;
+        let gateways = self.gateways(group).await?;
         Ok(Response::new(ListGatewaysResponse { gateways }))
     }
 
