@@ -232,18 +232,12 @@ fn heartbeat_latency(before: &[(f64, f64)], after: &[(f64, f64)]) -> Value {
     json!({ "count": total, "p50_at_most": quantile(0.5), "p99_at_most": quantile(0.99) })
 }
 
+/// The coordinator's metrics page (empty when it cannot be read).
 async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return String::new();
+    match reqwest::get(format!("http://{addr}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
     }
-    let mut body = Vec::new();
-    let _ = stream.read_to_end(&mut body).await;
-    String::from_utf8_lossy(&body).into_owned()
 }
 
 const POLICY: &str = include_str!("../../deploy/examples/policy-config.yaml");
