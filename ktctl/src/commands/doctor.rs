@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use kt_proto::v1::operator_service_client::OperatorServiceClient;
 use kt_proto::v1::{GatewayState, ListGatewaysRequest, ProbeGatewayRequest, ProbePrompt};
+use tonic::transport::Channel;
 
 use crate::Session;
 use crate::doctor::{self, CertInfo, Check, Inputs, Mark, Section};
@@ -71,22 +73,28 @@ async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow:
             not_after_ms: read_not_after(&context.cert),
         });
     }
+    // The round trip includes connecting: what every ktctl command pays.
     let started = Instant::now();
-    let listed = match session.client().await {
-        Ok(mut client) => client
+    let listed: Result<_, String> = async {
+        let mut client = crate::client::connect(&context)
+            .await
+            .map_err(|error| format!("{error:#}"))?;
+        let gateways = client
             .list_gateways(ListGatewaysRequest {
                 group: args.group.clone().unwrap_or_default(),
             })
             .await
-            .map(|r| r.into_inner().gateways)
-            .map_err(|status| format!("{} ({:?})", status.message(), status.code())),
-        Err(error) => Err(format!("{error:#}")),
-    };
+            .map_err(|status| format!("{} ({:?})", status.message(), status.code()))?
+            .into_inner()
+            .gateways;
+        Ok((client, gateways))
+    }
+    .await;
     let rtt = started.elapsed();
-    let gateways = match listed {
-        Ok(gateways) => {
+    let (client, gateways) = match listed {
+        Ok(found) => {
             inputs.rtt = Some(Ok(rtt));
-            gateways
+            found
         }
         Err(error) => {
             // Without the coordinator nothing else can be checked; say so and stop there.
@@ -99,7 +107,7 @@ async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow:
         inputs.rtt = None;
     }
     if sections.contains(&Section::Policy) {
-        inputs.probes = probe(session, &inputs.gateways, args.probe_timeout).await?;
+        inputs.probes = probe(client, &inputs.gateways, args.probe_timeout).await;
     }
     Ok(inputs)
 }
@@ -125,11 +133,10 @@ const PROBES_AT_ONCE: usize = 32;
 
 /// Probes every live gateway; a gateway whose probe fails gets the error.
 async fn probe(
-    session: &Session,
+    client: OperatorServiceClient<Channel>,
     gateways: &[GatewayState],
     timeout: Duration,
-) -> anyhow::Result<BTreeMap<String, Result<kt_proto::v1::ProbeResult, String>>> {
-    let client = session.client().await?;
+) -> BTreeMap<String, Result<kt_proto::v1::ProbeResult, String>> {
     let prompts = vec![
         ProbePrompt {
             name: doctor::KNOWN_BAD.into(),
@@ -158,12 +165,12 @@ async fn probe(
     });
     // A few at a time: a large fleet must not get every probe in the same instant.
     use futures_util::StreamExt;
-    Ok(futures_util::stream::iter(asks)
+    futures_util::stream::iter(asks)
         .buffer_unordered(PROBES_AT_ONCE)
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect())
+        .collect()
 }
 
 fn read_not_after(path: &std::path::Path) -> Result<u64, String> {
