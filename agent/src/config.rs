@@ -186,6 +186,9 @@ impl AgentConfig {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
+        // The coordinator refuses a hello with labels out of these bounds: refuse them here first.
+        kt_proto::bounds::check_labels(self.labels.iter())
+            .map_err(|problem| ConfigFileError::invalid(path, "labels", problem))?;
         if self.coordinator.endpoints.is_empty() {
             return Err(ConfigFileError::invalid(
                 path,

@@ -75,6 +75,8 @@ struct OpenSession {
 impl OpenSession {
     async fn send(&mut self, body: AgentBody) -> Result<(), SessionLost> {
         self.seq += 1;
+        let mut body = body;
+        kt_proto::bounds::clamp(&mut body);
         let message = AgentMessage {
             seq: self.seq,
             body: Some(body),
@@ -199,10 +201,12 @@ async fn connect(
             .filter(|bytes| bytes.len() <= MAX_RUNNING_CONFIG_BYTES)
             .unwrap_or_default(),
     };
+    let mut hello = AgentBody::Hello(hello);
+    kt_proto::bounds::clamp(&mut hello);
     outbound
         .send(AgentMessage {
             seq: 1,
-            body: Some(AgentBody::Hello(hello)),
+            body: Some(hello),
         })
         .await
         .context("session stream closed before the hello")?;

@@ -5,7 +5,7 @@
 //! derived from heartbeat times on a periodic tick, so nothing the agent does (or fails to do)
 //! can leave a record in a state that time does not eventually correct.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use kt_proto::identity::GatewayId;
 use kt_proto::unix_ms_now;
@@ -46,6 +46,8 @@ pub enum Command {
         session: SessionId,
         hello: HelloInfo,
         outbound: Outbound,
+        /// Cancelled when a newer session of the same gateway replaces this one.
+        replaced: CancellationToken,
     },
     Heartbeat {
         gateway: GatewayId,
@@ -259,6 +261,11 @@ struct Record {
     desired: Option<ConfigRef>,
     events: Option<EventForwarding>,
     cert_not_after_unix_ms: u64,
+    /// The open session's agent process, and how to end that session when another replaces it.
+    boot_id: String,
+    replaced: Option<CancellationToken>,
+    /// Open sessions replaced by another agent process: when, and the two peers.
+    replacements: VecDeque<(Instant, String, String)>,
 }
 
 impl Record {
@@ -278,7 +285,50 @@ impl Record {
             desired: None,
             events: None,
             cert_not_after_unix_ms: 0,
+            boot_id: String::new(),
+            replaced: None,
+            replacements: VecDeque::new(),
         }
+    }
+
+    /// Ends the open session, if any, because `hello` opens a newer one; remembers a replacement
+    /// by another agent process (a restart whose old session was not noticed yet, or a second
+    /// agent with the same certificate: the count tells them apart).
+    fn replace_session(&mut self, hello: &HelloInfo, now: Instant) {
+        if let Some(replaced) = self.replaced.take() {
+            replaced.cancel();
+            if self.session.is_some() && self.boot_id != hello.boot_id {
+                self.replacements.push_back((
+                    now,
+                    self.peer_address.clone(),
+                    hello.peer_address.clone(),
+                ));
+            }
+        }
+        self.forget_old_replacements(now);
+    }
+
+    fn forget_old_replacements(&mut self, now: Instant) {
+        while self
+            .replacements
+            .front()
+            .is_some_and(|(at, ..)| now.saturating_duration_since(*at) > REPLACEMENT_WINDOW)
+        {
+            self.replacements.pop_front();
+        }
+    }
+
+    /// The peers of the replacements still remembered, newest first, each once.
+    fn replacement_peers(&self) -> Vec<String> {
+        let mut peers: Vec<String> = Vec::new();
+        for (_, old, new) in self.replacements.iter().rev() {
+            for peer in [new, old] {
+                if !peers.contains(peer) {
+                    peers.push(peer.clone());
+                }
+            }
+        }
+        peers
     }
 
     /// The liveness state that time and the session say this record is in.
@@ -311,6 +361,12 @@ pub struct Fleet {
     changes: broadcast::Sender<GatewayState>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
+
+/// How long a session replaced by another agent process is remembered.
+const REPLACEMENT_WINDOW: Duration = Duration::from_secs(600);
+/// Replacements within the window from which two agents are taken to share a certificate (one
+/// is a restart whose old session was still open).
+pub const DUPLICATE_AGENT_REPLACEMENTS: usize = 2;
 
 /// How many commands may queue before senders wait.
 const COMMAND_QUEUE: usize = 4096;
@@ -376,11 +432,18 @@ impl Fleet {
                 session,
                 hello,
                 outbound,
+                replaced,
             } => {
                 let record = self
                     .records
                     .entry(gateway.clone())
                     .or_insert_with(Record::never_seen);
+                record.replace_session(&hello, now);
+                if record.replacements.len() >= DUPLICATE_AGENT_REPLACEMENTS {
+                    tracing::warn!(gateway_id = %gateway, peers = %record.replacement_peers().join(" "), replacements = record.replacements.len(), "two agents seem to share one certificate: their sessions keep replacing each other");
+                }
+                record.boot_id = hello.boot_id.clone();
+                record.replaced = Some(replaced);
                 record.labels = hello.labels;
                 record.agent_version = hello.agent_version;
                 record.peer_address = hello.peer_address;
@@ -443,6 +506,7 @@ impl Fleet {
                 if let Some(record) = self.current_session(&gateway, session) {
                     record.session = None;
                     record.outbound = None;
+                    record.replaced = None;
                     record.said_goodbye = clean;
                     tracing::info!(gateway_id = %gateway, session, clean, "agent session ended");
                     self.refresh(&gateway, now, false);
@@ -520,6 +584,9 @@ impl Fleet {
         let Some(record) = self.records.get_mut(gateway) else {
             return;
         };
+        let replacements = record.replacements.len();
+        record.forget_old_replacements(now);
+        let force = force || record.replacements.len() != replacements;
         let state = record.derived_state(now, &self.liveness);
         if state != record.state {
             tracing::info!(gateway_id = %gateway, from = record.state.as_str_name(), to = state.as_str_name(), "agent state changed");
@@ -551,6 +618,8 @@ impl Fleet {
             desired: record.desired.clone(),
             events: record.events,
             agent_cert_not_after_unix_ms: record.cert_not_after_unix_ms,
+            session_replacements: record.replacements.len() as u32,
+            replacement_peers: record.replacement_peers(),
         })
     }
 
@@ -611,6 +680,7 @@ mod tests {
             session,
             hello: hello(),
             outbound: outbound(),
+            replaced: CancellationToken::new(),
         };
         fleet.handle(command, now);
     }
@@ -715,6 +785,7 @@ mod tests {
                 session: 1,
                 hello: hello(),
                 outbound: outbound(),
+                replaced: CancellationToken::new(),
             },
             Instant::now(),
         );
@@ -727,5 +798,55 @@ mod tests {
         );
         assert_eq!(fleet.list(None).expect("all").len(), 3);
         assert_eq!(fleet.list(Some("nope")), Err(UnknownGroup("nope".into())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replaced_session_is_ended_and_two_agents_with_one_certificate_show() {
+        let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
+        let now = Instant::now();
+        let open = |fleet: &mut Fleet, session: SessionId, boot: &str, peer: &str| {
+            let token = CancellationToken::new();
+            let mut hello = hello();
+            hello.boot_id = boot.into();
+            hello.peer_address = peer.into();
+            let command = Command::Connected {
+                gateway: gw("gw-1"),
+                session,
+                hello,
+                outbound: outbound(),
+                replaced: token.clone(),
+            };
+            fleet.handle(command, now);
+            token
+        };
+        let first = open(&mut fleet, 1, "boot-a", "10.0.0.1:1");
+        // The same agent process reconnecting is no replacement by another agent.
+        let again = open(&mut fleet, 2, "boot-a", "10.0.0.1:2");
+        assert!(first.is_cancelled());
+        assert_eq!(
+            fleet
+                .view(&gw("gw-1"))
+                .expect("record")
+                .session_replacements,
+            0
+        );
+        let other = open(&mut fleet, 3, "boot-b", "10.0.0.2:1");
+        assert!(again.is_cancelled() && !other.is_cancelled());
+        open(&mut fleet, 4, "boot-a", "10.0.0.1:3");
+        let view = fleet.view(&gw("gw-1")).expect("record");
+        assert_eq!(view.session_replacements, 2);
+        assert_eq!(
+            view.replacement_peers,
+            ["10.0.0.1:3", "10.0.0.2:1", "10.0.0.1:2"]
+        );
+        // Forgotten after the window.
+        fleet.update_liveness(now + REPLACEMENT_WINDOW + Duration::from_secs(1));
+        assert_eq!(
+            fleet
+                .view(&gw("gw-1"))
+                .expect("record")
+                .session_replacements,
+            0
+        );
     }
 }

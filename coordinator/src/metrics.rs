@@ -43,6 +43,19 @@ pub struct Metrics {
     pub events_missed_by_subscribers: Counter,
     pub subscribers: Gauge,
     pub subscriber_lag: Gauge,
+    /// Agent messages refused for fields out of bounds (the session ends).
+    pub agent_messages_refused: Counter,
+    /// Connections closed before they were served, by reason.
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    /// Open connections (TLS established or in handshake).
+    pub connections_open: Gauge,
+    /// Repeated log lines not written (the first of a burst is, with the count of the rest).
+    pub log_lines_suppressed: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -109,8 +122,36 @@ impl Default for Metrics {
             "Events queued for the slowest tail subscriber",
             subscriber_lag.clone(),
         );
+        let agent_messages_refused = Counter::default();
+        registry.register(
+            "agent_messages_refused",
+            "Agent messages refused because a field was out of bounds",
+            agent_messages_refused.clone(),
+        );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed before being served, by reason",
+            connections_refused.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Open connections, in TLS handshake or established",
+            connections_open.clone(),
+        );
+        let log_lines_suppressed = Counter::default();
+        registry.register(
+            "log_lines_suppressed",
+            "Repeated error lines not logged (each burst logs its first line and a count)",
+            log_lines_suppressed.clone(),
+        );
         Metrics {
             registry,
+            agent_messages_refused,
+            connections_refused,
+            connections_open,
+            log_lines_suppressed,
             agents,
             heartbeats,
             heartbeat_processing,

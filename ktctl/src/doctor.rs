@@ -297,6 +297,21 @@ fn agents(inputs: &Inputs, checks: &mut Vec<Check>) {
             );
             continue;
         }
+        if let Some(duplicate) = crate::view::duplicate_agent(g) {
+            push(
+                checks,
+                Section::Agents,
+                Mark::Fail,
+                g.gateway_id.clone(),
+                duplicate,
+                "one agent per gateway certificate".to_owned(),
+                Some(format!(
+                    "find the hosts at those addresses: one of them runs an agent with {}'s certificate and must stop (issue it its own with `ktctl pki issue --role agent --id ...`)",
+                    g.gateway_id
+                )),
+            );
+            continue;
+        }
         let mark = if age > HEARTBEAT_WARN {
             Mark::Warn
         } else {

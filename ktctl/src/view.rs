@@ -39,6 +39,9 @@ pub struct GatewayRow {
     pub last_seen_seconds_ago: Option<u64>,
     pub agent_version: String,
     pub error: Option<String>,
+    /// Set when sessions of two agent processes keep replacing each other: two agents use
+    /// this gateway's certificate.
+    pub duplicate_agent: Option<String>,
 }
 
 impl GatewayRow {
@@ -74,12 +77,13 @@ impl GatewayRow {
             last_seen_seconds_ago: last_seen_ms.map(|ms| now_unix_ms.saturating_sub(ms) / 1000),
             agent_version: state.agent_version.clone(),
             error: health.and_then(|h| non_empty(&h.error)),
+            duplicate_agent: duplicate_agent(state),
         }
     }
 
     /// Healthy and connected: what `gateway health` gates its exit code on.
     pub fn is_ok(&self) -> bool {
-        self.agent == "connected" && self.status == "healthy"
+        self.agent == "connected" && self.status == "healthy" && self.duplicate_agent.is_none()
     }
 
     /// `1.0.0 (abc123)`, with `-> 1.1.0` while a rollout moves the gateway elsewhere.
@@ -105,6 +109,21 @@ impl GatewayRow {
             Some(s) => format!("{}h ago", s / 3600),
         }
     }
+}
+
+/// Replacements of a gateway's session by another agent process (in the coordinator's window
+/// of 10 minutes) from which two agents are taken to share its certificate; one is a restart.
+pub const DUPLICATE_AGENT_REPLACEMENTS: u32 = 2;
+
+/// What to say when two agents seem to use one gateway's certificate.
+pub fn duplicate_agent(state: &GatewayState) -> Option<String> {
+    (state.session_replacements >= DUPLICATE_AGENT_REPLACEMENTS).then(|| {
+        format!(
+            "two agents seem to use this gateway's certificate: sessions from {} replaced each other {} times in the last 10 min",
+            state.replacement_peers.join(", "),
+            state.session_replacements
+        )
+    })
 }
 
 /// A table without borders, in the style of kubectl.

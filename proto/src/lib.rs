@@ -4,6 +4,7 @@
 //! converted to domain types there. [`identity`] turns a verified certificate into a
 //! role and a name; [`tls`] loads the PEM files every binary needs.
 
+pub mod bounds;
 pub mod clock;
 pub mod contract;
 pub mod daemon;

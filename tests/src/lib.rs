@@ -6,6 +6,7 @@
 //! executable's `target/<profile>` directory: build them first (`cargo build --workspace`).
 
 pub mod proxy;
+pub mod raw;
 pub mod stats;
 
 use std::net::SocketAddr;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use kt_proto::bounds;
 use kt_proto::contract::MAX_EVENT_BYTES;
 use kt_proto::identity::{GatewayId, Identity, Role};
 use kt_proto::unix_ms_now;
@@ -57,6 +58,17 @@ pub struct AgentApi {
 }
 
 impl AgentApi {
+    fn refusals(&self) -> Refusals {
+        Refusals {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    fn refuse(&self, gateway: &GatewayId, peer: &str, refused: &bounds::OutOfBounds) {
+        self.refusals().refuse(gateway, peer, refused);
+    }
+
     /// Keeps the bytes of the config an agent says its gateway runs, so a rollback can return
     /// to it. Only well-formed configs within the size limit are kept.
     fn remember_running_config(&self, gateway: &GatewayId, identity: &Identity, content: Vec<u8>) {
@@ -215,6 +227,10 @@ impl AgentService for AgentApi {
                 );
             }
         };
+        if let Err(refused) = bounds::check_hello(&hello) {
+            self.refuse(&gateway, &peer_address, &refused);
+            return Err(ApiError::InvalidArgument(format!("hello refused: {refused}")).into());
+        }
         if hello.gateway_id != gateway.as_str() {
             tracing::warn!(gateway_id = %gateway, claimed = %hello.gateway_id, "agent claimed another gateway id");
             return Err(ApiError::PermissionDenied(format!(
@@ -226,6 +242,7 @@ impl AgentService for AgentApi {
         self.remember_running_config(&gateway, &identity, hello.running_config);
 
         let session: SessionId = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let replaced = CancellationToken::new();
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let welcome = CoordinatorMessage {
             body: Some(CoordinatorBody::Welcome(Welcome {
@@ -247,10 +264,11 @@ impl AgentService for AgentApi {
                     agent_version: hello.agent_version,
                     boot_id: hello.boot_id,
                     health: hello.health,
-                    peer_address,
+                    peer_address: peer_address.clone(),
                     cert_not_after_unix_ms,
                 },
                 outbound: outbound.clone(),
+                replaced: replaced.clone(),
             })
             .await
             .map_err(ApiError::from)?;
@@ -258,15 +276,34 @@ impl AgentService for AgentApi {
         let fleet = self.fleet.clone();
         let engine = self.engine.clone();
         let probes = self.probes.clone();
-        let metrics = self.metrics.clone();
         let cancel = self.cancel.clone();
+        let api = self.refusals();
         let span = tracing::info_span!("agent_session", gateway_id = %gateway, session);
         tokio::spawn(
             async move {
-                let clean = tokio::select! {
-                    clean = read_session(&fleet, &engine, &probes, &metrics, &gateway, session, &mut inbound) => clean,
-                    _ = cancel.cancelled() => false,
+                let end = tokio::select! {
+                    end = read_session(&fleet, &engine, &probes, &api.metrics, &gateway, session, &mut inbound) => end,
+                    _ = replaced.cancelled() => SessionEnd::Replaced,
+                    _ = cancel.cancelled() => SessionEnd::Broke,
                 };
+                match &end {
+                    SessionEnd::Refused(refused) => {
+                        api.refuse(&gateway, &peer_address, refused);
+                        let status = Status::invalid_argument(format!("message refused: {refused}"));
+                        let _ = outbound.try_send(Err(status));
+                    }
+                    SessionEnd::Replaced => {
+                        tracing::warn!(%peer_address, "session replaced by a newer session for the same gateway");
+                        // The agent reconnects when told; if two agents share this certificate,
+                        // `gateway health` and `doctor` show their sessions replacing each other.
+                        let status = Status::aborted(format!(
+                            "replaced by a newer session for gateway {gateway}; if another agent uses this certificate, stop one of them"
+                        ));
+                        let _ = outbound.try_send(Err(status));
+                    }
+                    SessionEnd::Goodbye | SessionEnd::Broke => {}
+                }
+                let clean = matches!(end, SessionEnd::Goodbye);
                 // The fleet task drops its copy on `Ended`; then the response stream ends.
                 drop(outbound);
                 let _ = fleet
@@ -283,7 +320,42 @@ impl AgentService for AgentApi {
     }
 }
 
-/// Forwards messages until the stream ends; returns whether the agent said goodbye.
+/// How a session's inbound stream ended.
+enum SessionEnd {
+    Goodbye,
+    Broke,
+    /// A newer session of the same gateway took over.
+    Replaced,
+    /// A message out of bounds: the session is ended with its reason.
+    Refused(bounds::OutOfBounds),
+}
+
+/// What refusing an agent's message needs, apart from the API.
+struct Refusals {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl Refusals {
+    /// Logs, counts and audits a message refused for a field out of bounds.
+    fn refuse(&self, gateway: &GatewayId, peer: &str, refused: &bounds::OutOfBounds) {
+        tracing::warn!(gateway_id = %gateway, %peer, %refused, "agent message refused");
+        self.metrics.agent_messages_refused.inc();
+        let who = format!("agent/{gateway}");
+        let detail = format!("from {peer}: {refused}");
+        if let Err(error) = self.store.audit(
+            unix_ms_now(),
+            &who,
+            "message refused",
+            gateway.as_str(),
+            &detail,
+        ) {
+            tracing::warn!(%error, "cannot audit a refused agent message");
+        }
+    }
+}
+
+/// Forwards messages until the stream ends.
 async fn read_session(
     fleet: &FleetHandle,
     engine: &EngineHandle,
@@ -292,16 +364,19 @@ async fn read_session(
     gateway: &GatewayId,
     session: SessionId,
     inbound: &mut Streaming<AgentMessage>,
-) -> bool {
+) -> SessionEnd {
     loop {
         let message = match inbound.message().await {
             Ok(Some(message)) => message,
-            Ok(None) => return false,
+            Ok(None) => return SessionEnd::Broke,
             Err(status) => {
                 tracing::debug!(error = %status, "agent stream broke");
-                return false;
+                return SessionEnd::Broke;
             }
         };
+        if let Some(Err(refused)) = message.body.as_ref().map(bounds::check) {
+            return SessionEnd::Refused(refused);
+        }
         let command = match message.body {
             Some(AgentBody::Heartbeat(hb)) => {
                 metrics.heartbeats.inc();
@@ -340,7 +415,7 @@ async fn read_session(
             }
             Some(AgentBody::Goodbye(bye)) => {
                 tracing::info!(reason = %bye.reason, "agent said goodbye");
-                return true;
+                return SessionEnd::Goodbye;
             }
             Some(AgentBody::Hello(_)) => {
                 tracing::warn!("second hello on one session ignored");
@@ -349,7 +424,7 @@ async fn read_session(
             None => continue,
         };
         if fleet.send(command).await.is_err() {
-            return false;
+            return SessionEnd::Broke;
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod auth;
 pub mod operator;
+pub mod paging;
 
 use std::future::Future;
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::auth::authorize;
-use super::{ApiError, spawn_until_cancelled};
+use super::{ApiError, paging, spawn_until_cancelled};
 use crate::events::counters::{self, DecisionCounters};
 use crate::events::{self, Filter, Published};
 use crate::events::{EventBus, EventLog};
@@ -205,9 +205,15 @@ impl OperatorService for OperatorApi {
         request: Request<ListGatewaysRequest>,
     ) -> Result<Response<ListGatewaysResponse>, Status> {
         authorize(&request, &self.trust_domain, Role::Operator)?;
-        let group = group_filter(request.into_inner().group);
+        let request = request.into_inner();
+        let group = group_filter(request.group);
         let gateways = self.gateways(group).await?;
-        Ok(Response::new(ListGatewaysResponse { gateways }))
+        let (gateways, next_page_token) =
+            paging::page(gateways, &request.page_token, request.page_size);
+        Ok(Response::new(ListGatewaysResponse {
+            gateways,
+            next_page_token,
+        }))
     }
 
     async fn push_config(
@@ -629,15 +635,17 @@ async fn forward_changes(
     };
     loop {
         snapshot.retain(|g| keep(g));
-        let update = fleet_update::Update::Snapshot(FleetSnapshot { gateways: snapshot });
-        if tx
-            .send(Ok(FleetUpdate {
-                update: Some(update),
-            }))
-            .await
-            .is_err()
-        {
-            return; // the watcher left
+        for (gateways, more) in paging::parts(snapshot) {
+            let update = fleet_update::Update::Snapshot(FleetSnapshot { gateways, more });
+            if tx
+                .send(Ok(FleetUpdate {
+                    update: Some(update),
+                }))
+                .await
+                .is_err()
+            {
+                return; // the watcher left
+            }
         }
         loop {
             match changes.recv().await {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kt_proto::v1::operator_service_client::OperatorServiceClient;
-use kt_proto::v1::{GatewayState, ListGatewaysRequest, ProbeGatewayRequest, ProbePrompt};
+use kt_proto::v1::{GatewayState, ProbeGatewayRequest, ProbePrompt};
 use tonic::transport::Channel;
 
 use crate::Session;
@@ -79,14 +79,10 @@ async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow:
         let mut client = crate::client::connect(&context)
             .await
             .map_err(|error| format!("{error:#}"))?;
-        let gateways = client
-            .list_gateways(ListGatewaysRequest {
-                group: args.group.clone().unwrap_or_default(),
-            })
+        let group = args.group.clone().unwrap_or_default();
+        let gateways = crate::client::list_gateways(&mut client, &group)
             .await
-            .map_err(|status| format!("{} ({:?})", status.message(), status.code()))?
-            .into_inner()
-            .gateways;
+            .map_err(|status| status.message().to_owned())?;
         Ok((client, gateways))
     }
     .await;

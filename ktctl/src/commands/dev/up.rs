@@ -338,15 +338,10 @@ async fn wait_until_connected(
     let mut last = String::from("no answer yet");
     while tokio::time::Instant::now() < deadline {
         match crate::client::connect(context).await {
-            Ok(mut client) => match client
-                .list_gateways(kt_proto::v1::ListGatewaysRequest::default())
-                .await
-            {
-                Ok(response) => {
+            Ok(mut client) => match crate::client::list_gateways(&mut client, "").await {
+                Ok(gateways) => {
                     let now = kt_proto::unix_ms_now();
-                    let rows: Vec<GatewayRow> = response
-                        .into_inner()
-                        .gateways
+                    let rows: Vec<GatewayRow> = gateways
                         .iter()
                         .map(|g| GatewayRow::from_state(g, now))
                         .collect();

@@ -43,6 +43,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
         };
         let now = kt_proto::unix_ms_now();
         let (kind, states) = match update.update {
+            // A large snapshot comes in parts; each part's rows are printed as they come.
             Some(fleet_update::Update::Snapshot(snapshot)) => ("snapshot", snapshot.gateways),
             Some(fleet_update::Update::Changed(state)) => ("changed", vec![state]),
             None => continue,

@@ -72,5 +72,8 @@ fn print_table(rows: &[GatewayRow]) {
         if let Some(error) = &row.error {
             println!("{}: {error}", row.gateway);
         }
+        if let Some(duplicate) = &row.duplicate_agent {
+            println!("{}: {duplicate}", row.gateway);
+        }
     }
 }

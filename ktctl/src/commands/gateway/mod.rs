@@ -3,8 +3,6 @@
 pub mod health;
 pub mod list;
 
-use kt_proto::v1::ListGatewaysRequest;
-
 use crate::Session;
 use crate::view::GatewayRow;
 
@@ -14,16 +12,11 @@ pub async fn fetch_rows(
     group: Option<String>,
 ) -> anyhow::Result<Vec<GatewayRow>> {
     let mut client = session.client().await?;
-    let response = client
-        .list_gateways(ListGatewaysRequest {
-            group: group.unwrap_or_default(),
-        })
+    let gateways = crate::client::list_gateways(&mut client, &group.unwrap_or_default())
         .await
         .map_err(crate::status_error)?;
     let now = kt_proto::unix_ms_now();
-    Ok(response
-        .into_inner()
-        .gateways
+    Ok(gateways
         .iter()
         .map(|g| GatewayRow::from_state(g, now))
         .collect())
