@@ -92,6 +92,11 @@ pub struct GatewaySettings {
     /// `http://127.0.0.1:41002`; defaults to the health URL's scheme, host and port.
     #[serde(default)]
     pub api_url: Option<String>,
+    /// The file where the gateway writes its probe token at start (`kt-gateway
+    /// --probe-token-file`): synthetic probes carry it, so the gateway keeps them out of its
+    /// counters and the rollout gates'. Without it probes run as ordinary requests.
+    #[serde(default)]
+    pub probe_token_file: Option<PathBuf>,
 }
 
 impl GatewaySettings {
@@ -177,6 +182,7 @@ impl AgentConfig {
             config.state_dir.as_mut(),
             config.gateway.config_path.as_mut(),
             config.gateway.events_file.as_mut(),
+            config.gateway.probe_token_file.as_mut(),
         ];
         for p in optional.into_iter().flatten() {
             *p = base.join(&*p);

@@ -109,7 +109,10 @@ impl Agent {
             ));
             forwarding = Some(report);
         }
-        let prober = probe::Prober::new(settings.config.gateway.api_base())?;
+        let prober = probe::Prober::new(
+            settings.config.gateway.api_base(),
+            settings.config.gateway.probe_token_file.clone(),
+        )?;
         if let Some(addr) = settings.config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

@@ -1,8 +1,9 @@
 //! Synthetic probes through the gateway's policy chain, asked for by `ktctl doctor`.
 //!
 //! Each prompt goes to the gateway's OpenAI-compatible endpoint like a user's request, with the
-//! `x-kt-synthetic` header so the gateway marks its decision event and leaves it out of its
-//! counters, and `max_tokens: 1` so an allowed probe costs the provider next to nothing.
+//! gateway's probe token in `x-kt-synthetic` so the gateway marks its decision event and leaves
+//! it out of its counters, and `max_tokens: 1` so an allowed probe costs the provider next to
+//! nothing. The token is read for each probe: the gateway writes a new one at every start.
 
 use std::time::{Duration, Instant};
 
@@ -19,12 +20,20 @@ pub struct Prober {
     client: reqwest::Client,
     /// `http://host:port` of the gateway's API.
     api_base: String,
+    probe_token_file: Option<std::path::PathBuf>,
 }
 
 impl Prober {
-    pub fn new(api_base: String) -> anyhow::Result<Self> {
+    pub fn new(
+        api_base: String,
+        probe_token_file: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build()?;
-        Ok(Prober { client, api_base })
+        Ok(Prober {
+            client,
+            api_base,
+            probe_token_file,
+        })
     }
 
     /// Sends every prompt of `request`; never fails, problems are in the result.
@@ -32,6 +41,17 @@ impl Prober {
         let mut result = ProbeResult {
             probe_id: request.probe_id,
             ..Default::default()
+        };
+        let token = match &self.probe_token_file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(token) => Some(token.trim().to_owned()),
+                Err(error) => {
+                    result.error =
+                        format!("cannot read the probe token {}: {error}", path.display());
+                    return result;
+                }
+            },
+            None => None,
         };
         let model = match self.first_model().await {
             Ok(model) => model,
@@ -41,7 +61,7 @@ impl Prober {
             }
         };
         for prompt in request.prompts {
-            let mut outcome = self.send(&model, &prompt.text).await;
+            let mut outcome = self.send(&model, &prompt.text, token.as_deref()).await;
             outcome.name = prompt.name;
             result.outcomes.push(outcome);
         }
@@ -68,7 +88,7 @@ impl Prober {
             .ok_or_else(|| format!("GET {url}: the gateway lists no model to probe"))
     }
 
-    async fn send(&self, model: &str, text: &str) -> ProbeOutcome {
+    async fn send(&self, model: &str, text: &str, token: Option<&str>) -> ProbeOutcome {
         let url = format!("{}/v1/chat/completions", self.api_base);
         let body = json!({
             "model": model,
@@ -76,13 +96,11 @@ impl Prober {
             "messages": [{ "role": "user", "content": text }],
         });
         let started = Instant::now();
-        let sent = self
-            .client
-            .post(&url)
-            .header("x-kt-synthetic", "doctor")
-            .json(&body)
-            .send()
-            .await;
+        let mut post = self.client.post(&url).json(&body);
+        if let Some(token) = token {
+            post = post.header("x-kt-synthetic", token);
+        }
+        let sent = post.send().await;
         let mut outcome = ProbeOutcome::default();
         match sent {
             Ok(response) => {

@@ -19,6 +19,7 @@ use crate::config::{ConfigErrors, PolicyConfig};
 use crate::events::EventSink;
 use crate::metrics::{Metrics, ReloadLabels};
 use crate::policy::Verdict;
+use crate::probe_token::ProbeToken;
 use crate::providers::{self, Probes, ResolvedTarget};
 
 /// Looks up a secret by name; the process environment in production.
@@ -79,6 +80,8 @@ struct Shared {
     metrics: Metrics,
     events: EventSink,
     http: reqwest::Client,
+    /// Marks the agent's synthetic probes; without one, no request is synthetic.
+    probe_token: Option<ProbeToken>,
 }
 
 impl Gateway {
@@ -88,6 +91,7 @@ impl Gateway {
         gateway_id: String,
         events: EventSink,
         secrets: SecretLookup,
+        probe_token: Option<ProbeToken>,
     ) -> Result<Self, ConfigErrors> {
         let config = PolicyConfig::load(&config_path)?;
         // The provider client speaks TLS through rustls with ring, like every kt process.
@@ -117,8 +121,26 @@ impl Gateway {
                 metrics: Metrics::default(),
                 events,
                 http,
+                probe_token,
             }),
         })
+    }
+
+    /// Whether a request is the agent's synthetic probe: its `x-kt-synthetic` header must carry
+    /// this gateway's probe token. Anyone else's header is ignored (and counted).
+    pub fn is_synthetic(&self, presented: Option<&[u8]>) -> bool {
+        let Some(presented) = presented else {
+            return false;
+        };
+        let genuine = self
+            .shared
+            .probe_token
+            .as_ref()
+            .is_some_and(|token| token.matches(presented));
+        if !genuine {
+            self.shared.metrics.synthetic_refused.inc();
+        }
+        genuine
     }
 
     pub fn gateway_id(&self) -> &str {

@@ -13,5 +13,6 @@ pub mod http;
 pub mod metrics;
 pub mod mock;
 pub mod policy;
+pub mod probe_token;
 pub mod providers;
 pub mod proxy;

@@ -11,6 +11,7 @@ use kt_gateway::config::PolicyConfig;
 use kt_gateway::events::{self, EventsSettings};
 use kt_gateway::gateway::Gateway;
 use kt_gateway::mock::MockOptions;
+use kt_gateway::probe_token::ProbeToken;
 use kt_proto::daemon::{self, LogFormat};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,11 @@ struct ServeArgs {
     /// Rotated events files to keep.
     #[arg(long, default_value_t = 5)]
     events_keep: usize,
+    /// Write a fresh secret here at start (mode 0600): only requests whose `x-kt-synthetic`
+    /// header carries it are the agent's synthetic probes. Give the agent the same path
+    /// (`gateway.probe_token_file`). Without it, no request is treated as synthetic.
+    #[arg(long, env = "KT_GATEWAY_PROBE_TOKEN_FILE")]
+    probe_token_file: Option<PathBuf>,
     /// Write the bound address to this file once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -133,6 +139,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         config_path,
         gateway_id,
         events,
+        args.probe_token_file,
         args.listen,
         args.ready_file,
     ))
@@ -161,16 +168,23 @@ async fn run(
     config_path: PathBuf,
     gateway_id: String,
     events: EventsSettings,
+    probe_token_file: Option<PathBuf>,
     listen: SocketAddr,
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    let probe_token = probe_token_file
+        .map(|path| {
+            ProbeToken::create(&path)
+                .with_context(|| format!("cannot write the probe token {}", path.display()))
+        })
+        .transpose()?;
     let events_path = events.path.clone();
     let (sink, writer) = events::start(events)
         .with_context(|| format!("cannot open events file {}", events_path.display()))?;
     let secrets: kt_gateway::gateway::SecretLookup =
         Arc::new(|name: &str| std::env::var(name).ok());
     // Loaded once more here: the file may have changed since the check in `serve`.
-    let gateway = Gateway::load(config_path, gateway_id, sink, secrets)
+    let gateway = Gateway::load(config_path, gateway_id, sink, secrets, probe_token)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = daemon::listen(listen, ready_file.as_deref()).await?;
     let addr = listener.local_addr()?;

@@ -37,6 +37,15 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
+    /// Requests whose `x-kt-synthetic` header did not carry the probe token (counted as usual).
+    pub synthetic_refused: Counter,
+    /// Connections closed before being served, by reason.
+    pub connections_refused: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -79,8 +88,22 @@ impl Default for Metrics {
             "Config reloads by result",
             reloads.clone(),
         );
+        let synthetic_refused = Counter::default();
+        registry.register(
+            "synthetic_refused",
+            "Requests marked x-kt-synthetic without the probe token (treated as ordinary requests)",
+            synthetic_refused.clone(),
+        );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed before being served, by reason",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
+            synthetic_refused,
+            connections_refused,
             requests,
             policy_results,
             request_duration,

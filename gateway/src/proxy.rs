@@ -91,8 +91,8 @@ struct Exchange {
     target: Option<ResolvedTarget>,
     cached: bool,
     usage: Option<Value>,
-    /// A synthetic probe (`x-kt-synthetic`, sent by `ktctl doctor` through the agent): marked in
-    /// its decision event and left out of the verdict counters.
+    /// A synthetic probe (`x-kt-synthetic` with the gateway's probe token, sent by `ktctl doctor`
+    /// through the agent): marked in its decision event and left out of the verdict counters.
     synthetic: bool,
 }
 
@@ -123,7 +123,7 @@ pub async fn chat_completions(
         target: None,
         cached: false,
         usage: None,
-        synthetic: headers.contains_key(SYNTHETIC_HEADER),
+        synthetic: gateway.is_synthetic(headers.get(SYNTHETIC_HEADER).map(|v| v.as_bytes())),
     };
     let result = handle(&gateway, &mut exchange, &headers, body).await;
     let (status, error, response) = match result {

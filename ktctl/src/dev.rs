@@ -292,6 +292,8 @@ pub struct AgentSpec<'a> {
     pub validator: &'a Path,
     /// The gateway's decision events file, which the agent then forwards.
     pub events_file: Option<&'a Path>,
+    /// Where the gateway writes its probe token (`--probe-token-file`).
+    pub probe_token_file: Option<&'a Path>,
     /// The agent's event buffer bound (its default when `None`).
     pub max_buffered_events: Option<u64>,
     pub state_dir: &'a Path,
@@ -316,6 +318,9 @@ pub fn agent_config(spec: &AgentSpec<'_>) -> String {
         .unwrap_or_default();
     if let Some(events) = spec.events_file {
         let _ = writeln!(managed, "  events_file: {}", events.display());
+    }
+    if let Some(token) = spec.probe_token_file {
+        let _ = writeln!(managed, "  probe_token_file: {}", token.display());
     }
     if let Some(config_path) = spec.config_path {
         let validator =
@@ -444,6 +449,7 @@ mod tests {
             config_path: Some(Path::new("/g/policy.yaml")),
             validator: Path::new("/bin/kt-gateway"),
             events_file: Some(Path::new("/g/events.jsonl")),
+            probe_token_file: Some(Path::new("/g/probe-token")),
             max_buffered_events: Some(10),
             state_dir: Path::new("/g/state"),
             metrics_listen: None,

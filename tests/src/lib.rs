@@ -294,6 +294,11 @@ impl GatewayNode {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Where the gateway writes its probe token at each start.
+    pub fn probe_token(&self) -> PathBuf {
+        self.dir.join("probe-token")
+    }
+
     /// The decision events written so far, oldest first.
     pub fn events(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.events)
@@ -316,6 +321,8 @@ impl GatewayNode {
             self.id.clone(),
             "--events-file".into(),
             self.events.display().to_string(),
+            "--probe-token-file".into(),
+            self.probe_token().display().to_string(),
             "--ready-file".into(),
             ready.display().to_string(),
         ];
@@ -423,6 +430,7 @@ impl TestFleet {
                     config_path: Some(&gateway.policy),
                     validator: &bin("kt-gateway"),
                     events_file: Some(&gateway.events),
+                    probe_token_file: Some(&gateway.probe_token()),
                     max_buffered_events,
                     state_dir: &gw_dir.join("agent-state"),
                     metrics_listen: None,

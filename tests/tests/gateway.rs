@@ -478,3 +478,47 @@ async fn some_providers_unreachable_is_degraded() {
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn only_the_agents_probe_token_makes_a_request_synthetic() {
+    let s = setup(&[], |p| p);
+    let token =
+        std::fs::read_to_string(s.gateway.probe_token()).expect("the gateway wrote a token");
+    let body = json!({"model": "mock-small", "messages": [{"role": "user", "content": "hello"}]});
+    let allowed = |h: &Value| h["verdicts"]["allow"].as_u64().unwrap_or(0);
+    let before = allowed(&s.health().await);
+    // Any client can send the header; with anything but the token it is an ordinary request,
+    // counted where the rollout gates look (before, "doctor" hid it from them).
+    for forged in ["doctor", "1", &token[..token.len() - 1]] {
+        let response = s
+            .client
+            .post(s.gateway.url("/v1/chat/completions"))
+            .header("x-kt-synthetic", forged)
+            .json(&body)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(allowed(&s.health().await), before + 3);
+    // The agent's probe, with the token, stays out of the counters and is marked.
+    let response = s
+        .client
+        .post(s.gateway.url("/v1/chat/completions"))
+        .header("x-kt-synthetic", token.trim())
+        .json(&body)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 200);
+    assert_eq!(allowed(&s.health().await), before + 3);
+    let found = wait_for(Duration::from_secs(30), || s.gateway.events().len() >= 4).await;
+    assert!(found, "{:?}", s.gateway.events());
+    let marks: Vec<bool> = s
+        .gateway
+        .events()
+        .iter()
+        .map(|e| e["synthetic"] == true)
+        .collect();
+    assert_eq!(marks, [false, false, false, true]);
+}

@@ -362,6 +362,7 @@ async fn coordinator_and_agent_metrics_count_sessions_heartbeats_and_events() {
             config_path: Some(&gateway.policy),
             validator: &bin("kt-gateway"),
             events_file: Some(&gateway.events),
+            probe_token_file: Some(&gateway.probe_token()),
             max_buffered_events: None,
             state_dir: &gw_dir.join("agent-state"),
             metrics_listen: Some(agent_metrics),

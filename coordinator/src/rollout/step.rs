@@ -246,18 +246,13 @@ fn baking(r: &mut RolloutRecord, observed: &Observed, now: u64, until: u64) {
     if now < until {
         return;
     }
-    gate(
-        r,
-        "health",
-        "passed",
-        0.0,
-        0.0,
-        "every batch gateway stayed healthy",
-        now,
-    );
-    let decision = match error_gate(r, observed, &batch, now) {
-        GateDecision::Passed => verdict_gate(r, observed, &batch, now),
-        other => other,
+    let decision = match health_evidence(r, fleet, &batch, until, now) {
+        None => return, // a connected gateway's next report is due: bake until it arrives
+        Some(GateDecision::Passed) => match error_gate(r, observed, &batch, now) {
+            GateDecision::Passed => verdict_gate(r, observed, &batch, now),
+            other => other,
+        },
+        Some(other) => other,
     };
     match decision {
         GateDecision::Failed(reason) => {
@@ -292,6 +287,66 @@ fn baking(r: &mut RolloutRecord, observed: &Observed, now: u64, until: u64) {
             format!("batch {} passed its gates", r.current_batch + 1),
         ),
     }
+}
+
+/// The health gate at the end of a bake: it passes only when every applied gateway of the batch
+/// was observed during the bake (a heartbeat or status at or after the bake started, from a
+/// connected agent). `None` while a connected gateway's report is still due; inconclusive for a
+/// gateway whose agent went away, since nothing says it stayed healthy.
+fn health_evidence(
+    r: &mut RolloutRecord,
+    fleet: &BTreeMap<String, GatewayState>,
+    batch: &[String],
+    until: u64,
+    now: u64,
+) -> Option<GateDecision> {
+    let start = until.saturating_sub(r.spec.min_healthy_time_ms);
+    let applied: Vec<&String> = batch
+        .iter()
+        .filter(|g| {
+            r.gateways
+                .get(*g)
+                .is_some_and(|p| p.state == TargetState::Applied)
+        })
+        .collect();
+    let mut unobserved = Vec::new();
+    for g in &applied {
+        let state = fleet.get(*g);
+        if state.is_some_and(|s| s.last_heartbeat_unix_ms >= start) && connected(fleet, g) {
+            continue;
+        }
+        if connected(fleet, g) {
+            return None;
+        }
+        let agent = state
+            .and_then(|s| AgentState::try_from(s.agent_state).ok())
+            .map_or("never seen", AgentState::label);
+        unobserved.push(format!("{g} (agent {agent})"));
+    }
+    if unobserved.is_empty() {
+        let detail = format!(
+            "every batch gateway reported healthy during the bake ({} observed)",
+            applied.len()
+        );
+        gate(r, "health", "passed", 0.0, 0.0, &detail, now);
+        return Some(GateDecision::Passed);
+    }
+    let detail = format!(
+        "no observation during the bake of {}",
+        unobserved.join(", ")
+    );
+    gate(
+        r,
+        "health",
+        "inconclusive",
+        unobserved.len() as f64,
+        0.0,
+        &detail,
+        now,
+    );
+    Some(GateDecision::Inconclusive(format!(
+        "health gate inconclusive: {detail}"
+    )))
 }
 
 /// Where a rollout goes once the current batch passed.
@@ -815,6 +870,8 @@ mod tests {
                     } else {
                         AgentState::Disconnected
                     } as i32,
+                    // Heartbeats keep arriving from connected agents: each step sees a fresh one.
+                    last_heartbeat_unix_ms: if *up { u64::MAX } else { 0 },
                     health: Some(GatewayHealth {
                         status: HealthStatus::Healthy as i32,
                         config: Some(ConfigInfo {
@@ -1036,6 +1093,67 @@ mod tests {
             r.gateways["b"].offers_sent, 0,
             "b never received the bad config"
         );
+    }
+
+    /// A rolling rollout over `a` and `b` whose first batch (`a`) applied at 1 s and bakes until 3 s.
+    fn baking_first_batch(s: Spec) -> RolloutRecord {
+        let mut r = rollout(s, &["a", "b"]);
+        let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
+        let (effects, _) = step(&mut r, &f, 1_000);
+        apply_all(&mut r, &effects, 1_000);
+        step(&mut r, &f, 1_000);
+        assert_eq!(r.phase, Phase::Baking { until: 3_000 });
+        r
+    }
+
+    #[test]
+    fn the_health_gate_does_not_pass_a_gateway_nobody_observed() {
+        // a's agent died right after answering APPLIED: nothing says a stayed healthy.
+        let mut r = baking_first_batch(spec(Strategy::Rolling));
+        let gone = fleet(&[("a", false, 0, 0), ("b", true, 0, 0)]);
+        step(&mut r, &gone, 3_000);
+        assert!(matches!(r.phase, Phase::Paused { .. }), "{:?}", r.phase);
+        let gate = r.gates.iter().find(|g| g.gate == "health").expect("gate");
+        assert_eq!(gate.decision, "inconclusive");
+        assert!(
+            gate.detail.contains("a (agent disconnected)"),
+            "{}",
+            gate.detail
+        );
+        assert!(
+            r.message.contains("health gate inconclusive"),
+            "{}",
+            r.message
+        );
+        assert_eq!(r.gateways["b"].offers_sent, 0);
+
+        // With --continue-on-inconclusive the rollout goes on, and says why.
+        let mut s = spec(Strategy::Rolling);
+        s.continue_on_inconclusive = true;
+        let mut r = baking_first_batch(s);
+        step(&mut r, &gone, 3_000);
+        assert!(matches!(r.phase, Phase::Pausing { .. }), "{:?}", r.phase);
+        assert_eq!(
+            r.gates.last().map(|g| g.decision.as_str()),
+            Some("inconclusive")
+        );
+    }
+
+    #[test]
+    fn the_health_gate_waits_for_a_connected_gateways_report_within_the_bake() {
+        let mut r = baking_first_batch(spec(Strategy::Rolling));
+        // Connected, but its last heartbeat came before the bake started.
+        let mut quiet = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
+        quiet.fleet.get_mut("a").expect("a").last_heartbeat_unix_ms = 900;
+        step(&mut r, &quiet, 3_000);
+        assert_eq!(r.phase, Phase::Baking { until: 3_000 });
+        assert!(r.gates.iter().all(|g| g.gate != "health"));
+        // Its heartbeat arrives: evidence, and the gate passes.
+        quiet.fleet.get_mut("a").expect("a").last_heartbeat_unix_ms = 3_100;
+        step(&mut r, &quiet, 3_100);
+        let gate = r.gates.iter().find(|g| g.gate == "health").expect("gate");
+        assert_eq!(gate.decision, "passed");
+        assert!(matches!(r.phase, Phase::Pausing { .. }), "{:?}", r.phase);
     }
 
     #[test]
