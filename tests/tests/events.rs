@@ -369,3 +369,30 @@ async fn a_full_agent_buffer_drops_the_oldest_and_says_so_with_a_gap() {
         "{gaps:?}"
     );
 }
+
+#[tokio::test]
+async fn the_tail_shows_the_authenticated_gateway_and_region_not_the_event_body() {
+    let fleet = TestFleet::start(1);
+    healthy(&fleet, 1).await;
+    // gw-test-01 (region us) writes lines claiming to come from another gateway and region.
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&fleet.gateways[0].events)
+        .expect("events file");
+    let forged = json!({ "id": "forged-1", "gateway_id": "gw-prod-99", "region": "eu", "verdict": "allow",
+        "reason_code": "", "config_version": "1.0.0", "policies_evaluated": [] });
+    writeln!(file, "{forged}").expect("append");
+    let mut events = Vec::new();
+    let found = wait_for(PATIENCE, || {
+        events = tail_json(&fleet, &["--all-gateways", "--since", "1h", "--limit", "1"]);
+        !events.is_empty()
+    })
+    .await;
+    assert!(found, "the event never reached the tail");
+    let event = &events[0];
+    assert_eq!(event["gateway_id"], "gw-test-01", "{event}");
+    assert_eq!(event["region"], "us", "{event}");
+    assert_eq!(event["reported_gateway_id"], "gw-prod-99", "{event}");
+    assert_eq!(event["reported_region"], "eu", "{event}");
+}

@@ -77,11 +77,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
             Some(Item::Event(e)) => {
                 let mut event: Value = serde_json::from_slice(&e.event).unwrap_or(Value::Null);
                 if args.json {
-                    if let Some(object) = event.as_object_mut() {
-                        object
-                            .entry("region")
-                            .or_insert(Value::String(e.region.clone()));
-                    }
+                    authenticated_identity(&mut event, &e.gateway_id, &e.region);
                     writeln!(out, "{event}")?;
                 } else {
                     writeln!(out, "{}", line(&event, &e.gateway_id, &e.region))?;
@@ -124,6 +120,24 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
             None => {}
         }
         out.flush()?;
+    }
+}
+
+/// Shows the gateway id and region the coordinator stored for the event (from the agent's
+/// certificate and hello), whatever the event line says; a differing claim is kept beside them
+/// as `reported_gateway_id` / `reported_region`.
+fn authenticated_identity(event: &mut Value, gateway: &str, region: &str) {
+    let Some(object) = event.as_object_mut() else {
+        return;
+    };
+    for (key, value) in [("gateway_id", gateway), ("region", region)] {
+        let authentic = Value::String(value.to_owned());
+        match object.insert(key.to_owned(), authentic.clone()) {
+            Some(claimed) if claimed != authentic => {
+                object.insert(format!("reported_{key}"), claimed);
+            }
+            _ => {}
+        }
     }
 }
 
