@@ -16,6 +16,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::policy::Chain;
+use crate::sections;
 
 /// Largest config file accepted; anything bigger is refused before parsing.
 pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
@@ -78,6 +79,15 @@ pub struct PolicySettings {
 }
 
 impl PolicySettings {
+    /// Takes the kinds set in `other` (each kind of a file parsed on its own).
+    fn absorb(&mut self, other: PolicySettings) {
+        self.prompt_injection = self.prompt_injection.take().or(other.prompt_injection);
+        self.pii_detector = self.pii_detector.take().or(other.pii_detector);
+        self.dlp_filter = self.dlp_filter.take().or(other.dlp_filter);
+        self.model_allowlist = self.model_allowlist.take().or(other.model_allowlist);
+        self.request_limits = self.request_limits.take().or(other.request_limits);
+    }
+
     fn has(&self, kind: &str) -> bool {
         match kind {
             "prompt-injection" => self.prompt_injection.is_some(),
@@ -320,18 +330,32 @@ impl PolicyConfig {
         }
         let text =
             std::str::from_utf8(bytes).map_err(|e| fail(vec![format!("not valid UTF-8: {e}")]))?;
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| fail(vec![e.to_string()]))?;
-        let mut errors = validate(&raw, text);
-        let chain = match Chain::compile(&raw.policies.chain, &raw.policy) {
-            Ok(chain) => Some(chain),
-            Err(compile_errors) => {
-                errors.extend(
-                    compile_errors
-                        .into_iter()
-                        .map(|e| with_location(text, "policy", &e.needle, e.message)),
-                );
-                None
+        let (raw, unparsed, mut errors) = match serde_yaml::from_str::<RawConfig>(text) {
+            Ok(raw) => (raw, Unparsed::default(), Vec::new()),
+            Err(whole) => {
+                // Not YAML at all: there is nothing more to say than where it broke.
+                if serde_yaml::from_str::<serde_yaml::Value>(text).is_err() {
+                    return Err(fail(vec![whole.to_string()]));
+                }
+                // Each block on its own, so that every mistake is reported in this one pass.
+                parse_blocks(text)
             }
+        };
+        errors.extend(validate(&raw, &unparsed, text));
+        let chain = if unparsed.0.is_empty() {
+            match Chain::compile(&raw.policies.chain, &raw.policy) {
+                Ok(chain) => Some(chain),
+                Err(compile_errors) => {
+                    errors.extend(
+                        compile_errors
+                            .into_iter()
+                            .map(|e| with_location(text, "policy", &e.needle, e.message)),
+                    );
+                    None
+                }
+            }
+        } else {
+            None
         };
         match chain {
             Some(chain) if errors.is_empty() => Ok(PolicyConfig {
@@ -355,15 +379,127 @@ pub fn content_hash(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn validate(raw: &RawConfig, text: &str) -> Vec<String> {
+/// The blocks that did not deserialize (`pack`, `policy.dlp-filter`, ...): the rules about
+/// them are not checked, since their values are not known.
+#[derive(Debug, Default)]
+struct Unparsed(Vec<String>);
+
+impl Unparsed {
+    fn has(&self, block: &str) -> bool {
+        self.0.iter().any(|b| b == block)
+    }
+}
+
+const SECTIONS: [&str; 5] = ["pack", "policies", "policy", "providers", "cache"];
+
+/// Deserializes each top-level block (and each kind under `policy`) on its own: every block
+/// that fails says why, located in the file; the others are validated as usual.
+fn parse_blocks(text: &str) -> (RawConfig, Unparsed, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut unparsed = Unparsed::default();
+    let top = sections::top_level(text);
+    for block in top.iter().filter(|b| !SECTIONS.contains(&b.key.as_str())) {
+        errors.push(format!(
+            "unknown top-level key `{}`, expected one of {} at line {} column 1",
+            block.key,
+            SECTIONS.join(", "),
+            block.lines.start + 1
+        ));
+    }
+    let block = |key: &str| top.iter().find(|b| b.key == key);
+    let mut one = |key: &str, required: bool| -> Option<&sections::Block> {
+        let found = block(key);
+        if found.is_none() && required {
+            errors.push(format!("missing top-level key `{key}`"));
+            unparsed.0.push(key.to_owned());
+        }
+        found
+    };
+    let (pack, policies, providers, cache) = (
+        one("pack", true),
+        one("policies", true),
+        one("providers", false),
+        one("cache", false),
+    );
+    let mut decoded = Decoded {
+        text,
+        errors: &mut errors,
+        unparsed: &mut unparsed,
+    };
+    let pack: Option<RawPack> = decoded.block("pack", pack.map(|b| vec![b.lines.clone()]));
+    let policies: Option<RawPolicies> =
+        decoded.block("policies", policies.map(|b| vec![b.lines.clone()]));
+    let providers: Option<RawProviders> =
+        decoded.block("providers", providers.map(|b| vec![b.lines.clone()]));
+    let cache: Option<CacheSettings> = decoded.block("cache", cache.map(|b| vec![b.lines.clone()]));
+    let mut policy = PolicySettings::default();
+    if let Some(section) = block("policy") {
+        let kinds = sections::children(text, section);
+        if kinds.is_empty() {
+            policy = decoded
+                .block("policy", Some(vec![section.lines.clone()]))
+                .unwrap_or_default();
+        }
+        let header = section.lines.start..section.lines.start + 1;
+        for kind in kinds {
+            let name = format!("policy.{}", kind.key);
+            let lines = vec![header.clone(), kind.lines.clone()];
+            if let Some(settings) = decoded.block::<PolicySettings>(&name, Some(lines)) {
+                policy.absorb(settings);
+            }
+        }
+    }
+    let raw = RawConfig {
+        pack: pack.unwrap_or_else(|| RawPack {
+            name: String::new(),
+            version: String::new(),
+            enabled: true,
+        }),
+        policies: policies.unwrap_or(RawPolicies { chain: Vec::new() }),
+        policy,
+        providers: providers.unwrap_or_default(),
+        cache: cache.unwrap_or_default(),
+    };
+    (raw, unparsed, errors)
+}
+
+/// Deserializes blocks of one text, recording what fails.
+struct Decoded<'a> {
+    text: &'a str,
+    errors: &'a mut Vec<String>,
+    unparsed: &'a mut Unparsed,
+}
+
+impl Decoded<'_> {
+    /// The value under the single top-level key left when only `lines` are kept.
+    fn block<T: serde::de::DeserializeOwned>(
+        &mut self,
+        name: &str,
+        lines: Option<Vec<std::ops::Range<usize>>>,
+    ) -> Option<T> {
+        let lines = lines?;
+        let keep: Vec<&std::ops::Range<usize>> = lines.iter().collect();
+        let masked = sections::masked(self.text, &keep);
+        match serde_yaml::from_str::<BTreeMap<String, T>>(&masked) {
+            Ok(map) => map.into_values().next(),
+            Err(error) => {
+                self.errors.push(error.to_string());
+                self.unparsed.0.push(name.to_owned());
+                None
+            }
+        }
+    }
+}
+
+fn validate(raw: &RawConfig, unparsed: &Unparsed, text: &str) -> Vec<String> {
     let mut errors = Vec::new();
     let mut err = |section: &str, needle: &str, message: String| {
         errors.push(with_location(text, section, needle, message))
     };
-    if raw.pack.name.trim().is_empty() {
+    if !unparsed.has("pack") && raw.pack.name.trim().is_empty() {
         err("pack", "name", "pack.name: must not be empty".to_owned());
     }
-    if !is_semver(&raw.pack.version) {
+    if !unparsed.has("pack") && !is_semver(&raw.pack.version) {
         err(
             "pack",
             "version",
@@ -374,7 +510,12 @@ fn validate(raw: &RawConfig, text: &str) -> Vec<String> {
         );
     }
     let mut seen = Vec::new();
-    for kind in &raw.policies.chain {
+    let chain: &[String] = if unparsed.has("policies") {
+        &[]
+    } else {
+        &raw.policies.chain
+    };
+    for kind in chain {
         if !KNOWN_KINDS.contains(&kind.as_str()) {
             err(
                 "policies",
@@ -390,7 +531,10 @@ fn validate(raw: &RawConfig, text: &str) -> Vec<String> {
                 kind,
                 format!("policies.chain: {kind:?} is listed twice"),
             );
-        } else if !raw.policy.has(kind) {
+        } else if !raw.policy.has(kind)
+            && !unparsed.has("policy")
+            && !unparsed.has(&format!("policy.{kind}"))
+        {
             err(
                 "policies",
                 kind,
@@ -400,13 +544,21 @@ fn validate(raw: &RawConfig, text: &str) -> Vec<String> {
         seen.push(kind);
     }
     for kind in KNOWN_KINDS {
-        if raw.policy.has(kind) && !raw.policies.chain.iter().any(|k| k == kind) {
+        if raw.policy.has(kind) && !unparsed.has("policies") && !chain.iter().any(|k| k == kind) {
             err(
                 "policy",
                 kind,
                 format!("policy.{kind}: settings for a kind that is not in policies.chain"),
             );
         }
+    }
+    let providers_known = !unparsed.has("providers");
+    if providers_known && raw.providers.targets.is_empty() {
+        err(
+            "providers",
+            "targets",
+            "providers.targets: at least one provider target is required (allowed requests would have nowhere to go)".to_owned(),
+        );
     }
     let mut ids = Vec::new();
     for (i, target) in raw.providers.targets.iter().enumerate() {
@@ -442,7 +594,7 @@ fn validate(raw: &RawConfig, text: &str) -> Vec<String> {
             "providers.probe_interval: must be at least 100ms".to_owned(),
         );
     }
-    if raw.cache.enabled && raw.cache.max_entries == 0 {
+    if !unparsed.has("cache") && raw.cache.enabled && raw.cache.max_entries == 0 {
         err(
             "cache",
             "max_entries",
@@ -519,6 +671,9 @@ policies:
 policy:
   prompt-injection:
     phrases: [\"ignore all previous instructions\"]
+providers:
+  targets:
+  - {id: mock, provider: mock, model: m, base_url: \"http://127.0.0.1:9\"}
 ";
 
     #[test]
@@ -577,7 +732,7 @@ policy:
   dlp-filter: {action: block}
 ";
         let err = PolicyConfig::parse("t.yaml", text.as_bytes()).expect_err("invalid");
-        assert_eq!(err.errors.len(), 4, "{err}");
+        assert_eq!(err.errors.len(), 5, "{err}");
         let all = err.to_string();
         assert!(
             all.contains("pack.version") && all.contains("line 1"),
@@ -591,6 +746,52 @@ policy:
             all.contains("policy.dlp-filter") && all.contains("line 5 column 3"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn every_mistake_is_reported_in_one_pass() {
+        let text = "\
+pack:
+  name: x
+  version: 1.0.0
+  colour: red
+policies:
+  chain: [prompt-injection, pii-detector, teleport]
+policy:
+  prompt-injection:
+    phrase_list: [a]
+  pii-detector:
+    action: shred
+providers:
+  request_timeout: forever
+cahce: {enabled: true}
+";
+        let err = PolicyConfig::parse("t.yaml", text.as_bytes()).expect_err("invalid");
+        let all = err.to_string();
+        for expected in [
+            ("colour", "line 4"),
+            ("phrase_list", "line 9"),
+            ("shred", "line 11"),
+            ("forever", "line 13"),
+            ("cahce", "line 14"),
+            ("\"teleport\"", "line 6"),
+        ] {
+            assert!(
+                err.errors
+                    .iter()
+                    .any(|e| e.contains(expected.0) && e.contains(expected.1)),
+                "{expected:?} not in:\n{all}"
+            );
+        }
+        assert_eq!(err.errors.len(), 6, "{all}");
+        assert!(all.lines().all(|l| l.starts_with("t.yaml: ")), "{all}");
+    }
+
+    #[test]
+    fn a_config_without_a_provider_target_is_refused() {
+        let text = VALID.split("providers:").next().expect("head").to_owned();
+        let err = PolicyConfig::parse("t.yaml", text.as_bytes()).expect_err("no target");
+        assert!(err.to_string().contains("providers.targets"), "{err}");
     }
 
     #[test]

@@ -16,3 +16,4 @@ pub mod policy;
 pub mod probe_token;
 pub mod providers;
 pub mod proxy;
+pub mod sections;

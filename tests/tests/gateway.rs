@@ -450,6 +450,49 @@ fn validate_prints_every_error_with_its_line_or_a_summary() {
             .all(|l| l.contains("bad.yaml") && l.contains(" at line ")),
         "{stderr}"
     );
+
+    // Four mistakes of the kind serde stops at (unknown keys, wrong types and values): all
+    // four in one run, each with file, line and key (before: one per run).
+    let text = dev::EXAMPLE_POLICY
+        .replacen("  name: ", "  colour: red\n  name: ", 1)
+        .replacen("    action: ", "    action: shred\n    unused: ", 1)
+        .replacen(
+            "  request_timeout: ",
+            "  request_timeout: forever\n  unused_timeout: ",
+            1,
+        )
+        + "cahce: {}\n";
+    std::fs::write(&bad, text).expect("write");
+    let out = std::process::Command::new(kt_e2e::bin("kt-gateway"))
+        .arg("validate")
+        .arg(&bad)
+        .output()
+        .expect("validate");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in ["colour", "shred", "forever", "cahce"] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("bad.yaml") && l.contains(key) && l.contains("line ")),
+            "{key} not reported:\n{stderr}"
+        );
+    }
+
+    // A config with no provider target cannot serve a single allowed request.
+    let text = dev::EXAMPLE_POLICY
+        .split("providers:")
+        .next()
+        .expect("head")
+        .to_owned();
+    std::fs::write(&bad, text).expect("write");
+    let out = std::process::Command::new(kt_e2e::bin("kt-gateway"))
+        .arg("validate")
+        .arg(&bad)
+        .output()
+        .expect("validate");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("providers.targets"));
 }
 
 #[tokio::test]
