@@ -30,6 +30,9 @@ pub struct CoordinatorConfig {
     /// Where Prometheus scrapes `GET /metrics` (plain HTTP, read-only); none when unset.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Limits on incoming connections and their TLS handshakes.
+    #[serde(default)]
+    pub connections: kt_proto::conn::ConnectionLimits,
 }
 
 /// How long and how many decision events the coordinator keeps for `--since` and stats.

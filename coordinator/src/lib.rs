@@ -8,6 +8,7 @@ pub mod config;
 pub mod events;
 pub mod fleet;
 pub mod grpc;
+pub mod listener;
 pub mod metrics;
 pub mod probes;
 pub mod rollout;
@@ -21,7 +22,6 @@ use kt_proto::v1::agent_service_server::AgentServiceServer;
 use kt_proto::v1::operator_service_server::OperatorServiceServer;
 use kt_proto::yaml::ConfigFileError;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -173,16 +173,24 @@ impl Coordinator {
             trust_domain,
             cancel: cancel.clone(),
         };
+        let tls = self
+            .tls
+            .rustls_server_config()
+            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let admission = kt_proto::conn::Admission::new(self.config.connections.clone());
+        let incoming = listener::incoming(
+            listener,
+            Arc::new(tls),
+            admission,
+            metrics.clone(),
+            cancel.child_token(),
+        );
         let server = tonic::transport::Server::builder()
-            .tls_config(self.tls.server_config())?
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(AgentServiceServer::new(agents))
             .add_service(OperatorServiceServer::new(operators))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                cancel.clone().cancelled_owned(),
-            );
+            .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
 
         if let Some(path) = self.config.groups_file.clone() {
             // Installed before serving, so an early SIGHUP cannot take its default action (exit).

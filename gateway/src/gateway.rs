@@ -77,7 +77,7 @@ struct Shared {
     /// Requests answered with a 5xx status.
     errors: AtomicU64,
     verdicts: [AtomicU64; 4],
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     events: EventSink,
     http: reqwest::Client,
     /// Marks the agent's synthetic probes; without one, no request is synthetic.
@@ -118,7 +118,7 @@ impl Gateway {
                 requests_processed: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
                 verdicts: Default::default(),
-                metrics: Metrics::default(),
+                metrics: Arc::new(Metrics::default()),
                 events,
                 http,
                 probe_token,
@@ -149,6 +149,11 @@ impl Gateway {
 
     pub fn http(&self) -> &reqwest::Client {
         &self.shared.http
+    }
+
+    /// The metrics, for tasks that outlive a borrow (the accept loop).
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -32,14 +32,12 @@ pub fn router(gateway: Gateway) -> Router {
 pub async fn serve(
     gateway: Gateway,
     listener: TcpListener,
+    limits: crate::listener::Limits,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(gateway).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(cancel.cancelled_owned())
-    .await
+    let metrics = gateway.metrics_handle();
+    crate::listener::serve(router(gateway), listener, limits, metrics, cancel).await;
+    Ok(())
 }
 
 async fn health(State(gateway): State<Gateway>) -> impl IntoResponse {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod events;
 pub mod gateway;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod mock;
 pub mod policy;

@@ -54,6 +54,16 @@ struct ServeArgs {
     /// (`gateway.probe_token_file`). Without it, no request is treated as synthetic.
     #[arg(long, env = "KT_GATEWAY_PROBE_TOKEN_FILE")]
     probe_token_file: Option<PathBuf>,
+    /// Open client connections at most; more are closed at once (and counted).
+    #[arg(long, env = "KT_GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// A new connection must send its first request's headers within this time.
+    #[arg(long, env = "KT_GATEWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: std::time::Duration,
+    /// A connection with no traffic for this long is closed; keep it above the providers'
+    /// request timeout.
+    #[arg(long, env = "KT_GATEWAY_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    idle_timeout: std::time::Duration,
     /// Write the bound address to this file once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -135,14 +145,28 @@ fn serve(args: ServeArgs) -> ExitCode {
         max_bytes: args.events_max_bytes.max(4096),
         keep: args.events_keep,
     };
+    let mut limits = kt_gateway::listener::Limits::default();
+    limits.connections.max_connections = args.max_connections;
+    limits.connections.handshake_timeout = args.header_timeout;
+    limits.idle_timeout = args.idle_timeout;
     block_on(run(
         config_path,
         gateway_id,
         events,
         args.probe_token_file,
-        args.listen,
-        args.ready_file,
+        Listen {
+            addr: args.listen,
+            limits,
+            ready_file: args.ready_file,
+        },
     ))
+}
+
+/// Where and how the gateway serves.
+struct Listen {
+    addr: SocketAddr,
+    limits: kt_gateway::listener::Limits,
+    ready_file: Option<PathBuf>,
 }
 
 fn block_on(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
@@ -169,8 +193,7 @@ async fn run(
     gateway_id: String,
     events: EventsSettings,
     probe_token_file: Option<PathBuf>,
-    listen: SocketAddr,
-    ready_file: Option<PathBuf>,
+    listen: Listen,
 ) -> anyhow::Result<()> {
     let probe_token = probe_token_file
         .map(|path| {
@@ -186,7 +209,7 @@ async fn run(
     // Loaded once more here: the file may have changed since the check in `serve`.
     let gateway = Gateway::load(config_path, gateway_id, sink, secrets, probe_token)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let listener = daemon::listen(listen, ready_file.as_deref()).await?;
+    let listener = daemon::listen(listen.addr, listen.ready_file.as_deref()).await?;
     let addr = listener.local_addr()?;
     let current = gateway.current();
     tracing::info!(%addr, gateway_id = gateway.gateway_id(), version = %current.config.version, hash = %current.config.hash, events = %events_path.display(), "gateway listening");
@@ -212,7 +235,7 @@ async fn run(
     let probes = tokio::spawn(gateway.clone().run_probes(cancel.child_token()));
     tokio::spawn(daemon::cancel_on_terminate(cancel.clone()));
     daemon::notify("READY=1");
-    kt_gateway::http::serve(gateway, listener, cancel.clone()).await?;
+    kt_gateway::http::serve(gateway, listener, listen.limits, cancel.clone()).await?;
     cancel.cancel();
     let _ = probes.await;
     let _ = reloads.await;

@@ -6,6 +6,7 @@
 
 pub mod bounds;
 pub mod clock;
+pub mod conn;
 pub mod contract;
 pub mod daemon;
 pub mod identity;
