@@ -95,3 +95,35 @@ impl RawSession {
             .expect("the coordinator did not end the session")
     }
 }
+
+/// Opens an `Events` stream with the certificate `agent-<stem>`: batches go in, acks come out.
+pub async fn open_events(
+    coordinator: SocketAddr,
+    pki_dir: &Path,
+    stem: &str,
+) -> (
+    mpsc::Sender<kt_proto::v1::EventBatch>,
+    Result<Streaming<kt_proto::v1::EventAck>, tonic::Status>,
+) {
+    let tls = TlsFiles {
+        ca: pki_dir.join("ca.crt"),
+        cert: pki_dir.join(format!("agent-{stem}.crt")),
+        key: pki_dir.join(format!("agent-{stem}.key")),
+    }
+    .load(Role::Agent)
+    .expect("agent certificate");
+    let channel = Endpoint::from_shared(format!("https://{coordinator}"))
+        .expect("endpoint")
+        .tls_config(tls.client_config("127.0.0.1"))
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(4);
+    let acks = AgentServiceClient::new(channel)
+        .max_encoding_message_size(64 << 20)
+        .events(ReceiverStream::new(rx))
+        .await
+        .map(tonic::Response::into_inner);
+    (tx, acks)
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kt_e2e::{TestFleet, all_healthy, raw, row};
 use kt_proto::v1::agent_message::Body;
-use kt_proto::v1::{GatewayHealth, Hello, StatusUpdate};
+use kt_proto::v1::{EventBatch, GatewayHealth, Hello, StatusUpdate};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -125,5 +125,48 @@ async fn a_second_session_with_one_certificate_is_shown_and_the_real_agent_retur
     assert!(
         text.contains("two agents seem to use this gateway's certificate"),
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn bad_event_batches_end_the_stream_with_a_reason() {
+    let fleet = TestFleet::start(0);
+    fleet.pki.issue_agent("gw-hostile");
+    let (addr, pki) = (fleet.coordinator.addr, &fleet.pki.dir);
+    // Sequence numbers that would wrap past what the store can hold: before, stored as
+    // negative numbers and later events taken for duplicates, silently.
+    let (tx, acks) = raw::open_events(addr, pki, "gw-hostile").await;
+    let batch = EventBatch {
+        epoch: 1,
+        first_seq: i64::MAX as u64 - 1,
+        events: vec![br#"{"verdict":"allow"}"#.to_vec(); 5],
+        gap: None,
+    };
+    tx.send(batch).await.expect("send");
+    let status = acks
+        .expect("stream opened")
+        .message()
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("sequence numbers"), "{status:?}");
+
+    // A batch over the 4 MiB message limit: the agent is told why, not just reset.
+    let (tx, acks) = raw::open_events(addr, pki, "gw-hostile").await;
+    let batch = EventBatch {
+        epoch: 1,
+        first_seq: 1,
+        events: vec![vec![b'x'; 1 << 20]; 5],
+        gap: None,
+    };
+    let _ = tx.send(batch).await;
+    let status = acks
+        .expect("stream opened")
+        .message()
+        .await
+        .expect_err("refused");
+    assert!(
+        status.message().contains("events stream ended") && status.message().contains("length"),
+        "{status:?}"
     );
 }

@@ -97,6 +97,8 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<EventAck, Status>> + Send>>;
 
 /// Batches an agent may send ahead of acknowledgements.
 const EVENT_CREDIT: u32 = 8;
+/// The largest epoch or sequence number (what SQLite stores as a signed integer).
+const MAX_SEQ: u64 = i64::MAX as u64;
 /// Limits of one batch; larger ones end the stream with an error.
 const MAX_BATCH_EVENTS: usize = 10_000;
 
@@ -107,6 +109,18 @@ fn check_batch(batch: &EventBatch) -> Result<(), String> {
     }
     if batch.events.len() > MAX_BATCH_EVENTS {
         return Err(format!("a batch holds at most {MAX_BATCH_EVENTS} events"));
+    }
+    // Stored as SQLite integers: past i64::MAX a number would wrap and look like a duplicate.
+    let last = match &batch.gap {
+        Some(gap) => Some(gap.last_seq),
+        None => batch
+            .first_seq
+            .checked_add(batch.events.len().saturating_sub(1) as u64),
+    };
+    if batch.epoch > MAX_SEQ || last.is_none_or(|last| last > MAX_SEQ) {
+        return Err(format!(
+            "epoch and sequence numbers must stay at or below {MAX_SEQ}"
+        ));
     }
     if batch.events.iter().any(|e| e.len() > MAX_EVENT_BYTES) {
         return Err(format!("an event is larger than {MAX_EVENT_BYTES} bytes"));
@@ -153,7 +167,11 @@ impl AgentService for AgentApi {
                         Ok(Some(batch)) => batch,
                         Ok(None) => return,
                         Err(status) => {
-                            tracing::debug!(error = %status, "events stream broke");
+                            // A batch over the message limit ends here too: say why, so the
+                            // agent's log names the problem instead of a bare reset.
+                            tracing::warn!(error = %status, "events stream ended by an error");
+                            let why = format!("events stream ended: {}", status.message());
+                            let _ = tx.try_send(Err(Status::new(status.code(), why)));
                             return;
                         }
                     };
@@ -442,4 +460,35 @@ async fn region_of(fleet: &FleetHandle, gateway: &str) -> String {
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(epoch: u64, first_seq: u64, n: usize) -> EventBatch {
+        EventBatch {
+            epoch,
+            first_seq,
+            events: vec![b"{}".to_vec(); n],
+            gap: None,
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_that_would_wrap_are_refused() {
+        assert!(check_batch(&batch(1, 1, 3)).is_ok());
+        assert!(check_batch(&batch(1, MAX_SEQ - 2, 3)).is_ok());
+        assert!(check_batch(&batch(1, MAX_SEQ - 1, 3)).is_err());
+        assert!(check_batch(&batch(1, u64::MAX, 2)).is_err());
+        assert!(check_batch(&batch(u64::MAX, 1, 1)).is_err());
+        let mut gap = batch(1, 5, 0);
+        gap.gap = Some(kt_proto::v1::EventGap {
+            first_seq: 5,
+            last_seq: u64::MAX,
+            count: 1,
+            reason: String::new(),
+        });
+        assert!(check_batch(&gap).is_err());
+    }
 }
