@@ -32,6 +32,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kt_agent");
+        kt_proto::metrics_http::register_log_repeats(&mut registry);
         let connected = Gauge::default();
         registry.register(
             "connected",

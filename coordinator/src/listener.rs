@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use kt_proto::conn::{Admission, OpenPermit, Refusal, Throttle};
+use kt_proto::conn::{Admission, OpenPermit, Refusal};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -91,7 +91,6 @@ pub fn incoming(
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(tls);
-    let throttle = Arc::new(Throttle::new(Duration::from_secs(10)));
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -100,23 +99,16 @@ pub fn incoming(
                     Ok(accepted) => accepted,
                     Err(error) => {
                         // Out of file descriptors, most likely: wait instead of spinning.
-                        if let Some(suppressed) = throttle.allow("accept") {
-                            tracing::error!(%error, suppressed, "cannot accept connections");
-                        } else {
-                            metrics.log_lines_suppressed.inc();
-                        }
+                        tracing::error!(%error, "cannot accept connections");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
             };
-            let refuse = |why: Refusal| {
-                refused(&metrics, &throttle, peer, why);
-            };
             let (open, handshake) = match admission.admit(peer.ip()) {
                 Ok(permits) => permits,
                 Err(why) => {
-                    refuse(why);
+                    refused(&metrics, peer, why);
                     continue; // dropping the stream closes it
                 }
             };
@@ -126,12 +118,7 @@ pub fn incoming(
                 _permit: open,
                 _open: OpenGauge(metrics.clone()),
             };
-            let (acceptor, tx, metrics, throttle) = (
-                acceptor.clone(),
-                tx.clone(),
-                metrics.clone(),
-                throttle.clone(),
-            );
+            let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
             let timeout = admission.limits.handshake_timeout;
             tokio::spawn(async move {
                 let result = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
@@ -142,9 +129,9 @@ pub fn incoming(
                     }
                     Ok(Err(error)) => {
                         tracing::debug!(%peer, %error, "TLS handshake failed");
-                        refused(&metrics, &throttle, peer, Refusal::HandshakeFailed);
+                        refused(&metrics, peer, Refusal::HandshakeFailed);
                     }
-                    Err(_) => refused(&metrics, &throttle, peer, Refusal::HandshakeTimeout),
+                    Err(_) => refused(&metrics, peer, Refusal::HandshakeTimeout),
                 }
             });
         }
@@ -152,22 +139,18 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// Counts a connection closed before it was served, and logs it (a burst as one line).
-fn refused(metrics: &Metrics, throttle: &Throttle, peer: SocketAddr, why: Refusal) {
+/// Counts a connection closed before it was served, and logs it (repeats are summed up, see
+/// `kt_proto::repeats`).
+fn refused(metrics: &Metrics, peer: SocketAddr, why: Refusal) {
     let reason = why.label();
     metrics
         .connections_refused
         .get_or_create(&ReasonLabels { reason })
         .inc();
     if why == Refusal::HandshakeFailed {
-        return; // a wrong certificate is the peer's problem, logged at debug
-    }
-    match throttle.allow(reason) {
-        Some(suppressed) => {
-            tracing::warn!(%peer, reason, suppressed, "connection closed before it was served")
-        }
-        None => {
-            metrics.log_lines_suppressed.inc();
-        }
+        // A wrong certificate is the peer's problem.
+        tracing::debug!(%peer, reason, "connection closed before it was served");
+    } else {
+        tracing::warn!(%peer, reason, "connection closed before it was served");
     }
 }

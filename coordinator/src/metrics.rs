@@ -49,8 +49,6 @@ pub struct Metrics {
     pub connections_refused: Family<ReasonLabels, Counter>,
     /// Open connections (TLS established or in handshake).
     pub connections_open: Gauge,
-    /// Repeated log lines not written (the first of a burst is, with the count of the rest).
-    pub log_lines_suppressed: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -140,18 +138,12 @@ impl Default for Metrics {
             "Open connections, in TLS handshake or established",
             connections_open.clone(),
         );
-        let log_lines_suppressed = Counter::default();
-        registry.register(
-            "log_lines_suppressed",
-            "Repeated error lines not logged (each burst logs its first line and a count)",
-            log_lines_suppressed.clone(),
-        );
+        kt_proto::metrics_http::register_log_repeats(&mut registry);
         Metrics {
             registry,
             agent_messages_refused,
             connections_refused,
             connections_open,
-            log_lines_suppressed,
             agents,
             heartbeats,
             heartbeat_processing,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use kt_proto::conn::{Admission, ConnectionLimits, HandshakePermit, Refusal, Throttle};
+use kt_proto::conn::{Admission, ConnectionLimits, HandshakePermit, Refusal};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -53,7 +53,6 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let admission = Admission::new(limits.connections.clone());
-    let throttle = Arc::new(Throttle::new(Duration::from_secs(10)));
     let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -61,9 +60,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    if let Some(suppressed) = throttle.allow("accept") {
-                        tracing::error!(%error, suppressed, "cannot accept connections");
-                    }
+                    tracing::error!(%error, "cannot accept connections");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -72,7 +69,7 @@ pub async fn serve(
         let (open, handshake) = match admission.admit(peer.ip()) {
             Ok(permits) => permits,
             Err(why) => {
-                refused(&metrics, &throttle, peer, why);
+                refused(&metrics, peer, why);
                 continue;
             }
         };
@@ -84,12 +81,7 @@ pub async fn serve(
             request.extensions_mut().insert(ConnectInfo(peer));
             router.clone().oneshot(request.map(axum::body::Body::new))
         });
-        let (cancel, metrics, throttle, limits) = (
-            cancel.clone(),
-            metrics.clone(),
-            throttle.clone(),
-            limits.clone(),
-        );
+        let (cancel, metrics, limits) = (cancel.clone(), metrics.clone(), limits.clone());
         connections.spawn(async move {
             let _open = open;
             let connection = hyper::server::conn::http1::Builder::new()
@@ -103,7 +95,7 @@ pub async fn serve(
                         tracing::debug!(%peer, %error, "connection ended with an error");
                     }
                 }
-                why = activity.expired(&limits) => refused(&metrics, &throttle, peer, why),
+                why = activity.expired(&limits) => refused(&metrics, peer, why),
                 _ = cancel.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
@@ -115,16 +107,15 @@ pub async fn serve(
     connections.wait().await;
 }
 
-/// Counts and logs (a burst as one line) a connection closed before or instead of being served.
-fn refused(metrics: &Metrics, throttle: &Throttle, peer: SocketAddr, why: Refusal) {
+/// Counts and logs a connection closed before or instead of being served (repeats are summed
+/// up, see `kt_proto::repeats`).
+fn refused(metrics: &Metrics, peer: SocketAddr, why: Refusal) {
     let reason = why.label();
     metrics
         .connections_refused
         .get_or_create(&ReasonLabels { reason })
         .inc();
-    if let Some(suppressed) = throttle.allow(reason) {
-        tracing::warn!(%peer, reason, suppressed, "connection closed");
-    }
+    tracing::warn!(%peer, reason, "connection closed");
 }
 
 /// When the connection last moved a byte, and whether it ever sent one.

@@ -51,6 +51,7 @@ pub struct ReasonLabels {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kt_gateway");
+        kt_proto::metrics_http::register_log_repeats(&mut registry);
         let requests = Family::<VerdictLabels, Counter>::default();
         registry.register(
             "requests",

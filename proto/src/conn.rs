@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -167,49 +167,6 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
-/// Lets the first of a burst of identical log lines through and counts the rest: a failing
-/// disk or a connection flood must not write thousands of lines a second.
-#[derive(Debug)]
-pub struct Throttle {
-    window: Duration,
-    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
-}
-
-impl Throttle {
-    pub fn new(window: Duration) -> Self {
-        Throttle {
-            window,
-            last: Mutex::default(),
-        }
-    }
-
-    /// `Some(n)` when a line of kind `key` may be logged now (`n` were suppressed since the
-    /// last one); `None` when it is suppressed.
-    pub fn allow(&self, key: &'static str) -> Option<u64> {
-        self.allow_at(key, Instant::now())
-    }
-
-    fn allow_at(&self, key: &'static str, now: Instant) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        match last.get_mut(key) {
-            Some((at, suppressed)) if now.duration_since(*at) < self.window => {
-                *suppressed += 1;
-                None
-            }
-            Some((at, suppressed)) => {
-                let n = *suppressed;
-                *at = now;
-                *suppressed = 0;
-                Some(n)
-            }
-            None => {
-                last.insert(key, (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,16 +198,5 @@ mod tests {
         assert_eq!(a.admit(two).err(), Some(Refusal::TooManyConnections));
         drop((open_one, third));
         assert_eq!(a.open(), 2);
-    }
-
-    #[test]
-    fn a_throttle_lets_the_first_line_of_a_burst_through_and_counts_the_rest() {
-        let t = Throttle::new(Duration::from_secs(10));
-        let start = Instant::now();
-        assert_eq!(t.allow_at("disk", start), Some(0));
-        assert_eq!(t.allow_at("disk", start + Duration::from_secs(1)), None);
-        assert_eq!(t.allow_at("disk", start + Duration::from_secs(9)), None);
-        assert_eq!(t.allow_at("other", start), Some(0));
-        assert_eq!(t.allow_at("disk", start + Duration::from_secs(11)), Some(2));
     }
 }

@@ -19,16 +19,28 @@ pub enum LogFormat {
 
 /// Starts `tracing` with `RUST_LOG`-style filtering (default `info`) on standard error.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, filter::dynamic_filter_fn};
+    let env = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let repeats = crate::repeats::Repeats::default();
+    let allow = {
+        let repeats = repeats.clone();
+        // Dynamic: judged per event, never cached per call site.
+        dynamic_filter_fn(move |metadata, _| repeats.allow(metadata))
+    };
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let registry = tracing_subscriber::registry().with(env);
+    let installed = match format {
+        LogFormat::Text => registry.with(layer.with_filter(allow)).try_init(),
+        LogFormat::Json => registry.with(layer.json().with_filter(allow)).try_init(),
     };
+    if installed.is_ok() {
+        repeats.report_forever();
+    }
 }
 
 /// Writes the address a daemon actually bound to `path`, atomically (temp file, then rename),

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod identity;
 pub mod labels;
 pub mod metrics_http;
+pub mod repeats;
 pub mod size;
 pub mod tls;
 pub mod yaml;

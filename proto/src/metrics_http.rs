@@ -15,6 +15,33 @@ use tokio_util::sync::CancellationToken;
 /// Produces the OpenMetrics text at each scrape (gauges may be read from live state first).
 pub type Encode = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
+/// Registers `log_lines_suppressed` (see [`crate::repeats`]) in a daemon's registry.
+pub fn register_log_repeats(registry: &mut prometheus_client::registry::Registry) {
+    registry.register_collector(Box::new(SuppressedLogLines));
+}
+
+#[derive(Debug)]
+struct SuppressedLogLines;
+
+impl prometheus_client::collector::Collector for SuppressedLogLines {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(
+            crate::repeats::suppressed_total(),
+        );
+        let metric = encoder.encode_descriptor(
+            "log_lines_suppressed",
+            "Warning and error lines not written because their call site repeated too often",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
+}
+
 /// The OpenMetrics text of `registry`.
 pub fn encode(registry: &prometheus_client::registry::Registry) -> String {
     let mut out = String::new();

@@ -565,3 +565,77 @@ async fn only_the_agents_probe_token_makes_a_request_synthetic() {
         .collect();
     assert_eq!(marks, [false, false, false, true]);
 }
+
+#[tokio::test]
+async fn a_failing_disk_is_logged_a_few_lines_at_a_time_and_counted() {
+    kt_proto::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = MockProvider::start(&dir.path().join("provider"), &[]);
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, dev::example_policy(provider.addr)).expect("policy");
+    // Every write to /dev/full fails with "no space left on device".
+    let ready = dir.path().join("gw.addr");
+    let args: Vec<String> = [
+        "--config",
+        &policy.display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--events-file",
+        "/dev/full",
+        "--ready-file",
+        &ready.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let mut gateway = kt_e2e::Proc::spawn_with_env(
+        "kt-gateway",
+        &args,
+        &[dev::MOCK_PROVIDER_SECRET],
+        dir.path().join("gw.log"),
+    );
+    let addr = gateway.wait_ready(&ready);
+    let client = reqwest::Client::new();
+    let body = json!({"model": "mock-small", "messages": [{"role": "user", "content": "hello"}]});
+    for _ in 0..200 {
+        let response = client
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .expect("the gateway keeps answering");
+        assert_eq!(response.status(), 200);
+    }
+    let suppressed = || {
+        let log = gateway.log_text();
+        (
+            log.matches("cannot write decision events").count(),
+            log.contains("repeated log lines suppressed"),
+        )
+    };
+    // One summary line per call site once its window (10 s) ends.
+    let found = wait_for(Duration::from_secs(60), || suppressed().1).await;
+    let (lines, _) = suppressed();
+    assert!(found, "no summary line:\n{}", gateway.log_text());
+    assert!(
+        lines <= 2 * kt_proto::repeats::BURST as usize,
+        "{lines} error lines"
+    );
+    let metrics = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kt_gateway_log_lines_suppressed_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        counted >= 100,
+        "suppressed lines counted: {counted}\n{metrics}"
+    );
+}
