@@ -109,12 +109,16 @@ impl PeerTls {
                 .add(cert)
                 .map_err(|e| format!("CA certificate: {e}"))?;
         }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        let webpki = rustls::server::WebPkiClientVerifier::builder_with_provider(
             std::sync::Arc::new(roots),
             provider.clone(),
         )
         .build()
         .map_err(|e| format!("client verifier: {e}"))?;
+        let anchor = first_certificate(Path::new("CA"), &self.ca_pem).map_err(|e| e.to_string())?;
+        let verifier = std::sync::Arc::new(
+            PathLenVerifier::new(webpki, &anchor).map_err(|e| format!("CA certificate: {e}"))?,
+        );
         let chain = CertificateDer::pem_slice_iter(&self.cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("certificate: {e}"))?;
@@ -188,4 +192,128 @@ pub fn identity_of_cert_file(path: &Path) -> Result<Identity, TlsError> {
         path: path.to_owned(),
         what: e.to_string(),
     })
+}
+
+/// webpki verifies the path to a trust anchor but not the anchor's own `pathLenConstraint`
+/// (anchors are taken as names and keys only): our CA says `pathlen:0`, so a client
+/// certificate must be issued by the CA itself, never through an intermediate someone made with
+/// the CA's key. This verifier checks that after webpki's verification.
+#[derive(Debug)]
+struct PathLenVerifier {
+    inner: std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    anchor_subject: Vec<u8>,
+    anchor_path_len: Option<usize>,
+}
+
+impl PathLenVerifier {
+    fn new(
+        inner: std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        anchor: &CertificateDer<'_>,
+    ) -> Result<Self, String> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(anchor).map_err(|e| e.to_string())?;
+        let anchor_path_len = cert
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .and_then(|bc| bc.value.path_len_constraint)
+            .map(|n| n as usize);
+        Ok(PathLenVerifier {
+            inner,
+            anchor_subject: cert.subject().as_raw().to_vec(),
+            anchor_path_len,
+        })
+    }
+
+    /// How many intermediates lie between the leaf and the anchor, following issuer names.
+    fn intermediates_used(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<usize, String> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let parse = |der: &CertificateDer<'_>| -> Result<(Vec<u8>, Vec<u8>), String> {
+            let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+            Ok((
+                cert.subject().as_raw().to_vec(),
+                cert.issuer().as_raw().to_vec(),
+            ))
+        };
+        let chain = intermediates
+            .iter()
+            .map(parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut issuer = parse(leaf)?.1;
+        for used in 0..=chain.len() {
+            if issuer == self.anchor_subject {
+                return Ok(used);
+            }
+            match chain.iter().find(|(subject, _)| *subject == issuer) {
+                Some((_, next)) => issuer = next.clone(),
+                None => break,
+            }
+        }
+        Err("the chain does not lead to the CA".into())
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for PathLenVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let refuse = |why: String| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                std::sync::Arc::new(std::io::Error::other(why)),
+            )))
+        };
+        let used = self
+            .intermediates_used(end_entity, intermediates)
+            .map_err(refuse)?;
+        match self.anchor_path_len {
+            Some(allowed) if used > allowed => Err(refuse(format!(
+                "the CA allows {allowed} intermediate certificates, the chain has {used}"
+            ))),
+            _ => Ok(verified),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }

@@ -151,3 +151,60 @@ async fn an_operator_certificate_cannot_open_an_agent_session() {
         "{status:?}"
     );
 }
+
+#[tokio::test]
+async fn a_certificate_through_an_intermediate_the_ca_does_not_allow_is_refused() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    let fleet = TestFleet::start(0);
+    // Someone with the CA's key makes an intermediate; the CA says pathlen:0.
+    let ca_pem = std::fs::read_to_string(fleet.pki.dir.join("ca.crt")).expect("ca");
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(fleet.pki.dir.join("ca.key")).expect("key"))
+            .expect("ca key");
+    let ca = Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "rogue intermediate");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let intermediate_key = KeyPair::generate().expect("key");
+    let intermediate = params
+        .signed_by(&intermediate_key, &ca)
+        .expect("intermediate");
+    let rogue = Issuer::new(params, intermediate_key);
+    let uri = "spiffe://kt-fleet.local/operator/mallory";
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, uri);
+    params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("uri"))];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = params.signed_by(&leaf_key, &rogue).expect("leaf");
+    let chain = format!("{}{}", leaf.pem(), intermediate.pem());
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca_pem))
+        .identity(tonic::transport::Identity::from_pem(
+            chain,
+            leaf_key.serialize_pem(),
+        ))
+        .domain_name("127.0.0.1");
+    let refused = match channel(&fleet, tls).await {
+        Err(_) => true,
+        Ok(channel) => OperatorServiceClient::new(channel)
+            .list_gateways(ListGatewaysRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(
+        refused,
+        "a leaf issued through an intermediate was accepted"
+    );
+}
