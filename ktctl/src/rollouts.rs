@@ -2,6 +2,7 @@
 //! `config push` and `rollout status --watch`.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use kt_proto::v1::{Rollout, RolloutRequest};
 use tonic::Streaming;
@@ -61,7 +62,7 @@ pub fn print_summary(r: &Rollout) {
     println!(
         "rollout {}: {} {} to {}",
         r.id,
-        r.state,
+        state_words(&r.state),
         config_label(r),
         target(r)
     );
@@ -101,7 +102,10 @@ pub fn print_summary(r: &Rollout) {
             };
             println!(
                 "    {:<20} from {:<24} {}{}",
-                g.gateway_id, from, g.state, error
+                g.gateway_id,
+                from,
+                state_words(&g.state),
+                error
             );
         }
     }
@@ -111,7 +115,7 @@ pub fn print_summary(r: &Rollout) {
             println!(
                 "    batch {} {:<12} {:<12} {}",
                 g.batch + 1,
-                g.gate,
+                gate_name(&g.gate),
                 g.decision,
                 g.detail
             );
@@ -119,74 +123,178 @@ pub fn print_summary(r: &Rollout) {
     }
 }
 
+/// How long `follow` keeps trying to reach the coordinator again after losing it.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(120);
+
 /// Follows a rollout, printing each new transition, until it ends or waits for a human.
-/// Returns the final rollout.
+/// Returns the final rollout. Losing the coordinator does not stop the rollout (it lives on the
+/// coordinator): the watch reconnects and goes on where it was.
 pub async fn follow(session: &Session, id: &str) -> anyhow::Result<Rollout> {
-    let mut client = session.client().await?;
-    let mut stream: Streaming<Rollout> = client
-        .watch_rollout(RolloutRequest { id: id.to_owned() })
-        .await
-        .map_err(crate::status_error)?
-        .into_inner();
-    let mut printed = 0;
-    let mut gates_printed = 0;
+    let mut shown = Shown::default();
     let mut last: Option<Rollout> = None;
-    let mut states: BTreeSet<(String, String)> = BTreeSet::new();
     loop {
-        let next = tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
-                println!("stopped watching; the rollout goes on (ktctl rollout status {id} --watch)");
+        let lost = match watch(session, id, &mut shown, &mut last).await? {
+            Watched::Done(r) => return Ok(r),
+            Watched::Interrupted => {
+                println!(
+                    "stopped watching; the rollout goes on (ktctl rollout status {id} --watch)"
+                );
                 return last.ok_or_else(|| anyhow::anyhow!("no rollout state received"));
             }
-            next = stream.message() => next.map_err(crate::status_error)?,
+            Watched::Lost(why) => why,
         };
-        let Some(r) = next else {
-            return last.ok_or_else(|| anyhow::anyhow!("the coordinator ended the watch"));
-        };
-        // History and gate evaluations, in one timeline.
-        let mut lines: Vec<(u64, String)> = r
-            .history
-            .iter()
-            .skip(printed)
-            .map(|t| (t.at_unix_ms, format!("{:<14} {}", short_by(&t.by), t.what)))
-            .chain(r.gates.iter().skip(gates_printed).map(|g| {
-                (
-                    g.at_unix_ms,
-                    format!(
-                        "gate {:<9} batch {} {}: {}",
-                        g.gate,
-                        g.batch + 1,
-                        g.decision,
-                        g.detail
-                    ),
-                )
-            }))
-            .collect();
-        lines.sort_by_key(|(at, _)| *at);
-        for (at, line) in lines {
-            println!("{}  {line}", kt_proto::clock::hms(at));
-        }
-        printed = r.history.len();
-        gates_printed = r.gates.len();
-        for batch in &r.batches {
-            for g in &batch.gateways {
-                if states.insert((g.gateway_id.clone(), g.state.clone())) && g.state == "offered" {
-                    println!(
-                        "{}  {:<14} {} offered {}",
-                        kt_proto::clock::hms(kt_proto::unix_ms_now()),
-                        "coordinator",
-                        g.gateway_id,
-                        config_label(&r)
-                    );
+        println!(
+            "{}  lost the coordinator ({lost}); the rollout goes on there, reconnecting",
+            kt_proto::clock::hms(kt_proto::unix_ms_now())
+        );
+        let deadline = tokio::time::Instant::now() + RECONNECT_PATIENCE;
+        let mut delay = Duration::from_millis(250);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {
+                    println!("stopped watching; the rollout goes on (ktctl rollout status {id} --watch)");
+                    return last.ok_or_else(|| anyhow::anyhow!("no rollout state received"));
                 }
+                _ = tokio::time::sleep(delay) => {}
             }
-        }
-        let stop = exit_code(&r.state).is_some();
-        last = Some(r);
-        if stop {
-            return last.ok_or_else(|| anyhow::anyhow!("no rollout state received"));
+            if session.client().await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "cannot reach the coordinator for {}s; the rollout goes on there: follow it with `ktctl rollout status {id} --watch`",
+                    RECONNECT_PATIENCE.as_secs()
+                );
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// What has been printed of a rollout so far, so a reconnected watch prints only what is new.
+#[derive(Default)]
+struct Shown {
+    history: usize,
+    gates: usize,
+    states: BTreeSet<(String, String)>,
+}
+
+enum Watched {
+    Done(Rollout),
+    Interrupted,
+    /// The stream broke (the coordinator went away): why.
+    Lost(String),
+}
+
+/// One watch stream: prints what is new until the rollout stops, Ctrl-C, or the stream breaks.
+async fn watch(
+    session: &Session,
+    id: &str,
+    shown: &mut Shown,
+    last: &mut Option<Rollout>,
+) -> anyhow::Result<Watched> {
+    let mut client = match session.client().await {
+        Ok(client) => client,
+        Err(error) => return Ok(Watched::Lost(format!("{error:#}"))),
+    };
+    let mut stream: Streaming<Rollout> = match client
+        .watch_rollout(RolloutRequest { id: id.to_owned() })
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) if is_transient(&status) => return Ok(Watched::Lost(status.message().into())),
+        Err(status) => return Err(crate::status_error(status)),
+    };
+    loop {
+        let next = tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(Watched::Interrupted),
+            next = stream.message() => next,
+        };
+        let r = match next {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(Watched::Lost("the coordinator ended the watch".into())),
+            Err(status) if is_transient(&status) => {
+                return Ok(Watched::Lost(status.message().into()));
+            }
+            Err(status) => return Err(crate::status_error(status)),
+        };
+        print_new(&r, shown);
+        let stop = exit_code(&r.state).is_some();
+        if stop {
+            return Ok(Watched::Done(r));
+        }
+        *last = Some(r);
+    }
+}
+
+/// A status that says the coordinator went away rather than that the request was wrong.
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    )
+}
+
+/// Prints the transitions and gate evaluations not shown yet, in time order (a gate's lines
+/// before the transition it caused), and each gateway's first offer.
+fn print_new(r: &Rollout, shown: &mut Shown) {
+    let mut lines: Vec<(u64, String)> = r
+        .gates
+        .iter()
+        .skip(shown.gates)
+        .map(|g| {
+            (
+                g.at_unix_ms,
+                format!(
+                    "gate {:<11} batch {} {}: {}",
+                    gate_name(&g.gate),
+                    g.batch + 1,
+                    g.decision,
+                    g.detail
+                ),
+            )
+        })
+        .chain(
+            r.history
+                .iter()
+                .skip(shown.history)
+                .map(|t| (t.at_unix_ms, format!("{:<14} {}", short_by(&t.by), t.what))),
+        )
+        .collect();
+    // Stable: at the same millisecond, gate lines (first in the list) stay first.
+    lines.sort_by_key(|(at, _)| *at);
+    for (at, line) in lines {
+        println!("{}  {line}", kt_proto::clock::hms(at));
+    }
+    shown.history = r.history.len();
+    shown.gates = r.gates.len();
+    for batch in &r.batches {
+        for g in &batch.gateways {
+            if shown.states.insert((g.gateway_id.clone(), g.state.clone())) && g.state == "offered"
+            {
+                println!(
+                    "{}  {:<14} {} offered {}",
+                    kt_proto::clock::hms(kt_proto::unix_ms_now()),
+                    "coordinator",
+                    g.gateway_id,
+                    config_label(r)
+                );
+            }
+        }
+    }
+}
+
+/// A gate's name as the flags spell it (`verdict-mix`, `error-rate`).
+pub fn gate_name(gate: &str) -> String {
+    gate.replace('_', "-")
+}
+
+/// A state as prose (`rolled back`, `awaiting promotion`).
+pub fn state_words(state: &str) -> String {
+    state.replace('_', " ")
 }
 
 fn short_by(by: &str) -> &str {

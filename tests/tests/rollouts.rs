@@ -180,7 +180,7 @@ async fn a_rejected_config_never_reaches_the_other_gateways() {
         .iter()
         .map(|b| b[0]["state"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(states, ["rejected", "pending", "pending"]);
+    assert_eq!(states, ["rejected", "not_offered", "not_offered"]);
     assert!(
         r["batches"][0][0]["error"]
             .as_str()
@@ -235,7 +235,7 @@ async fn the_verdict_mix_gate_rolls_back_a_policy_that_blocks_everything() {
     assert_eq!(gate["decision"], "failed", "{gate:#}");
     assert!(gate["value"].as_f64().is_some_and(|v| v > 0.5), "{gate:#}");
     assert_eq!(r["batches"][0][0]["state"], "rolled_back", "{r:#}");
-    assert_eq!(r["batches"][1][0]["state"], "pending");
+    assert_eq!(r["batches"][1][0]["state"], "not_offered");
     fleet
         .wait_for_health(
             "every gateway back on the previous hash",
@@ -343,24 +343,27 @@ async fn canary_promote_pause_resume_and_abort() {
 async fn a_coordinator_killed_mid_rollout_resumes_it() {
     let mut fleet = fleet(3).await;
     let file = policy(&fleet, "1.1.0", |t| t);
-    let out = push(
-        &fleet,
-        &file,
-        &[
-            "--min-healthy-time",
-            "1s",
-            "--pause-between",
-            "1s",
-            "--detach",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    // The operator follows the rollout with `config push` (no --detach) while the coordinator
+    // dies under it: before, push exited with an HTTP/2 protocol error.
+    let push = std::process::Command::new(kt_e2e::bin("ktctl"))
+        .arg("--config")
+        .arg(&fleet.ktctl_config)
+        .args(["config", "push", "--file", &file, "--group", kt_e2e::GROUP])
+        .args(["--min-healthy-time", "1s", "--pause-between", "1s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ktctl config push");
     // Wait until the second batch is under way, and see the desired version in gateway health.
     let mut seen_desired = false;
     let reached = wait_for(PATIENCE, || {
         let (_, rows) = fleet.health();
         seen_desired |= row(&rows, "gw-test-02").is_some_and(|r| r["desired_version"] == "1.1.0");
-        rollout(&fleet, "r-1")["current_batch"].as_u64() == Some(1)
+        fleet
+            .ktctl(&["rollout", "status", "r-1", "-o", "json"])
+            .status
+            .success()
+            && rollout(&fleet, "r-1")["current_batch"].as_u64() == Some(1)
     })
     .await;
     assert!(reached, "second batch never started");
@@ -368,13 +371,19 @@ async fn a_coordinator_killed_mid_rollout_resumes_it() {
         drop(proc); // SIGKILL
     }
     fleet.coordinator.start_again();
-    let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
+    // The push reconnects and follows the resumed rollout to its end.
+    let out = push.wait_with_output().expect("push ends");
     assert_eq!(
         out.status.code(),
         Some(0),
         "resumed and finished: {}",
         text(&out)
     );
+    let printed = text(&out);
+    assert!(printed.contains("lost the coordinator"), "{printed}");
+    assert!(printed.contains("succeeded"), "{printed}");
+    let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     fleet
         .wait_for_health("all on 1.1.0", PATIENCE, |_, rows| {
             rows.iter().all(|r| r["config_version"] == "1.1.0")

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use kt_proto::v1;
 
-use super::model::{ConfigId, Phase, RolloutRecord, Size, Spec, Strategy, Target};
+use super::model::{ConfigId, Phase, RolloutRecord, Size, Spec, Strategy, Target, TargetState};
 
 /// Defaults for fields an operator left unset (zero).
 const DEFAULT_APPLY_DEADLINE: Duration = Duration::from_secs(60);
@@ -148,7 +148,11 @@ pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
                     .map(|(g, p)| v1::RolloutTarget {
                         gateway_id: g.clone(),
                         baseline: Some(config_ref(&p.baseline)),
-                        state: p.state.as_str().to_owned(),
+                        // A rollout that ended before offering a gateway anything never will.
+                        state: match p.state {
+                            TargetState::Pending if !r.is_active() => "not_offered".to_owned(),
+                            state => state.as_str().to_owned(),
+                        },
                         error: p.error.clone(),
                     })
                     .collect(),

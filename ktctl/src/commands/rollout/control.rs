@@ -26,7 +26,7 @@ pub async fn run(session: &Session, action: RolloutAction, args: Args) -> anyhow
     println!(
         "rollout {} is {}{}",
         rollout.id,
-        rollout.state,
+        crate::rollouts::state_words(&rollout.state),
         if rollout.step.is_empty() {
             String::new()
         } else {

@@ -63,7 +63,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
         t.add_row(vec![
             r.id.clone(),
             created,
-            r.state.clone(),
+            crate::rollouts::state_words(&r.state),
             config_label(r),
             from,
             r.created_by
