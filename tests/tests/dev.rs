@@ -233,6 +233,37 @@ async fn the_demo_walks_the_operating_loop_and_leaves_nothing_running() {
         assert!(stdout.contains(step), "{step}:\n{stdout}");
     }
     assert!(stdout.contains("verdict-mix gate"), "{stdout}");
+    // Every command the demo shows is the one it ran, as a shell reads it: the binary, then the
+    // demo fleet's config (before, a relative path and no --config: pasted, it reached nothing).
+    let config = dir.join("ktctl.yaml").display().to_string();
+    let shown: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("$ "))
+        .collect();
+    assert!(shown.len() >= 5, "{stdout}");
+    for line in shown {
+        let words = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\n' {line}"))
+            .output()
+            .expect("sh");
+        let words: Vec<String> = String::from_utf8_lossy(&words.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let binary = std::path::Path::new(&words[0]);
+        assert!(
+            words[0] == "ktctl" || binary.is_file(),
+            "{line}: the binary is not runnable as shown"
+        );
+        if words[1] != "dev" {
+            assert_eq!(
+                words[1..3],
+                ["--config".to_owned(), config.clone()],
+                "{line}"
+            );
+        }
+    }
     let state = dev::DevState::load(&dir)
         .expect("state")
         .expect("the demo's fleet");

@@ -232,17 +232,34 @@ impl Demo {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        // Shown as typed from inside the demo's directory.
-        let dir = format!("{}/", self.dir.display());
-        let shown: Vec<String> = args.iter().map(|a| a.replace(&dir, "")).collect();
-        println!("$ ktctl {}", shown.join(" "));
-        let mut command = Command::new(&self.ktctl);
+        let mut full: Vec<String> = Vec::new();
         if args.first() != Some(&"dev") {
-            command.arg("--config").arg(&self.config);
+            full.push("--config".into());
+            full.push(self.config.display().to_string());
         }
+        full.extend(args.iter().map(|a| (*a).to_owned()));
+        // Shown exactly as run, quoted for a shell, so it can be pasted as it is.
+        let shown: Vec<String> = full.iter().map(|a| shell_quote(a)).collect();
+        println!("$ {} {}", self.shown_binary(), shown.join(" "));
+        let mut command = Command::new(&self.ktctl);
         // Killed if the demo ends first (a failed step, Ctrl-C).
-        command.args(args).kill_on_drop(true);
+        command.args(&full).kill_on_drop(true);
         command
+    }
+
+    /// `ktctl` when that is the binary a shell finds, else the path of this one.
+    fn shown_binary(&self) -> String {
+        let on_path = std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| {
+                std::fs::canonicalize(dir.join("ktctl")).ok()
+                    == std::fs::canonicalize(&self.ktctl).ok()
+            })
+        });
+        if on_path {
+            "ktctl".into()
+        } else {
+            shell_quote(&self.ktctl.display().to_string())
+        }
     }
 
     /// Runs one step to its end, its output shown as it comes; the traffic goes on meanwhile.
@@ -370,5 +387,32 @@ impl Traffic {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         self.sent.load(Ordering::Relaxed)
+    }
+}
+
+/// `arg` as a POSIX shell reads it back: bare when it holds only safe characters, else in single
+/// quotes.
+fn shell_quote(arg: &str) -> String {
+    let safe = !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_./=:@%+,-".contains(&b));
+    if safe {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn arguments_are_quoted_for_a_shell() {
+        assert_eq!(shell_quote("--group"), "--group");
+        assert_eq!(shell_quote("/tmp/a b.yaml"), "'/tmp/a b.yaml'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 }
