@@ -2,6 +2,7 @@
 //! audit log of operator actions. The embedded SQLite store is the default; a distributed
 //! backend (etcd) can implement the same trait.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -56,6 +57,17 @@ pub trait Store: Send + Sync {
         reason: &str,
     ) -> Result<(), StoreError>;
     /// Adds or replaces groups by name.
+    /// Remembers that `gateway` refused the config `hash` (its validation failed), so listings
+    /// can say so; one mark per gateway, the latest reason kept.
+    fn mark_rejected(
+        &self,
+        hash: &str,
+        gateway: &str,
+        reason: &str,
+        at_unix_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// Every rejection mark: config hash -> (gateway, reason), in gateway order.
+    fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError>;
     fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError>;
     fn list_groups(&self) -> Result<Vec<Group>, StoreError>;
 }
@@ -85,7 +97,10 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, definition TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS audit (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, identity TEXT NOT NULL,
-                 action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL);",
+                 action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS config_rejections (
+                 hash TEXT NOT NULL, gateway TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
+                 PRIMARY KEY (hash, gateway)) WITHOUT ROWID;",
         )?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
@@ -192,6 +207,45 @@ impl Store for SqliteStore {
             out.push(serde_json::from_str(&text?)?);
         }
         Ok(out)
+    }
+
+    fn mark_rejected(
+        &self,
+        hash: &str,
+        gateway: &str,
+        reason: &str,
+        at_unix_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO config_rejections VALUES (?1, ?2, ?3, ?4)",
+            params![
+                hash,
+                gateway,
+                reason,
+                i64::try_from(at_unix_ms).unwrap_or(i64::MAX)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT hash, gateway, reason FROM config_rejections ORDER BY hash, gateway",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut all: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for row in rows {
+            let (hash, gateway, reason) = row?;
+            all.entry(hash).or_default().push((gateway, reason));
+        }
+        Ok(all)
     }
 
     fn audit(

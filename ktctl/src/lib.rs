@@ -213,7 +213,28 @@ impl Session {
 
 /// A coordinator's refusal as an error an operator can act on.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("coordinator: {} ({:?})", status.message(), status.code())
+    use tonic::Code;
+    let what = match status.code() {
+        Code::Unavailable => "coordinator unavailable",
+        Code::PermissionDenied | Code::Unauthenticated => "coordinator refused the certificate",
+        Code::DeadlineExceeded => "coordinator timed out",
+        Code::Internal | Code::Unknown => "coordinator failed",
+        _ => "coordinator",
+    };
+    anyhow::anyhow!("{what}: {}", status.message())
+}
+
+/// An error and its causes on one line, each cause once (transport errors often repeat their
+/// source's text: "tcp connect error: tcp connect error").
+pub fn error_line(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !parts.last().is_some_and(|last| last.ends_with(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 /// Runs one command and returns the process exit code.
@@ -301,7 +322,7 @@ fn finish(result: anyhow::Result<u8>) -> u8 {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_line(&error));
             if error
                 .chain()
                 .any(|cause| cause.downcast_ref::<ConfigFileError>().is_some())
@@ -311,5 +332,24 @@ fn finish(result: anyhow::Result<u8>) -> u8 {
                 exit::FAILED
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let io = std::io::Error::other("tcp connect error");
+        let error = anyhow::Error::new(io)
+            .context("tcp connect error")
+            .context("cannot reach the coordinator at https://127.0.0.1:1");
+        assert_eq!(
+            error_line(&error),
+            "cannot reach the coordinator at https://127.0.0.1:1: tcp connect error"
+        );
+        let status = status_error(tonic::Status::invalid_argument("bad spec"));
+        assert_eq!(error_line(&status), "coordinator: bad spec");
     }
 }

@@ -195,7 +195,7 @@ async fn watch(
 ) -> anyhow::Result<Watched> {
     let mut client = match session.client().await {
         Ok(client) => client,
-        Err(error) => return Ok(Watched::Lost(format!("{error:#}"))),
+        Err(error) => return Ok(Watched::Lost(crate::error_line(&error))),
     };
     let mut stream: Streaming<Rollout> = match client
         .watch_rollout(RolloutRequest { id: id.to_owned() })

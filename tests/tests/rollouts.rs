@@ -164,9 +164,46 @@ async fn rolling_push_moves_one_gateway_at_a_time() {
 async fn a_rejected_config_never_reaches_the_other_gateways() {
     let fleet = fleet(3).await;
     let before = hashes(&fleet);
-    let bad = policy(&fleet, "1.1.0", |t| {
+    // A config that does not validate is refused before anything is stored or offered, with
+    // every problem named by file and line (before: stored, listed, offered, rejected).
+    let invalid = policy(&fleet, "1.1.0", |t| {
         t.replace("    - dlp-filter\n", "    - dlp-filter\n    - teleport\n")
+            .replacen("  name: ", "  colour: red\n  name: ", 1)
     });
+    let out = push(&fleet, &invalid, &["--rollback-on-error"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let printed = text(&out);
+    assert!(
+        printed.contains(&format!("{invalid}: "))
+            && printed.contains("teleport")
+            && printed.contains("colour"),
+        "{printed}"
+    );
+    // The coordinator refuses it too, for any other client.
+    let mut client = fleet.operator().await;
+    let refused = client
+        .push_config(kt_proto::v1::PushConfigRequest {
+            content: std::fs::read(&invalid).expect("read"),
+            spec: Some(kt_proto::v1::RolloutSpec {
+                group: kt_e2e::GROUP.into(),
+                strategy: kt_proto::v1::Strategy::Rolling as i32,
+                size: 1,
+                max_block_rate_delta: -1.0,
+                max_error_rate: -1.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("teleport"), "{refused:?}");
+    let versions = text(&fleet.ktctl(&["config", "versions"]));
+    assert!(!versions.contains("1.1.0"), "{versions}");
+
+    // A valid config a gateway refuses by its own rule (a lower version than it runs): the
+    // first gateway answers REJECTED, the rest never receive it, and the version says so.
+    let bad = policy(&fleet, "0.9.0", |t| t);
     let out = push(
         &fleet,
         &bad,
@@ -184,10 +221,22 @@ async fn a_rejected_config_never_reaches_the_other_gateways() {
     assert!(
         r["batches"][0][0]["error"]
             .as_str()
-            .is_some_and(|e| e.contains("teleport")),
+            .is_some_and(|e| e.contains("only a rollback may go back")),
         "{r:#}"
     );
     assert_eq!(hashes(&fleet), before, "nothing changed anywhere");
+    let versions = fleet.ktctl(&["config", "versions", "-o", "json"]);
+    let versions: Value = serde_json::from_slice(&versions.stdout).expect("json");
+    let rejected = versions
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|v| v["version"] == "0.9.0")
+        .expect("0.9.0 stored");
+    assert_eq!(
+        rejected["rejected_by"][0]["gateway_id"], "gw-test-01",
+        "{rejected}"
+    );
 
     // Without --rollback-on-error the rollout pauses for a human instead.
     let out = push(&fleet, &bad, &["--min-healthy-time", "100ms"]);

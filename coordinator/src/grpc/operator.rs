@@ -191,6 +191,7 @@ fn version_message(c: &StoredConfig, with_content: bool) -> v1::ConfigVersion {
         author: c.author.clone(),
         created_at_unix_ms: c.created_at_unix_ms,
         message: c.message.clone(),
+        rejected_by: Vec::new(),
     }
 }
 
@@ -225,6 +226,19 @@ impl OperatorService for OperatorApi {
         if request.content.len() > MAX_PUSH_BYTES {
             return Err(ApiError::InvalidArgument(format!(
                 "config is larger than {MAX_PUSH_BYTES} bytes"
+            ))
+            .into());
+        }
+        // A version no gateway could load is refused before it is stored (a rollback returns to
+        // what ran before, which is taken as it is).
+        if !request.rollback
+            && let Err(invalid) =
+                kt_gateway::config::PolicyConfig::parse("config", &request.content)
+        {
+            return Err(ApiError::InvalidArgument(format!(
+                "the config does not validate ({} problems):\n{}",
+                invalid.errors.len(),
+                invalid.errors.join("\n")
             ))
             .into());
         }
@@ -354,8 +368,24 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<ListConfigVersionsResponse>, Status> {
         authorize(&request, &self.trust_domain, Role::Operator)?;
         let versions = self.store.list_configs().map_err(ApiError::from)?;
+        let rejections = self.store.rejections().map_err(ApiError::from)?;
         Ok(Response::new(ListConfigVersionsResponse {
-            versions: versions.iter().map(|c| version_message(c, false)).collect(),
+            versions: versions
+                .iter()
+                .map(|c| {
+                    let mut v = version_message(c, false);
+                    v.rejected_by = rejections
+                        .get(&c.hash)
+                        .into_iter()
+                        .flatten()
+                        .map(|(gateway, reason)| v1::Rejection {
+                            gateway_id: gateway.clone(),
+                            reason: reason.clone(),
+                        })
+                        .collect();
+                    v
+                })
+                .collect(),
         }))
     }
 

@@ -386,6 +386,24 @@ impl Engine {
         self.on_answers(answers).await;
     }
 
+    /// A gateway that refused a config (its own validation failed) marks the version, so
+    /// `ktctl config versions` says it was rejected and by whom.
+    fn remember_rejection(&self, gateway: &str, phase: ConfigPhase, status: &ConfigStatus) {
+        let Some(config) = status
+            .config
+            .as_ref()
+            .filter(|_| phase == ConfigPhase::Rejected)
+        else {
+            return;
+        };
+        if let Err(error) =
+            self.store
+                .mark_rejected(&config.hash, gateway, &status.error, unix_ms_now())
+        {
+            tracing::warn!(gateway_id = %gateway, %error, "cannot mark the rejected config");
+        }
+    }
+
     /// Records agents' answers in their rollouts, persists each changed rollout once, then
     /// advances them.
     async fn on_answers(&mut self, answers: Vec<(String, ConfigStatus)>) {
@@ -396,6 +414,7 @@ impl Engine {
         let mut changed: BTreeMap<String, RolloutRecord> = BTreeMap::new();
         for (gateway, status) in answers {
             let phase = ConfigPhase::try_from(status.phase).unwrap_or(ConfigPhase::Unspecified);
+            self.remember_rejection(&gateway, phase, &status);
             let owner = self
                 .rollouts
                 .values()

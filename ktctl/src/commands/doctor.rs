@@ -78,7 +78,7 @@ async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow:
     let listed: Result<_, String> = async {
         let mut client = crate::client::connect(&context)
             .await
-            .map_err(|error| format!("{error:#}"))?;
+            .map_err(|error| crate::error_line(&error))?;
         let group = args.group.clone().unwrap_or_default();
         let gateways = crate::client::list_gateways(&mut client, &group)
             .await

@@ -117,6 +117,15 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
     }
     let content = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
+    // The gateways' own rules, here first: every problem named with the file and line, and
+    // nothing sent (the coordinator checks again, for any other client).
+    let source = args.file.display().to_string();
+    if let Err(invalid) = kt_gateway::config::PolicyConfig::parse(&source, &content) {
+        bail!(
+            "{source} does not validate ({} problems), nothing was pushed:\n{invalid}",
+            invalid.errors.len()
+        );
+    }
     let (size, size_percent) = parse_size(if args.strategy == StrategyArg::Canary {
         &args.canary_size
     } else {

@@ -25,12 +25,17 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|v| {
                 let c = v.config.clone().unwrap_or_default();
-                json!({ "version": c.version, "hash": c.hash, "author": v.author, "created_at_unix_ms": v.created_at_unix_ms, "message": v.message })
+                let rejected: Vec<_> = v
+                    .rejected_by
+                    .iter()
+                    .map(|r| json!({ "gateway_id": r.gateway_id, "reason": r.reason }))
+                    .collect();
+                json!({ "version": c.version, "hash": c.hash, "author": v.author, "created_at_unix_ms": v.created_at_unix_ms, "message": v.message, "rejected_by": rejected })
             })
             .collect();
         return print_structured(&rows, args.output);
     }
-    let mut t = table(&["VERSION", "HASH", "AUTHOR", "MESSAGE"]);
+    let mut t = table(&["VERSION", "HASH", "AUTHOR", "REJECTED BY", "MESSAGE"]);
     for v in &versions {
         let c = v.config.clone().unwrap_or_default();
         t.add_row(vec![
@@ -44,9 +49,24 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
                 .rev()
                 .collect::<Vec<_>>()
                 .join("/"),
+            if v.rejected_by.is_empty() {
+                "-".to_owned()
+            } else {
+                v.rejected_by
+                    .iter()
+                    .map(|r| r.gateway_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
             v.message.clone(),
         ]);
     }
     println!("{t}");
+    for v in &versions {
+        let version = v.config.as_ref().map_or("", |c| c.version.as_str());
+        for r in &v.rejected_by {
+            println!("{version}: rejected by {}: {}", r.gateway_id, r.reason);
+        }
+    }
     Ok(())
 }

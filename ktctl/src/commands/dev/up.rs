@@ -356,7 +356,7 @@ async fn wait_until_connected(
                 }
                 Err(status) => last = status.message().to_owned(),
             },
-            Err(e) => last = format!("{e:#}"),
+            Err(e) => last = crate::error_line(&e),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
