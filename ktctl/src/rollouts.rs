@@ -134,7 +134,7 @@ pub async fn follow(session: &Session, id: &str) -> anyhow::Result<Rollout> {
     let mut last: Option<Rollout> = None;
     loop {
         let lost = match watch(session, id, &mut shown, &mut last).await? {
-            Watched::Done(r) => return Ok(r),
+            Watched::Done(r) => return Ok(*r),
             Watched::Interrupted => {
                 println!(
                     "stopped watching; the rollout goes on (ktctl rollout status {id} --watch)"
@@ -180,7 +180,7 @@ struct Shown {
 }
 
 enum Watched {
-    Done(Rollout),
+    Done(Box<Rollout>),
     Interrupted,
     /// The stream broke (the coordinator went away): why.
     Lost(String),
@@ -221,7 +221,7 @@ async fn watch(
         print_new(&r, shown);
         let stop = exit_code(&r.state).is_some();
         if stop {
-            return Ok(Watched::Done(r));
+            return Ok(Watched::Done(Box::new(r)));
         }
         *last = Some(r);
     }
