@@ -170,9 +170,25 @@ pub fn rotated_path(path: &Path, n: usize) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// A duration in milliseconds to the microsecond, so events and health documents show
+/// `0.41`, not `0.40961699999999995`.
+pub fn millis(elapsed: std::time::Duration) -> f64 {
+    (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latencies_are_written_to_the_microsecond() {
+        let ms = millis(std::time::Duration::from_nanos(409_617));
+        assert_eq!(serde_json::json!(ms).to_string(), "0.41");
+        assert_eq!(
+            millis(std::time::Duration::from_micros(1_234_567)),
+            1234.567
+        );
+    }
     use crate::policy::Verdict;
 
     fn event(i: usize) -> DecisionEvent {

@@ -126,7 +126,7 @@ pub async fn probe(
     match request.send().await {
         Ok(response) if response.status().as_u16() < 500 => ProbeState {
             reachable: true,
-            latency_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+            latency_ms: Some(crate::events::millis(started.elapsed())),
             error: None,
         },
         Ok(response) => ProbeState {

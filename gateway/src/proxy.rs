@@ -666,7 +666,7 @@ async fn finish(
         target: exchange.target.as_ref().map(|t| t.target.id.clone()),
         config_version: loaded.version.clone(),
         config_hash: loaded.hash.clone(),
-        latency_ms: elapsed.as_secs_f64() * 1000.0,
+        latency_ms: crate::events::millis(elapsed),
         status: status.as_u16(),
         stream: exchange.stream,
         cached: exchange.cached,

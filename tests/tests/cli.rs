@@ -51,3 +51,68 @@ async fn ktctl_ends_quietly_when_its_output_pipe_is_closed() {
         );
     }
 }
+
+#[tokio::test]
+async fn fleet_watch_lines_up_and_does_not_repeat_unchanged_rows() {
+    let mut fleet = TestFleet::start(2);
+    fleet
+        .wait_for_health(
+            "the fleet is healthy",
+            Duration::from_secs(60),
+            all_healthy(2),
+        )
+        .await;
+    let log = fleet.dir.path().join("watch.out");
+    let args: Vec<String> = [
+        "--config",
+        &fleet.ktctl_config.display().to_string(),
+        "fleet",
+        "watch",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let watch = kt_e2e::Proc::spawn("ktctl", &args, log.clone());
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        kt_e2e::wait_for(Duration::from_secs(30), || read().lines().count() >= 3).await,
+        "{}",
+        read()
+    );
+    // A change worth a line: gw-test-01's gateway stops.
+    fleet.gateways[0].stop();
+    assert!(
+        kt_e2e::wait_for(Duration::from_secs(60), || read()
+            .lines()
+            .any(|l| l.contains("gw-test-01") && l.contains("unhealthy")))
+        .await,
+        "{}",
+        read()
+    );
+    drop(watch);
+    let text = read();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let header = lines[0];
+    let column = header.find("GATEWAY").expect("header");
+    for line in &lines[1..] {
+        assert_eq!(line.find("gw-test-"), Some(column), "misaligned:\n{text}");
+    }
+    // No row repeats the one before it for the same gateway (time and counters aside).
+    let shown = |l: &str| -> String {
+        l.split_whitespace()
+            .skip(1)
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for gateway in ["gw-test-01", "gw-test-02"] {
+        let rows: Vec<String> = lines[1..]
+            .iter()
+            .filter(|l| l.contains(gateway))
+            .map(|l| shown(l))
+            .collect();
+        for pair in rows.windows(2) {
+            assert_ne!(pair[0], pair[1], "repeated row:\n{text}");
+        }
+    }
+}

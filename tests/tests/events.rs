@@ -396,3 +396,45 @@ async fn the_tail_shows_the_authenticated_gateway_and_region_not_the_event_body(
     assert_eq!(event["reported_gateway_id"], "gw-prod-99", "{event}");
     assert_eq!(event["reported_region"], "eu", "{event}");
 }
+
+#[tokio::test]
+async fn the_tail_refuses_an_unknown_gateway_and_shows_a_batch_in_time_order() {
+    let fleet = TestFleet::start(1);
+    healthy(&fleet, 1).await;
+    let out = fleet.ktctl(&["events", "tail", "--gateway", "gw-nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no gateway named \"gw-nope\""), "{stderr}");
+    assert!(!stderr.contains("NotFound"), "no gRPC code names: {stderr}");
+
+    // One batch whose lines are not in time order (a slow request finishes, and is written,
+    // after a quick one that started later).
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&fleet.gateways[0].events)
+        .expect("events file");
+    for (n, second) in [3, 1, 4, 2, 5].iter().enumerate() {
+        let line = json!({ "id": format!("e{n}"), "timestamp": format!("2026-12-04T10:00:0{second}.000Z"),
+            "verdict": "allow", "reason_code": "", "config_version": "1.0.0", "policies_evaluated": [] });
+        writeln!(file, "{line}").expect("append");
+    }
+    drop(file);
+    let mut events = Vec::new();
+    let found = wait_for(PATIENCE, || {
+        events = tail_json(
+            &fleet,
+            &["--gateway", "gw-test-01", "--since", "1h", "--limit", "5"],
+        );
+        events.len() == 5
+    })
+    .await;
+    assert!(found, "{events:?}");
+    let times: Vec<&str> = events
+        .iter()
+        .map(|e| e["timestamp"].as_str().unwrap_or(""))
+        .collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted);
+}

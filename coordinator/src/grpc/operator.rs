@@ -136,6 +136,18 @@ impl OperatorApi {
             return Err(ApiError::from(UnknownGroup(filter.group.clone())).into());
         }
         let gateways = self.gateways(None).await?;
+        // Like an unknown group, an unknown gateway is an error now, not a tail that waits for
+        // events that will never come.
+        if let Some(unknown) = filter
+            .gateways
+            .iter()
+            .find(|id| !gateways.iter().any(|g| &g.gateway_id == *id))
+        {
+            return Err(ApiError::Missing(format!(
+                "no gateway named {unknown:?} (the coordinator knows the gateways whose agents connected and those its groups name)"
+            ))
+            .into());
+        }
         let set = gateways
             .iter()
             .filter(|g| filter.gateways.is_empty() || filter.gateways.contains(&g.gateway_id))

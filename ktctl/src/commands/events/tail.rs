@@ -1,6 +1,7 @@
 //! `ktctl events tail (--all-gateways | --group G | --gateway ID | --selector k=v) [filters]`
 
 use std::io::Write;
+use std::time::Duration;
 
 use kt_proto::v1::{TailEventsRequest, tail_events_response::Item};
 use serde_json::Value;
@@ -45,10 +46,10 @@ pub struct Args {
 
 pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     let mut filter = args.target.filter();
-    filter.verdict = args.verdict.unwrap_or_default();
-    filter.policy = args.policy.unwrap_or_default();
-    filter.reason = args.reason.unwrap_or_default();
-    filter.config_version = args.config_version.unwrap_or_default();
+    filter.verdict = args.verdict.clone().unwrap_or_default();
+    filter.policy = args.policy.clone().unwrap_or_default();
+    filter.reason = args.reason.clone().unwrap_or_default();
+    filter.config_version = args.config_version.clone().unwrap_or_default();
     let since_unix_ms = args
         .since
         .as_deref()
@@ -72,55 +73,101 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             next = stream.message() => next.map_err(crate::status_error)?,
         };
-        let Some(response) = next else { return Ok(()) };
-        match response.item {
-            Some(Item::Event(e)) => {
-                let mut event: Value = serde_json::from_slice(&e.event).unwrap_or(Value::Null);
-                if args.json {
-                    authenticated_identity(&mut event, &e.gateway_id, &e.region);
-                    writeln!(out, "{event}")?;
-                } else {
-                    writeln!(out, "{}", line(&event, &e.gateway_id, &e.region))?;
-                    if args.format == Format::Detailed {
-                        for p in event["policies_evaluated"].as_array().into_iter().flatten() {
-                            writeln!(
-                                out,
-                                "    {:<18} {:<9} {}us",
-                                p["name"].as_str().unwrap_or(""),
-                                p["result"].as_str().unwrap_or(""),
-                                p["latency_us"]
-                            )?;
-                        }
+        let Some(first) = next else { return Ok(()) };
+        // What arrived together (a stored batch, a replay) is shown in the gateways' time order.
+        let mut ready = vec![first];
+        let mut ended = false;
+        while ready.len() < MAX_SORTED {
+            let Ok(more) = tokio::time::timeout(Duration::ZERO, stream.message()).await else {
+                break;
+            };
+            match more.map_err(crate::status_error)? {
+                Some(response) => ready.push(response),
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        let mut items: Vec<(String, Option<Value>, Item)> = ready
+            .into_iter()
+            .filter_map(|r| r.item)
+            .map(|item| match &item {
+                Item::Event(e) => {
+                    let event: Value = serde_json::from_slice(&e.event).unwrap_or(Value::Null);
+                    let at = event["timestamp"].as_str().unwrap_or_default().to_owned();
+                    (at, Some(event), item)
+                }
+                _ => (String::new(), None, item),
+            })
+            .collect();
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, event, item) in items {
+            print_item(&mut out, &args, event, item)?;
+        }
+        out.flush()?;
+        if ended {
+            return Ok(());
+        }
+    }
+}
+
+/// The most items sorted together: a tail that is always behind still prints as it goes.
+const MAX_SORTED: usize = 1000;
+
+/// Prints one event, gap or missed-events notice.
+fn print_item(
+    out: &mut impl Write,
+    args: &Args,
+    event: Option<Value>,
+    item: Item,
+) -> anyhow::Result<()> {
+    match item {
+        Item::Event(e) => {
+            let mut event = event.unwrap_or(Value::Null);
+            if args.json {
+                authenticated_identity(&mut event, &e.gateway_id, &e.region);
+                writeln!(out, "{event}")?;
+            } else {
+                writeln!(out, "{}", line(&event, &e.gateway_id, &e.region))?;
+                if args.format == Format::Detailed {
+                    for p in event["policies_evaluated"].as_array().into_iter().flatten() {
+                        writeln!(
+                            out,
+                            "    {:<18} {:<9} {}us",
+                            p["name"].as_str().unwrap_or(""),
+                            p["result"].as_str().unwrap_or(""),
+                            p["latency_us"]
+                        )?;
                     }
                 }
             }
-            Some(Item::Gap(g)) => {
-                let gap = g.gap.unwrap_or_default();
-                let text = format!(
+        }
+        Item::Gap(g) => {
+            let gap = g.gap.unwrap_or_default();
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "gap": { "gateway_id": g.gateway_id, "count": gap.count, "first_seq": gap.first_seq, "last_seq": gap.last_seq, "reason": gap.reason } })
+                )?;
+            } else {
+                writeln!(
+                    out,
                     "{}: GAP {} events lost (seq {}..{}): {}",
                     g.gateway_id, gap.count, gap.first_seq, gap.last_seq, gap.reason
-                );
-                if args.json {
-                    writeln!(
-                        out,
-                        "{}",
-                        serde_json::json!({ "gap": { "gateway_id": g.gateway_id, "count": gap.count, "first_seq": gap.first_seq, "last_seq": gap.last_seq, "reason": gap.reason } })
-                    )?;
-                } else {
-                    writeln!(out, "{text}")?;
-                }
+                )?;
             }
-            Some(Item::Missed(n)) => {
-                if args.json {
-                    writeln!(out, "{}", serde_json::json!({ "missed": n }))?;
-                } else {
-                    writeln!(out, "!! {n} events missed: this tail read too slowly")?;
-                }
-            }
-            None => {}
         }
-        out.flush()?;
+        Item::Missed(n) => {
+            if args.json {
+                writeln!(out, "{}", serde_json::json!({ "missed": n }))?;
+            } else {
+                writeln!(out, "!! {n} events missed: this tail read too slowly")?;
+            }
+        }
     }
+    Ok(())
 }
 
 /// Shows the gateway id and region the coordinator stored for the event (from the agent's

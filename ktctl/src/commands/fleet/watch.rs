@@ -1,6 +1,8 @@
 //! `ktctl fleet watch [--group G] [-o table|json]`: the fleet's current state, then one line
 //! per change, until interrupted.
 
+use std::collections::HashMap;
+
 use kt_proto::v1::{WatchFleetRequest, fleet_update};
 
 use crate::Session;
@@ -27,12 +29,9 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
         .await
         .map_err(crate::status_error)?
         .into_inner();
-    if args.output == Output::Table {
-        println!(
-            "{:<25} {:<20} {:<13} {:<10} {:<24} REQUESTS",
-            "TIME", "GATEWAY", "AGENT", "STATUS", "CONFIG"
-        );
-    }
+    let mut shown: HashMap<String, String> = HashMap::new();
+    let mut width = 20;
+    let mut header = args.output == Output::Table;
     loop {
         let update = tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -48,13 +47,34 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
             Some(fleet_update::Update::Changed(state)) => ("changed", vec![state]),
             None => continue,
         };
+        if header {
+            // Wide enough for the longest id of the first snapshot part.
+            width = states
+                .iter()
+                .map(|s| s.gateway_id.len())
+                .max()
+                .unwrap_or(0)
+                .max(width);
+            println!(
+                "{:<20} {:<width$} {:<13} {:<10} {:<28} REQUESTS",
+                "TIME", "GATEWAY", "AGENT", "STATUS", "CONFIG"
+            );
+            header = false;
+        }
         for state in &states {
-            print_line(kind, &GatewayRow::from_state(state, now), args.output)?;
+            let row = GatewayRow::from_state(state, now);
+            // A change that changes nothing shown (only counters moved) is not repeated.
+            let key = format!("{}|{}|{}", row.agent, row.status, row.config_human());
+            if kind == "changed" && shown.get(&row.gateway) == Some(&key) {
+                continue;
+            }
+            shown.insert(row.gateway.clone(), key);
+            print_line(kind, &row, args.output, width)?;
         }
     }
 }
 
-fn print_line(kind: &str, row: &GatewayRow, output: Output) -> anyhow::Result<()> {
+fn print_line(kind: &str, row: &GatewayRow, output: Output, width: usize) -> anyhow::Result<()> {
     let format =
         time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     let time = time::OffsetDateTime::now_utc()
@@ -68,7 +88,7 @@ fn print_line(kind: &str, row: &GatewayRow, output: Output) -> anyhow::Result<()
         _ => {
             let config = row.config_human();
             println!(
-                "{:<21} {:<20} {:<13} {:<10} {:<24} {}",
+                "{:<20} {:<width$} {:<13} {:<10} {:<28} {}",
                 time, row.gateway, row.agent, row.status, config, row.requests_processed
             );
         }
