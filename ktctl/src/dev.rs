@@ -33,6 +33,41 @@ pub fn default_dir() -> PathBuf {
     }
 }
 
+/// The file naming the dev fleet `dev up` started last, so that plain `ktctl` (and `dev status`,
+/// `dev down`) find a fleet started with `--dir` too; like kubectl's current context.
+fn current_pointer() -> PathBuf {
+    default_dir().with_file_name("current-dev-fleet")
+}
+
+/// The directory of the dev fleet `dev up` started last, if it still has one.
+pub fn current_dir() -> Option<PathBuf> {
+    let text = std::fs::read_to_string(current_pointer()).ok()?;
+    let dir = PathBuf::from(text.trim());
+    DevState::path(&dir).is_file().then_some(dir)
+}
+
+/// Records `dir` as the current dev fleet.
+pub fn set_current(dir: &Path) -> std::io::Result<()> {
+    let pointer = current_pointer();
+    if let Some(parent) = pointer.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(pointer, format!("{}\n", dir.display()))
+}
+
+/// Forgets `dir` as the current dev fleet, if it is.
+pub fn clear_current(dir: &Path) {
+    if current_dir().is_some_and(|current| current == dir) {
+        let _ = std::fs::remove_file(current_pointer());
+    }
+}
+
+/// A free loopback address, chosen up front so that a dev process keeps its address when it
+/// is restarted with its own command line (port 0 would bind a new one each time).
+pub fn free_loopback_addr() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
 /// A kt binary: next to the running executable if there, else looked up on `PATH`.
 pub fn find_binary(name: &str) -> PathBuf {
     std::env::current_exe()

@@ -74,6 +74,10 @@ pub fn default_paths(env_config: Option<PathBuf>) -> Vec<PathBuf> {
     {
         paths.push(config_home.join("ktctl").join("config.yaml"));
     }
+    // The dev fleet `dev up` started last (maybe with --dir), then the default one.
+    if let Some(current) = crate::dev::current_dir() {
+        paths.push(current.join(crate::dev::KTCTL_CONFIG_FILE));
+    }
     paths.push(crate::dev::default_dir().join(crate::dev::KTCTL_CONFIG_FILE));
     paths
 }

@@ -177,6 +177,15 @@ impl Session {
         Session { config, context }
     }
 
+    /// The config file named by `--config` or `$KTCTL_CONFIG`, if any.
+    pub fn named_config(&self) -> Option<PathBuf> {
+        self.config.clone().or_else(|| {
+            std::env::var_os("KTCTL_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+    }
+
     fn config_path(&self) -> anyhow::Result<PathBuf> {
         if let Some(path) = &self.config {
             return Ok(path.clone());
@@ -311,8 +320,8 @@ pub async fn run(cli: Cli) -> u8 {
         Noun::Completion(args) => commands::completion::completion(args).map(|()| true),
         Noun::Man(args) => commands::completion::man(args).map(|()| true),
         Noun::Dev(DevVerb::Up(args)) => dev_cmd::up::run(args).await.map(|()| true),
-        Noun::Dev(DevVerb::Status(args)) => dev_cmd::status::run(args),
-        Noun::Dev(DevVerb::Down(args)) => dev_cmd::down::run(args).map(|()| true),
+        Noun::Dev(DevVerb::Status(args)) => dev_cmd::status::run(args, &session),
+        Noun::Dev(DevVerb::Down(args)) => dev_cmd::down::run(args, &session).map(|()| true),
     };
     finish(result.map(|ok| if ok { exit::OK } else { exit::FAILED }))
 }

@@ -54,6 +54,17 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// A child started with a command line of its own (not by [`Proc`]), killed and reaped when
+/// dropped.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A child process killed and reaped when dropped.
 pub struct Proc {
     child: Child,
@@ -495,6 +506,20 @@ impl TestFleet {
             last.0, last.1
         );
     }
+}
+
+/// Runs the real `ktctl` as a newcomer would, with no config of their own: its state and
+/// config homes are `home` (so tests never touch the real ones, nor each other's), plus `env`.
+pub fn newcomer_ktctl(home: &Path, env: &[(&str, &Path)], args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(bin("ktctl"));
+    command
+        .env_remove("KTCTL_CONFIG")
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env("XDG_CONFIG_HOME", home.join("config"));
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.args(args).output().expect("run ktctl")
 }
 
 /// Runs the real `ktctl` with `--config config`.

@@ -3,13 +3,18 @@
 use std::time::Duration;
 
 use kt_ctl::dev;
-use kt_e2e::{DevFleetGuard, bin, wait_for};
+use kt_e2e::{DevFleetGuard, wait_for};
 
-fn ktctl(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin("ktctl"))
-        .args(args)
-        .output()
-        .expect("run ktctl")
+fn ktctl(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    kt_e2e::newcomer_ktctl(home, &[], args)
+}
+
+fn ktctl_with(
+    home: &std::path::Path,
+    env: &[(&str, &std::path::Path)],
+    args: &[&str],
+) -> std::process::Output {
+    kt_e2e::newcomer_ktctl(home, env, args)
 }
 
 #[tokio::test]
@@ -19,7 +24,8 @@ async fn dev_up_status_and_down() {
     let dir_arg = dir.to_str().expect("utf-8 path");
     let _guard = DevFleetGuard(dir.clone());
 
-    let up = ktctl(&["dev", "up", "--gateways", "2", "--dir", dir_arg]);
+    let home = tmp.path();
+    let up = ktctl(home, &["dev", "up", "--gateways", "2", "--dir", dir_arg]);
     assert!(
         up.status.success(),
         "dev up failed: {}{}",
@@ -30,7 +36,10 @@ async fn dev_up_status_and_down() {
 
     let config = dir.join("ktctl.yaml");
     let config_arg = config.to_str().expect("utf-8 path");
-    let health = ktctl(&["--config", config_arg, "gateway", "health", "-o", "json"]);
+    let health = ktctl(
+        home,
+        &["--config", config_arg, "gateway", "health", "-o", "json"],
+    );
     assert!(
         health.status.success(),
         "{}",
@@ -47,11 +56,31 @@ async fn dev_up_status_and_down() {
     );
 
     // A second `up` is refused while the first fleet runs.
-    let again = ktctl(&["dev", "up", "--dir", dir_arg]);
+    let again = ktctl(home, &["dev", "up", "--dir", dir_arg]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
 
-    let status = ktctl(&["dev", "status", "--dir", dir_arg, "-o", "json"]);
+    // A fleet started with --dir is found without flags, by every command (before: plain
+    // `ktctl gateway health` told the user to run `dev up`), and through KTCTL_CONFIG.
+    let plain = ktctl(home, &["gateway", "health"]);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let status = ktctl_with(
+        home,
+        &[("KTCTL_CONFIG", &config)],
+        &["dev", "status", "-o", "json"],
+    );
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let plain_status = ktctl(home, &["dev", "status", "-o", "json"]);
+    assert_eq!(plain_status.stdout, status.stdout);
+    let status = ktctl(home, &["dev", "status", "--dir", dir_arg, "-o", "json"]);
     assert!(status.status.success());
     let procs: Vec<serde_json::Value> = serde_json::from_slice(&status.stdout).expect("json");
     assert_eq!(procs.len(), 6, "{procs:#?}");
@@ -94,7 +123,49 @@ async fn dev_up_status_and_down() {
         .map(|p| (p.pid, p.binary.clone()))
         .collect();
 
-    let down = ktctl(&["dev", "down", "--dir", dir_arg]);
+    // Restarted with its own command line, a dev process binds the address it had (before:
+    // port 0 again, and nobody found it).
+    let gw = dev::DevState::load(&dir)
+        .expect("state")
+        .expect("a fleet")
+        .processes
+        .into_iter()
+        .find(|p| p.role == dev::Role::Gateway)
+        .expect("a gateway");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", gw.pid)).expect("cmdline");
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", gw.pid)).expect("cwd");
+    assert!(dev::stop(gw.pid, &gw.binary, Duration::from_secs(5)));
+    let mut again = std::process::Command::new(&argv[0]);
+    again
+        .args(&argv[1..])
+        .current_dir(cwd)
+        .env(dev::MOCK_PROVIDER_SECRET.0, dev::MOCK_PROVIDER_SECRET.1)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let restarted = kt_e2e::ChildGuard(again.spawn().expect("restart"));
+    let address = gw.address.clone().expect("address");
+    let back = wait_for(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&address).is_ok()
+    })
+    .await;
+    assert!(back, "the restarted gateway is not on {address}");
+    drop(restarted);
+
+    // `dev down` aimed at the wrong directory stops nothing, and says so with a failure.
+    let wrong = tmp.path().join("elsewhere");
+    let missed = ktctl(
+        home,
+        &["dev", "down", "--dir", wrong.to_str().expect("utf-8")],
+    );
+    assert_eq!(missed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missed.stderr).contains("no dev fleet"));
+
+    let down = ktctl_with(home, &[("KTCTL_CONFIG", &config)], &["dev", "down"]);
     assert!(
         down.status.success(),
         "{}",
@@ -106,7 +177,7 @@ async fn dev_up_status_and_down() {
     })
     .await;
     assert!(all_gone, "processes survived dev down");
-    let after = ktctl(&["dev", "status", "--dir", dir_arg]);
+    let after = ktctl(home, &["dev", "status", "--dir", dir_arg]);
     assert!(String::from_utf8_lossy(&after.stdout).contains("no dev fleet"));
 }
 
@@ -216,7 +287,10 @@ async fn the_demo_walks_the_operating_loop_and_leaves_nothing_running() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("demo");
     let _guard = DevFleetGuard(dir.clone());
-    let out = ktctl(&["demo", "--dir", dir.to_str().expect("utf-8 path")]);
+    let out = ktctl(
+        tmp.path(),
+        &["demo", "--dir", dir.to_str().expect("utf-8 path")],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -5,14 +5,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use kt_ctl::dev::{self, DevState, Role};
-use kt_e2e::{DevFleetGuard, bin, wait_for};
+use kt_e2e::{DevFleetGuard, wait_for};
 use serde_json::Value;
 
+/// ktctl with private state and config homes: `dev up` records its fleet there, not in the
+/// real home.
 fn ktctl(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin("ktctl"))
-        .args(args)
-        .output()
-        .expect("run ktctl")
+    let home = std::env::temp_dir().join(format!("kt-doctor-test-{}", std::process::id()));
+    kt_e2e::newcomer_ktctl(&home, &[], args)
 }
 
 /// Runs `ktctl doctor --json`: the exit code and the document.

@@ -11,11 +11,14 @@ pub struct Args {
     pub dir: DirArg,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let dir = args.dir.resolve();
+pub fn run(args: Args, session: &crate::Session) -> anyhow::Result<()> {
+    let dir = args.dir.resolve_existing(session);
     let Some(state) = DevState::load(&dir)? else {
-        println!("no dev fleet in {}", dir.display());
-        return Ok(());
+        // Nothing asked for was stopped: say so with a failure, never a quiet success.
+        anyhow::bail!(
+            "no dev fleet in {} (give the --dir it was started with, or the KTCTL_CONFIG of its ktctl.yaml)",
+            dir.display()
+        );
     };
     let mut stopped = 0;
     // Reverse start order: agents say goodbye before their coordinator goes.
@@ -31,9 +34,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     std::fs::remove_file(DevState::path(&dir))?;
-    println!(
-        "dev fleet in {} is down ({stopped} processes stopped)",
-        dir.display()
-    );
+    crate::dev::clear_current(&dir);
+    if stopped == 0 {
+        println!(
+            "dev fleet in {} is down (none of its processes was running)",
+            dir.display()
+        );
+    } else {
+        println!(
+            "dev fleet in {} is down ({stopped} processes stopped)",
+            dir.display()
+        );
+    }
     Ok(())
 }

@@ -14,7 +14,24 @@ pub struct DirArg {
 }
 
 impl DirArg {
+    /// Where `dev up` starts a fleet: `--dir`, else the default directory.
     pub fn resolve(&self) -> PathBuf {
         self.dir.clone().unwrap_or_else(crate::dev::default_dir)
+    }
+
+    /// The fleet `dev status` and `dev down` act on: `--dir`; else the dev fleet whose
+    /// `ktctl.yaml` `--config` or `$KTCTL_CONFIG` names; else the fleet `dev up` last started;
+    /// else the default directory.
+    pub fn resolve_existing(&self, session: &crate::Session) -> PathBuf {
+        if let Some(dir) = &self.dir {
+            return dir.clone();
+        }
+        let named = session
+            .named_config()
+            .and_then(|config| config.parent().map(std::path::Path::to_owned))
+            .filter(|dir| crate::dev::DevState::path(dir).is_file());
+        named
+            .or_else(crate::dev::current_dir)
+            .unwrap_or_else(crate::dev::default_dir)
     }
 }

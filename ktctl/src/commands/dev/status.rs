@@ -25,8 +25,8 @@ struct Row {
 }
 
 /// Returns whether every recorded process is running.
-pub fn run(args: Args) -> anyhow::Result<bool> {
-    let dir = args.dir.resolve();
+pub fn run(args: Args, session: &crate::Session) -> anyhow::Result<bool> {
+    let dir = args.dir.resolve_existing(session);
     let Some(state) = DevState::load(&dir)? else {
         if args.output == Output::Table {
             println!(

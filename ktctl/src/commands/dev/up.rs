@@ -111,7 +111,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let groups_path = coordinator_dir.join("groups.yaml");
     std::fs::write(&groups_path, dev::groups_file(dev::DEV_GROUP, &ids))?;
     let config_path = coordinator_dir.join("coordinator.yaml");
-    let listen: SocketAddr = "127.0.0.1:0".parse()?;
+    // Concrete ports, not 0: a process restarted with its own command line keeps its address.
+    let listen: SocketAddr = dev::free_loopback_addr()?;
     std::fs::write(
         &config_path,
         dev::coordinator_config(
@@ -144,7 +145,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         vec![
             "mock-provider".into(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            dev::free_loopback_addr()?.to_string(),
         ],
         &[],
         &provider_dir,
@@ -169,7 +170,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "--config".into(),
                 path_arg(&policy),
                 "--listen".into(),
-                "127.0.0.1:0".into(),
+                dev::free_loopback_addr()?.to_string(),
                 "--gateway-id".into(),
                 id.clone(),
                 "--events-file".into(),
@@ -234,35 +235,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     wait_until_connected(&config, &ktctl_path, ids.len()).await?;
     rollback.armed = false;
+    // Plain `ktctl` (and `dev status`, `dev down`) find this fleet from now on.
+    if let Err(error) = dev::set_current(&dir) {
+        eprintln!(
+            "warning: cannot record {} as the current dev fleet: {error}",
+            dir.display()
+        );
+    }
 
-    let flag = dir_flag(&args.dir);
     println!();
     println!(
         "dev fleet is up: 1 coordinator, {} gateways, all connected and healthy",
         ids.len()
     );
     println!("next:");
-    if ktctl_path
-        != ktconfig::default_paths(None)
-            .last()
-            .cloned()
-            .unwrap_or_default()
-    {
+    // This fleet is now the current one; only a ktctl config of the user's own comes first.
+    let found = ktconfig::default_paths(None)
+        .into_iter()
+        .find(|p| p.is_file());
+    if found.as_deref() != Some(ktctl_path.as_path()) {
         println!("  export KTCTL_CONFIG={}", ktctl_path.display());
     }
     for (command, what) in [
-        ("ktctl gateway health".to_owned(), "one row per gateway"),
+        ("ktctl gateway health", "one row per gateway"),
+        ("ktctl fleet watch", "live changes, Ctrl-C to stop"),
         (
-            "ktctl fleet watch".to_owned(),
-            "live changes, Ctrl-C to stop",
-        ),
-        (
-            format!("ktctl dev status{flag}"),
+            "ktctl dev status",
             "the processes, their pids and addresses",
         ),
-        (format!("ktctl dev down{flag}"), "stop them all"),
+        ("ktctl dev down", "stop them all"),
     ] {
-        println!("  {command:<width$}  {what}", width = 24 + flag.len());
+        println!("  {command:<24}  {what}");
     }
     println!(
         "the gateways run {}: edit it (bump pack.version) and roll it out with",
