@@ -518,6 +518,9 @@ pub async fn watch(
     all_connected(&sim, run.agents, CONNECT_TIMEOUT)
         .await
         .ok_or_else(|| anyhow::anyhow!("not every agent connected"))?;
+    // Once every change is made, how many there were: watchers read until they saw them all
+    // (or, if some never come, until a generous deadline), however slow the machine.
+    let (total, expected) = tokio::sync::watch::channel(None);
     let mut watches = Vec::new();
     for _ in 0..watchers {
         let mut operator = fleet::operator(run.pki, coordinator.addr).await?;
@@ -527,7 +530,8 @@ pub async fn watch(
             .into_inner();
         watches.push(tokio::spawn(receive_updates(
             stream,
-            run.duration + Duration::from_secs(5),
+            expected.clone(),
+            run.duration + WATCH_PATIENCE,
         )));
     }
     let started = Instant::now();
@@ -544,6 +548,7 @@ pub async fn watch(
             changes += 1;
         }
     }
+    let _ = total.send(Some(changes));
     let mut received = Vec::new();
     let mut latencies = Vec::new();
     for w in watches {
@@ -567,14 +572,36 @@ pub async fn watch(
     })
 }
 
+/// How long after the last change a watcher waits for the updates still under way.
+const WATCH_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Counts health updates until `expected` (known once every change is made) have arrived, or
+/// the deadline passes.
 async fn receive_updates(
     mut stream: tonic::Streaming<FleetUpdate>,
+    mut expected: tokio::sync::watch::Receiver<Option<u64>>,
     limit: Duration,
 ) -> (u64, Vec<f64>) {
     let mut count = 0;
     let mut latencies = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
-    while let Ok(Ok(Some(update))) = tokio::time::timeout_at(deadline, stream.message()).await {
+    loop {
+        if expected.borrow().is_some_and(|n| count >= n) {
+            break;
+        }
+        let update = tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            changed = expected.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+            message = stream.message() => match message {
+                Ok(Some(update)) => update,
+                _ => break,
+            },
+        };
         if let Some(fleet_update::Update::Changed(state)) = update.update {
             let observed = state.health.map_or(0, |h| h.observed_at_unix_ms);
             if observed > 0 {

@@ -33,6 +33,17 @@ pub fn connected(fleet: &BTreeMap<String, GatewayState>, gateway: &str) -> bool 
         .is_some_and(|g| g.agent_state == AgentState::Connected as i32)
 }
 
+/// Whether `gateway`'s current session opened after `offered_at`: an offer sent on an earlier
+/// session may have been lost with it (the agent restarted before answering).
+fn session_since(
+    fleet: &BTreeMap<String, GatewayState>,
+    gateway: &str,
+    offered_at: Option<u64>,
+) -> bool {
+    let since = fleet.get(gateway).map_or(0, |g| g.connected_since_unix_ms);
+    offered_at.is_some_and(|at| since > at)
+}
+
 /// What a step sees of the fleet: each gateway's state, and the decisions counted from each
 /// gateway's events per config hash (see `events::counters`).
 #[derive(Clone, Debug, Default)]
@@ -153,8 +164,13 @@ fn applying(r: &mut RolloutRecord, observed: &Observed, now: u64, effects: &mut 
                     apply_deadline_ms: deadline,
                 });
             }
-            // Disconnected gateways are pending, not failed: offer again when they return.
-            TargetState::Offered if !connected(fleet, gateway) => {
+            // Disconnected gateways are pending, not failed: offer again when they return. A
+            // gateway whose agent connected anew since the offer (a restart) may never have
+            // received it: offer again too (an agent answers an offer of what it runs at once).
+            TargetState::Offered
+                if !connected(fleet, gateway)
+                    || session_since(fleet, gateway, progress.offered_at) =>
+            {
                 progress.state = TargetState::Pending
             }
             TargetState::Offered
@@ -614,7 +630,9 @@ fn rolling_back(
                     });
                 }
             }
-            TargetState::RollingBack if !connected(fleet, gateway) => {
+            TargetState::RollingBack
+                if !connected(fleet, gateway) || session_since(fleet, gateway, p.offered_at) =>
+            {
                 p.state = TargetState::Applied
             }
             TargetState::RollingBack
@@ -1154,6 +1172,27 @@ mod tests {
         let gate = r.gates.iter().find(|g| g.gate == "health").expect("gate");
         assert_eq!(gate.decision, "passed");
         assert!(matches!(r.phase, Phase::Pausing { .. }), "{:?}", r.phase);
+    }
+
+    #[test]
+    fn an_offer_lost_with_a_restarted_agent_is_made_again() {
+        let mut r = rollout(spec(Strategy::Rolling), &["a", "b"]);
+        let mut f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
+        let (effects, _) = step(&mut r, &f, 1_000);
+        assert_eq!(offers(&effects), ["a"]);
+        // a's agent restarts between two steps: never seen disconnected, but a new session.
+        f.fleet.get_mut("a").expect("a").connected_since_unix_ms = 1_500;
+        let (effects, _) = step(&mut r, &f, 2_000);
+        let (effects, _) = if effects.is_empty() {
+            step(&mut r, &f, 2_200)
+        } else {
+            (effects, true)
+        };
+        assert_eq!(offers(&effects), ["a"], "offered again on the new session");
+        assert_eq!(r.gateways["a"].offers_sent, 2);
+        // The new offer is not repeated while the session stays the same.
+        let (effects, _) = step(&mut r, &f, 2_400);
+        assert!(effects.is_empty());
     }
 
     #[test]
