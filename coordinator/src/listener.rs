@@ -4,13 +4,11 @@
 //! process's file descriptors. Served connections are handed to tonic as TLS streams, whose
 //! verified client certificates the services read.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use kt_proto::conn::{Admission, OpenPermit, Refusal};
+use kt_proto::conn::{Admission, Admitted, OpenPermit, Refusal, refused};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -20,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::metrics::{Metrics, ReasonLabels};
+use crate::metrics::Metrics;
 
 /// A TCP connection admitted by [`Admission`]; its permit is returned when it closes.
 #[derive(Debug)]
@@ -92,25 +90,16 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(tls);
     tokio::spawn(async move {
+        let refuse = |peer, why| refused(&metrics.connections_refused, peer, why);
         loop {
-            let (stream, peer) = tokio::select! {
+            let Admitted {
+                stream,
+                peer,
+                open,
+                handshake,
+            } = tokio::select! {
                 _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors, most likely: wait instead of spinning.
-                        tracing::error!(%error, "cannot accept connections");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let (open, handshake) = match admission.admit(peer.ip()) {
-                Ok(permits) => permits,
-                Err(why) => {
-                    refused(&metrics, peer, why);
-                    continue; // dropping the stream closes it
-                }
+                next = admission.next(&listener, refuse) => next,
             };
             metrics.connections_open.inc();
             let tcp = AdmittedTcp {
@@ -129,28 +118,16 @@ pub fn incoming(
                     }
                     Ok(Err(error)) => {
                         tracing::debug!(%peer, %error, "TLS handshake failed");
-                        refused(&metrics, peer, Refusal::HandshakeFailed);
+                        refused(&metrics.connections_refused, peer, Refusal::HandshakeFailed);
                     }
-                    Err(_) => refused(&metrics, peer, Refusal::HandshakeTimeout),
+                    Err(_) => refused(
+                        &metrics.connections_refused,
+                        peer,
+                        Refusal::HandshakeTimeout,
+                    ),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
-}
-
-/// Counts a connection closed before it was served, and logs it (repeats are summed up, see
-/// `kt_proto::repeats`).
-fn refused(metrics: &Metrics, peer: SocketAddr, why: Refusal) {
-    let reason = why.label();
-    metrics
-        .connections_refused
-        .get_or_create(&ReasonLabels { reason })
-        .inc();
-    if why == Refusal::HandshakeFailed {
-        // A wrong certificate is the peer's problem.
-        tracing::debug!(%peer, reason, "connection closed before it was served");
-    } else {
-        tracing::warn!(%peer, reason, "connection closed before it was served");
-    }
 }

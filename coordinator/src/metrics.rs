@@ -2,6 +2,7 @@
 //! rollouts by state, gate evaluations, config applies by result, events in, out and dropped,
 //! and how far the slowest tail subscriber lags.
 
+use kt_proto::conn::ReasonLabels;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -49,11 +50,6 @@ pub struct Metrics {
     pub connections_refused: Family<ReasonLabels, Counter>,
     /// Open connections (TLS established or in handshake).
     pub connections_open: Gauge,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: &'static str,
 }
 
 impl Default for Metrics {

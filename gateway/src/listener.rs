@@ -3,7 +3,6 @@
 //! is closed, so silent or slow clients cannot use up the gateway's file descriptors. Refused
 //! and timed-out connections are counted (`kt_gateway_connections_refused_total`) and logged.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use kt_proto::conn::{Admission, ConnectionLimits, HandshakePermit, Refusal};
+use kt_proto::conn::{Admission, Admitted, ConnectionLimits, HandshakePermit, Refusal, refused};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -21,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::metrics::{Metrics, ReasonLabels};
+use crate::metrics::Metrics;
 
 /// How the gateway bounds its client connections.
 #[derive(Clone, Debug)]
@@ -54,24 +53,16 @@ pub async fn serve(
 ) {
     let admission = Admission::new(limits.connections.clone());
     let connections = TaskTracker::new();
+    let refuse = |peer, why| refused(&metrics.connections_refused, peer, why);
     loop {
-        let (stream, peer) = tokio::select! {
+        let Admitted {
+            stream,
+            peer,
+            open,
+            handshake,
+        } = tokio::select! {
             _ = cancel.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::error!(%error, "cannot accept connections");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (open, handshake) = match admission.admit(peer.ip()) {
-            Ok(permits) => permits,
-            Err(why) => {
-                refused(&metrics, peer, why);
-                continue;
-            }
+            next = admission.next(&listener, refuse) => next,
         };
         let _ = stream.set_nodelay(true);
         let watched = Watched::new(stream, handshake);
@@ -95,7 +86,7 @@ pub async fn serve(
                         tracing::debug!(%peer, %error, "connection ended with an error");
                     }
                 }
-                why = activity.expired(&limits) => refused(&metrics, peer, why),
+                why = activity.expired(&limits) => refused(&metrics.connections_refused, peer, why),
                 _ = cancel.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
@@ -105,17 +96,6 @@ pub async fn serve(
     }
     connections.close();
     connections.wait().await;
-}
-
-/// Counts and logs a connection closed before or instead of being served (repeats are summed
-/// up, see `kt_proto::repeats`).
-fn refused(metrics: &Metrics, peer: SocketAddr, why: Refusal) {
-    let reason = why.label();
-    metrics
-        .connections_refused
-        .get_or_create(&ReasonLabels { reason })
-        .inc();
-    tracing::warn!(%peer, reason, "connection closed");
 }
 
 /// When the connection last moved a byte, and whether it ever sent one.

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the gateway, served at `/metrics`.
 
+use kt_proto::conn::ReasonLabels;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -41,11 +42,6 @@ pub struct Metrics {
     pub synthetic_refused: Counter,
     /// Connections closed before being served, by reason.
     pub connections_refused: Family<ReasonLabels, Counter>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: &'static str,
 }
 
 impl Default for Metrics {

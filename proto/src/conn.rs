@@ -4,11 +4,12 @@
 //! make room, so agents already connected and operators keep working.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Limits on incoming connections, as the daemons' config files write them.
@@ -95,7 +96,73 @@ impl Drop for HandshakePermit {
     }
 }
 
+/// The label of `connections_refused` counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Counts a connection closed before or instead of being served, and logs it (repeats are
+/// summed up, see [`crate::repeats`]); a failed TLS handshake is the peer's problem and logged at
+/// debug only.
+pub fn refused(
+    counter: &prometheus_client::metrics::family::Family<
+        ReasonLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    peer: SocketAddr,
+    why: Refusal,
+) {
+    let reason = why.label();
+    counter.get_or_create(&ReasonLabels { reason }).inc();
+    if why == Refusal::HandshakeFailed {
+        tracing::debug!(%peer, reason, "connection closed before it was served");
+    } else {
+        tracing::warn!(%peer, reason, "connection closed before it was served");
+    }
+}
+
+/// A connection admitted, with its permits.
+#[derive(Debug)]
+pub struct Admitted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub open: OpenPermit,
+    pub handshake: HandshakePermit,
+}
+
 impl Admission {
+    /// The next connection these limits let in. Refused ones are closed at once and given to
+    /// `refused`; accept errors (out of file descriptors, most likely) are logged and waited
+    /// out instead of spinning.
+    pub async fn next(
+        &self,
+        listener: &TcpListener,
+        refused: impl Fn(SocketAddr, Refusal),
+    ) -> Admitted {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::error!(%error, "cannot accept connections");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match self.admit(peer.ip()) {
+                Ok((open, handshake)) => {
+                    return Admitted {
+                        stream,
+                        peer,
+                        open,
+                        handshake,
+                    };
+                }
+                Err(why) => refused(peer, why),
+            }
+        }
+    }
+
     /// `max_connections` is lowered to what the process's file descriptor limit allows.
     pub fn new(mut limits: ConnectionLimits) -> Self {
         let fds = raise_fd_limit();

@@ -16,6 +16,28 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::Endpoint;
 
+/// A channel to `coordinator` with the certificate `agent-<stem>` of the PKI in `pki_dir`.
+async fn agent_channel(
+    coordinator: SocketAddr,
+    pki_dir: &Path,
+    stem: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let tls = TlsFiles {
+        ca: pki_dir.join("ca.crt"),
+        cert: pki_dir.join(format!("agent-{stem}.crt")),
+        key: pki_dir.join(format!("agent-{stem}.key")),
+    }
+    .load(Role::Agent)
+    .expect("agent certificate");
+    Endpoint::from_shared(format!("https://{coordinator}"))
+        .expect("endpoint")
+        .tls_config(tls.client_config("127.0.0.1"))
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+}
+
 /// An open session: send messages, read what the coordinator answers.
 pub struct RawSession {
     outbound: mpsc::Sender<AgentMessage>,
@@ -31,19 +53,7 @@ pub async fn open(
     stem: &str,
     hello: Hello,
 ) -> Result<RawSession, tonic::Status> {
-    let tls = TlsFiles {
-        ca: pki_dir.join("ca.crt"),
-        cert: pki_dir.join(format!("agent-{stem}.crt")),
-        key: pki_dir.join(format!("agent-{stem}.key")),
-    }
-    .load(Role::Agent)
-    .expect("agent certificate");
-    let channel = Endpoint::from_shared(format!("https://{coordinator}"))
-        .expect("endpoint")
-        .tls_config(tls.client_config("127.0.0.1"))
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
+    let channel = agent_channel(coordinator, pki_dir, stem)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let (outbound, rx) = mpsc::channel(16);
@@ -105,18 +115,7 @@ pub async fn open_events(
     mpsc::Sender<kt_proto::v1::EventBatch>,
     Result<Streaming<kt_proto::v1::EventAck>, tonic::Status>,
 ) {
-    let tls = TlsFiles {
-        ca: pki_dir.join("ca.crt"),
-        cert: pki_dir.join(format!("agent-{stem}.crt")),
-        key: pki_dir.join(format!("agent-{stem}.key")),
-    }
-    .load(Role::Agent)
-    .expect("agent certificate");
-    let channel = Endpoint::from_shared(format!("https://{coordinator}"))
-        .expect("endpoint")
-        .tls_config(tls.client_config("127.0.0.1"))
-        .expect("tls")
-        .connect()
+    let channel = agent_channel(coordinator, pki_dir, stem)
         .await
         .expect("connect");
     let (tx, rx) = mpsc::channel(4);

@@ -415,16 +415,21 @@ async fn operations_endpoints() {
     assert_eq!(models["data"][0]["id"], "mock-small");
 }
 
+/// `kt-gateway validate FILE`.
+fn validate(file: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(kt_e2e::bin("kt-gateway"))
+        .arg("validate")
+        .arg(file)
+        .output()
+        .expect("validate")
+}
+
 #[test]
 fn validate_prints_every_error_with_its_line_or_a_summary() {
     let dir = tempfile::tempdir().expect("tempdir");
     let good = dir.path().join("good.yaml");
     std::fs::write(&good, dev::EXAMPLE_POLICY).expect("write");
-    let out = std::process::Command::new(kt_e2e::bin("kt-gateway"))
-        .arg("validate")
-        .arg(&good)
-        .output()
-        .expect("validate");
+    let out = validate(&good);
     assert!(out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout)
@@ -436,11 +441,7 @@ fn validate_prints_every_error_with_its_line_or_a_summary() {
         .replace("version: 1.0.0", "version: latest")
         .replace("    - dlp-filter\n", "    - dlp-filter\n    - teleport\n");
     std::fs::write(&bad, text).expect("write");
-    let out = std::process::Command::new(kt_e2e::bin("kt-gateway"))
-        .arg("validate")
-        .arg(&bad)
-        .output()
-        .expect("validate");
+    let out = validate(&bad);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 2, "{stderr}");
@@ -463,11 +464,7 @@ fn validate_prints_every_error_with_its_line_or_a_summary() {
         )
         + "cahce: {}\n";
     std::fs::write(&bad, text).expect("write");
-    let out = std::process::Command::new(kt_e2e::bin("kt-gateway"))
-        .arg("validate")
-        .arg(&bad)
-        .output()
-        .expect("validate");
+    let out = validate(&bad);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for key in ["colour", "shred", "forever", "cahce"] {
@@ -486,11 +483,7 @@ fn validate_prints_every_error_with_its_line_or_a_summary() {
         .expect("head")
         .to_owned();
     std::fs::write(&bad, text).expect("write");
-    let out = std::process::Command::new(kt_e2e::bin("kt-gateway"))
-        .arg("validate")
-        .arg(&bad)
-        .output()
-        .expect("validate");
+    let out = validate(&bad);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("providers.targets"));
 }

@@ -740,3 +740,43 @@ async fn the_error_rate_gate_rolls_back_a_policy_whose_provider_fails() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_agent_dies_after_applying_is_not_called_healthy() {
+    let mut fleet = fleet(2).await;
+    let file = policy(&fleet, "1.1.0", |t| t);
+    let out = push(&fleet, &file, &["--min-healthy-time", "5s", "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let first = rollout(&fleet, "r-1")["batches"][0][0]["gateway"]
+        .as_str()
+        .expect("first batch")
+        .to_owned();
+    let applied = wait_for(PATIENCE, || {
+        rollout(&fleet, "r-1")["batches"][0][0]["state"] == "applied"
+    })
+    .await;
+    assert!(applied, "{:#}", rollout(&fleet, "r-1"));
+    // Its agent dies during the bake: nothing says the gateway stayed healthy (before, the
+    // health gate passed it and the rollout went on).
+    let index = fleet
+        .gateways
+        .iter()
+        .position(|g| g.id == first)
+        .expect("the first batch's gateway");
+    fleet.agents[index].kill();
+    let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
+    assert_eq!(out.status.code(), Some(4), "paused: {}", text(&out));
+    let r = rollout(&fleet, "r-1");
+    let health = gate(&r, "health");
+    assert_eq!(health["decision"], "inconclusive", "{r:#}");
+    assert!(
+        health["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&first)),
+        "{health}"
+    );
+    assert_eq!(
+        r["batches"][1][0]["state"], "pending",
+        "the next batch waits: {r:#}"
+    );
+}

@@ -24,6 +24,8 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub struct Batch {
     pub gateway: String,
+    /// The region the gateway's agent reported (its `region` label).
+    pub region: String,
     pub epoch: u64,
     pub first_seq: u64,
     /// Parsed by the caller (the agent's stream task), so the store's single task only writes.
@@ -77,6 +79,7 @@ impl Batch {
             .collect();
         Batch {
             gateway,
+            region,
             epoch,
             first_seq,
             events,
@@ -174,10 +177,101 @@ pub struct EventStore {
     /// The highest sequence number stored per (gateway, epoch). Agents send in order and resend
     /// from their oldest unacknowledged event, so anything at or below it is a duplicate.
     stored_through: std::collections::HashMap<(String, u64), u64>,
+    /// Each (gateway, region) is stored once, in `sources`; event rows hold its number.
+    sources: Sources,
     commands: mpsc::Receiver<Command>,
     publish: mpsc::Sender<Arc<Vec<Published>>>,
     counters: DecisionCounters,
     metrics: Arc<Metrics>,
+}
+
+const SCHEMA: &str = "
+    -- Each (gateway, region) once: event rows refer to it by number instead of repeating it.
+    CREATE TABLE IF NOT EXISTS sources (
+        id INTEGER PRIMARY KEY, gateway TEXT NOT NULL, region TEXT NOT NULL,
+        UNIQUE (gateway, region));
+    -- In storage order: the rowid grows with `at`, so time lookups search the rowid and
+    -- no index is maintained per event.
+    CREATE TABLE IF NOT EXISTS event_log (
+        at INTEGER NOT NULL, source INTEGER NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+        verdict TEXT NOT NULL, reason TEXT NOT NULL, config_version TEXT NOT NULL,
+        acted TEXT NOT NULL, body BLOB NOT NULL);
+    CREATE TABLE IF NOT EXISTS gaps (
+        gateway TEXT NOT NULL, epoch INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+        count INTEGER NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
+        PRIMARY KEY (gateway, epoch, first_seq)) WITHOUT ROWID;";
+
+/// Databases written before `sources` held the gateway and region in every event row: move
+/// them to `sources`, keeping every event and its storage order (rowid).
+fn migrate_v1(conn: &Connection) -> rusqlite::Result<()> {
+    let old: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('event_log') WHERE name = 'region'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !old {
+        return Ok(());
+    }
+    tracing::info!("moving the event store to one row per gateway and region");
+    conn.execute_batch(&format!(
+        "BEGIN;
+         ALTER TABLE event_log RENAME TO event_log_v1;
+         {SCHEMA}
+         INSERT OR IGNORE INTO sources (gateway, region) SELECT DISTINCT gateway, region FROM event_log_v1;
+         INSERT INTO event_log (rowid, at, source, epoch, seq, verdict, reason, config_version, acted, body)
+             SELECT e.rowid, e.at, s.id, e.epoch, e.seq, e.verdict, e.reason, e.config_version, e.acted, e.body
+             FROM event_log_v1 e JOIN sources s ON s.gateway = e.gateway AND s.region = e.region
+             ORDER BY e.rowid;
+         DROP TABLE event_log_v1;
+         COMMIT;"
+    ))
+}
+
+/// The (gateway, region) pairs of `sources`, both ways.
+#[derive(Debug, Default)]
+struct Sources {
+    ids: std::collections::HashMap<(String, String), i64>,
+    names: std::collections::HashMap<i64, (String, String)>,
+}
+
+impl Sources {
+    fn load(conn: &Connection) -> rusqlite::Result<Self> {
+        let mut sources = Sources::default();
+        let mut stmt = conn.prepare("SELECT id, gateway, region FROM sources")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        for row in rows {
+            let (id, gateway, region): (i64, String, String) = row?;
+            sources.remember(id, gateway, region);
+        }
+        Ok(sources)
+    }
+
+    fn remember(&mut self, id: i64, gateway: String, region: String) {
+        self.ids.insert((gateway.clone(), region.clone()), id);
+        self.names.insert(id, (gateway, region));
+    }
+
+    /// The number of (gateway, region), stored the first time it is seen.
+    fn id(&mut self, conn: &Connection, gateway: &str, region: &str) -> rusqlite::Result<i64> {
+        if let Some(id) = self.ids.get(&(gateway.to_owned(), region.to_owned())) {
+            return Ok(*id);
+        }
+        conn.execute(
+            "INSERT OR IGNORE INTO sources (gateway, region) VALUES (?1, ?2)",
+            params![gateway, region],
+        )?;
+        let id = conn.query_row(
+            "SELECT id FROM sources WHERE gateway = ?1 AND region = ?2",
+            params![gateway, region],
+            |r| r.get(0),
+        )?;
+        self.remember(id, gateway.to_owned(), region.to_owned());
+        Ok(id)
+    }
+
+    fn names(&self, id: i64) -> (String, String) {
+        self.names.get(&id).cloned().unwrap_or_default()
+    }
 }
 
 /// Batches gathered into one transaction at most.
@@ -198,24 +292,18 @@ impl EventStore {
         let conn = Connection::open(data_dir.join("events.db"))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             -- In storage order: the rowid grows with `at`, so time lookups search the rowid and
-             -- no index is maintained per event.
-             CREATE TABLE IF NOT EXISTS event_log (
-                 at INTEGER NOT NULL, gateway TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
-                 region TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL, config_version TEXT NOT NULL,
-                 acted TEXT NOT NULL, body BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS gaps (
-                 gateway TEXT NOT NULL, epoch INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-                 count INTEGER NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
-                 PRIMARY KEY (gateway, epoch, first_seq)) WITHOUT ROWID;",
+             PRAGMA synchronous = NORMAL;",
         )?;
+        migrate_v1(&conn)?;
+        conn.execute_batch(SCHEMA)?;
         conn.execute_batch(counters::SCHEMA)?;
         counters::load(&conn, &counters)?;
+        let sources = Sources::load(&conn)?;
         // What is stored per (gateway, epoch): the highest event, or gap, sequence number.
         let mut stored_through = std::collections::HashMap::new();
         for highest in [
-            "SELECT gateway, epoch, MAX(seq) FROM event_log GROUP BY gateway, epoch",
+            "SELECT s.gateway, e.epoch, MAX(e.seq) FROM event_log e JOIN sources s ON s.id = e.source
+             GROUP BY s.gateway, e.epoch",
             "SELECT gateway, epoch, MAX(last_seq) FROM gaps GROUP BY gateway, epoch",
         ] {
             let mut stmt = conn.prepare(highest)?;
@@ -237,6 +325,7 @@ impl EventStore {
                 conn,
                 retention,
                 stored_through,
+                sources,
                 commands,
                 publish,
                 counters,
@@ -302,6 +391,11 @@ impl EventStore {
 
     /// One transaction for all batches; returns what was new (duplicates are not republished).
     fn write(&mut self, batches: Vec<Batch>, at: u64) -> rusqlite::Result<Vec<Published>> {
+        // Numbered outside the transaction: a source row nothing refers to yet is harmless.
+        let mut source_of = Vec::with_capacity(batches.len());
+        for batch in &batches {
+            source_of.push(self.sources.id(&self.conn, &batch.gateway, &batch.region)?);
+        }
         // Sequence numbers stored by this transaction; they count only once it commits.
         let mut overlay: std::collections::HashMap<(String, u64), u64> =
             std::collections::HashMap::new();
@@ -310,13 +404,13 @@ impl EventStore {
         let mut published = Vec::new();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO event_log (gateway, epoch, seq, at, region, verdict, reason, config_version, acted, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO event_log (source, epoch, seq, at, verdict, reason, config_version, acted, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             let mut insert_gap = tx.prepare_cached(
                 "INSERT OR IGNORE INTO gaps (gateway, epoch, first_seq, last_seq, count, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
-            for batch in batches {
+            for (batch, source) in batches.into_iter().zip(source_of) {
                 let key = (batch.gateway.clone(), batch.epoch);
                 let mut through = overlay
                     .get(&key)
@@ -364,11 +458,10 @@ impl EventStore {
                         count(&mut tally, &mut tallies, &record, config_hash, status);
                     }
                     insert.execute(params![
-                        record.gateway,
+                        source,
                         i(record.epoch),
                         i(record.seq),
                         i(at),
-                        record.region,
                         record.verdict,
                         record.reason,
                         record.config_version,
@@ -458,28 +551,29 @@ impl EventStore {
 
     fn rows(&self, since: u64, mut each: impl FnMut(EventRecord) -> bool) -> rusqlite::Result<()> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT gateway, epoch, seq, at, region, verdict, reason, config_version, acted, body
+            "SELECT source, epoch, seq, at, verdict, reason, config_version, acted, body
              FROM event_log WHERE rowid >= ?1 ORDER BY rowid",
         )?;
         let start = self.first_rowid_at(since)?;
         let mut rows = stmt.query([start])?;
         while let Some(row) = rows.next()? {
-            let acted: String = row.get(8)?;
+            let acted: String = row.get(7)?;
+            let (gateway, region) = self.sources.names(row.get(0)?);
             let record = EventRecord {
-                gateway: row.get(0)?,
+                gateway,
+                region,
                 epoch: row.get::<_, i64>(1)? as u64,
                 seq: row.get::<_, i64>(2)? as u64,
                 at: row.get::<_, i64>(3)? as u64,
-                region: row.get(4)?,
-                verdict: row.get(5)?,
-                reason: row.get(6)?,
-                config_version: row.get(7)?,
+                verdict: row.get(4)?,
+                reason: row.get(5)?,
+                config_version: row.get(6)?,
                 acted: acted
                     .split(',')
                     .filter(|s| !s.is_empty())
                     .map(str::to_owned)
                     .collect(),
-                body: Arc::from(row.get::<_, Vec<u8>>(9)?.as_slice()),
+                body: Arc::from(row.get::<_, Vec<u8>>(8)?.as_slice()),
             };
             if !each(record) {
                 break;
@@ -626,6 +720,81 @@ mod tests {
             })
             .collect();
         Batch::new(gateway.into(), "eu".into(), 7, first_seq, bodies, None)
+    }
+
+    #[tokio::test]
+    async fn gateway_and_region_are_stored_once_and_an_old_database_is_moved_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A database of the first layout: gateway and region in every event row.
+        {
+            let conn = Connection::open(dir.path().join("events.db")).expect("db");
+            conn.execute_batch(
+                "CREATE TABLE event_log (
+                     at INTEGER NOT NULL, gateway TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+                     region TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL, config_version TEXT NOT NULL,
+                     acted TEXT NOT NULL, body BLOB NOT NULL);
+                 INSERT INTO event_log VALUES (1, 'gw-old', 3, 1, 'us', 'allow', '', '1.0.0', '', x'7b7d');
+                 INSERT INTO event_log VALUES (2, 'gw-old', 3, 2, 'us', 'block', '', '1.0.0', '', x'7b7d');",
+            )
+            .expect("old layout");
+        }
+        let (publish, _published) = mpsc::channel(16);
+        let retention = Retention {
+            max_age: Duration::from_secs(3600 * 24 * 365 * 100),
+            max_events: 1000,
+        };
+        let (store, handle) = EventStore::open(
+            dir.path(),
+            retention,
+            publish,
+            DecisionCounters::default(),
+            Default::default(),
+        )
+        .expect("open and migrate");
+        assert_eq!(
+            store.stored_through.get(&("gw-old".to_owned(), 3)),
+            Some(&2),
+            "what was stored before still counts for deduplication"
+        );
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(store.run(cancel.clone()));
+        handle
+            .ingest(batch("gw-a", 1, &["allow", "block", "allow"]))
+            .await
+            .expect("ingest");
+        let all = handle.query(Filter::default(), 0, 0).await;
+        let names: Vec<(String, String, u64)> = all
+            .iter()
+            .filter_map(|p| match p {
+                Published::Event(e) => Some((e.gateway.clone(), e.region.clone(), e.seq)),
+                Published::Gap { .. } => None,
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("gw-old".into(), "us".into(), 1),
+                ("gw-old".into(), "us".into(), 2),
+                ("gw-a".into(), "eu".into(), 1),
+                ("gw-a".into(), "eu".into(), 2),
+                ("gw-a".into(), "eu".into(), 3),
+            ]
+        );
+        cancel.cancel();
+        let _ = task.await;
+        let conn = Connection::open(dir.path().join("events.db")).expect("db");
+        let sources: i64 = conn
+            .query_row("SELECT COUNT(*) FROM sources", [], |r| r.get(0))
+            .expect("sources");
+        assert_eq!(sources, 2, "one row per gateway and region, not per event");
+        let columns: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('event_log') WHERE name IN ('gateway', 'region')",
+                [],
+                |r| r.get(0),
+            )
+            .expect("columns");
+        assert_eq!(columns, 0);
     }
 
     #[tokio::test]

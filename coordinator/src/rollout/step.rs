@@ -33,6 +33,15 @@ pub fn connected(fleet: &BTreeMap<String, GatewayState>, gateway: &str) -> bool 
         .is_some_and(|g| g.agent_state == AgentState::Connected as i32)
 }
 
+/// The gateways of `batch` that applied the rollout's config.
+fn applied<'a>(r: &'a RolloutRecord, batch: &'a [String]) -> impl Iterator<Item = &'a String> {
+    batch.iter().filter(|g| {
+        r.gateways
+            .get(*g)
+            .is_some_and(|p| p.state == TargetState::Applied)
+    })
+}
+
 /// Whether `gateway`'s current session opened after `offered_at`: an offer sent on an earlier
 /// session may have been lost with it (the agent restarted before answering).
 fn session_since(
@@ -232,13 +241,7 @@ fn applying(r: &mut RolloutRecord, observed: &Observed, now: u64, effects: &mut 
 fn baking(r: &mut RolloutRecord, observed: &Observed, now: u64, until: u64) {
     let fleet = &observed.fleet;
     let batch = r.batches.get(r.current_batch).cloned().unwrap_or_default();
-    let unhealthy: Vec<&String> = batch
-        .iter()
-        .filter(|g| {
-            r.gateways
-                .get(*g)
-                .is_some_and(|p| p.state == TargetState::Applied)
-        })
+    let unhealthy: Vec<&String> = applied(r, &batch)
         .filter(|g| {
             connected(fleet, g)
                 && fleet
@@ -307,8 +310,9 @@ fn baking(r: &mut RolloutRecord, observed: &Observed, now: u64, until: u64) {
 
 /// The health gate at the end of a bake: it passes only when every applied gateway of the batch
 /// was observed during the bake (a heartbeat or status at or after the bake started, from a
-/// connected agent). `None` while a connected gateway's report is still due; inconclusive for a
-/// gateway whose agent went away, since nothing says it stayed healthy.
+/// connected agent). `None` while a report may still come: a connected gateway's next one, or an
+/// unreachable agent's return (until liveness calls it disconnected); inconclusive for a gateway
+/// whose agent is gone, since nothing says it stayed healthy.
 fn health_evidence(
     r: &mut RolloutRecord,
     fleet: &BTreeMap<String, GatewayState>,
@@ -317,21 +321,18 @@ fn health_evidence(
     now: u64,
 ) -> Option<GateDecision> {
     let start = until.saturating_sub(r.spec.min_healthy_time_ms);
-    let applied: Vec<&String> = batch
-        .iter()
-        .filter(|g| {
-            r.gateways
-                .get(*g)
-                .is_some_and(|p| p.state == TargetState::Applied)
-        })
-        .collect();
+    let applied: Vec<&String> = applied(r, batch).collect();
     let mut unobserved = Vec::new();
     for g in &applied {
         let state = fleet.get(*g);
         if state.is_some_and(|s| s.last_heartbeat_unix_ms >= start) && connected(fleet, g) {
             continue;
         }
-        if connected(fleet, g) {
+        let may_report = state.is_some_and(|s| {
+            s.agent_state == AgentState::Connected as i32
+                || s.agent_state == AgentState::Unreachable as i32
+        });
+        if may_report {
             return None;
         }
         let agent = state
@@ -420,15 +421,7 @@ fn error_gate(
     let Some(threshold) = r.spec.max_error_rate else {
         return GateDecision::Passed;
     };
-    let applied: Vec<&String> = batch
-        .iter()
-        .filter(|g| {
-            r.gateways
-                .get(*g)
-                .is_some_and(|p| p.state == TargetState::Applied)
-        })
-        .collect();
-    let c = window(r, observed, applied.into_iter());
+    let c = window(r, observed, applied(r, batch));
     let rate = if c.requests == 0 {
         0.0
     } else {
@@ -477,15 +470,7 @@ fn verdict_gate(
     let Some(threshold) = r.spec.max_block_rate_delta else {
         return GateDecision::Passed;
     };
-    let new = window(
-        r,
-        observed,
-        batch.iter().filter(|g| {
-            r.gateways
-                .get(*g)
-                .is_some_and(|p| p.state == TargetState::Applied)
-        }),
-    );
+    let new = window(r, observed, applied(r, batch));
     let old = window(
         r,
         observed,
@@ -1126,10 +1111,16 @@ mod tests {
 
     #[test]
     fn the_health_gate_does_not_pass_a_gateway_nobody_observed() {
-        // a's agent died right after answering APPLIED: nothing says a stayed healthy.
+        // a's agent died right after answering APPLIED: while it is only unreachable it may
+        // come back and report, so the bake goes on...
         let mut r = baking_first_batch(spec(Strategy::Rolling));
-        let gone = fleet(&[("a", false, 0, 0), ("b", true, 0, 0)]);
+        let mut gone = fleet(&[("a", false, 0, 0), ("b", true, 0, 0)]);
+        gone.fleet.get_mut("a").expect("a").agent_state = AgentState::Unreachable as i32;
         step(&mut r, &gone, 3_000);
+        assert_eq!(r.phase, Phase::Baking { until: 3_000 });
+        // ...and once liveness calls it disconnected, nothing says a stayed healthy.
+        gone.fleet.get_mut("a").expect("a").agent_state = AgentState::Disconnected as i32;
+        step(&mut r, &gone, 6_000);
         assert!(matches!(r.phase, Phase::Paused { .. }), "{:?}", r.phase);
         let gate = r.gates.iter().find(|g| g.gate == "health").expect("gate");
         assert_eq!(gate.decision, "inconclusive");
@@ -1149,7 +1140,7 @@ mod tests {
         let mut s = spec(Strategy::Rolling);
         s.continue_on_inconclusive = true;
         let mut r = baking_first_batch(s);
-        step(&mut r, &gone, 3_000);
+        step(&mut r, &gone, 6_000);
         assert!(matches!(r.phase, Phase::Pausing { .. }), "{:?}", r.phase);
         assert_eq!(
             r.gates.last().map(|g| g.decision.as_str()),
