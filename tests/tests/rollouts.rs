@@ -125,6 +125,17 @@ async fn rolling_push_moves_one_gateway_at_a_time() {
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // Progress reads in order: a batch's gate lines before the line saying it passed them.
+    let printed = text(&out);
+    let at = |needle: &str| {
+        printed
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in:\n{printed}"))
+    };
+    assert!(
+        at("gate health      batch 1 passed") < at("batch 1 passed its gates"),
+        "{printed}"
+    );
     let r = rollout(&fleet, "r-1");
     assert_eq!(r["state"], "succeeded");
     // Batches of one, in order, each applied only after the previous batch's pause.
@@ -280,6 +291,13 @@ async fn the_verdict_mix_gate_rolls_back_a_policy_that_blocks_everything() {
     drop(traffic);
     assert_eq!(out.status.code(), Some(2), "rolled back: {}", text(&out));
     let r = rollout(&fleet, "r-1");
+    // The flags' and the prose's words, not the wire's.
+    let printed = text(&out);
+    assert!(
+        printed.contains("gate verdict-mix") && printed.contains("rolled back"),
+        "{printed}"
+    );
+    assert!(!printed.contains("rolled_back"), "{printed}");
     let gate = gate(&r, "verdict_mix");
     assert_eq!(gate["decision"], "failed", "{gate:#}");
     assert!(gate["value"].as_f64().is_some_and(|v| v > 0.5), "{gate:#}");

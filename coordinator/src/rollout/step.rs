@@ -633,7 +633,7 @@ fn rolling_back(
     if r.gateways.values().all(|p| !p.state.touched()) {
         let what = format!(
             "rollback complete: every touched gateway runs its previous version again ({})",
-            then.as_str()
+            then.as_str().replace('_', " ")
         );
         r.record(now, "coordinator", what);
         r.phase = Phase::Done(then);
@@ -771,7 +771,7 @@ pub fn answer(
     if changed {
         let what = format!(
             "{gateway}: {} ({})",
-            p.state.as_str(),
+            p.state.as_str().replace('_', " "),
             if error.is_empty() { "ok" } else { error }
         );
         r.record(now, gateway, what);
