@@ -31,8 +31,10 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
             max_connections: 50_000,
-            max_handshakes: 1_024,
-            max_handshakes_per_ip: 64,
+            // Room for a fleet reconnecting from behind one NAT address, while a single source
+            // of silent connections holds at most a few hundred descriptors for 10 s each.
+            max_handshakes: 2_048,
+            max_handshakes_per_ip: 256,
             handshake_timeout: Duration::from_secs(10),
         }
     }

@@ -9,7 +9,8 @@ use kt_e2e::{GatewayNode, MockProvider, TestFleet, all_healthy};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
-const SILENT: usize = 150;
+/// More than the per-peer handshake cap (256).
+const SILENT: usize = 400;
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Opens `n` TCP connections to `target` from 127.0.0.2 that never send a byte.
@@ -64,10 +65,10 @@ async fn the_coordinator_bounds_silent_connections_and_keeps_serving_operators()
         .await;
     let mut silent = silent_connections(fleet.coordinator.addr, SILENT).await;
     assert_eq!(silent.len(), SILENT, "the kernel accepted every connection");
-    // Past the per-peer handshake cap (64) the coordinator closes them at once.
+    // Past the per-peer handshake cap (256) the coordinator closes them at once.
     let refused_at_once = tokio::time::timeout(PATIENCE, async {
         loop {
-            if closed_by_server(&mut silent).await >= SILENT - 64 {
+            if closed_by_server(&mut silent).await >= SILENT - 256 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
