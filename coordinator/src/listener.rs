@@ -1,7 +1,7 @@
 //! The coordinator's accept loop: every connection is admitted within the configured limits
-//! (`connections:` in coordinator.yaml) and gets `handshake_timeout` to finish its TLS
-//! handshake, so connections that never finish one (or a flood of them) cannot use up the
-//! process's file descriptors. Served connections are handed to tonic as TLS streams, whose
+//! (`connections:` in coordinator.yaml), waits for its turn to run the TLS handshake, and gets
+//! `handshake_timeout` from accept to finish it, so connections that never finish one (or a
+//! flood of them) cannot use up the process's file descriptors or CPU. Served connections are handed to tonic as TLS streams, whose
 //! verified client certificates the services read.
 
 use std::pin::Pin;
@@ -96,7 +96,7 @@ pub fn incoming(
                 stream,
                 peer,
                 open,
-                handshake,
+                waiting,
             } = tokio::select! {
                 _ = cancel.cancelled() => return,
                 next = admission.next(&listener, refuse) => next,
@@ -107,11 +107,21 @@ pub fn incoming(
                 _permit: open,
                 _open: OpenGauge(metrics.clone()),
             };
-            let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
-            let timeout = admission.limits.handshake_timeout;
+            let (acceptor, tx, metrics, admission) = (
+                acceptor.clone(),
+                tx.clone(),
+                metrics.clone(),
+                admission.clone(),
+            );
             tokio::spawn(async move {
-                let result = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
-                drop(handshake);
+                // The time counts from accept: waiting for a turn included.
+                let handshake = async {
+                    let _turn = waiting.turn(&admission).await;
+                    acceptor.accept(tcp).await
+                };
+                let timeout = admission.limits.handshake_timeout;
+                let result = tokio::time::timeout(timeout, handshake).await;
+                drop(waiting);
                 match result {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use kt_proto::conn::{Admission, Admitted, ConnectionLimits, HandshakePermit, Refusal, refused};
+use kt_proto::conn::{Admission, Admitted, ConnectionLimits, Refusal, Waiting, refused};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -59,13 +59,13 @@ pub async fn serve(
             stream,
             peer,
             open,
-            handshake,
+            waiting,
         } = tokio::select! {
             _ = cancel.cancelled() => break,
             next = admission.next(&listener, refuse) => next,
         };
         let _ = stream.set_nodelay(true);
-        let watched = Watched::new(stream, handshake);
+        let watched = Watched::new(stream, waiting);
         let activity = watched.activity.clone();
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
@@ -134,15 +134,15 @@ impl Activity {
     }
 }
 
-/// A TCP stream that records its activity and gives back its handshake slot at the first byte.
+/// A TCP stream that records its activity and gives back its waiting place at the first byte.
 struct Watched {
     stream: TcpStream,
     activity: Arc<Activity>,
-    handshake: Option<HandshakePermit>,
+    waiting: Option<Waiting>,
 }
 
 impl Watched {
-    fn new(stream: TcpStream, handshake: HandshakePermit) -> Self {
+    fn new(stream: TcpStream, waiting: Waiting) -> Self {
         Watched {
             stream,
             activity: Arc::new(Activity {
@@ -150,7 +150,7 @@ impl Watched {
                 last_ms: AtomicU64::new(0),
                 first_byte: false.into(),
             }),
-            handshake: Some(handshake),
+            waiting: Some(waiting),
         }
     }
 }
@@ -165,7 +165,7 @@ impl AsyncRead for Watched {
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.touch();
-            if self.handshake.take().is_some() {
+            if self.waiting.take().is_some() {
                 self.activity.first_byte.store(true, Ordering::Relaxed);
             }
         }

@@ -57,6 +57,9 @@ struct ServeArgs {
     /// Open client connections at most; more are closed at once (and counted).
     #[arg(long, env = "KT_GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
+    /// Connections from one peer address that have not sent their first request yet, at most.
+    #[arg(long, env = "KT_GATEWAY_MAX_WAITING_PER_IP", default_value_t = 4_096)]
+    max_waiting_per_ip: usize,
     /// A new connection must send its first request's headers within this time.
     #[arg(long, env = "KT_GATEWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     header_timeout: std::time::Duration,
@@ -147,6 +150,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let mut limits = kt_gateway::listener::Limits::default();
     limits.connections.max_connections = args.max_connections;
+    limits.connections.max_waiting_per_ip = args.max_waiting_per_ip;
     limits.connections.handshake_timeout = args.header_timeout;
     limits.idle_timeout = args.idle_timeout;
     block_on(run(

@@ -1,7 +1,10 @@
-//! Admission of connections before they cost anything: a cap on open connections, and on
-//! connections still in their handshake (in all and per peer address), so silent or slow peers
-//! cannot use up every file descriptor. Connections already established are never closed to
-//! make room, so agents already connected and operators keep working.
+//! Admission of connections before they cost anything, so silent or slow peers cannot use up
+//! every file descriptor or the CPU for handshakes: a cap on open connections, a cap on the
+//! connections one peer address has waiting for (or in) their handshake, and turns for the
+//! handshakes themselves (in all and per address). A connection waits for its turn rather than
+//! being refused, so a fleet reconnecting at once from behind one address is served in order;
+//! its time counts from accept. Connections already established are never closed to make room,
+//! so agents already connected and operators keep working.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,13 +19,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectionLimits {
-    /// Open connections at most (established or in handshake); more are closed at once.
+    /// Open connections at most (established or not); more are closed at once.
     pub max_connections: usize,
-    /// Connections in their handshake (TLS, or the first request's headers) at most.
+    /// Connections from one peer address not yet served (waiting for their handshake, in it, or
+    /// for the first request) at most; more are closed at once.
+    pub max_waiting_per_ip: usize,
+    /// TLS handshakes running at once; the others wait their turn.
     pub max_handshakes: usize,
-    /// Of those, from one peer address at most.
+    /// Of those, from one peer address.
     pub max_handshakes_per_ip: usize,
-    /// A handshake not finished in this time is closed.
+    /// A connection not served this long after it was accepted (waiting included) is closed.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
 }
@@ -31,10 +37,11 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
             max_connections: 50_000,
-            // Room for a fleet reconnecting from behind one NAT address, while a single source
-            // of silent connections holds at most a few hundred descriptors for 10 s each.
-            max_handshakes: 2_048,
-            max_handshakes_per_ip: 256,
+            // A fleet reconnecting from behind one NAT address fits; a single source of silent
+            // connections holds at most this many descriptors, for 10 s each.
+            max_waiting_per_ip: 4_096,
+            max_handshakes: 256,
+            max_handshakes_per_ip: 64,
             handshake_timeout: Duration::from_secs(10),
         }
     }
@@ -44,8 +51,7 @@ impl Default for ConnectionLimits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     TooManyConnections,
-    TooManyHandshakes,
-    TooManyHandshakesFromPeer,
+    TooManyWaitingFromPeer,
     HandshakeTimeout,
     HandshakeFailed,
     /// Open, but silent for too long.
@@ -56,8 +62,7 @@ impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
             Refusal::TooManyConnections => "max_connections",
-            Refusal::TooManyHandshakes => "max_handshakes",
-            Refusal::TooManyHandshakesFromPeer => "max_handshakes_per_ip",
+            Refusal::TooManyWaitingFromPeer => "max_waiting_per_ip",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::HandshakeFailed => "handshake_failed",
             Refusal::IdleTimeout => "idle_timeout",
@@ -71,29 +76,64 @@ pub struct Admission {
     pub limits: ConnectionLimits,
     open: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peers: Arc<Mutex<HashMap<IpAddr, Peer>>>,
+}
+
+/// What one peer address has not been served yet.
+#[derive(Debug)]
+struct Peer {
+    waiting: usize,
+    handshakes: Arc<Semaphore>,
 }
 
 /// Held while the connection is open.
 #[derive(Debug)]
 pub struct OpenPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 
-/// Held while the connection is in its handshake.
+/// Held until the connection is served (its handshake done, or its first request read).
 #[derive(Debug)]
-pub struct HandshakePermit {
-    _permit: OwnedSemaphorePermit,
+pub struct Waiting {
     ip: IpAddr,
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peers: Arc<Mutex<HashMap<IpAddr, Peer>>>,
 }
 
-impl Drop for HandshakePermit {
+impl Drop for Waiting {
     fn drop(&mut self) {
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(peer) = peers.get_mut(&self.ip) {
+            peer.waiting -= 1;
+            if peer.waiting == 0 {
+                peers.remove(&self.ip);
             }
+        }
+    }
+}
+
+/// A turn to run a handshake: one of all, and one of the peer address's.
+#[derive(Debug)]
+pub struct HandshakeTurn {
+    _all: OwnedSemaphorePermit,
+    _peer: OwnedSemaphorePermit,
+}
+
+impl Waiting {
+    /// Waits for a turn to run the handshake: the peer address's own first, so that one address
+    /// waiting does not hold turns others could use.
+    pub async fn turn(&self, admission: &Admission) -> HandshakeTurn {
+        let peer = {
+            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers.get(&self.ip).map(|p| p.handshakes.clone())
+        };
+        let peer = peer.unwrap_or_else(|| Arc::new(Semaphore::new(1)));
+        // The semaphores are never closed, so acquiring cannot fail.
+        let own = peer.acquire_owned().await;
+        let all = admission.handshakes.clone().acquire_owned().await;
+        match (all, own) {
+            (Ok(all), Ok(own)) => HandshakeTurn {
+                _all: all,
+                _peer: own,
+            },
+            _ => unreachable!("handshake semaphores are never closed"),
         }
     }
 }
@@ -117,10 +157,24 @@ pub fn refused(
 ) {
     let reason = why.label();
     counter.get_or_create(&ReasonLabels { reason }).inc();
-    if why == Refusal::HandshakeFailed {
-        tracing::debug!(%peer, reason, "connection closed before it was served");
-    } else {
-        tracing::warn!(%peer, reason, "connection closed before it was served");
+    // One log call site per reason: a burst of one (rate limited per call site) does not hide
+    // the first line of another.
+    match why {
+        Refusal::TooManyConnections => {
+            tracing::warn!(%peer, reason, "connection closed before it was served")
+        }
+        Refusal::TooManyWaitingFromPeer => {
+            tracing::warn!(%peer, reason, "connection closed before it was served")
+        }
+        Refusal::HandshakeTimeout => {
+            tracing::warn!(%peer, reason, "connection closed before it was served")
+        }
+        Refusal::IdleTimeout => {
+            tracing::warn!(%peer, reason, "connection closed before it was served")
+        }
+        Refusal::HandshakeFailed => {
+            tracing::debug!(%peer, reason, "connection closed before it was served")
+        }
     }
 }
 
@@ -130,7 +184,7 @@ pub struct Admitted {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub open: OpenPermit,
-    pub handshake: HandshakePermit,
+    pub waiting: Waiting,
 }
 
 impl Admission {
@@ -152,12 +206,12 @@ impl Admission {
                 }
             };
             match self.admit(peer.ip()) {
-                Ok((open, handshake)) => {
+                Ok((open, waiting)) => {
                     return Admitted {
                         stream,
                         peer,
                         open,
-                        handshake,
+                        waiting,
                     };
                 }
                 Err(why) => refused(peer, why),
@@ -183,36 +237,33 @@ impl Admission {
         }
         Admission {
             open: Arc::new(Semaphore::new(limits.max_connections)),
-            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
-            per_ip: Arc::default(),
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes.max(1))),
+            peers: Arc::default(),
             limits,
         }
     }
 
     /// Permits for a new connection from `peer`, or why it must be closed.
-    pub fn admit(&self, peer: IpAddr) -> Result<(OpenPermit, HandshakePermit), Refusal> {
+    pub fn admit(&self, peer: IpAddr) -> Result<(OpenPermit, Waiting), Refusal> {
         let open = self
             .open
             .clone()
             .try_acquire_owned()
             .map_err(|_| Refusal::TooManyConnections)?;
-        let handshake = self
-            .handshakes
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::TooManyHandshakes)?;
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = per_ip.entry(peer).or_insert(0);
-        if *n >= self.limits.max_handshakes_per_ip {
-            return Err(Refusal::TooManyHandshakesFromPeer);
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = peers.entry(peer).or_insert_with(|| Peer {
+            waiting: 0,
+            handshakes: Arc::new(Semaphore::new(self.limits.max_handshakes_per_ip.max(1))),
+        });
+        if entry.waiting >= self.limits.max_waiting_per_ip {
+            return Err(Refusal::TooManyWaitingFromPeer);
         }
-        *n += 1;
+        entry.waiting += 1;
         Ok((
             OpenPermit(open),
-            HandshakePermit {
-                _permit: handshake,
+            Waiting {
                 ip: peer,
-                per_ip: self.per_ip.clone(),
+                peers: self.peers.clone(),
             },
         ))
     }
@@ -240,32 +291,70 @@ pub fn raise_fd_limit() -> u64 {
 mod tests {
     use super::*;
 
-    fn limits(max_connections: usize, handshakes: usize, per_ip: usize) -> ConnectionLimits {
+    fn limits(
+        max_connections: usize,
+        waiting_per_ip: usize,
+        turns: usize,
+        turns_per_ip: usize,
+    ) -> ConnectionLimits {
         ConnectionLimits {
             max_connections,
-            max_handshakes: handshakes,
-            max_handshakes_per_ip: per_ip,
+            max_waiting_per_ip: waiting_per_ip,
+            max_handshakes: turns,
+            max_handshakes_per_ip: turns_per_ip,
             handshake_timeout: Duration::from_secs(1),
         }
     }
 
     #[test]
-    fn admission_caps_handshakes_per_peer_and_open_connections() {
-        let a = Admission::new(limits(4, 3, 2));
+    fn admission_caps_open_connections_and_what_one_peer_has_waiting() {
+        let a = Admission::new(limits(4, 2, 8, 8));
         let one: IpAddr = "127.0.0.2".parse().expect("ip");
         let two: IpAddr = "127.0.0.3".parse().expect("ip");
         let first = a.admit(one).expect("first");
         let _second = a.admit(one).expect("second");
-        assert_eq!(a.admit(one).err(), Some(Refusal::TooManyHandshakesFromPeer));
+        assert_eq!(a.admit(one).err(), Some(Refusal::TooManyWaitingFromPeer));
         let third = a.admit(two).expect("another peer");
-        assert_eq!(a.admit(two).err(), Some(Refusal::TooManyHandshakes));
-        // A finished handshake frees its handshake slot, not its connection slot.
-        let (open_one, handshake) = first;
-        drop(handshake);
+        // A connection served frees its waiting place, not its connection slot.
+        let (open_one, waiting) = first;
+        drop(waiting);
         let _fourth = a.admit(one).expect("room again");
         assert_eq!(a.open(), 4);
         assert_eq!(a.admit(two).err(), Some(Refusal::TooManyConnections));
         drop((open_one, third));
         assert_eq!(a.open(), 2);
+    }
+
+    #[tokio::test]
+    async fn handshakes_take_turns_per_peer_and_in_all() {
+        use std::future::Future;
+        let a = Admission::new(limits(100, 100, 3, 2));
+        let one: IpAddr = "127.0.0.2".parse().expect("ip");
+        let two: IpAddr = "127.0.0.3".parse().expect("ip");
+        let (_o1, w1) = a.admit(one).expect("admit");
+        let (_o2, w2) = a.admit(one).expect("admit");
+        let (_o3, w3) = a.admit(one).expect("admit");
+        let (_o4, w4) = a.admit(two).expect("admit");
+        let (_o5, w5) = a.admit(two).expect("admit");
+        let t1 = w1.turn(&a).await;
+        let _t2 = w2.turn(&a).await;
+        // Polls once: the turn if it is there now.
+        let ready = |f: std::pin::Pin<&mut dyn Future<Output = HandshakeTurn>>| match f
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            std::task::Poll::Ready(turn) => Some(turn),
+            std::task::Poll::Pending => None,
+        };
+        // The peer's own two turns are taken: its third waits, another peer's does not.
+        let mut third = std::pin::pin!(w3.turn(&a));
+        assert!(ready(third.as_mut()).is_none());
+        let _t4 = w4.turn(&a).await;
+        // All three turns are taken now: the other peer's second waits too.
+        let mut fifth = std::pin::pin!(w5.turn(&a));
+        assert!(ready(fifth.as_mut()).is_none());
+        // A finished handshake hands its turn on, first come first served.
+        drop(t1);
+        let _t5 = ready(fifth.as_mut()).expect("the first in line");
+        assert!(ready(third.as_mut()).is_none());
     }
 }

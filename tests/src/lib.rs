@@ -193,6 +193,8 @@ pub struct CoordinatorNode {
     pki_dir: PathBuf,
     /// The groups file it reads at start and on SIGHUP.
     pub groups: PathBuf,
+    /// Appended to its config file at each start (e.g. a `connections:` section).
+    pub extra_config: String,
 }
 
 impl CoordinatorNode {
@@ -206,6 +208,7 @@ impl CoordinatorNode {
             dir,
             pki_dir: pki.dir.clone(),
             groups,
+            extra_config: String::new(),
         };
         node.start_again();
         node
@@ -221,7 +224,7 @@ impl CoordinatorNode {
             &self.dir.join("data"),
             &self.groups,
             TEST_LIVENESS,
-        );
+        ) + &self.extra_config;
         std::fs::write(&config, text).expect("config");
         let ready = self.dir.join("coordinator.addr");
         let _ = std::fs::remove_file(&ready);
@@ -275,6 +278,8 @@ pub struct GatewayNode {
     pub addr: SocketAddr,
     pub policy: PathBuf,
     pub events: PathBuf,
+    /// Added to its command line at each start.
+    pub extra_args: Vec<String>,
     dir: PathBuf,
 }
 
@@ -295,6 +300,7 @@ impl GatewayNode {
             addr: "127.0.0.1:0".parse().expect("addr"),
             policy,
             events: dir.join("events.jsonl"),
+            extra_args: Vec::new(),
             dir,
         };
         node.start_again();
@@ -337,6 +343,7 @@ impl GatewayNode {
             "--ready-file".into(),
             ready.display().to_string(),
         ];
+        let args = [args, self.extra_args.clone()].concat();
         let mut proc = Proc::spawn_with_env(
             "kt-gateway",
             &args,

@@ -10,7 +10,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// More than the per-peer handshake cap (256).
-const SILENT: usize = 400;
+/// Silent connections a test opens from one address: more than it lets wait.
+const SILENT: usize = 150;
+/// The per-address waiting cap and handshake timeout the tests configure.
+const WAITING: usize = 100;
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Opens `n` TCP connections to `target` from 127.0.0.2 that never send a byte.
@@ -59,16 +62,20 @@ async fn wait_all_closed(streams: &mut [TcpStream], what: &str) {
 
 #[tokio::test]
 async fn the_coordinator_bounds_silent_connections_and_keeps_serving_operators() {
-    let fleet = TestFleet::start(1);
+    let mut fleet = TestFleet::start(1);
+    fleet.coordinator.stop();
+    fleet.coordinator.extra_config =
+        format!("connections:\n  max_waiting_per_ip: {WAITING}\n  handshake_timeout: 3s\n");
+    fleet.coordinator.start_again();
     fleet
         .wait_for_health("the fleet is healthy", PATIENCE, all_healthy(1))
         .await;
     let mut silent = silent_connections(fleet.coordinator.addr, SILENT).await;
     assert_eq!(silent.len(), SILENT, "the kernel accepted every connection");
-    // Past the per-peer handshake cap (256) the coordinator closes them at once.
+    // Past what one address may have waiting, the coordinator closes them at once.
     let refused_at_once = tokio::time::timeout(PATIENCE, async {
         loop {
-            if closed_by_server(&mut silent).await >= SILENT - 256 {
+            if closed_by_server(&mut silent).await >= SILENT - WAITING {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -78,15 +85,15 @@ async fn the_coordinator_bounds_silent_connections_and_keeps_serving_operators()
     .is_ok();
     assert!(
         refused_at_once,
-        "connections past the per-peer cap stayed open"
+        "connections past the per-address cap stayed open"
     );
     // An operator from another address is served meanwhile, and so is the agent.
     let (code, rows) = fleet.health();
     assert_eq!(code, 0, "{rows:?}");
-    // The rest time out in their handshake (10 s) and are closed too.
+    // The rest time out in their handshake and are closed too (before: never).
     wait_all_closed(&mut silent, "coordinator").await;
     let log = fleet.coordinator.proc.as_ref().expect("running").log_text();
-    for reason in ["max_handshakes_per_ip", "handshake_timeout"] {
+    for reason in ["max_waiting_per_ip", "handshake_timeout"] {
         assert!(log.contains(reason), "{reason} not logged:\n{log}");
     }
 }
@@ -95,7 +102,18 @@ async fn the_coordinator_bounds_silent_connections_and_keeps_serving_operators()
 async fn the_gateway_bounds_silent_connections_and_keeps_serving_clients() {
     let dir = tempfile::tempdir().expect("tempdir");
     let provider = MockProvider::start(&dir.path().join("provider"), &[]);
-    let gateway = GatewayNode::start(dir.path().join("gw"), "gw-conn", provider.addr);
+    let mut gateway = GatewayNode::start(dir.path().join("gw"), "gw-conn", provider.addr);
+    gateway.stop();
+    gateway.extra_args = [
+        "--max-waiting-per-ip",
+        &WAITING.to_string(),
+        "--header-timeout",
+        "3s",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    gateway.start_again();
     let mut silent = silent_connections(gateway.addr, SILENT).await;
     assert_eq!(silent.len(), SILENT);
     // A client from another address is served meanwhile.
@@ -107,7 +125,7 @@ async fn the_gateway_bounds_silent_connections_and_keeps_serving_clients() {
         .await
         .expect("the gateway answers");
     assert!(health.status().is_success());
-    // Past the cap at once, the others after the header timeout (10 s): all closed.
+    // Past the cap at once, the others after the header timeout: all closed.
     wait_all_closed(&mut silent, "gateway").await;
     let metrics = client
         .get(gateway.url("/metrics"))
@@ -117,7 +135,7 @@ async fn the_gateway_bounds_silent_connections_and_keeps_serving_clients() {
         .text()
         .await
         .expect("text");
-    for reason in ["max_handshakes_per_ip", "handshake_timeout"] {
+    for reason in ["max_waiting_per_ip", "handshake_timeout"] {
         assert!(
             metrics.contains(&format!(
                 "kt_gateway_connections_refused_total{{reason=\"{reason}\"}}"
