@@ -40,8 +40,8 @@ impl Default for ConnectionLimits {
             // A fleet reconnecting from behind one NAT address fits; a single source of silent
             // connections holds at most this many descriptors, for 10 s each.
             max_waiting_per_ip: 4_096,
-            max_handshakes: 256,
-            max_handshakes_per_ip: 64,
+            max_handshakes: 512,
+            max_handshakes_per_ip: 256,
             handshake_timeout: Duration::from_secs(10),
         }
     }
