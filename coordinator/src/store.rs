@@ -26,6 +26,12 @@ pub struct StoredConfig {
 #[error("store: {0}")]
 pub struct StoreError(String);
 
+impl From<String> for StoreError {
+    fn from(message: String) -> Self {
+        StoreError(message)
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError(e.to_string())
@@ -56,7 +62,6 @@ pub trait Store: Send + Sync {
         target: &str,
         reason: &str,
     ) -> Result<(), StoreError>;
-    /// Adds or replaces groups by name.
     /// Remembers that `gateway` refused the config `hash` (its validation failed), so listings
     /// can say so; one mark per gateway, the latest reason kept.
     fn mark_rejected(
@@ -68,6 +73,7 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Every rejection mark: config hash -> (gateway, reason), in gateway order.
     fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError>;
+    /// Adds or replaces groups by name.
     fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError>;
     fn list_groups(&self) -> Result<Vec<Group>, StoreError>;
 }

@@ -260,21 +260,24 @@ impl Engine {
             return;
         };
         let (effects, changed) = step::step(&mut r, observed, now);
+        // A transition acts only once it is stored: an offer of a transition that could not be
+        // stored is not made (the next step tries again from the stored record).
+        if changed && !self.commit(r.clone()).await {
+            return;
+        }
         // An all-at-once rollout offers one config to every gateway: read it once.
         let mut contents: std::collections::HashMap<String, Vec<u8>> = Default::default();
-        if changed {
-            self.commit(r.clone()).await;
-        }
         for effect in effects {
             self.carry_out(&r, effect, &mut contents).await;
         }
     }
 
-    async fn commit(&mut self, r: RolloutRecord) {
+    /// Stores `r` and makes it the current record; false (and the old record kept) when it
+    /// cannot be stored, in which case the transition must not take effect.
+    async fn commit(&mut self, r: RolloutRecord) -> bool {
         if let Err(error) = self.store.put_rollout(&r) {
-            // Without a durable record the transition must not take effect: keep the old record.
             tracing::error!(rollout = %r.id, %error, "cannot persist rollout transition");
-            return;
+            return false;
         }
         let counted = self
             .rollouts
@@ -296,6 +299,7 @@ impl Engine {
         }
         let _ = self.changes.send(r.clone());
         self.rollouts.insert(r.id.clone(), r);
+        true
     }
 
     async fn carry_out(
@@ -577,7 +581,11 @@ impl Engine {
                 old.phase = Phase::Done(Outcome::Superseded);
                 old.message = format!("superseded by {}", r.id);
                 old.record(now, &identity, old.message.clone());
-                self.commit(old).await;
+                if !self.commit(old).await {
+                    return Err(EngineError::Store(StoreError::from(format!(
+                        "cannot store that {id} was superseded; nothing was pushed"
+                    ))));
+                }
             }
         }
         let what = format!(
@@ -687,7 +695,11 @@ impl Engine {
         result.map_err(EngineError::Conflict)?;
         let action_name = format!("{action:?}").to_lowercase();
         self.store.audit(now, identity, &action_name, id, reason)?;
-        self.commit(r).await;
+        if !self.commit(r).await {
+            return Err(EngineError::Store(StoreError::from(
+                "the rollout could not be stored; nothing changed".to_owned(),
+            )));
+        }
         let observed = self.observe().await;
         self.advance(id, &observed, now).await;
         self.find(id).cloned()
@@ -704,5 +716,193 @@ fn reason_suffix(reason: &str) -> String {
         String::new()
     } else {
         format!(" ({reason})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use kt_proto::identity::GatewayId;
+    use kt_proto::v1::coordinator_message::Body;
+    use kt_proto::v1::{ConfigInfo, GatewayHealth, HealthStatus};
+
+    use super::*;
+    use crate::config::{Group, LivenessConfig};
+    use crate::fleet::{Command as FleetCommand, Fleet, HelloInfo};
+    use crate::rollout::model::{Size, Strategy};
+    use crate::store::SqliteStore;
+
+    /// The real store, whose rollout writes fail once `writes_left` is used up (a full or broken
+    /// disk).
+    struct FailingWrites {
+        inner: SqliteStore,
+        writes_left: AtomicUsize,
+    }
+
+    impl Store for FailingWrites {
+        fn put_config(&self, config: &StoredConfig) -> Result<(), StoreError> {
+            self.inner.put_config(config)
+        }
+        fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError> {
+            self.inner.get_config(hash)
+        }
+        fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError> {
+            self.inner.list_configs()
+        }
+        fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError> {
+            let left = self.writes_left.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(StoreError::from("disk I/O error".to_owned()));
+            }
+            self.writes_left.store(left - 1, Ordering::SeqCst);
+            self.inner.put_rollout(rollout)
+        }
+        fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+            self.inner.list_rollouts()
+        }
+        fn next_rollout_number(&self) -> Result<u64, StoreError> {
+            self.inner.next_rollout_number()
+        }
+        fn audit(
+            &self,
+            at_unix_ms: u64,
+            identity: &str,
+            action: &str,
+            target: &str,
+            reason: &str,
+        ) -> Result<(), StoreError> {
+            self.inner
+                .audit(at_unix_ms, identity, action, target, reason)
+        }
+        fn mark_rejected(
+            &self,
+            hash: &str,
+            gateway: &str,
+            reason: &str,
+            at_unix_ms: u64,
+        ) -> Result<(), StoreError> {
+            self.inner.mark_rejected(hash, gateway, reason, at_unix_ms)
+        }
+        fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError> {
+            self.inner.rejections()
+        }
+        fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError> {
+            self.inner.put_groups(groups)
+        }
+        fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
+            self.inner.list_groups()
+        }
+    }
+
+    /// A fleet task with one connected gateway `gw-1` in group `g`; offers to it arrive on the
+    /// returned receiver.
+    async fn one_gateway(
+        cancel: &CancellationToken,
+    ) -> (
+        FleetHandle,
+        mpsc::Receiver<Result<kt_proto::v1::CoordinatorMessage, tonic::Status>>,
+    ) {
+        let gateway = GatewayId::new("gw-1").expect("id");
+        let groups = [Group {
+            name: "g".into(),
+            gateways: vec![gateway.clone()],
+            selector: BTreeMap::new(),
+            config_source: None,
+        }];
+        let (fleet, handle) = Fleet::new(LivenessConfig::default(), &groups);
+        tokio::spawn(fleet.run(cancel.child_token()));
+        let (outbound, offers) = mpsc::channel(16);
+        let health = GatewayHealth {
+            status: HealthStatus::Healthy as i32,
+            reachable: true,
+            config: Some(ConfigInfo {
+                version: "1.0.0".into(),
+                hash: "sha256:old".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let hello = HelloInfo {
+            labels: BTreeMap::new(),
+            agent_version: "test".into(),
+            boot_id: "boot".into(),
+            health: Some(health),
+            peer_address: "127.0.0.1:1".into(),
+            cert_not_after_unix_ms: 0,
+        };
+        handle
+            .send(FleetCommand::Connected {
+                gateway,
+                session: 1,
+                hello,
+                outbound,
+                replaced: CancellationToken::new(),
+            })
+            .await
+            .expect("fleet");
+        (handle, offers)
+    }
+
+    #[tokio::test]
+    async fn a_transition_that_cannot_be_stored_offers_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The rollout's creation is stored; the write of its first step (the offer) fails.
+        let store = Arc::new(FailingWrites {
+            inner: SqliteStore::open(dir.path()).expect("store"),
+            writes_left: AtomicUsize::new(1),
+        });
+        let cancel = CancellationToken::new();
+        let (fleet, mut offers) = one_gateway(&cancel).await;
+        let (engine, handle) = Engine::new(
+            store.clone(),
+            fleet,
+            DecisionCounters::default(),
+            Arc::new(Metrics::default()),
+        )
+        .expect("engine");
+        tokio::spawn(engine.run(cancel.child_token()));
+        let push = Push {
+            content: b"pack: {name: x, version: 1.1.0}\n".to_vec(),
+            spec: Spec {
+                target: Target::Group("g".into()),
+                strategy: Strategy::Rolling,
+                size: Size::Count(1),
+                pause_between_ms: 0,
+                min_healthy_time_ms: 0,
+                apply_deadline_ms: 10_000,
+                progress_deadline_ms: 600_000,
+                max_block_rate_delta: None,
+                max_error_rate: None,
+                min_sample: 1,
+                continue_on_inconclusive: false,
+                rollback_on_error: true,
+            },
+            reason: String::new(),
+            dry_run: false,
+            supersede: false,
+            rollback: false,
+        };
+        let (created, _) = handle.push(push, "op".into()).await.expect("created");
+        // push steps the rollout before it answers: an offer would be queued by now.
+        assert!(
+            offers.try_recv().is_err(),
+            "an offer went out for a transition that was never stored"
+        );
+        let stored = store.inner.list_rollouts().expect("list");
+        assert_eq!(stored[0].gateways["gw-1"].state, TargetState::Pending);
+
+        // Once the disk works again, the next step (from the stored record) makes the offer.
+        store.writes_left.store(usize::MAX, Ordering::SeqCst);
+        let offer = tokio::time::timeout(Duration::from_secs(30), offers.recv())
+            .await
+            .expect("offered once writes work")
+            .expect("channel open")
+            .expect("a message");
+        assert!(
+            matches!(offer.body, Some(Body::Offer(ref o)) if o.offer_id.starts_with(&created.id)),
+            "{offer:?}"
+        );
+        cancel.cancel();
     }
 }
