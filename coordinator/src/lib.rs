@@ -148,6 +148,7 @@ impl Coordinator {
             liveness: self.config.liveness.clone(),
             cancel: cancel.clone(),
             next_session: Arc::new(1.into()),
+            known_configs: Arc::default(),
         };
         let fleet_for_reload = handle.clone();
         if let Some(addr) = self.config.metrics_listen {

@@ -55,7 +55,14 @@ pub struct AgentApi {
     pub cancel: CancellationToken,
     /// Numbers sessions, so a stale session's end cannot touch a newer one.
     pub next_session: Arc<AtomicU64>,
+    /// Hashes of running configs already stored (or being stored): a hello with one of them
+    /// writes nothing.
+    pub known_configs: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// Running-config hashes remembered at most; past this the set starts over (a store write with
+/// the same bytes keeps the first record, so forgetting only costs a write).
+const MAX_KNOWN_CONFIGS: usize = 10_000;
 
 impl AgentApi {
     fn refusals(&self) -> Refusals {
@@ -70,25 +77,48 @@ impl AgentApi {
     }
 
     /// Keeps the bytes of the config an agent says its gateway runs, so a rollback can return
-    /// to it. Only well-formed configs within the size limit are kept.
+    /// to it. Only well-formed configs within the size limit are kept. The (fsync'd) write runs
+    /// on a blocking thread, off the connect path, and only for a config not stored yet.
     fn remember_running_config(&self, gateway: &GatewayId, identity: &Identity, content: Vec<u8>) {
         if content.is_empty() || content.len() > MAX_CONFIG_BYTES {
             return;
+        }
+        let hash = content_hash(&content);
+        {
+            let mut known = self.known_configs.lock().unwrap_or_else(|p| p.into_inner());
+            if known.len() >= MAX_KNOWN_CONFIGS {
+                known.clear();
+            }
+            if !known.insert(hash.clone()) {
+                return;
+            }
         }
         let Ok(version) = version_label(&content) else {
             return;
         };
         let stored = StoredConfig {
-            hash: content_hash(&content),
+            hash,
             version,
             content,
             author: identity.uri(),
             created_at_unix_ms: unix_ms_now(),
             message: format!("observed running on {gateway}"),
         };
-        if let Err(error) = self.store.put_config(&stored) {
-            tracing::warn!(gateway_id = %gateway, %error, "cannot keep the running config");
-        }
+        let (store, known, gateway) = (
+            self.store.clone(),
+            self.known_configs.clone(),
+            gateway.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = store.put_config(&stored) {
+                tracing::warn!(gateway_id = %gateway, %error, "cannot keep the running config");
+                // Not stored: a later hello tries again.
+                known
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&stored.hash);
+            }
+        });
     }
 }
 
