@@ -5,8 +5,6 @@
 //! agent [`clamp`]s what it read from its gateway first, so it never sends anything the
 //! coordinator would refuse.
 
-use std::collections::HashMap;
-
 use crate::v1::agent_message::Body;
 use crate::v1::{ConfigRef, GatewayHealth, Hello, ProbeResult};
 
@@ -232,27 +230,15 @@ fn clamp_health(health: &mut GatewayHealth) {
         clamp_text(&mut config.loaded_at, MAX_NAME_LEN);
         clamp_text(&mut config.last_reload_error, MAX_TEXT_LEN);
     }
-    if health.providers.len() > MAX_PROVIDERS
-        || health
-            .providers
-            .keys()
-            .any(|n| text("", n, MAX_NAME_LEN).is_err())
-    {
-        let mut names: Vec<String> = health
-            .providers
-            .keys()
-            .filter(|n| text("", n, MAX_NAME_LEN).is_ok())
-            .cloned()
-            .collect();
+    health
+        .providers
+        .retain(|name, _| text("", name, MAX_NAME_LEN).is_ok());
+    if health.providers.len() > MAX_PROVIDERS {
+        let mut names: Vec<String> = health.providers.keys().cloned().collect();
         names.sort();
-        names.truncate(MAX_PROVIDERS);
-        let mut kept = HashMap::with_capacity(names.len());
-        for name in names {
-            if let Some(p) = health.providers.remove(&name) {
-                kept.insert(name, p);
-            }
+        for name in &names[MAX_PROVIDERS..] {
+            health.providers.remove(name);
         }
-        health.providers = kept;
     }
 }
 

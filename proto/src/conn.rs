@@ -95,6 +95,8 @@ pub struct OpenPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 pub struct Waiting {
     ip: IpAddr,
     peers: Arc<Mutex<HashMap<IpAddr, Peer>>>,
+    /// The peer address's handshake turns.
+    turns: Arc<Semaphore>,
 }
 
 impl Drop for Waiting {
@@ -120,20 +122,12 @@ impl Waiting {
     /// Waits for a turn to run the handshake: the peer address's own first, so that one address
     /// waiting does not hold turns others could use.
     pub async fn turn(&self, admission: &Admission) -> HandshakeTurn {
-        let peer = {
-            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-            peers.get(&self.ip).map(|p| p.handshakes.clone())
-        };
-        let peer = peer.unwrap_or_else(|| Arc::new(Semaphore::new(1)));
         // The semaphores are never closed, so acquiring cannot fail.
-        let own = peer.acquire_owned().await;
+        let own = self.turns.clone().acquire_owned().await;
         let all = admission.handshakes.clone().acquire_owned().await;
-        match (all, own) {
-            (Ok(all), Ok(own)) => HandshakeTurn {
-                _all: all,
-                _peer: own,
-            },
-            _ => unreachable!("handshake semaphores are never closed"),
+        HandshakeTurn {
+            _all: all.expect("handshake turns are never closed"),
+            _peer: own.expect("handshake turns are never closed"),
         }
     }
 }
@@ -264,6 +258,7 @@ impl Admission {
             Waiting {
                 ip: peer,
                 peers: self.peers.clone(),
+                turns: entry.handshakes.clone(),
             },
         ))
     }
@@ -274,7 +269,8 @@ impl Admission {
     }
 }
 
-/// Raises the soft limit of open files to the hard limit; returns the soft limit now.
+/// Raises the soft limit of open files to the hard limit; returns the soft limit now (so a
+/// caller can say when it is below what it needs).
 pub fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
