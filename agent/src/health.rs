@@ -75,7 +75,7 @@ impl HealthPoller {
             .get(&self.settings.health_url)
             .send()
             .await
-            .map_err(|e| format!("cannot reach gateway: {}", error_chain(&e)))?;
+            .map_err(|e| format!("cannot reach gateway: {}", kt_proto::error_chain(&e)))?;
         let status = response.status();
         let body = read_limited(response).await?;
         let doc: HealthDoc = serde_json::from_slice(&body)
@@ -99,17 +99,6 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, String
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// Before the first poll: nothing is known yet.

@@ -65,24 +65,14 @@ pub fn ensure_certs(dir: &Path, agents: usize) -> anyhow::Result<()> {
 }
 
 /// Raises this process's open-file limit to its hard limit (children inherit it); says so
-/// when even that is below what `needed` connections take.
+/// when what it got is below what `needed` connections take.
 pub fn raise_fd_limit(needed: u64) {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) => {
-            if soft < hard
-                && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-            {
-                eprintln!("cannot raise the open-file limit from {soft} to {hard}: {error}");
-            }
-            if hard < needed {
-                eprintln!(
-                    "warning: the open-file limit is {hard}, below the ~{needed} this run needs; \
-                     raise it (ulimit -n, or LimitNOFILE=) or connections will fail"
-                );
-            }
-        }
-        Err(error) => eprintln!("cannot read the open-file limit: {error}"),
+    let limit = kt_proto::conn::raise_fd_limit();
+    if limit < needed {
+        eprintln!(
+            "warning: the open-file limit is {limit}, below the ~{needed} this run needs; \
+             raise it (ulimit -n, or LimitNOFILE=) or connections will fail"
+        );
     }
 }
 

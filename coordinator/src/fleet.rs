@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use kt_proto::identity::GatewayId;
+use kt_proto::identity::{DUPLICATE_AGENT_REPLACEMENTS, GatewayId};
 use kt_proto::unix_ms_now;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
 use kt_proto::v1::{
@@ -364,9 +364,6 @@ pub struct Fleet {
 
 /// How long a session replaced by another agent process is remembered.
 const REPLACEMENT_WINDOW: Duration = Duration::from_secs(600);
-/// Replacements within the window from which two agents are taken to share a certificate (one
-/// is a restart whose old session was still open).
-pub const DUPLICATE_AGENT_REPLACEMENTS: usize = 2;
 
 /// How many commands may queue before senders wait.
 const COMMAND_QUEUE: usize = 4096;
@@ -439,7 +436,7 @@ impl Fleet {
                     .entry(gateway.clone())
                     .or_insert_with(Record::never_seen);
                 record.replace_session(&hello, now);
-                if record.replacements.len() >= DUPLICATE_AGENT_REPLACEMENTS {
+                if record.replacements.len() >= DUPLICATE_AGENT_REPLACEMENTS as usize {
                     tracing::warn!(gateway_id = %gateway, peers = %record.replacement_peers().join(" "), replacements = record.replacements.len(), "two agents seem to share one certificate: their sessions keep replacing each other");
                 }
                 record.boot_id = hello.boot_id.clone();

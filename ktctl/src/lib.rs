@@ -233,17 +233,9 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}", status.message())
 }
 
-/// An error and its causes on one line, each cause once (transport errors often repeat their
-/// source's text: "tcp connect error: tcp connect error").
+/// An error and its causes on one line, each cause once (see `kt_proto::error_chain`).
 pub fn error_line(error: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if !parts.last().is_some_and(|last| last.ends_with(&text)) {
-            parts.push(text);
-        }
-    }
-    parts.join(": ")
+    kt_proto::error_chain(&**error)
 }
 
 /// Runs one command and returns the process exit code.

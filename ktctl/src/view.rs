@@ -111,13 +111,9 @@ impl GatewayRow {
     }
 }
 
-/// Replacements of a gateway's session by another agent process (in the coordinator's window
-/// of 10 minutes) from which two agents are taken to share its certificate; one is a restart.
-pub const DUPLICATE_AGENT_REPLACEMENTS: u32 = 2;
-
 /// What to say when two agents seem to use one gateway's certificate.
 pub fn duplicate_agent(state: &GatewayState) -> Option<String> {
-    (state.session_replacements >= DUPLICATE_AGENT_REPLACEMENTS).then(|| {
+    (state.session_replacements >= kt_proto::identity::DUPLICATE_AGENT_REPLACEMENTS).then(|| {
         format!(
             "two agents seem to use this gateway's certificate: sessions from {} replaced each other {} times in the last 10 min",
             state.replacement_peers.join(", "),

@@ -9,6 +9,12 @@ use std::fmt;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+/// Replacements of a gateway's open session by another agent process (another boot id) within
+/// ten minutes from which two agents are taken to share its certificate; one is a restart whose
+/// old session was still open. The coordinator counts (`GatewayState.session_replacements`),
+/// operators' tools judge by this.
+pub const DUPLICATE_AGENT_REPLACEMENTS: u32 = 2;
+
 /// What a certificate allows its holder to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {

@@ -31,6 +31,21 @@ pub fn unix_ms_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// An error and its causes on one line, each cause once: transport errors often repeat their
+/// source's text ("tcp connect error: tcp connect error").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.last().is_some_and(|last| last.ends_with(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
 /// Installs ring as the process-wide rustls crypto provider.
 ///
 /// Every binary and test calls this first: with two providers linked, rustls cannot pick

@@ -127,14 +127,7 @@ async fn the_gateway_bounds_silent_connections_and_keeps_serving_clients() {
     assert!(health.status().is_success());
     // Past the cap at once, the others after the header timeout: all closed.
     wait_all_closed(&mut silent, "gateway").await;
-    let metrics = client
-        .get(gateway.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = kt_e2e::get_text(&gateway.url("/metrics")).await;
     for reason in ["max_waiting_per_ip", "handshake_timeout"] {
         assert!(
             metrics.contains(&format!(

@@ -614,14 +614,7 @@ async fn a_failing_disk_is_logged_a_few_lines_at_a_time_and_counted() {
         lines <= 2 * kt_proto::repeats::BURST as usize,
         "{lines} error lines"
     );
-    let metrics = client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = kt_e2e::get_text(&format!("http://{addr}/metrics")).await;
     let counted: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("kt_gateway_log_lines_suppressed_total "))

@@ -25,6 +25,18 @@ async fn channel(
         .await
 }
 
+/// Whether the coordinator refuses an operator call made with `tls`. With TLS 1.3 the refusal
+/// may surface at connect or only at the first call.
+async fn is_refused(fleet: &TestFleet, tls: ClientTlsConfig) -> bool {
+    match channel(fleet, tls).await {
+        Err(_) => true,
+        Ok(channel) => OperatorServiceClient::new(channel)
+            .list_gateways(ListGatewaysRequest::default())
+            .await
+            .is_err(),
+    }
+}
+
 fn files(dir: &std::path::Path, stem: &str) -> TlsFiles {
     TlsFiles {
         ca: dir.join("ca.crt"),
@@ -65,14 +77,7 @@ async fn a_client_without_a_certificate_is_refused() {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name("127.0.0.1");
-    // With TLS 1.3 the refusal may surface at connect or only at the first call.
-    let refused = match channel(&fleet, tls).await {
-        Err(_) => true,
-        Ok(channel) => OperatorServiceClient::new(channel)
-            .list_gateways(ListGatewaysRequest::default())
-            .await
-            .is_err(),
-    };
+    let refused = is_refused(&fleet, tls).await;
     assert!(refused, "a client without a certificate was served");
 }
 
@@ -93,13 +98,7 @@ async fn a_certificate_from_another_ca_is_refused() {
             &tls.key_pem,
         ))
         .domain_name("127.0.0.1");
-    let refused = match channel(&fleet, config).await {
-        Err(_) => true,
-        Ok(channel) => OperatorServiceClient::new(channel)
-            .list_gateways(ListGatewaysRequest::default())
-            .await
-            .is_err(),
-    };
+    let refused = is_refused(&fleet, config).await;
     assert!(refused, "a certificate from another CA was accepted");
 }
 
@@ -196,13 +195,7 @@ async fn a_certificate_through_an_intermediate_the_ca_does_not_allow_is_refused(
             leaf_key.serialize_pem(),
         ))
         .domain_name("127.0.0.1");
-    let refused = match channel(&fleet, tls).await {
-        Err(_) => true,
-        Ok(channel) => OperatorServiceClient::new(channel)
-            .list_gateways(ListGatewaysRequest::default())
-            .await
-            .is_err(),
-    };
+    let refused = is_refused(&fleet, tls).await;
     assert!(
         refused,
         "a leaf issued through an intermediate was accepted"
