@@ -27,6 +27,8 @@ pub struct Applier {
     settings: ApplySettings,
     health_url: String,
     http: reqwest::Client,
+    /// Asks the health poller for a fresh reading once an offer was handled.
+    poll_health: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// Why an apply ended as it did.
@@ -51,7 +53,14 @@ impl Applier {
             settings,
             health_url,
             http,
+            poll_health: None,
         })
+    }
+
+    /// Pokes `poll` after each offer, so the new running config is reported at once.
+    pub fn with_health_poll(mut self, poll: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        self.poll_health = Some(poll);
+        self
     }
 
     /// Applies offers one at a time until cancelled; answers go to `statuses`.
@@ -81,6 +90,9 @@ impl Applier {
                 offer = newer;
             }
             let outcome = self.apply(&offer, &health).await;
+            if let Some(poll) = &self.poll_health {
+                poll.notify_one();
+            }
             let running = self
                 .observed_running()
                 .await

@@ -20,6 +20,7 @@ pub struct HealthPoller {
     settings: GatewaySettings,
     client: reqwest::Client,
     latest: watch::Sender<v1::GatewayHealth>,
+    poll_now: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl HealthPoller {
@@ -36,9 +37,16 @@ impl HealthPoller {
                 settings,
                 client,
                 latest,
+                poll_now: Default::default(),
             },
             rx,
         ))
+    }
+
+    /// Notified, the poller reads the health document at once (after an apply, so the
+    /// coordinator hears what runs now without waiting for the next interval).
+    pub fn poll_now(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.poll_now.clone()
     }
 
     pub async fn run(self, cancel: CancellationToken) {
@@ -48,6 +56,7 @@ impl HealthPoller {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = self.poll_now.notified() => tick.reset(),
             }
             let previous = self.latest.borrow().clone();
             let observed = match self.fetch().await {

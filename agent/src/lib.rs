@@ -63,7 +63,8 @@ impl Agent {
         let (status_tx, statuses) = mpsc::channel(64);
         let offers = match self.settings.config.apply_settings() {
             Some(apply) => {
-                let applier = Applier::new(apply, self.settings.config.gateway.health_url.clone())?;
+                let applier = Applier::new(apply, self.settings.config.gateway.health_url.clone())?
+                    .with_health_poll(poller.poll_now());
                 let (offer_tx, offer_rx) = mpsc::channel(16);
                 tasks.spawn(applier.run(offer_rx, status_tx, health.clone(), cancel.child_token()));
                 Some(offer_tx)

@@ -169,19 +169,168 @@ struct RawGroup {
     selector: BTreeMap<String, String>,
     #[serde(default)]
     config_source: Option<PathBuf>,
+    /// How often the config source is read (default 10s; SIGHUP reads it at once).
+    #[serde(default, with = "humantime_serde")]
+    source_poll_interval: Option<Duration>,
+    #[serde(default)]
+    drift: DriftPolicy,
+    /// Another group that must run the source's content, healthy, before this one starts.
+    #[serde(default)]
+    after: Option<String>,
+    /// How rollouts started by the config source run.
+    #[serde(default)]
+    rollout: GroupRollout,
 }
 
+/// What the coordinator does about a gateway running something other than its desired config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftPolicy {
+    /// Show it (`gateway health`, `doctor`), change nothing.
+    #[default]
+    Warn,
+    /// Offer the desired config again, with backoff, unless a rollout holds the gateway.
+    Enforce,
+}
+
+impl DriftPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftPolicy::Warn => "warn",
+            DriftPolicy::Enforce => "enforce",
+        }
+    }
+}
+
+/// A group's rollout defaults, as written in the groups file (the flags of `ktctl config push`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupRollout {
+    pub strategy: GroupStrategy,
+    /// A count (`1`) or a share of the group (`25%`).
+    pub batch_size: BatchSize,
+    #[serde(with = "humantime_serde")]
+    pub pause_between: Duration,
+    #[serde(with = "humantime_serde")]
+    pub min_healthy_time: Duration,
+    pub max_block_rate_delta: Option<f64>,
+    pub max_error_rate: Option<f64>,
+    pub min_sample: u64,
+    pub continue_on_inconclusive: bool,
+    pub rollback_on_error: bool,
+    #[serde(with = "humantime_serde")]
+    pub apply_deadline: Duration,
+    #[serde(with = "humantime_serde")]
+    pub progress_deadline: Duration,
+}
+
+impl Default for GroupRollout {
+    fn default() -> Self {
+        GroupRollout {
+            strategy: GroupStrategy::Rolling,
+            batch_size: BatchSize::Count(1),
+            pause_between: Duration::ZERO,
+            min_healthy_time: Duration::from_secs(10),
+            max_block_rate_delta: None,
+            max_error_rate: None,
+            min_sample: 50,
+            continue_on_inconclusive: false,
+            rollback_on_error: true,
+            apply_deadline: Duration::from_secs(60),
+            progress_deadline: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupStrategy {
+    Rolling,
+    /// The first batch waits for `ktctl rollout promote`.
+    Canary,
+    #[serde(alias = "all_at_once")]
+    AllAtOnce,
+}
+
+/// `1` or `"25%"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchSize {
+    Count(u32),
+    Percent(u32),
+}
+
+impl serde::Serialize for BatchSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BatchSize::Count(n) => s.serialize_u32(*n),
+            BatchSize::Percent(p) => s.serialize_str(&format!("{p}%")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u32),
+            Text(String),
+        }
+        let invalid = |what: &str| {
+            serde::de::Error::custom(format!(
+                "batch_size {what:?} is neither a count (1) nor a share (25%) between 1% and 100%"
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Count(0) => Err(invalid("0")),
+            Raw::Count(n) => Ok(BatchSize::Count(n)),
+            Raw::Text(text) => match text.strip_suffix('%').map(str::parse::<u32>) {
+                Some(Ok(p)) if (1..=100).contains(&p) => Ok(BatchSize::Percent(p)),
+                _ => match text.parse::<u32>() {
+                    Ok(n) if n > 0 => Ok(BatchSize::Count(n)),
+                    _ => Err(invalid(&text)),
+                },
+            },
+        }
+    }
+}
+
+/// How often a config source is read when the groups file does not say.
+pub const DEFAULT_SOURCE_POLL_INTERVAL: Duration = Duration::from_secs(10);
+
 /// A named set of gateways (listed, or matched by labels) and the config they should run.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
 pub struct Group {
     pub name: String,
     pub gateways: Vec<GatewayId>,
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
     pub config_source: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub source_poll_interval: Option<Duration>,
+    #[serde(default)]
+    pub drift: DriftPolicy,
+    #[serde(default)]
+    pub after: Option<String>,
+    #[serde(default)]
+    pub rollout: GroupRollout,
 }
 
 impl Group {
+    /// A group of listed gateways, every other setting at its default.
+    pub fn of_gateways(name: &str, gateways: Vec<GatewayId>) -> Group {
+        Group {
+            name: name.to_owned(),
+            gateways,
+            selector: BTreeMap::new(),
+            config_source: None,
+            source_poll_interval: None,
+            drift: DriftPolicy::Warn,
+            after: None,
+            rollout: GroupRollout::default(),
+        }
+    }
+
     /// Whether a gateway with these labels belongs to this group.
     pub fn contains<'a>(&self, gateway: &str, label: impl Fn(&str) -> Option<&'a str>) -> bool {
         self.gateways.iter().any(|g| g.as_str() == gateway)
@@ -231,14 +380,89 @@ fn groups_from_raw(path: &Path, raw: RawGroupsFile) -> Result<Vec<Group>, Config
                     format!("invalid group name: {why}"),
                 ));
             }
+            check_rollout(path, &name, &group.rollout)?;
+            if group
+                .source_poll_interval
+                .is_some_and(|d| d < Duration::from_millis(100))
+            {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    format!("groups.{name}.source_poll_interval"),
+                    "must be at least 100ms",
+                ));
+            }
             Ok(Group {
                 gateways,
                 selector: group.selector,
                 config_source: group.config_source.map(|p| base.join(p)),
+                source_poll_interval: group.source_poll_interval,
+                drift: group.drift,
+                after: group.after,
+                rollout: group.rollout,
                 name,
             })
         })
-        .collect()
+        .collect::<Result<Vec<Group>, _>>()
+        .and_then(|groups| check_after(path, groups))
+}
+
+fn check_rollout(path: &Path, group: &str, r: &GroupRollout) -> Result<(), ConfigFileError> {
+    for (field, value) in [
+        ("max_block_rate_delta", r.max_block_rate_delta),
+        ("max_error_rate", r.max_error_rate),
+    ] {
+        if value.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+            return Err(ConfigFileError::invalid(
+                path,
+                format!("groups.{group}.rollout.{field}"),
+                "must be between 0 and 1",
+            ));
+        }
+    }
+    if r.apply_deadline.is_zero() || r.progress_deadline.is_zero() {
+        return Err(ConfigFileError::invalid(
+            path,
+            format!("groups.{group}.rollout"),
+            "apply_deadline and progress_deadline must be longer than zero",
+        ));
+    }
+    Ok(())
+}
+
+/// `after:` names another group of the same file, and following `after:` never loops.
+fn check_after(path: &Path, groups: Vec<Group>) -> Result<Vec<Group>, ConfigFileError> {
+    let after_of = |name: &str| {
+        groups
+            .iter()
+            .find(|g| g.name == name)
+            .and_then(|g| g.after.clone())
+    };
+    for group in &groups {
+        let Some(first) = &group.after else { continue };
+        let field = format!("groups.{}.after", group.name);
+        if !groups.iter().any(|g| &g.name == first) {
+            return Err(ConfigFileError::invalid(
+                path,
+                field,
+                format!("no group named {first:?} in this file"),
+            ));
+        }
+        let mut seen = vec![group.name.clone()];
+        let mut next = Some(first.clone());
+        while let Some(name) = next {
+            if seen.contains(&name) {
+                seen.push(name);
+                return Err(ConfigFileError::invalid(
+                    path,
+                    field,
+                    format!("`after` goes round in a circle: {}", seen.join(" -> ")),
+                ));
+            }
+            next = after_of(&name);
+            seen.push(name);
+        }
+    }
+    Ok(groups)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use kt_proto::unix_ms_now;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
 use kt_proto::v1::{
     AgentState, ConfigOffer, ConfigRef, CoordinatorMessage, EventForwarding, GatewayHealth,
-    GatewayState, ProbeRequest, VerdictCounts,
+    GatewayState, ProbeRequest, SyncState, VerdictCounts,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::{Duration, Instant};
@@ -66,10 +66,13 @@ pub enum Command {
         body: CoordinatorBody,
         reply: oneshot::Sender<bool>,
     },
-    /// What a rollout wants the gateway to run (shown to operators), or nothing.
+    /// What gateways should run (from the engine's intent): (gateway, desired, pinned).
     SetDesired {
-        gateway: String,
-        desired: Option<ConfigRef>,
+        changes: Vec<(String, Option<ConfigRef>, bool)>,
+    },
+    /// Which gateways a rollout (or a re-offer) holds while they converge, or releases.
+    SetHeld {
+        changes: Vec<(String, Option<Hold>)>,
     },
     Status {
         gateway: GatewayId,
@@ -89,11 +92,31 @@ pub enum Command {
     Watch {
         reply: oneshot::Sender<(Vec<GatewayState>, broadcast::Receiver<GatewayState>)>,
     },
+    /// As `Watch`, with heartbeats too: for the rollout engine, whose gates read them.
+    Subscribe {
+        reply: oneshot::Sender<(Vec<GatewayState>, broadcast::Receiver<FleetChange>)>,
+    },
     /// Adds or replaces groups; their listed gateways get records, every view is republished.
     ApplyGroups {
         groups: Vec<Group>,
         reply: oneshot::Sender<()>,
     },
+}
+
+/// A rollout (or a re-offer) holding a gateway while it converges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    /// The rollout id, or "reconcile".
+    pub by: String,
+    /// An offer to the gateway is unanswered.
+    pub in_flight: bool,
+}
+
+/// What the engine's subscription carries.
+#[derive(Clone, Debug)]
+pub enum FleetChange {
+    State(GatewayState),
+    Heartbeat { gateway: GatewayId, at_unix_ms: u64 },
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -152,8 +175,26 @@ impl FleetHandle {
         rx.await.unwrap_or(false)
     }
 
-    pub async fn set_desired(&self, gateway: String, desired: Option<ConfigRef>) {
-        let _ = self.send(Command::SetDesired { gateway, desired }).await;
+    /// Sets what gateways should run; nothing when `changes` is empty.
+    pub async fn set_desired(&self, changes: Vec<(String, Option<ConfigRef>, bool)>) {
+        if !changes.is_empty() {
+            let _ = self.send(Command::SetDesired { changes }).await;
+        }
+    }
+
+    /// Marks gateways held (or released) by a rollout; nothing when `changes` is empty.
+    pub async fn set_held(&self, changes: Vec<(String, Option<Hold>)>) {
+        if !changes.is_empty() {
+            let _ = self.send(Command::SetHeld { changes }).await;
+        }
+    }
+
+    pub async fn subscribe(
+        &self,
+    ) -> Result<(Vec<GatewayState>, broadcast::Receiver<FleetChange>), FleetClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Subscribe { reply }).await?;
+        rx.await.map_err(|_| FleetClosed)
     }
 
     pub async fn watch(
@@ -259,6 +300,10 @@ struct Record {
     /// The open session's sending half.
     outbound: Option<Outbound>,
     desired: Option<ConfigRef>,
+    pinned: bool,
+    held: Option<Hold>,
+    sync: SyncState,
+    drifted_since_unix_ms: u64,
     events: Option<EventForwarding>,
     cert_not_after_unix_ms: u64,
     /// The open session's agent process, and how to end that session when another replaces it.
@@ -283,6 +328,10 @@ impl Record {
             connected_since_unix_ms: 0,
             outbound: None,
             desired: None,
+            pinned: false,
+            held: None,
+            sync: SyncState::Unspecified,
+            drifted_since_unix_ms: 0,
             events: None,
             cert_not_after_unix_ms: 0,
             boot_id: String::new(),
@@ -350,6 +399,31 @@ impl Record {
             AgentState::Connected
         }
     }
+
+    /// Re-classifies running against desired; true when that changed.
+    fn update_sync(&mut self) -> bool {
+        let running = self
+            .health
+            .as_ref()
+            .and_then(|h| h.config.as_ref())
+            .map(|c| c.hash.as_str())
+            .filter(|h| !h.is_empty());
+        let sync = crate::intent::classify(
+            self.desired.as_ref().map(|d| d.hash.as_str()),
+            running,
+            self.held.is_some(),
+            self.held.as_ref().is_some_and(|h| h.in_flight),
+        );
+        if sync == self.sync {
+            return false;
+        }
+        self.drifted_since_unix_ms = match sync {
+            SyncState::Drifted => unix_ms_now(),
+            _ => 0,
+        };
+        self.sync = sync;
+        true
+    }
 }
 
 /// The fleet task.
@@ -359,6 +433,8 @@ pub struct Fleet {
     records: BTreeMap<GatewayId, Record>,
     commands: mpsc::Receiver<Command>,
     changes: broadcast::Sender<GatewayState>,
+    /// Changes and heartbeats, for the rollout engine.
+    subscription: broadcast::Sender<FleetChange>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
@@ -369,6 +445,8 @@ const REPLACEMENT_WINDOW: Duration = Duration::from_secs(600);
 const COMMAND_QUEUE: usize = 4096;
 /// How many changes a watcher may fall behind before it gets a fresh snapshot.
 const CHANGE_QUEUE: usize = 4096;
+/// The same for the engine's subscription, which also carries heartbeats.
+const SUBSCRIPTION_QUEUE: usize = 65_536;
 
 impl Fleet {
     /// Records into `metrics` instead of a private set.
@@ -380,6 +458,7 @@ impl Fleet {
     pub fn new(liveness: LivenessConfig, groups: &[Group]) -> (Self, FleetHandle) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (changes, _) = broadcast::channel(CHANGE_QUEUE);
+        let (subscription, _) = broadcast::channel(SUBSCRIPTION_QUEUE);
         let mut defs = Groups::default();
         let records = defs
             .upsert(groups.to_vec())
@@ -393,6 +472,7 @@ impl Fleet {
             records,
             commands: rx,
             changes,
+            subscription,
             metrics: Default::default(),
         };
         (
@@ -480,6 +560,13 @@ impl Fleet {
                             health.verdicts = verdicts;
                         }
                     }
+                    let at_unix_ms = record.last_heartbeat_unix_ms;
+                    if self.subscription.receiver_count() > 0 {
+                        let _ = self.subscription.send(FleetChange::Heartbeat {
+                            gateway: gateway.clone(),
+                            at_unix_ms,
+                        });
+                    }
                     self.refresh(&gateway, now, false);
                 }
             }
@@ -524,16 +611,36 @@ impl Fleet {
                 });
                 let _ = reply.send(delivered);
             }
-            Command::SetDesired { gateway, desired } => {
-                let id = GatewayId::new(&gateway).ok();
-                let changed = id
-                    .as_ref()
-                    .and_then(|id| self.records.get_mut(id))
-                    .filter(|record| record.desired != desired)
-                    .map(|record| record.desired = desired)
-                    .is_some();
-                if let (true, Some(id)) = (changed, id) {
-                    self.refresh(&id, now, true);
+            Command::SetDesired { changes } => {
+                for (gateway, desired, pinned) in changes {
+                    let Ok(id) = GatewayId::new(&gateway) else {
+                        continue;
+                    };
+                    let changed = self
+                        .records
+                        .get_mut(&id)
+                        .filter(|r| r.desired != desired || r.pinned != pinned)
+                        .map(|r| (r.desired, r.pinned) = (desired, pinned))
+                        .is_some();
+                    if changed {
+                        self.refresh(&id, now, true);
+                    }
+                }
+            }
+            Command::SetHeld { changes } => {
+                for (gateway, held) in changes {
+                    let Ok(id) = GatewayId::new(&gateway) else {
+                        continue;
+                    };
+                    let changed = self
+                        .records
+                        .get_mut(&id)
+                        .filter(|r| r.held != held)
+                        .map(|r| r.held = held)
+                        .is_some();
+                    if changed {
+                        self.refresh(&id, now, true);
+                    }
                 }
             }
             Command::ApplyGroups { groups, reply } => {
@@ -556,6 +663,11 @@ impl Fleet {
             }
             Command::Watch { reply } => {
                 let receiver = self.changes.subscribe();
+                let snapshot = self.list(None).unwrap_or_default();
+                let _ = reply.send((snapshot, receiver));
+            }
+            Command::Subscribe { reply } => {
+                let receiver = self.subscription.subscribe();
                 let snapshot = self.list(None).unwrap_or_default();
                 let _ = reply.send((snapshot, receiver));
             }
@@ -583,7 +695,7 @@ impl Fleet {
         };
         let replacements = record.replacements.len();
         record.forget_old_replacements(now);
-        let force = force || record.replacements.len() != replacements;
+        let force = record.update_sync() || force || record.replacements.len() != replacements;
         let state = record.derived_state(now, &self.liveness);
         if state != record.state {
             tracing::info!(gateway_id = %gateway, from = record.state.as_str_name(), to = state.as_str_name(), "agent state changed");
@@ -594,6 +706,9 @@ impl Fleet {
         let view = self.view(gateway);
         if let Some(view) = view {
             // No receivers is fine: nobody is watching.
+            if self.subscription.receiver_count() > 0 {
+                let _ = self.subscription.send(FleetChange::State(view.clone()));
+            }
             let _ = self.changes.send(view);
         }
     }
@@ -617,6 +732,14 @@ impl Fleet {
             agent_cert_not_after_unix_ms: record.cert_not_after_unix_ms,
             session_replacements: record.replacements.len() as u32,
             replacement_peers: record.replacement_peers(),
+            sync: record.sync as i32,
+            drifted_since_unix_ms: record.drifted_since_unix_ms,
+            converging_by: record
+                .held
+                .as_ref()
+                .map(|h| h.by.clone())
+                .unwrap_or_default(),
+            pinned: record.pinned,
         })
     }
 
@@ -769,12 +892,10 @@ mod tests {
 
     #[tokio::test]
     async fn groups_filter_lists_and_unknown_group_is_an_error() {
-        let groups = [Group {
-            name: "production".into(),
-            gateways: vec![gw("gw-prod-01"), gw("gw-prod-02")],
-            selector: Default::default(),
-            config_source: None,
-        }];
+        let groups = [Group::of_gateways(
+            "production",
+            vec![gw("gw-prod-01"), gw("gw-prod-02")],
+        )];
         let (mut fleet, _handle) = Fleet::new(liveness(), &groups);
         fleet.handle(
             Command::Connected {

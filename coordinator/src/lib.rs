@@ -8,10 +8,13 @@ pub mod config;
 pub mod events;
 pub mod fleet;
 pub mod grpc;
+pub mod intent;
 pub mod listener;
 pub mod metrics;
 pub mod probes;
+pub mod reconcile;
 pub mod rollout;
+pub mod sources;
 pub mod store;
 
 use std::time::Duration;
@@ -133,6 +136,20 @@ impl Coordinator {
             metrics.clone(),
         )?;
         tasks.spawn(engine.run(cancel.child_token()));
+        // Installed before serving, so an early SIGHUP cannot take its default action (exit).
+        let source_hangup = if self.config.groups_file.is_some() {
+            Some(tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::hangup(),
+            )?)
+        } else {
+            None
+        };
+        tasks.spawn(sources::watch(
+            handle.clone(),
+            engine_handle.clone(),
+            source_hangup,
+            cancel.child_token(),
+        ));
         let events_handle: Arc<dyn events::EventLog> = Arc::new(events_handle);
         let bus_handle: Arc<dyn events::EventBus> = Arc::new(bus_handle);
 

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::Group;
+use crate::intent::{Desired, DesiredChange, GroupIntent, Intent};
 use crate::rollout::model::RolloutRecord;
 
 /// A stored config version, content-addressed by its hash.
@@ -50,8 +51,20 @@ pub trait Store: Send + Sync {
     fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError>;
     /// Newest first, without content.
     fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError>;
-    /// Writes a rollout's whole record; every transition calls this before it takes effect.
-    fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError>;
+    /// Writes a rollout's whole record, and the desired configs its transition moved, together;
+    /// every transition calls this before it takes effect.
+    fn put_rollout(
+        &self,
+        rollout: &RolloutRecord,
+        desired: &[DesiredChange],
+    ) -> Result<(), StoreError>;
+    /// Moves desired configs outside a rollout (a gateway adopted at its first report).
+    fn put_desired(&self, desired: &[DesiredChange]) -> Result<(), StoreError>;
+    /// Pins a gateway to a config, or removes its pin.
+    fn put_pin(&self, gateway: &str, pin: Option<&Desired>) -> Result<(), StoreError>;
+    fn put_group_intent(&self, group: &str, intent: &GroupIntent) -> Result<(), StoreError>;
+    /// Every desired config, pin and group intent.
+    fn load_intent(&self) -> Result<Intent, StoreError>;
     fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
     fn next_rollout_number(&self) -> Result<u64, StoreError>;
     fn audit(
@@ -106,7 +119,10 @@ impl SqliteStore {
                  action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS config_rejections (
                  hash TEXT NOT NULL, gateway TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
-                 PRIMARY KEY (hash, gateway)) WITHOUT ROWID;",
+                 PRIMARY KEY (hash, gateway)) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS desired (gateway TEXT PRIMARY KEY, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS pins (gateway TEXT PRIMARY KEY, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS group_intent (name TEXT PRIMARY KEY, record TEXT NOT NULL);",
         )?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
@@ -116,6 +132,22 @@ impl SqliteStore {
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn write_desired(
+    tx: &rusqlite::Transaction<'_>,
+    desired: &[DesiredChange],
+) -> Result<(), StoreError> {
+    let mut put =
+        tx.prepare_cached("INSERT OR REPLACE INTO desired (gateway, record) VALUES (?1, ?2)")?;
+    let mut forget = tx.prepare_cached("DELETE FROM desired WHERE gateway = ?1")?;
+    for (gateway, record) in desired {
+        match record {
+            Some(record) => put.execute(params![gateway, serde_json::to_string(record)?])?,
+            None => forget.execute([gateway])?,
+        };
+    }
+    Ok(())
 }
 
 fn row_to_config(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredConfig> {
@@ -159,9 +191,15 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError> {
+    fn put_rollout(
+        &self,
+        rollout: &RolloutRecord,
+        desired: &[DesiredChange],
+    ) -> Result<(), StoreError> {
         let record = serde_json::to_string(rollout)?;
-        self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO rollouts (number, id, record) VALUES (?1, ?2, ?3)
              ON CONFLICT(number) DO UPDATE SET record = excluded.record",
             params![
@@ -170,7 +208,59 @@ impl Store for SqliteStore {
                 record
             ],
         )?;
+        write_desired(&tx, desired)?;
+        tx.commit()?;
         Ok(())
+    }
+
+    fn put_desired(&self, desired: &[DesiredChange]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        write_desired(&tx, desired)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_pin(&self, gateway: &str, pin: Option<&Desired>) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match pin {
+            Some(pin) => conn.execute(
+                "INSERT OR REPLACE INTO pins (gateway, record) VALUES (?1, ?2)",
+                params![gateway, serde_json::to_string(pin)?],
+            )?,
+            None => conn.execute("DELETE FROM pins WHERE gateway = ?1", [gateway])?,
+        };
+        Ok(())
+    }
+
+    fn put_group_intent(&self, group: &str, intent: &GroupIntent) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO group_intent (name, record) VALUES (?1, ?2)",
+            params![group, serde_json::to_string(intent)?],
+        )?;
+        Ok(())
+    }
+
+    fn load_intent(&self) -> Result<Intent, StoreError> {
+        let conn = self.conn();
+        let read = |table: &str| -> Result<Vec<(String, String)>, StoreError> {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1"))?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        };
+        let mut intent = Intent::default();
+        for (gateway, record) in read("desired")? {
+            intent
+                .gateways
+                .insert(gateway, serde_json::from_str(&record)?);
+        }
+        for (gateway, record) in read("pins")? {
+            intent.pins.insert(gateway, serde_json::from_str(&record)?);
+        }
+        for (group, record) in read("group_intent")? {
+            intent.groups.insert(group, serde_json::from_str(&record)?);
+        }
+        Ok(intent)
     }
 
     fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {

@@ -102,6 +102,8 @@ pub struct Inputs {
     pub gateways: Vec<GatewayState>,
     /// Probe answers by gateway id; gateways not probed are absent.
     pub probes: BTreeMap<String, Result<ProbeResult, String>>,
+    /// The groups with their config sources, when the config checks run.
+    pub groups: Option<Result<Vec<kt_proto::v1::GroupInfo>, String>>,
 }
 
 /// The prompts of the policy probe: one every policy chain must block, one it must let through.
@@ -520,29 +522,69 @@ fn providers(inputs: &Inputs, checks: &mut Vec<Check>) {
     }
 }
 
-fn config(inputs: &Inputs, checks: &mut Vec<Check>) {
-    let running = |g: &GatewayState| {
-        g.health
-            .as_ref()
-            .filter(|h| h.reachable)
-            .and_then(|h| h.config.as_ref())
-            .map(|c| (c.version.clone(), c.hash.clone()))
-    };
-    // What most of the selected gateways run: the reference for drift.
-    let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for g in inputs.gateways.iter().filter(|g| gateway_ok(g)) {
-        if let Some(r) = running(g) {
-            *counts.entry(r).or_default() += 1;
+/// Each group's config source: one that cannot be used starts nothing, so say why.
+fn sources(inputs: &Inputs, checks: &mut Vec<Check>) {
+    let threshold = "the group's config source reads and validates";
+    match &inputs.groups {
+        None => {}
+        Some(Err(error)) => push(
+            checks,
+            Section::Config,
+            Mark::Warn,
+            "groups".to_owned(),
+            format!("cannot list groups: {error}"),
+            threshold,
+            None,
+        ),
+        Some(Ok(groups)) => {
+            for g in groups.iter().filter(|g| !g.config_source.is_empty()) {
+                let subject = format!("group {}", g.name);
+                if g.source_error.is_empty() {
+                    let value = if g.source_waiting.is_empty() {
+                        format!("source {} used", g.config_source)
+                    } else {
+                        format!("source {}: {}", g.config_source, g.source_waiting)
+                    };
+                    push(
+                        checks,
+                        Section::Config,
+                        Mark::Pass,
+                        subject,
+                        value,
+                        threshold,
+                        None,
+                    );
+                } else {
+                    push(
+                        checks,
+                        Section::Config,
+                        Mark::Fail,
+                        subject,
+                        format!("config source not used: {}", g.source_error),
+                        threshold,
+                        Some(format!(
+                            "fix {} (ktctl groups list shows it; the coordinator reads it again every poll interval and on SIGHUP)",
+                            g.config_source
+                        )),
+                    );
+                }
+            }
         }
     }
-    let majority = counts
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(r, n)| (r.clone(), *n));
-    let threshold = "runs the desired version; the same as its peers when no rollout moves it";
+}
+
+fn config(inputs: &Inputs, checks: &mut Vec<Check>) {
+    use kt_proto::v1::SyncState;
+    sources(inputs, checks);
+    let threshold = "runs its desired config (the coordinator's intent)";
     for g in &inputs.gateways {
         let id = g.gateway_id.clone();
-        let Some((version, hash)) = running(g).filter(|_| gateway_ok(g)) else {
+        let running = g
+            .health
+            .as_ref()
+            .filter(|_| gateway_ok(g))
+            .and_then(|h| h.config.as_ref());
+        let Some(running) = running else {
             push(
                 checks,
                 Section::Config,
@@ -554,40 +596,43 @@ fn config(inputs: &Inputs, checks: &mut Vec<Check>) {
             );
             continue;
         };
-        let now = format!("{version} {}", crate::view::short_hash(&hash));
-        if let Some(desired) = &g.desired {
-            let value = if desired.hash == hash {
-                format!("runs {now}, as the active rollout wants")
-            } else {
-                format!(
-                    "runs {now}; a rollout is moving it to {} {}",
-                    desired.version,
-                    crate::view::short_hash(&desired.hash)
-                )
-            };
-            push(
-                checks,
-                Section::Config,
+        let now = format!(
+            "{} {}",
+            running.version,
+            crate::view::short_hash(&running.hash)
+        );
+        let desired = g
+            .desired
+            .as_ref()
+            .map(|d| format!("{} {}", d.version, crate::view::short_hash(&d.hash)));
+        let pinned = if g.pinned { " (pinned)" } else { "" };
+        let (mark, value, hint) = match (SyncState::try_from(g.sync), desired) {
+            (Ok(SyncState::InSync), _) => {
+                (Mark::Pass, format!("runs {now}, as desired{pinned}"), None)
+            }
+            (Ok(SyncState::Converging), Some(d)) => (
                 Mark::Pass,
-                id,
-                value,
-                threshold,
+                format!("runs {now}; {} is moving it to {d}", g.converging_by),
                 None,
-            );
-            continue;
-        }
-        match &majority {
-            Some(((v, h), n)) if *h != hash => push(
-                checks,
-                Section::Config,
-                Mark::Warn,
-                id,
-                format!("drift: runs {now} while {n} other gateway(s) run {v} {}", crate::view::short_hash(h)),
-                threshold,
-                Some("push the intended version to the group (ktctl config push) or return it (ktctl rollout undo)".into()),
             ),
-            _ => push(checks, Section::Config, Mark::Pass, id, format!("runs {now}"), threshold, None),
-        }
+            (Ok(SyncState::Drifted), Some(d)) => (
+                Mark::Warn,
+                format!(
+                    "drifted: runs {now}, desired {d}{pinned}, since {}",
+                    kt_proto::clock::rfc3339(g.drifted_since_unix_ms)
+                ),
+                Some(format!(
+                    "return it to its desired config (drift: enforce in its group, or ktctl config pin --gateway {} <version>), or make what it runs desired (ktctl config push)",
+                    g.gateway_id
+                )),
+            ),
+            _ => (
+                Mark::Skip,
+                format!("runs {now}; the coordinator has no desired config for it yet"),
+                None,
+            ),
+        };
+        push(checks, Section::Config, mark, id, value, threshold, hint);
     }
 }
 
@@ -890,27 +935,48 @@ mod tests {
     }
 
     #[test]
-    fn drift_from_the_peers_warns_unless_a_rollout_moves_the_gateway() {
-        let fleet = vec![
-            gateway("a", "us", "sha256:one", &[]),
-            gateway("b", "us", "sha256:one", &[]),
-            gateway("c", "us", "sha256:two", &[]),
-        ];
-        let checks = check(&inputs(fleet.clone()), &[Section::Config]);
-        let warned: Vec<&str> = checks
-            .iter()
-            .filter(|c| c.mark == Mark::Warn)
-            .map(|c| c.subject.as_str())
-            .collect();
-        assert_eq!(warned, ["c"]);
-
-        let mut moving = fleet;
-        moving[2].desired = Some(kt_proto::v1::ConfigRef {
-            version: "1.0.0".into(),
-            hash: "sha256:one".into(),
-        });
-        let checks = check(&inputs(moving), &[Section::Config]);
-        assert!(checks.iter().all(|c| c.mark == Mark::Pass), "{checks:#?}");
+    fn drift_is_what_the_coordinator_says_not_a_vote_among_peers() {
+        use kt_proto::v1::SyncState;
+        let with = |sync: SyncState, desired: &str| {
+            // Two of three peers run "one": a vote would call the third drifted.
+            let mut fleet = vec![
+                gateway("a", "us", "sha256:one", &[]),
+                gateway("b", "us", "sha256:one", &[]),
+                gateway("c", "us", "sha256:two", &[]),
+            ];
+            for g in &mut fleet {
+                g.sync = SyncState::InSync as i32;
+                g.desired = Some(kt_proto::v1::ConfigRef {
+                    version: "1.0.0".into(),
+                    hash: g
+                        .health
+                        .as_ref()
+                        .and_then(|h| h.config.as_ref())
+                        .map(|c| c.hash.clone())
+                        .unwrap_or_default(),
+                });
+            }
+            fleet[0].sync = sync as i32;
+            fleet[0].desired = Some(kt_proto::v1::ConfigRef {
+                version: "2.0.0".into(),
+                hash: desired.into(),
+            });
+            check(&inputs(fleet), &[Section::Config])
+                .iter()
+                .filter(|c| c.mark != Mark::Pass)
+                .map(|c| (c.subject.clone(), c.mark))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(with(SyncState::InSync, "sha256:one"), []);
+        assert_eq!(with(SyncState::Converging, "sha256:two"), []);
+        assert_eq!(
+            with(SyncState::Drifted, "sha256:two"),
+            [("a".to_owned(), Mark::Warn)]
+        );
+        assert_eq!(
+            with(SyncState::Unspecified, ""),
+            [("a".to_owned(), Mark::Skip)]
+        );
     }
 
     #[test]

@@ -111,6 +111,10 @@ pub enum ConfigVerb {
     Show(config_cmd::show::Args),
     /// A unified diff of two stored config versions.
     Diff(config_cmd::diff::Args),
+    /// Pin one gateway to a stored version: its desired config until unpinned.
+    Pin(config_cmd::pin::PinArgs),
+    /// Remove a gateway's pin: its desired config is its group's again.
+    Unpin(config_cmd::pin::UnpinArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,6 +278,12 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Noun::Config(ConfigVerb::Diff(args)) => {
             config_cmd::diff::run(&session, args).await.map(|()| true)
+        }
+        Noun::Config(ConfigVerb::Pin(args)) => {
+            config_cmd::pin::pin(&session, args).await.map(|()| true)
+        }
+        Noun::Config(ConfigVerb::Unpin(args)) => {
+            config_cmd::pin::unpin(&session, args).await.map(|()| true)
         }
         Noun::Rollout(RolloutVerb::History(args)) => {
             rollout::history::run(&session, args).await.map(|()| true)

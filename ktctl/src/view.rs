@@ -27,9 +27,16 @@ pub struct GatewayRow {
     pub status: &'static str,
     pub config_version: Option<String>,
     pub config_hash: Option<String>,
-    /// The version a rollout is moving this gateway to, while one does.
+    /// The config the coordinator wants it to run (its pin, or what rollouts settled).
     pub desired_version: Option<String>,
     pub desired_hash: Option<String>,
+    /// in_sync | converging | drifted | unknown
+    pub sync: &'static str,
+    /// RFC 3339 time since when it drifted, when it does.
+    pub drifted_since: Option<String>,
+    /// The rollout (or "reconcile") moving it, while one does.
+    pub converging_by: Option<String>,
+    pub pinned: bool,
     pub last_reload_error: Option<String>,
     pub providers_reachable: usize,
     pub providers_total: usize,
@@ -68,6 +75,12 @@ impl GatewayRow {
             config_hash: config.and_then(|c| non_empty(&c.hash)),
             desired_version: state.desired.as_ref().and_then(|d| non_empty(&d.version)),
             desired_hash: state.desired.as_ref().and_then(|d| non_empty(&d.hash)),
+            sync: sync_label(state.sync),
+            drifted_since: Some(state.drifted_since_unix_ms)
+                .filter(|ms| *ms > 0)
+                .map(kt_proto::clock::rfc3339),
+            converging_by: non_empty(&state.converging_by),
+            pinned: state.pinned,
             last_reload_error: config.and_then(|c| non_empty(&c.last_reload_error)),
             providers_reachable: health
                 .map_or(0, |h| h.providers.values().filter(|p| p.reachable).count()),
@@ -86,18 +99,29 @@ impl GatewayRow {
         self.agent == "connected" && self.status == "healthy" && self.duplicate_agent.is_none()
     }
 
-    /// `1.0.0 (abc123)`, with `-> 1.1.0` while a rollout moves the gateway elsewhere.
+    /// `1.0.0 (abc123)`: what it runs.
     pub fn config_human(&self) -> String {
-        let running = match (&self.config_version, &self.config_hash) {
+        match (&self.config_version, &self.config_hash) {
             (Some(v), Some(h)) => format!("{v} ({})", short_hash(h)),
             (Some(v), None) => v.clone(),
             _ => "-".into(),
-        };
+        }
+    }
+
+    /// `1.1.0 (def456)`, `pinned` marked: what it should run.
+    pub fn desired_human(&self) -> String {
+        let pinned = if self.pinned { " pinned" } else { "" };
         match (&self.desired_version, &self.desired_hash) {
-            (Some(v), Some(h)) if self.config_hash.as_ref() != Some(h) => {
-                format!("{running} -> {v}")
-            }
-            _ => running,
+            (Some(v), Some(h)) => format!("{v} ({}){pinned}", short_hash(h)),
+            _ => "-".into(),
+        }
+    }
+
+    /// `in sync`, `converging (r-3)`, `drifted`.
+    pub fn sync_human(&self) -> String {
+        match (self.sync, &self.converging_by) {
+            ("converging", Some(by)) => format!("converging ({by})"),
+            (sync, _) => sync.replace('_', " "),
         }
     }
 
@@ -108,6 +132,16 @@ impl GatewayRow {
             Some(s) if s < 7200 => format!("{}m ago", s / 60),
             Some(s) => format!("{}h ago", s / 3600),
         }
+    }
+}
+
+pub fn sync_label(sync: i32) -> &'static str {
+    use kt_proto::v1::SyncState;
+    match SyncState::try_from(sync) {
+        Ok(SyncState::InSync) => "in_sync",
+        Ok(SyncState::Converging) => "converging",
+        Ok(SyncState::Drifted) => "drifted",
+        _ => "unknown",
     }
 }
 

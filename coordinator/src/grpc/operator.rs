@@ -165,24 +165,47 @@ impl OperatorApi {
 
     async fn group_infos(&self) -> Result<v1::ListGroupsResponse, Status> {
         let gateways = self.gateways(None).await?;
+        let mut statuses = self.engine.groups().await.map_err(ApiError::from)?;
         let groups = self
             .fleet
             .groups()
             .into_iter()
-            .map(|g| v1::GroupInfo {
-                members: gateways
+            .map(|g| {
+                let members: Vec<&GatewayState> = gateways
                     .iter()
                     .filter(|s| self.fleet.in_group(s, &g.name))
-                    .map(|s| s.gateway_id.clone())
-                    .collect(),
-                gateways: g.gateways.iter().map(ToString::to_string).collect(),
-                selector: g.selector.clone().into_iter().collect(),
-                config_source: g
-                    .config_source
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                name: g.name,
+                    .collect();
+                let mut running = std::collections::HashMap::new();
+                for state in &members {
+                    if let Some(config) = state.health.as_ref().and_then(|h| h.config.as_ref()) {
+                        *running.entry(config.hash.clone()).or_insert(0u32) += 1;
+                    }
+                }
+                let status = statuses.remove(&g.name).unwrap_or_default();
+                let (held_hash, held_reason) = status.held.unwrap_or_default();
+                v1::GroupInfo {
+                    members: members.iter().map(|s| s.gateway_id.clone()).collect(),
+                    gateways: g.gateways.iter().map(ToString::to_string).collect(),
+                    selector: g.selector.clone().into_iter().collect(),
+                    config_source: g
+                        .config_source
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    source_hash: status.source_hash,
+                    source_error: status.source_error,
+                    desired: status.desired.map(|c| v1::ConfigRef {
+                        version: c.version,
+                        hash: c.hash,
+                    }),
+                    running,
+                    drift: g.drift.as_str().to_owned(),
+                    after: g.after.clone().unwrap_or_default(),
+                    held_hash,
+                    held_reason,
+                    source_waiting: status.waiting,
+                    name: g.name,
+                }
             })
             .collect();
         Ok(v1::ListGroupsResponse { groups })
@@ -266,6 +289,7 @@ impl OperatorService for OperatorApi {
             dry_run: request.dry_run,
             supersede: request.supersede,
             rollback: request.rollback,
+            source: None,
         };
         let (rollout, diff) = self
             .engine
@@ -468,6 +492,37 @@ impl OperatorService for OperatorApi {
             )
             .map_err(ApiError::from)?;
         self.group_infos().await.map(Response::new)
+    }
+
+    async fn pin_config(
+        &self,
+        request: Request<v1::PinConfigRequest>,
+    ) -> Result<Response<GatewayState>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        let config = (!request.unpin).then_some(request.config);
+        if config.as_deref() == Some("") {
+            return Err(ApiError::InvalidArgument("give the version to pin to".into()).into());
+        }
+        self.engine
+            .pin(
+                request.gateway_id.clone(),
+                config,
+                identity.uri(),
+                request.reason,
+            )
+            .await
+            .map_err(ApiError::from)?;
+        let state = self
+            .gateways(None)
+            .await?
+            .into_iter()
+            .find(|g| g.gateway_id == request.gateway_id)
+            .unwrap_or_else(|| GatewayState {
+                gateway_id: request.gateway_id,
+                ..Default::default()
+            });
+        Ok(Response::new(state))
     }
 
     async fn list_groups(

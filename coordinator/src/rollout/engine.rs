@@ -15,8 +15,11 @@ use super::model::{ConfigId, Outcome, Phase, RolloutRecord, Spec, Target, Target
 use super::plan::{content_hash, diff, plan, version_label};
 use super::step::{self, Effect, Observed};
 use crate::events::counters::DecisionCounters;
-use crate::fleet::FleetHandle;
+use crate::fleet::{FleetChange, FleetHandle, Hold};
+use crate::intent::Intent;
 use crate::metrics::{GateLabels, Metrics};
+use crate::reconcile::{GroupStatus, Reoffers, SourceReading};
+
 use crate::store::{Store, StoreError, StoredConfig};
 
 /// Answers handled together at most (see `handle_queued`).
@@ -48,6 +51,8 @@ pub struct Push {
     pub dry_run: bool,
     pub supersede: bool,
     pub rollback: bool,
+    /// The config source that started it, when no operator did.
+    pub source: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +94,24 @@ pub enum Command {
     Answer {
         gateway: String,
         status: ConfigStatus,
+    },
+    /// Pins a gateway to a stored version (`config`: a hash, a prefix of one, or a version
+    /// label), or removes its pin.
+    Pin {
+        gateway: String,
+        config: Option<String>,
+        identity: String,
+        reason: String,
+        reply: Reply<()>,
+    },
+    /// A group's config source as just read.
+    Source {
+        group: String,
+        reading: SourceReading,
+    },
+    /// What each group should run, and its source.
+    Groups {
+        reply: Reply<BTreeMap<String, GroupStatus>>,
     },
 }
 
@@ -152,6 +175,35 @@ impl EngineHandle {
         self.call(|reply| Command::Watch { id, reply }).await
     }
 
+    pub async fn pin(
+        &self,
+        gateway: String,
+        config: Option<String>,
+        identity: String,
+        reason: String,
+    ) -> Result<(), EngineError> {
+        self.call(|reply| Command::Pin {
+            gateway,
+            config,
+            identity,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn groups(&self) -> Result<BTreeMap<String, GroupStatus>, EngineError> {
+        self.call(|reply| Command::Groups { reply }).await
+    }
+
+    /// Hands over a config source's reading; false when the engine is gone.
+    pub async fn source(&self, group: String, reading: SourceReading) -> bool {
+        self.tx
+            .send(Command::Source { group, reading })
+            .await
+            .is_ok()
+    }
+
     /// Forwards an agent's answer; dropped only when the engine is gone.
     pub async fn answer(&self, gateway: String, status: ConfigStatus) {
         let _ = self.tx.send(Command::Answer { gateway, status }).await;
@@ -159,13 +211,24 @@ impl EngineHandle {
 }
 
 pub struct Engine {
-    store: Arc<dyn Store>,
-    fleet: FleetHandle,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) fleet: FleetHandle,
     decisions: DecisionCounters,
     metrics: Arc<Metrics>,
-    rollouts: BTreeMap<String, RolloutRecord>,
+    pub(crate) rollouts: BTreeMap<String, RolloutRecord>,
     commands: mpsc::Receiver<Command>,
     changes: broadcast::Sender<RolloutRecord>,
+    /// The fleet as its subscription reports it (no copy per step), with the decision counters
+    /// as of the last tick.
+    pub(crate) observed: Observed,
+    /// What every gateway and group should run; written to the store before it changes here.
+    pub(crate) intent: Intent,
+    /// Gateways whose record changed since their desired config was last checked.
+    pub(crate) unchecked: std::collections::BTreeSet<String>,
+    /// Re-offers to drifted gateways (`drift: enforce`, pins), with their backoff.
+    pub(crate) reoffers: Reoffers,
+    /// Each group's config source as last read.
+    pub(crate) sources: BTreeMap<String, SourceReading>,
 }
 
 impl Engine {
@@ -177,6 +240,7 @@ impl Engine {
         decisions: DecisionCounters,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, EngineHandle), StoreError> {
+        let intent = store.load_intent()?;
         let mut rollouts = BTreeMap::new();
         for mut r in store.list_rollouts()? {
             if r.is_active() {
@@ -202,18 +266,38 @@ impl Engine {
                 rollouts,
                 commands,
                 changes,
+                observed: Observed::default(),
+                intent,
+                unchecked: Default::default(),
+                reoffers: Reoffers::default(),
+                sources: BTreeMap::new(),
             },
             EngineHandle { tx },
         ))
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
+        let Ok(mut fleet_changes) = self.resubscribe().await else {
+            return;
+        };
+        self.publish_holds_at_start().await;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => self.tick().await,
+                change = fleet_changes.recv() => match change {
+                    Ok(change) => self.on_fleet_change(change),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, "the engine fell behind the fleet: reading it whole again");
+                        match self.resubscribe().await {
+                            Ok(receiver) => fleet_changes = receiver,
+                            Err(_) => return,
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
                 command = self.commands.recv() => match command {
                     Some(command) => self.handle_queued(command).await,
                     None => return,
@@ -222,44 +306,72 @@ impl Engine {
         }
     }
 
-    /// The fleet now, with the decisions counted from events.
-    async fn observe(&self) -> Observed {
-        let fleet = match self.fleet.list(None).await {
-            Ok(Ok(gateways)) => gateways
-                .into_iter()
-                .map(|g| (g.gateway_id.clone(), g))
-                .collect(),
-            _ => BTreeMap::new(),
-        };
-        Observed {
-            fleet,
-            decisions: self.decisions.snapshot(),
+    /// Takes the fleet whole (at start, or after falling behind) and follows its changes.
+    async fn resubscribe(
+        &mut self,
+    ) -> Result<broadcast::Receiver<FleetChange>, crate::fleet::FleetClosed> {
+        let (snapshot, receiver) = self.fleet.subscribe().await?;
+        self.observed.fleet = snapshot
+            .into_iter()
+            .map(|g| (g.gateway_id.clone(), g))
+            .collect();
+        self.unchecked = self.observed.fleet.keys().cloned().collect();
+        Ok(receiver)
+    }
+
+    fn on_fleet_change(&mut self, change: FleetChange) {
+        match change {
+            FleetChange::State(state) => {
+                self.unchecked.insert(state.gateway_id.clone());
+                self.observed.fleet.insert(state.gateway_id.clone(), state);
+            }
+            FleetChange::Heartbeat {
+                gateway,
+                at_unix_ms,
+            } => {
+                if let Some(state) = self.observed.fleet.get_mut(gateway.as_str()) {
+                    state.last_heartbeat_unix_ms = at_unix_ms;
+                }
+            }
         }
+    }
+
+    /// Rollouts resumed at start hold their gateways again.
+    async fn publish_holds_at_start(&mut self) {
+        let mut holds = Vec::new();
+        for r in self.rollouts.values().filter(|r| r.is_active()) {
+            for gateway in r.gateways.keys() {
+                holds.push((gateway.clone(), hold_of(r, gateway)));
+            }
+        }
+        self.fleet.set_held(holds).await;
     }
 
     async fn tick(&mut self) {
-        if !self.rollouts.values().any(RolloutRecord::is_active) {
-            return;
-        }
-        let observed = self.observe().await;
         let now = unix_ms_now();
-        let ids: Vec<String> = self
-            .rollouts
-            .values()
-            .filter(|r| r.is_active())
-            .map(|r| r.id.clone())
-            .collect();
-        for id in ids {
-            self.advance(&id, &observed, now).await;
+        self.check_desired(now).await;
+        if self.rollouts.values().any(RolloutRecord::is_active) {
+            self.observed.decisions = self.decisions.snapshot();
+            let ids: Vec<String> = self
+                .rollouts
+                .values()
+                .filter(|r| r.is_active())
+                .map(|r| r.id.clone())
+                .collect();
+            for id in ids {
+                self.advance(&id, now).await;
+            }
         }
+        self.enforce_desired(now).await;
+        self.consider_sources(now).await;
     }
 
     /// Steps one rollout; persists, then carries out the effects, then publishes.
-    async fn advance(&mut self, id: &str, observed: &Observed, now: u64) {
+    pub(crate) async fn advance(&mut self, id: &str, now: u64) {
         let Some(mut r) = self.rollouts.get(id).cloned() else {
             return;
         };
-        let (effects, changed) = step::step(&mut r, observed, now);
+        let (effects, changed) = step::step(&mut r, &self.observed, now);
         // A transition acts only once it is stored: an offer of a transition that could not be
         // stored is not made (the next step tries again from the stored record).
         if changed && !self.commit(r.clone()).await {
@@ -272,12 +384,34 @@ impl Engine {
         }
     }
 
-    /// Stores `r` and makes it the current record; false (and the old record kept) when it
-    /// cannot be stored, in which case the transition must not take effect.
-    async fn commit(&mut self, r: RolloutRecord) -> bool {
-        if let Err(error) = self.store.put_rollout(&r) {
+    /// Stores `r` with the desired configs its transition moves, and makes it the current
+    /// record; false (and the old record kept) when it cannot be stored, in which case the
+    /// transition must not take effect. The fleet learns the new desired configs and holds
+    /// before anyone learns of the transition, so no listing shows one without the other.
+    pub(crate) async fn commit(&mut self, r: RolloutRecord) -> bool {
+        let now = unix_ms_now();
+        let before = self.rollouts.get(&r.id);
+        let moves = step::desired_moves(before, &r, now);
+        let holds: Vec<(String, Option<Hold>)> = r
+            .gateways
+            .keys()
+            .filter_map(|g| {
+                let hold = hold_of(&r, g);
+                let was = before.and_then(|b| hold_of(b, g));
+                (hold != was).then(|| (g.clone(), hold))
+            })
+            .collect();
+        let finished = !r.is_active() && before.is_none_or(RolloutRecord::is_active);
+        if let Err(error) = self.store.put_rollout(&r, &moves) {
             tracing::error!(rollout = %r.id, %error, "cannot persist rollout transition");
             return false;
+        }
+        self.intent.apply(&moves);
+        self.publish_desired(moves.into_iter().map(|(g, _)| g))
+            .await;
+        self.fleet.set_held(holds).await;
+        if finished {
+            self.settle_group(&r, now).await;
         }
         let counted = self
             .rollouts
@@ -291,11 +425,6 @@ impl Engine {
                     decision: g.decision.clone(),
                 })
                 .inc();
-        }
-        if let Phase::Done(_) = r.phase {
-            for gateway in r.gateways.keys() {
-                self.fleet.set_desired(gateway.clone(), None).await;
-            }
         }
         let _ = self.changes.send(r.clone());
         self.rollouts.insert(r.id.clone(), r);
@@ -346,16 +475,12 @@ impl Engine {
                 return;
             }
         };
-        let desired = kt_proto::v1::ConfigRef {
-            version: config.version.clone(),
-            hash: config.hash.clone(),
-        };
-        self.fleet
-            .set_desired(gateway.clone(), Some(desired.clone()))
-            .await;
         let offer = ConfigOffer {
             offer_id,
-            config: Some(desired),
+            config: Some(kt_proto::v1::ConfigRef {
+                version: config.version.clone(),
+                hash: config.hash.clone(),
+            }),
             content,
             rollback,
             apply_deadline_ms,
@@ -430,7 +555,9 @@ impl Engine {
                 })
                 .map(|r| r.id.clone());
             let Some(id) = owner else {
-                tracing::debug!(gateway_id = %gateway, offer_id = %status.offer_id, "answer to no active offer");
+                if !self.reoffer_answered(&gateway, &status, phase).await {
+                    tracing::debug!(gateway_id = %gateway, offer_id = %status.offer_id, "answer to no active offer");
+                }
                 continue;
             };
             if let Some(r) = changed.get_mut(&id) {
@@ -455,9 +582,8 @@ impl Engine {
         for r in changed.into_values() {
             self.commit(r).await;
         }
-        let observed = self.observe().await;
         for id in ids {
-            self.advance(&id, &observed, now).await;
+            self.advance(&id, now).await;
         }
     }
 
@@ -492,6 +618,23 @@ impl Engine {
                 let _ = reply.send(self.find(&id).cloned().map(|r| (r, receiver)));
             }
             Command::Answer { gateway, status } => self.on_answers(vec![(gateway, status)]).await,
+            Command::Pin {
+                gateway,
+                config,
+                identity,
+                reason,
+                reply,
+            } => {
+                let result = self.pin(&gateway, config, &identity, &reason).await;
+                let _ = reply.send(result);
+            }
+            Command::Source { group, reading } => {
+                self.sources.insert(group, reading);
+                self.consider_sources(unix_ms_now()).await;
+            }
+            Command::Groups { reply } => {
+                let _ = reply.send(Ok(self.group_statuses()));
+            }
         }
     }
 
@@ -501,7 +644,7 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(format!("no rollout {id}")))
     }
 
-    async fn push(
+    pub(crate) async fn push(
         &mut self,
         push: Push,
         identity: String,
@@ -511,8 +654,7 @@ impl Engine {
             version: version.clone(),
             hash: content_hash(&push.content),
         };
-        let observed = self.observe().await;
-        let gateways = self.resolve(&push.spec.target, &observed.fleet)?;
+        let gateways = self.resolve(&push.spec.target, &self.observed.fleet)?;
         let now = unix_ms_now();
 
         let in_the_way: Vec<&RolloutRecord> = self
@@ -529,7 +671,7 @@ impl Engine {
         }
         let superseded: Vec<String> = in_the_way.iter().map(|r| r.id.clone()).collect();
 
-        let (progress, batches) = plan(&push.spec, &gateways, &observed.fleet, &config);
+        let (progress, batches) = plan(&push.spec, &gateways, &self.observed.fleet, &config);
         let diff_text = self.diff_against_baseline(&progress, &push.content, &config);
         let number = if push.dry_run {
             0
@@ -563,6 +705,9 @@ impl Engine {
             message: String::new(),
             dry_run: push.dry_run,
             rollback: push.rollback,
+            passed_batches: 0,
+            confirming: false,
+            source: push.source.clone(),
         };
         if push.dry_run {
             return Ok((r, diff_text));
@@ -610,11 +755,14 @@ impl Engine {
             &r.spec.target.to_string(),
             &push.reason,
         )?;
-        self.store.put_rollout(&r)?;
-        self.rollouts.insert(r.id.clone(), r.clone());
-        let _ = self.changes.send(r.clone());
+        if !self.commit(r.clone()).await {
+            return Err(EngineError::Store(StoreError::from(
+                "the rollout could not be stored; nothing was pushed".to_owned(),
+            )));
+        }
         let id = r.id.clone();
-        self.advance(&id, &observed, now).await;
+        self.observed.decisions = self.decisions.snapshot();
+        self.advance(&id, now).await;
         let r = self.rollouts.get(&id).cloned().unwrap_or(r);
         Ok((r, diff_text))
     }
@@ -700,13 +848,24 @@ impl Engine {
                 "the rollout could not be stored; nothing changed".to_owned(),
             )));
         }
-        let observed = self.observe().await;
-        self.advance(id, &observed, now).await;
+        self.observed.decisions = self.decisions.snapshot();
+        self.advance(id, now).await;
         self.find(id).cloned()
     }
 }
 
-fn short(hash: &str) -> &str {
+/// Whether `r` holds `gateway` while it converges: from its first offer until the rollout ends
+/// (a gateway rolled back stays held until it reports its previous config running).
+pub(crate) fn hold_of(r: &RolloutRecord, gateway: &str) -> Option<Hold> {
+    let p = r.gateways.get(gateway)?;
+    let held = r.is_active() && (p.state.touched() || p.state == TargetState::RolledBack);
+    held.then(|| Hold {
+        by: r.id.clone(),
+        in_flight: matches!(p.state, TargetState::Offered | TargetState::RollingBack),
+    })
+}
+
+pub(crate) fn short(hash: &str) -> &str {
     let hex = hash.strip_prefix("sha256:").unwrap_or(hash);
     &hex[..hex.len().min(12)]
 }
@@ -750,13 +909,37 @@ mod tests {
         fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError> {
             self.inner.list_configs()
         }
-        fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError> {
+        fn put_rollout(
+            &self,
+            rollout: &RolloutRecord,
+            desired: &[crate::intent::DesiredChange],
+        ) -> Result<(), StoreError> {
             let left = self.writes_left.load(Ordering::SeqCst);
             if left == 0 {
                 return Err(StoreError::from("disk I/O error".to_owned()));
             }
             self.writes_left.store(left - 1, Ordering::SeqCst);
-            self.inner.put_rollout(rollout)
+            self.inner.put_rollout(rollout, desired)
+        }
+        fn put_desired(&self, desired: &[crate::intent::DesiredChange]) -> Result<(), StoreError> {
+            self.inner.put_desired(desired)
+        }
+        fn put_pin(
+            &self,
+            gateway: &str,
+            pin: Option<&crate::intent::Desired>,
+        ) -> Result<(), StoreError> {
+            self.inner.put_pin(gateway, pin)
+        }
+        fn put_group_intent(
+            &self,
+            group: &str,
+            intent: &crate::intent::GroupIntent,
+        ) -> Result<(), StoreError> {
+            self.inner.put_group_intent(group, intent)
+        }
+        fn load_intent(&self) -> Result<crate::intent::Intent, StoreError> {
+            self.inner.load_intent()
         }
         fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
             self.inner.list_rollouts()
@@ -804,12 +987,7 @@ mod tests {
         mpsc::Receiver<Result<kt_proto::v1::CoordinatorMessage, tonic::Status>>,
     ) {
         let gateway = GatewayId::new("gw-1").expect("id");
-        let groups = [Group {
-            name: "g".into(),
-            gateways: vec![gateway.clone()],
-            selector: BTreeMap::new(),
-            config_source: None,
-        }];
+        let groups = [Group::of_gateways("g", vec![gateway.clone()])];
         let (fleet, handle) = Fleet::new(LivenessConfig::default(), &groups);
         tokio::spawn(fleet.run(cancel.child_token()));
         let (outbound, offers) = mpsc::channel(16);
@@ -882,6 +1060,7 @@ mod tests {
             dry_run: false,
             supersede: false,
             rollback: false,
+            source: None,
         };
         let (created, _) = handle.push(push, "op".into()).await.expect("created");
         // push steps the rollout before it answers: an offer would be queued by now.

@@ -230,6 +230,16 @@ pub struct RolloutRecord {
     /// Offers go out marked as rollbacks (`ktctl rollout undo`): a lower version is accepted.
     #[serde(default)]
     pub rollback: bool,
+    /// How many batches passed their gates: their gateways' desired config is the rollout's.
+    #[serde(default)]
+    pub passed_batches: usize,
+    /// Every offer of the current step was answered; waiting for the gateways to report the
+    /// config running and healthy (said once in the history).
+    #[serde(default)]
+    pub confirming: bool,
+    /// What started it when no operator did (a group's config source).
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 impl RolloutRecord {

@@ -42,6 +42,28 @@ fn applied<'a>(r: &'a RolloutRecord, batch: &'a [String]) -> impl Iterator<Item 
     })
 }
 
+/// Whether `gateway` last reported `hash` running, healthy or degraded: what completes an apply
+/// or a rollback (an answer says the agent applied it; this says the coordinator saw it run).
+pub fn reports_running(fleet: &BTreeMap<String, GatewayState>, gateway: &str, hash: &str) -> bool {
+    fleet
+        .get(gateway)
+        .and_then(|g| g.health.as_ref())
+        .is_some_and(|h| {
+            h.reachable
+                && (h.status == HealthStatus::Healthy as i32
+                    || h.status == HealthStatus::Degraded as i32)
+                && h.config.as_ref().is_some_and(|c| c.hash == hash)
+        })
+}
+
+/// Says once in the history what the rollout waits for, until it stops waiting.
+fn waiting_for_reports(r: &mut RolloutRecord, now: u64, what: String) {
+    if !r.confirming {
+        r.confirming = true;
+        r.record(now, "coordinator", what);
+    }
+}
+
 /// Whether `gateway`'s current session opened after `offered_at`: an offer sent on an earlier
 /// session may have been lost with it (the agent restarted before answering).
 fn session_since(
@@ -209,14 +231,30 @@ fn applying(r: &mut RolloutRecord, observed: &Observed, now: u64, effects: &mut 
             )
         })
     });
-    if done {
+    if !done {
+        return;
+    }
+    let unconfirmed = applied(r, &batch)
+        .filter(|g| !reports_running(fleet, g, &r.config.hash))
+        .count();
+    if unconfirmed > 0 {
+        let what = format!(
+            "batch {}: every offer answered APPLIED; waiting for {unconfirmed} gateway(s) to report {} running and healthy",
+            r.current_batch + 1,
+            r.config.version
+        );
+        waiting_for_reports(r, now, what);
+        return;
+    }
+    r.confirming = false;
+    {
         gate(
             r,
             "applied",
             "passed",
             batch.len() as f64,
             batch.len() as f64,
-            "every gateway of the batch answered APPLIED",
+            "every gateway of the batch answered APPLIED and reports it running and healthy",
             now,
         );
         r.bake_counts = r
@@ -265,6 +303,29 @@ fn baking(r: &mut RolloutRecord, observed: &Observed, now: u64, until: u64) {
     if now < until {
         return;
     }
+    // The last batch completes the rollout: every gateway it changed must still report the
+    // config running before the gates decide (one edited by hand meanwhile holds it up).
+    let last = r.current_batch + 1 >= r.batches.len();
+    if last {
+        let all: Vec<String> = r.batches.iter().flatten().cloned().collect();
+        let unconfirmed: Vec<&String> = applied(r, &all)
+            .filter(|g| !reports_running(fleet, g, &r.config.hash))
+            .collect();
+        if !unconfirmed.is_empty() {
+            let what = format!(
+                "waiting for {} to report {} running and healthy",
+                unconfirmed
+                    .iter()
+                    .map(|g| g.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.config.version
+            );
+            waiting_for_reports(r, now, what);
+            return;
+        }
+        r.confirming = false;
+    }
     let decision = match health_evidence(r, fleet, &batch, until, now) {
         None => return, // a connected gateway's next report is due: bake until it arrives
         Some(GateDecision::Passed) => match error_gate(r, observed, &batch, now) {
@@ -288,6 +349,7 @@ fn baking(r: &mut RolloutRecord, observed: &Observed, now: u64, until: u64) {
         }
         _ => {}
     }
+    r.passed_batches = r.current_batch + 1;
     r.phase = next_after_batch(r, now);
     match &r.phase {
         Phase::Done(_) => {
@@ -557,6 +619,7 @@ pub fn fail(r: &mut RolloutRecord, now: u64, reason: String, rolled_back_as: Out
         r.phase = Phase::RollingBack {
             then: rolled_back_as,
         };
+        r.confirming = false;
     } else if rolled_back_as == Outcome::TimedOut {
         r.record(now, "coordinator", reason);
         r.phase = Phase::Done(Outcome::TimedOut);
@@ -630,14 +693,35 @@ fn rolling_back(
             _ => {}
         }
     }
-    if r.gateways.values().all(|p| !p.state.touched()) {
-        let what = format!(
-            "rollback complete: every touched gateway runs its previous version again ({})",
-            then.as_str().replace('_', " ")
-        );
-        r.record(now, "coordinator", what);
-        r.phase = Phase::Done(then);
+    if r.gateways.values().any(|p| p.state.touched()) {
+        return;
     }
+    // Answered is not done: each gateway rolled back must report its previous config running.
+    let unconfirmed: Vec<&str> = r
+        .gateways
+        .iter()
+        .filter(|(g, p)| {
+            p.state == TargetState::RolledBack
+                && !p.baseline.hash.is_empty()
+                && !reports_running(fleet, g, &p.baseline.hash)
+        })
+        .map(|(g, _)| g.as_str())
+        .collect();
+    if !unconfirmed.is_empty() {
+        let what = format!(
+            "every rollback offer answered; waiting for {} to report the previous version running and healthy",
+            unconfirmed.join(", ")
+        );
+        waiting_for_reports(r, now, what);
+        return;
+    }
+    r.confirming = false;
+    let what = format!(
+        "rollback complete: every touched gateway reports its previous version running ({})",
+        then.as_str().replace('_', " ")
+    );
+    r.record(now, "coordinator", what);
+    r.phase = Phase::Done(then);
 }
 
 fn finish(r: &mut RolloutRecord, now: u64, outcome: Outcome, why: &str) {
@@ -671,7 +755,12 @@ pub fn resume(r: &mut RolloutRecord, now: u64, by: &str, reason: &str) -> Result
                 Phase::Baking { .. } => Phase::Baking {
                     until: now + r.spec.min_healthy_time_ms,
                 },
-                other => other,
+                Phase::Applying => Phase::Applying,
+                // Paused after its batch's gates were inconclusive: resuming accepts the batch.
+                other => {
+                    r.passed_batches = r.current_batch + 1;
+                    other
+                }
             };
             r.progress_deadline = now + r.spec.progress_deadline_ms;
             r.message.clear();
@@ -725,6 +814,7 @@ pub fn abort(r: &mut RolloutRecord, now: u64, by: &str, reason: &str) -> Result<
     r.phase = Phase::RollingBack {
         then: Outcome::Aborted,
     };
+    r.confirming = false;
     Ok(())
 }
 
@@ -734,6 +824,58 @@ fn suffix(reason: &str) -> String {
     } else {
         format!(": {reason}")
     }
+}
+
+/// The desired configs a transition from `before` to `after` moves: a batch that passed its
+/// gates settles its gateways on the rollout's config; the gateways that already ran it settle
+/// when the rollout succeeds; a rollback returns every touched gateway to its baseline.
+pub fn desired_moves(
+    before: Option<&RolloutRecord>,
+    after: &RolloutRecord,
+    now: u64,
+) -> Vec<crate::intent::DesiredChange> {
+    use crate::intent::Desired;
+    let settle = |config: &ConfigId, cause: String| {
+        Some(Desired {
+            config: config.clone(),
+            cause,
+            at: now,
+        })
+    };
+    let mut moves = Vec::new();
+    let rolling_back = |r: &RolloutRecord| matches!(r.phase, Phase::RollingBack { .. });
+    if rolling_back(after) && !before.is_some_and(rolling_back) {
+        for (gateway, p) in &after.gateways {
+            if p.state.touched() && !p.baseline.hash.is_empty() {
+                let cause = format!("{} rolled back", after.id);
+                moves.push((gateway.clone(), settle(&p.baseline, cause)));
+            }
+        }
+        return moves;
+    }
+    let from = before.map_or(0, |b| b.passed_batches);
+    for (i, batch) in after
+        .batches
+        .iter()
+        .enumerate()
+        .take(after.passed_batches)
+        .skip(from)
+    {
+        for gateway in applied(after, batch) {
+            let cause = format!("{} batch {} passed its gates", after.id, i + 1);
+            moves.push((gateway.clone(), settle(&after.config, cause)));
+        }
+    }
+    let succeeded = |r: &RolloutRecord| r.phase == Phase::Done(Outcome::Succeeded);
+    if succeeded(after) && !before.is_some_and(succeeded) {
+        for (gateway, p) in &after.gateways {
+            if p.state == TargetState::Unchanged {
+                let cause = format!("{} succeeded (already running it)", after.id);
+                moves.push((gateway.clone(), settle(&after.config, cause)));
+            }
+        }
+    }
+    moves
 }
 
 /// An agent's answer to an offer of this rollout.
@@ -853,7 +995,29 @@ mod tests {
             message: String::new(),
             dry_run: false,
             rollback: false,
+            passed_batches: 0,
+            confirming: false,
+            source: None,
         }
+    }
+
+    /// Steps `r` against `f` with each gateway reporting what the rollout made it run (the new
+    /// config once applied, its baseline otherwise), as agents' status reports would.
+    fn step_seen(r: &mut RolloutRecord, f: &Observed, now: u64) -> (Vec<Effect>, bool) {
+        let mut seen = f.clone();
+        for (gateway, state) in &mut seen.fleet {
+            let Some(p) = r.gateways.get(gateway) else {
+                continue;
+            };
+            let hash = match p.state {
+                TargetState::Applied | TargetState::RollingBack => NEW,
+                _ => OLD,
+            };
+            if let Some(config) = state.health.as_mut().and_then(|h| h.config.as_mut()) {
+                config.hash = hash.into();
+            }
+        }
+        step(r, &seen, now)
     }
 
     /// Gateways `(id, connected, requests, blocked)`, all on the old config.
@@ -877,6 +1041,7 @@ mod tests {
                     last_heartbeat_unix_ms: if *up { u64::MAX } else { 0 },
                     health: Some(GatewayHealth {
                         status: HealthStatus::Healthy as i32,
+                        reachable: true,
                         config: Some(ConfigInfo {
                             hash: OLD.into(),
                             ..Default::default()
@@ -959,7 +1124,7 @@ mod tests {
         let mut order = Vec::new();
         let mut now = 0;
         while r.is_active() && now < 100_000 {
-            let (effects, _) = step(&mut r, &f, now);
+            let (effects, _) = step_seen(&mut r, &f, now);
             order.extend(offers(&effects));
             apply_all(&mut r, &effects, now);
             now += 100;
@@ -974,19 +1139,97 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_is_not_enough_the_gateway_must_report_the_config_running() {
+        let mut s = spec(Strategy::AllAtOnce);
+        s.min_healthy_time_ms = 0;
+        let mut r = rollout(s, &["a"]);
+        let f = fleet(&[("a", true, 0, 0)]);
+        let (effects, _) = step(&mut r, &f, 0);
+        apply_all(&mut r, &effects, 0);
+        // Answered APPLIED, but the gateway still reports the old config: wait, and say so once.
+        step(&mut r, &f, 100);
+        step(&mut r, &f, 200);
+        assert_eq!(r.phase, Phase::Applying);
+        let waiting = r
+            .history
+            .iter()
+            .filter(|t| t.what.contains("waiting for 1 gateway(s) to report"))
+            .count();
+        assert_eq!(waiting, 1, "{:?}", r.history);
+        // Its report arrives: the batch is complete, and so is the rollout.
+        step_seen(&mut r, &f, 300);
+        assert_eq!(r.phase, Phase::Done(Outcome::Succeeded));
+        let whats: Vec<&str> = r.history.iter().map(|t| t.what.as_str()).collect();
+        let answered = whats
+            .iter()
+            .position(|w| w.contains("every offer answered"))
+            .expect("answered");
+        let applied = whats
+            .iter()
+            .position(|w| w.contains("batch 1 applied"))
+            .expect("applied");
+        assert!(answered < applied, "{whats:?}");
+        assert_eq!(r.passed_batches, 1);
+        let moves = desired_moves(None, &r, 300);
+        assert_eq!(moves.len(), 1);
+        assert_eq!(
+            moves[0].1.as_ref().map(|d| d.config.hash.as_str()),
+            Some(NEW)
+        );
+    }
+
+    #[test]
+    fn a_rollback_is_complete_only_once_the_previous_config_is_reported_running() {
+        let mut r = rollout(spec(Strategy::Rolling), &["a", "b"]);
+        let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
+        let (effects, _) = step_seen(&mut r, &f, 0);
+        apply_all(&mut r, &effects, 0);
+        step_seen(&mut r, &f, 100);
+        let before = r.clone();
+        abort(&mut r, 200, "op", "changed my mind").expect("abort");
+        let moves = desired_moves(Some(&before), &r, 200);
+        assert_eq!(moves.len(), 1, "a returns to its baseline: {moves:?}");
+        assert_eq!(
+            moves[0].1.as_ref().map(|d| d.config.hash.as_str()),
+            Some(OLD)
+        );
+        let (effects, _) = step_seen(&mut r, &f, 300);
+        let Effect::Offer { offer_id, .. } = &effects[0];
+        answer(&mut r, "a", offer_id, ConfigPhase::Applied, "", 400);
+        // a answered, but still reports the new config.
+        let mut still_new = f.clone();
+        if let Some(c) = still_new
+            .fleet
+            .get_mut("a")
+            .and_then(|s| s.health.as_mut())
+            .and_then(|h| h.config.as_mut())
+        {
+            c.hash = NEW.into();
+        }
+        step(&mut r, &still_new, 500);
+        assert!(
+            matches!(r.phase, Phase::RollingBack { .. }),
+            "{:?}",
+            r.phase
+        );
+        step(&mut r, &f, 600);
+        assert_eq!(r.phase, Phase::Done(Outcome::Aborted));
+    }
+
+    #[test]
     fn disconnected_gateways_wait_instead_of_failing() {
         let mut r = rollout(spec(Strategy::AllAtOnce), &["a", "b"]);
-        let (effects, _) = step(&mut r, &fleet(&[("a", true, 0, 0), ("b", false, 0, 0)]), 0);
+        let (effects, _) = step_seen(&mut r, &fleet(&[("a", true, 0, 0), ("b", false, 0, 0)]), 0);
         assert_eq!(offers(&effects), ["a"]);
         apply_all(&mut r, &effects, 0);
-        let (effects, _) = step(
+        let (effects, _) = step_seen(
             &mut r,
             &fleet(&[("a", true, 0, 0), ("b", false, 0, 0)]),
             60_000,
         );
         assert!(effects.is_empty());
         assert_eq!(r.phase, Phase::Applying, "still waiting for b");
-        let (effects, _) = step(
+        let (effects, _) = step_seen(
             &mut r,
             &fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]),
             61_000,
@@ -998,7 +1241,7 @@ mod tests {
     fn a_rejection_rolls_back_touched_gateways_and_stops() {
         let mut r = rollout(spec(Strategy::Rolling), &["a", "b"]);
         let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
-        let (effects, _) = step(&mut r, &f, 0);
+        let (effects, _) = step_seen(&mut r, &f, 0);
         let Effect::Offer { offer_id, .. } = &effects[0];
         answer(
             &mut r,
@@ -1008,7 +1251,7 @@ mod tests {
             "validation failed",
             10,
         );
-        let (effects, _) = step(&mut r, &f, 20);
+        let (effects, _) = step_seen(&mut r, &f, 20);
         // Nothing changed on a (rejected), so there is nothing to roll back, and b never got it.
         assert!(effects.is_empty(), "{effects:?}");
         assert_eq!(r.phase, Phase::Done(Outcome::RolledBack));
@@ -1022,10 +1265,10 @@ mod tests {
         s.rollback_on_error = false;
         let mut r = rollout(s, &["a", "b"]);
         let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
-        let (effects, _) = step(&mut r, &f, 0);
+        let (effects, _) = step_seen(&mut r, &f, 0);
         let Effect::Offer { offer_id, .. } = &effects[0];
         answer(&mut r, "a", offer_id, ConfigPhase::Rejected, "bad", 10);
-        step(&mut r, &f, 20);
+        step_seen(&mut r, &f, 20);
         assert!(matches!(r.phase, Phase::Paused { .. }));
         assert_eq!(r.state_name(), "paused");
     }
@@ -1035,7 +1278,7 @@ mod tests {
         let mut s = spec(Strategy::Rolling);
         s.max_block_rate_delta = Some(0.2);
         let mut r = rollout(s, &["a", "b", "c"]);
-        let (effects, _) = step(
+        let (effects, _) = step_seen(
             &mut r,
             &fleet(&[
                 ("a", true, 100, 0),
@@ -1045,7 +1288,7 @@ mod tests {
             0,
         );
         apply_all(&mut r, &effects, 0);
-        step(
+        step_seen(
             &mut r,
             &fleet(&[
                 ("a", true, 100, 0),
@@ -1064,7 +1307,7 @@ mod tests {
             ],
             &["a"],
         );
-        let (effects, _) = step(&mut r, &baked, 3_000);
+        let (effects, _) = step_seen(&mut r, &baked, 3_000);
         assert!(
             matches!(r.phase, Phase::RollingBack { .. }),
             "{:?}",
@@ -1090,7 +1333,7 @@ mod tests {
             ("a", true, OLD)
         );
         answer(&mut r, "a", offer_id, ConfigPhase::Applied, "", 3_100);
-        step(&mut r, &baked, 3_200);
+        step_seen(&mut r, &baked, 3_200);
         assert_eq!(r.phase, Phase::Done(Outcome::RolledBack));
         assert_eq!(
             r.gateways["b"].offers_sent, 0,
@@ -1102,9 +1345,9 @@ mod tests {
     fn baking_first_batch(s: Spec) -> RolloutRecord {
         let mut r = rollout(s, &["a", "b"]);
         let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
-        let (effects, _) = step(&mut r, &f, 1_000);
+        let (effects, _) = step_seen(&mut r, &f, 1_000);
         apply_all(&mut r, &effects, 1_000);
-        step(&mut r, &f, 1_000);
+        step_seen(&mut r, &f, 1_000);
         assert_eq!(r.phase, Phase::Baking { until: 3_000 });
         r
     }
@@ -1116,11 +1359,11 @@ mod tests {
         let mut r = baking_first_batch(spec(Strategy::Rolling));
         let mut gone = fleet(&[("a", false, 0, 0), ("b", true, 0, 0)]);
         gone.fleet.get_mut("a").expect("a").agent_state = AgentState::Unreachable as i32;
-        step(&mut r, &gone, 3_000);
+        step_seen(&mut r, &gone, 3_000);
         assert_eq!(r.phase, Phase::Baking { until: 3_000 });
         // ...and once liveness calls it disconnected, nothing says a stayed healthy.
         gone.fleet.get_mut("a").expect("a").agent_state = AgentState::Disconnected as i32;
-        step(&mut r, &gone, 6_000);
+        step_seen(&mut r, &gone, 6_000);
         assert!(matches!(r.phase, Phase::Paused { .. }), "{:?}", r.phase);
         let gate = r.gates.iter().find(|g| g.gate == "health").expect("gate");
         assert_eq!(gate.decision, "inconclusive");
@@ -1140,7 +1383,7 @@ mod tests {
         let mut s = spec(Strategy::Rolling);
         s.continue_on_inconclusive = true;
         let mut r = baking_first_batch(s);
-        step(&mut r, &gone, 6_000);
+        step_seen(&mut r, &gone, 6_000);
         assert!(matches!(r.phase, Phase::Pausing { .. }), "{:?}", r.phase);
         assert_eq!(
             r.gates.last().map(|g| g.decision.as_str()),
@@ -1154,12 +1397,12 @@ mod tests {
         // Connected, but its last heartbeat came before the bake started.
         let mut quiet = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
         quiet.fleet.get_mut("a").expect("a").last_heartbeat_unix_ms = 900;
-        step(&mut r, &quiet, 3_000);
+        step_seen(&mut r, &quiet, 3_000);
         assert_eq!(r.phase, Phase::Baking { until: 3_000 });
         assert!(r.gates.iter().all(|g| g.gate != "health"));
         // Its heartbeat arrives: evidence, and the gate passes.
         quiet.fleet.get_mut("a").expect("a").last_heartbeat_unix_ms = 3_100;
-        step(&mut r, &quiet, 3_100);
+        step_seen(&mut r, &quiet, 3_100);
         let gate = r.gates.iter().find(|g| g.gate == "health").expect("gate");
         assert_eq!(gate.decision, "passed");
         assert!(matches!(r.phase, Phase::Pausing { .. }), "{:?}", r.phase);
@@ -1169,20 +1412,20 @@ mod tests {
     fn an_offer_lost_with_a_restarted_agent_is_made_again() {
         let mut r = rollout(spec(Strategy::Rolling), &["a", "b"]);
         let mut f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
-        let (effects, _) = step(&mut r, &f, 1_000);
+        let (effects, _) = step_seen(&mut r, &f, 1_000);
         assert_eq!(offers(&effects), ["a"]);
         // a's agent restarts between two steps: never seen disconnected, but a new session.
         f.fleet.get_mut("a").expect("a").connected_since_unix_ms = 1_500;
-        let (effects, _) = step(&mut r, &f, 2_000);
+        let (effects, _) = step_seen(&mut r, &f, 2_000);
         let (effects, _) = if effects.is_empty() {
-            step(&mut r, &f, 2_200)
+            step_seen(&mut r, &f, 2_200)
         } else {
             (effects, true)
         };
         assert_eq!(offers(&effects), ["a"], "offered again on the new session");
         assert_eq!(r.gateways["a"].offers_sent, 2);
         // The new offer is not repeated while the session stays the same.
-        let (effects, _) = step(&mut r, &f, 2_400);
+        let (effects, _) = step_seen(&mut r, &f, 2_400);
         assert!(effects.is_empty());
     }
 
@@ -1192,10 +1435,10 @@ mod tests {
         s.max_block_rate_delta = Some(0.2);
         let mut r = rollout(s, &["a", "b"]);
         let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0)]);
-        let (effects, _) = step(&mut r, &f, 0);
+        let (effects, _) = step_seen(&mut r, &f, 0);
         apply_all(&mut r, &effects, 0);
-        step(&mut r, &f, 100);
-        step(&mut r, &f, 3_000);
+        step_seen(&mut r, &f, 100);
+        step_seen(&mut r, &f, 3_000);
         assert_eq!(r.state_name(), "paused");
         assert_eq!(
             r.gates.last().map(|g| g.decision.as_str()),
@@ -1218,17 +1461,17 @@ mod tests {
             &["a", "b", "c"],
         );
         let f = fleet(&[("a", true, 0, 0), ("b", true, 0, 0), ("c", true, 0, 0)]);
-        let (effects, _) = step(&mut r, &f, 0);
+        let (effects, _) = step_seen(&mut r, &f, 0);
         assert_eq!(offers(&effects), ["a"]);
         apply_all(&mut r, &effects, 0);
-        step(&mut r, &f, 100);
-        step(&mut r, &f, 3_000);
+        step_seen(&mut r, &f, 100);
+        step_seen(&mut r, &f, 3_000);
         assert_eq!(r.phase, Phase::AwaitingPromotion);
         promote(&mut r, 3_100, "op", "").expect("promote");
-        let (effects, _) = step(&mut r, &f, 3_200);
+        let (effects, _) = step_seen(&mut r, &f, 3_200);
         assert_eq!(offers(&effects), ["b", "c"]);
         abort(&mut r, 3_300, "op", "changed my mind").expect("abort");
-        let (effects, _) = step(&mut r, &f, 3_400);
+        let (effects, _) = step_seen(&mut r, &f, 3_400);
         let mut back = offers(&effects);
         back.sort();
         assert_eq!(back, ["a", "b", "c"], "every touched gateway goes back");
@@ -1242,7 +1485,7 @@ mod tests {
             assert!(*rollback);
             answer(&mut r, gateway, offer_id, ConfigPhase::Applied, "", 3_500);
         }
-        step(&mut r, &f, 3_600);
+        step_seen(&mut r, &f, 3_600);
         assert_eq!(r.phase, Phase::Done(Outcome::Aborted));
     }
 
@@ -1251,8 +1494,8 @@ mod tests {
         let mut s = spec(Strategy::AllAtOnce);
         s.rollback_on_error = false;
         let mut r = rollout(s, &["a"]);
-        step(&mut r, &fleet(&[("a", false, 0, 0)]), 0);
-        step(&mut r, &fleet(&[("a", false, 0, 0)]), 600_001);
+        step_seen(&mut r, &fleet(&[("a", false, 0, 0)]), 0);
+        step_seen(&mut r, &fleet(&[("a", false, 0, 0)]), 600_001);
         assert_eq!(r.phase, Phase::Done(Outcome::TimedOut));
     }
 
@@ -1260,8 +1503,8 @@ mod tests {
     fn an_unanswered_offer_fails_after_the_apply_deadline() {
         let mut r = rollout(spec(Strategy::AllAtOnce), &["a"]);
         let f = fleet(&[("a", true, 0, 0)]);
-        step(&mut r, &f, 0);
-        step(&mut r, &f, 10_000 + ANSWER_GRACE_MS + 1);
+        step_seen(&mut r, &f, 0);
+        step_seen(&mut r, &f, 10_000 + ANSWER_GRACE_MS + 1);
         assert!(
             matches!(r.phase, Phase::RollingBack { .. }),
             "{:?}",
@@ -1273,7 +1516,7 @@ mod tests {
     #[test]
     fn stale_answers_are_ignored() {
         let mut r = rollout(spec(Strategy::AllAtOnce), &["a"]);
-        step(&mut r, &fleet(&[("a", true, 0, 0)]), 0);
+        step_seen(&mut r, &fleet(&[("a", true, 0, 0)]), 0);
         assert!(!answer(&mut r, "a", "r-1/a/0", ConfigPhase::Applied, "", 1));
         assert_eq!(r.gateways["a"].state, TargetState::Offered);
         assert!(answer(

@@ -87,7 +87,7 @@ async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow:
     }
     .await;
     let rtt = started.elapsed();
-    let (client, gateways) = match listed {
+    let (mut client, gateways) = match listed {
         Ok(found) => {
             inputs.rtt = Some(Ok(rtt));
             found
@@ -99,6 +99,13 @@ async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow:
         }
     };
     inputs.gateways = select(gateways, &args.gateway)?;
+    if sections.contains(&Section::Config) {
+        let groups = client
+            .list_groups(kt_proto::v1::ListGroupsRequest {})
+            .await
+            .map_err(|status| status.message().to_owned());
+        inputs.groups = Some(groups.map(|r| r.into_inner().groups));
+    }
     if !sections.contains(&Section::Connectivity) {
         inputs.rtt = None;
     }

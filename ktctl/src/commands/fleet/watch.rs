@@ -56,15 +56,21 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
                 .unwrap_or(0)
                 .max(width);
             println!(
-                "{:<20} {:<width$} {:<13} {:<10} {:<28} REQUESTS",
-                "TIME", "GATEWAY", "AGENT", "STATUS", "CONFIG"
+                "{:<20} {:<width$} {:<13} {:<10} {:<28} {:<18} REQUESTS",
+                "TIME", "GATEWAY", "AGENT", "STATUS", "RUNNING", "SYNC"
             );
             header = false;
         }
         for state in &states {
             let row = GatewayRow::from_state(state, now);
             // A change that changes nothing shown (only counters moved) is not repeated.
-            let key = format!("{}|{}|{}", row.agent, row.status, row.config_human());
+            let key = format!(
+                "{}|{}|{}|{}",
+                row.agent,
+                row.status,
+                row.config_human(),
+                row.sync_human()
+            );
             if kind == "changed" && shown.get(&row.gateway) == Some(&key) {
                 continue;
             }
@@ -88,8 +94,14 @@ fn print_line(kind: &str, row: &GatewayRow, output: Output, width: usize) -> any
         _ => {
             let config = row.config_human();
             println!(
-                "{:<20} {:<width$} {:<13} {:<10} {:<28} {}",
-                time, row.gateway, row.agent, row.status, config, row.requests_processed
+                "{:<20} {:<width$} {:<13} {:<10} {:<28} {:<18} {}",
+                time,
+                row.gateway,
+                row.agent,
+                row.status,
+                config,
+                row.sync_human(),
+                row.requests_processed
             );
         }
     }

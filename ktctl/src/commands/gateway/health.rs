@@ -41,7 +41,9 @@ fn print_table(rows: &[GatewayRow]) {
         "REGION",
         "AGENT",
         "STATUS",
-        "CONFIG",
+        "RUNNING",
+        "DESIRED",
+        "SYNC",
         "PROVIDERS",
         "REQUESTS",
         "LAST SEEN",
@@ -59,6 +61,8 @@ fn print_table(rows: &[GatewayRow]) {
             row.agent.to_owned(),
             row.status.to_owned(),
             config,
+            row.desired_human(),
+            row.sync_human(),
             format!("{}/{}", row.providers_reachable, row.providers_total),
             row.requests_processed.to_string(),
             row.last_seen_human(),
@@ -71,6 +75,12 @@ fn print_table(rows: &[GatewayRow]) {
         }
         if let Some(error) = &row.error {
             println!("{}: {error}", row.gateway);
+        }
+        if let Some(since) = row.drifted_since.as_ref().filter(|_| row.sync == "drifted") {
+            println!(
+                "{}: drifted from its desired config since {since}",
+                row.gateway
+            );
         }
         if let Some(duplicate) = &row.duplicate_agent {
             println!("{}: {duplicate}", row.gateway);
