@@ -91,6 +91,30 @@ async fn all_connected(sim: &SimFleet, n: usize, timeout: Duration) -> Option<Du
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Waits until the coordinator knows what every gateway should run (each adopted what it ran
+/// at first report), so that watchers count health changes only.
+async fn all_settled(
+    operator: &mut kt_proto::v1::operator_service_client::OperatorServiceClient<
+        tonic::transport::Channel,
+    >,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        let gateways = kt_ctl::client::list_gateways(operator, "").await?;
+        let settled = gateways
+            .iter()
+            .filter(|g| g.sync == kt_proto::v1::SyncState::InSync as i32)
+            .count();
+        if settled >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("not every gateway got a desired config within {timeout:?}")
+}
+
 pub async fn connect(run: &Run<'_>) -> anyhow::Result<Outcome> {
     let coordinator = run.coordinator()?;
     let before = coordinator.stats();
@@ -518,6 +542,8 @@ pub async fn watch(
     all_connected(&sim, run.agents, CONNECT_TIMEOUT)
         .await
         .ok_or_else(|| anyhow::anyhow!("not every agent connected"))?;
+    let mut operator = fleet::operator(run.pki, coordinator.addr).await?;
+    all_settled(&mut operator, run.agents, CONNECT_TIMEOUT).await?;
     // Once every change is made, how many there were: watchers read until they saw them all
     // (or, if some never come, until a generous deadline), however slow the machine.
     let (total, expected) = tokio::sync::watch::channel(None);

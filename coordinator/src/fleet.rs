@@ -115,7 +115,7 @@ pub struct Hold {
 /// What the engine's subscription carries.
 #[derive(Clone, Debug)]
 pub enum FleetChange {
-    State(GatewayState),
+    State(Box<GatewayState>),
     Heartbeat { gateway: GatewayId, at_unix_ms: u64 },
 }
 
@@ -707,7 +707,9 @@ impl Fleet {
         if let Some(view) = view {
             // No receivers is fine: nobody is watching.
             if self.subscription.receiver_count() > 0 {
-                let _ = self.subscription.send(FleetChange::State(view.clone()));
+                let _ = self
+                    .subscription
+                    .send(FleetChange::State(Box::new(view.clone())));
             }
             let _ = self.changes.send(view);
         }

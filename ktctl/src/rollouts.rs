@@ -318,6 +318,19 @@ pub fn to_json(r: &Rollout, diff: Option<&str>) -> serde_json::Value {
         "reason": r.reason,
         "created_at_unix_ms": r.created_at_unix_ms,
         "current_batch": r.current_batch,
+        "spec": r.spec.as_ref().map(|s| json!({
+            "strategy": kt_proto::v1::Strategy::try_from(s.strategy).map_or("unspecified", |s| match s {
+                kt_proto::v1::Strategy::Canary => "canary",
+                kt_proto::v1::Strategy::AllAtOnce => "all-at-once",
+                _ => "rolling",
+            }),
+            "batch_size": if s.size_percent { format!("{}%", s.size) } else { s.size.to_string() },
+            "pause_between_ms": s.pause_between_ms,
+            "min_healthy_time_ms": s.min_healthy_time_ms,
+            "max_block_rate_delta": (s.max_block_rate_delta >= 0.0).then_some(s.max_block_rate_delta),
+            "max_error_rate": (s.max_error_rate >= 0.0).then_some(s.max_error_rate),
+            "rollback_on_error": s.rollback_on_error,
+        })),
         "batches": r.batches.iter().map(|b| b.gateways.iter().map(|g| json!({
             "gateway": g.gateway_id,
             "baseline": config(g.baseline.as_ref()),

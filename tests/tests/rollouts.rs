@@ -303,17 +303,15 @@ async fn the_verdict_mix_gate_rolls_back_a_policy_that_blocks_everything() {
     assert!(gate["value"].as_f64().is_some_and(|v| v > 0.5), "{gate:#}");
     assert_eq!(r["batches"][0][0]["state"], "rolled_back", "{r:#}");
     assert_eq!(r["batches"][1][0]["state"], "not_offered");
-    fleet
-        .wait_for_health(
-            "every gateway back on the previous hash",
-            PATIENCE,
-            |_, rows| {
-                rows.iter()
-                    .map(|r| r["config_hash"].as_str().unwrap_or_default())
-                    .all(|h| h == before[0])
-            },
-        )
-        .await;
+    // A rollback is complete only once reported: as the push returns, every gateway already
+    // shows the previous version, in sync with its desired config (no window showing the new).
+    let (_, rows) = fleet.health();
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        assert_eq!(row["config_hash"], before[0], "{row:#}");
+        assert_eq!(row["desired_hash"], before[0], "{row:#}");
+        assert_eq!(row["sync"], "in_sync", "{row:#}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -323,7 +323,7 @@ impl Engine {
         match change {
             FleetChange::State(state) => {
                 self.unchecked.insert(state.gateway_id.clone());
-                self.observed.fleet.insert(state.gateway_id.clone(), state);
+                self.observed.fleet.insert(state.gateway_id.clone(), *state);
             }
             FleetChange::Heartbeat {
                 gateway,
