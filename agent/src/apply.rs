@@ -6,12 +6,12 @@
 //! state dir keeps `previous.yaml` (what ran before the last apply) and `last-known-good.yaml`
 //! (the last config verified healthy).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use kt_proto::contract::{HealthDoc, HealthStatus};
+use kt_contract::{HealthDoc, HealthStatus, content_hash};
+use kt_daemon::fs::write_atomic;
 use kt_proto::v1::{self, ConfigOffer, ConfigPhase, ConfigRef, ConfigStatus};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -361,11 +361,6 @@ fn running_of(health: &v1::GatewayHealth) -> ConfigRef {
         .unwrap_or_default()
 }
 
-/// `sha256:<hex>`, as the gateway reports its config.
-pub fn content_hash(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
 /// Whether SemVer `a` is lower than `b`; unparsable versions are never "lower".
 pub fn is_lower(a: &str, b: &str) -> bool {
     fn triple(v: &str) -> Option<(u64, u64, u64)> {
@@ -375,27 +370,6 @@ pub fn is_lower(a: &str, b: &str) -> bool {
         parts.next().is_none().then_some(t)
     }
     matches!((triple(a), triple(b)), (Some(a), Some(b)) if a < b)
-}
-
-/// Writes `bytes` to `path` so that readers see the old file or the new one, never a mix:
-/// a temp file in the same directory, fsync, rename, then fsync of the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -410,19 +384,5 @@ mod tests {
         assert!(!is_lower("1.0.0", "1.0.0"));
         assert!(!is_lower("banana", "1.0.0"));
         assert!(!is_lower("1.0.0", ""));
-    }
-
-    #[test]
-    fn atomic_write_replaces_whole_files() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("policy.yaml");
-        write_atomic(&path, b"one").expect("first");
-        write_atomic(&path, b"two").expect("second");
-        assert_eq!(std::fs::read(&path).expect("read"), b"two");
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-            .expect("dir")
-            .filter_map(Result::ok)
-            .collect();
-        assert_eq!(leftovers.len(), 1, "no temp file left behind");
     }
 }

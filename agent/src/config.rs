@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kt_daemon::yaml::{ConfigFileError, read_yaml_file};
 use kt_proto::tls::TlsFiles;
-use kt_proto::yaml::{ConfigFileError, read_yaml_file};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -38,7 +38,7 @@ const MIN_BUFFERED_BYTES: u64 = 64 << 10;
 pub struct EventsSettings {
     pub max_buffered_events: u64,
     /// The bodies' total size: a number of bytes or e.g. `512MiB`.
-    #[serde(deserialize_with = "kt_proto::size::deserialize")]
+    #[serde(deserialize_with = "kt_daemon::size::deserialize")]
     pub max_buffered_bytes: u64,
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use kt_proto::contract::{HealthDoc, HealthStatus, Reachability};
-use kt_proto::unix_ms_now;
+use kt_contract::{HealthDoc, HealthStatus, Reachability};
+use kt_daemon::unix_ms_now;
 use kt_proto::v1;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -84,7 +84,7 @@ impl HealthPoller {
             .get(&self.settings.health_url)
             .send()
             .await
-            .map_err(|e| format!("cannot reach gateway: {}", kt_proto::error_chain(&e)))?;
+            .map_err(|e| format!("cannot reach gateway: {}", kt_daemon::error_chain(&e)))?;
         let status = response.status();
         let body = read_limited(response).await?;
         let doc: HealthDoc = serde_json::from_slice(&body)

@@ -120,7 +120,7 @@ impl Agent {
                 .map_err(|e| anyhow::anyhow!("metrics_listen {addr}: {e}"))?;
             tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
             let encode = scrape(metrics.clone(), forwarding.clone());
-            tasks.spawn(kt_proto::metrics_http::serve(
+            tasks.spawn(kt_daemon::metrics_http::serve(
                 listener,
                 encode,
                 cancel.child_token(),
@@ -149,10 +149,10 @@ impl Agent {
 fn scrape(
     metrics: std::sync::Arc<metrics::Metrics>,
     forwarding: Option<events::ForwardingReport>,
-) -> kt_proto::metrics_http::Encode {
+) -> kt_daemon::metrics_http::Encode {
     std::sync::Arc::new(move || {
         if let Some(report) = &forwarding {
-            report.scrape(kt_proto::unix_ms_now());
+            report.scrape(kt_daemon::unix_ms_now());
         }
         let text = metrics.encode();
         Box::pin(async move { text })

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kt_agent::Agent;
 use kt_agent::config::AgentConfig;
-use kt_proto::daemon::{self, LogFormat};
+use kt_daemon::daemon::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -30,7 +30,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     daemon::init_logging(cli.log_format);
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
 
     let Some(config_path) = cli.config else {
         eprintln!("kt-agent: --config FILE is required");

@@ -32,7 +32,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kt_agent");
-        kt_proto::metrics_http::register_log_repeats(&mut registry);
+        kt_daemon::metrics_http::register_log_repeats(&mut registry);
         let connected = Gauge::default();
         registry.register(
             "connected",
@@ -118,6 +118,6 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn encode(&self) -> String {
-        kt_proto::metrics_http::encode(&self.registry)
+        kt_daemon::metrics_http::encode(&self.registry)
     }
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::Retryable;
+use kt_daemon::unix_ms_now;
 use kt_proto::identity::GatewayId;
 use kt_proto::tls::PeerTls;
-use kt_proto::unix_ms_now;
 use kt_proto::v1::agent_message::Body as AgentBody;
 use kt_proto::v1::agent_service_client::AgentServiceClient;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;

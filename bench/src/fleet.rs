@@ -67,7 +67,7 @@ pub fn ensure_certs(dir: &Path, agents: usize) -> anyhow::Result<()> {
 /// Raises this process's open-file limit to its hard limit (children inherit it); says so
 /// when what it got is below what `needed` connections take.
 pub fn raise_fd_limit(needed: u64) {
-    let limit = kt_proto::conn::raise_fd_limit();
+    let limit = kt_daemon::conn::raise_fd_limit();
     if limit < needed {
         eprintln!(
             "warning: the open-file limit is {limit}, below the ~{needed} this run needs; \

@@ -93,7 +93,7 @@ fn cert_cache() -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     // No log subscriber: the simulated agents' warnings (refused sessions during a storm...)
     // would drown the results.
     let runtime = match tokio::runtime::Builder::new_multi_thread()

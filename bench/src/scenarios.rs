@@ -632,7 +632,7 @@ async fn receive_updates(
             let observed = state.health.map_or(0, |h| h.observed_at_unix_ms);
             if observed > 0 {
                 count += 1;
-                latencies.push(kt_proto::unix_ms_now().saturating_sub(observed) as f64);
+                latencies.push(kt_daemon::unix_ms_now().saturating_sub(observed) as f64);
             }
         }
     }

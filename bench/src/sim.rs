@@ -45,7 +45,7 @@ impl SimAgent {
             } else {
                 HealthStatus::Healthy as i32
             };
-            h.observed_at_unix_ms = kt_proto::unix_ms_now();
+            h.observed_at_unix_ms = kt_daemon::unix_ms_now();
         });
     }
 }
@@ -74,7 +74,7 @@ pub fn healthy(hash: &str) -> GatewayHealth {
             hash: hash.into(),
             ..Default::default()
         }),
-        observed_at_unix_ms: kt_proto::unix_ms_now(),
+        observed_at_unix_ms: kt_daemon::unix_ms_now(),
         ..Default::default()
     }
 }
@@ -127,7 +127,8 @@ fn start_agent(
         min = settings.min_delay.as_millis(),
         max = settings.max_delay.as_millis(),
     );
-    let config: AgentConfig = kt_proto::yaml::parse_yaml(Path::new("simulated agent.yaml"), &yaml)?;
+    let config: AgentConfig =
+        kt_daemon::yaml::parse_yaml(Path::new("simulated agent.yaml"), &yaml)?;
     let tls = config.tls.load(Role::Agent)?;
     let gateway = GatewayId::new(&id).map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
     let session_settings = Arc::new(SessionSettings {

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kt_daemon::yaml::{ConfigFileError, read_yaml_file};
 use kt_proto::identity::GatewayId;
 use kt_proto::tls::TlsFiles;
-use kt_proto::yaml::{ConfigFileError, read_yaml_file};
 use serde::Deserialize;
 
 /// `coordinator.yaml`.
@@ -32,7 +32,7 @@ pub struct CoordinatorConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Limits on incoming connections and their TLS handshakes.
     #[serde(default)]
-    pub connections: kt_proto::conn::ConnectionLimits,
+    pub connections: kt_daemon::conn::ConnectionLimits,
 }
 
 /// How long and how many decision events the coordinator keeps for `--since` and stats.
@@ -350,7 +350,7 @@ pub fn load_groups(path: &Path) -> Result<Vec<Group>, ConfigFileError> {
 
 /// Parses groups sent by an operator (`ktctl groups apply`); `source` names them in errors.
 pub fn parse_groups(source: &Path, text: &str) -> Result<Vec<Group>, ConfigFileError> {
-    let raw: RawGroupsFile = kt_proto::yaml::parse_yaml(source, text)?;
+    let raw: RawGroupsFile = kt_daemon::yaml::parse_yaml(source, text)?;
     groups_from_raw(source, raw)
 }
 

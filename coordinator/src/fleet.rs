@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use kt_daemon::unix_ms_now;
 use kt_proto::identity::{DUPLICATE_AGENT_REPLACEMENTS, GatewayId};
-use kt_proto::unix_ms_now;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
 use kt_proto::v1::{
     AgentState, ConfigOffer, ConfigRef, CoordinatorMessage, EventForwarding, GatewayHealth,

@@ -19,11 +19,11 @@ pub mod store;
 
 use std::time::Duration;
 
+use kt_daemon::yaml::ConfigFileError;
 use kt_proto::identity::Role;
 use kt_proto::tls::{PeerTls, TlsError};
 use kt_proto::v1::agent_service_server::AgentServiceServer;
 use kt_proto::v1::operator_service_server::OperatorServiceServer;
-use kt_proto::yaml::ConfigFileError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -174,7 +174,7 @@ impl Coordinator {
                 .map_err(|e| anyhow::anyhow!("metrics_listen {addr}: {e}"))?;
             tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
             let encode = scrape(metrics.clone(), handle.clone(), engine_handle.clone());
-            tasks.spawn(kt_proto::metrics_http::serve(
+            tasks.spawn(kt_daemon::metrics_http::serve(
                 listener,
                 encode,
                 cancel.child_token(),
@@ -195,7 +195,7 @@ impl Coordinator {
             .tls
             .rustls_server_config()
             .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
-        let admission = kt_proto::conn::Admission::new(self.config.connections.clone());
+        let admission = kt_daemon::conn::Admission::new(self.config.connections.clone());
         let incoming = listener::incoming(
             listener,
             Arc::new(tls),
@@ -267,7 +267,7 @@ async fn reload_groups_on_hangup(
             return; // shutting down
         }
         let _ = store.audit(
-            kt_proto::unix_ms_now(),
+            kt_daemon::unix_ms_now(),
             "coordinator",
             "groups reload",
             &names.join(","),
@@ -283,7 +283,7 @@ fn scrape(
     metrics: Arc<metrics::Metrics>,
     fleet: fleet::FleetHandle,
     engine: rollout::engine::EngineHandle,
-) -> kt_proto::metrics_http::Encode {
+) -> kt_daemon::metrics_http::Encode {
     Arc::new(move || {
         let (metrics, fleet, engine) = (metrics.clone(), fleet.clone(), engine.clone());
         Box::pin(async move {

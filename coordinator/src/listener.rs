@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use kt_proto::conn::{Admission, Admitted, OpenPermit, Refusal, refused};
+use kt_daemon::conn::{Admission, Admitted, OpenPermit, Refusal, refused};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kt_coordinator::Coordinator;
 use kt_coordinator::config::CoordinatorConfig;
-use kt_proto::daemon::{self, LogFormat};
+use kt_daemon::daemon::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -38,7 +38,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     daemon::init_logging(cli.log_format);
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
 
     let Some(config_path) = cli.config else {
         eprintln!("kt-coordinator: --config FILE is required");

@@ -2,7 +2,7 @@
 //! rollouts by state, gate evaluations, config applies by result, events in, out and dropped,
 //! and how far the slowest tail subscriber lags.
 
-use kt_proto::conn::ReasonLabels;
+use kt_daemon::conn::ReasonLabels;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -134,7 +134,7 @@ impl Default for Metrics {
             "Open connections, in TLS handshake or established",
             connections_open.clone(),
         );
-        kt_proto::metrics_http::register_log_repeats(&mut registry);
+        kt_daemon::metrics_http::register_log_repeats(&mut registry);
         Metrics {
             registry,
             agent_messages_refused,
@@ -158,7 +158,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn encode(&self) -> String {
-        kt_proto::metrics_http::encode(&self.registry)
+        kt_daemon::metrics_http::encode(&self.registry)
     }
 
     /// Replaces a gauge family's values with `counts`; the states in `all` are always present.

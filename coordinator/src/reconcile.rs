@@ -315,7 +315,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         kt_proto::identity::GatewayId::new(gateway)
             .map_err(|e| EngineError::Invalid(format!("gateway id {gateway:?}: {e}")))?;
-        let now = kt_proto::unix_ms_now();
+        let now = kt_daemon::unix_ms_now();
         let Some(wanted) = config else {
             if !self.intent.pins.contains_key(gateway) {
                 return Err(EngineError::NotFound(format!("{gateway} is not pinned")));

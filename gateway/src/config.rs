@@ -13,13 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::policy::Chain;
 use crate::sections;
 
-/// Largest config file accepted; anything bigger is refused before parsing.
-pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+pub use kt_contract::{MAX_CONFIG_BYTES, content_hash};
 
 /// Policy kinds, in the spelling the config uses.
 pub const KNOWN_KINDS: &[&str] = &[
@@ -372,11 +370,6 @@ impl PolicyConfig {
             _ => Err(fail(errors)),
         }
     }
-}
-
-/// The content address of config bytes: `sha256:<lowercase hex>`.
-pub fn content_hash(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
 /// The blocks that did not deserialize (`pack`, `policy.dlp-filter`, ...): the rules about

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use kt_proto::contract::{CacheDoc, ConfigDoc, HealthDoc, HealthStatus, Reachability, VerdictsDoc};
+use kt_contract::{CacheDoc, ConfigDoc, HealthDoc, HealthStatus, Reachability, VerdictsDoc};
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -95,7 +95,7 @@ impl Gateway {
     ) -> Result<Self, ConfigErrors> {
         let config = PolicyConfig::load(&config_path)?;
         // The provider client speaks TLS through rustls with ring, like every kt process.
-        kt_proto::install_crypto_provider();
+        kt_daemon::install_crypto_provider();
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)

@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use kt_proto::conn::{Admission, Admitted, ConnectionLimits, Refusal, Waiting, refused};
+use kt_daemon::conn::{Admission, Admitted, ConnectionLimits, Refusal, Waiting, refused};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;

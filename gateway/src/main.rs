@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use kt_daemon::daemon::{self, LogFormat};
 use kt_gateway::config::PolicyConfig;
 use kt_gateway::events::{self, EventsSettings};
 use kt_gateway::gateway::Gateway;
 use kt_gateway::mock::MockOptions;
 use kt_gateway::probe_token::ProbeToken;
-use kt_proto::daemon::{self, LogFormat};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +91,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     match cli.command {
         Some(Command::Validate { file }) => validate(&file),
         Some(Command::MockProvider {

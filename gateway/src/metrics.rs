@@ -1,6 +1,6 @@
 //! Prometheus metrics of the gateway, served at `/metrics`.
 
-use kt_proto::conn::ReasonLabels;
+use kt_daemon::conn::ReasonLabels;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -47,7 +47,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kt_gateway");
-        kt_proto::metrics_http::register_log_repeats(&mut registry);
+        kt_daemon::metrics_http::register_log_repeats(&mut registry);
         let requests = Family::<VerdictLabels, Counter>::default();
         registry.register(
             "requests",

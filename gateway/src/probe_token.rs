@@ -6,7 +6,6 @@
 //! synthetic: the gateway writes a fresh random token to a file only its own user can read
 //! (`--probe-token-file`), and its agent reads it from there for each probe.
 
-use std::io::Write;
 use std::path::Path;
 
 /// A per-start secret.
@@ -23,22 +22,8 @@ impl ProbeToken {
     /// Makes a fresh token and writes it to `path` (mode 0600, replaced by rename, so a reader
     /// sees the old token or the new one, never half of one).
     pub fn create(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
         let token = hex::encode(rand::random::<[u8; 32]>());
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(token.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = dir {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+        kt_daemon::fs::write_private(path, token.as_bytes())?;
         Ok(ProbeToken(token))
     }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use kt_proto::contract::{ProviderDoc, Reachability};
+use kt_contract::{ProviderDoc, Reachability};
 
 use crate::config::ProviderTarget;
 
@@ -197,7 +197,7 @@ mod tests {
         let mut t = target(None);
         t.base_url = format!("http://127.0.0.1:{port}/v1");
         let resolved = &resolve(&[t], &|_| None)[0];
-        kt_proto::install_crypto_provider();
+        kt_daemon::install_crypto_provider();
         let state = probe(&reqwest::Client::new(), resolved, Duration::from_secs(2)).await;
         assert!(!state.reachable);
         assert!(state.error.is_some());

@@ -148,10 +148,8 @@ impl DevState {
     /// Written after every start, so a failed `dev up` can still be cleaned up by `dev down`.
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         let path = Self::path(dir);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+        kt_daemon::fs::write_atomic(&path, &serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 }
 

@@ -619,7 +619,7 @@ fn config(inputs: &Inputs, checks: &mut Vec<Check>) {
                 Mark::Warn,
                 format!(
                     "drifted: runs {now}, desired {d}{pinned}, since {}",
-                    kt_proto::clock::rfc3339(g.drifted_since_unix_ms)
+                    kt_daemon::clock::rfc3339(g.drifted_since_unix_ms)
                 ),
                 Some(format!(
                     "return it to its desired config (drift: enforce in its group, or ktctl config pin --gateway {} <version>), or make what it runs desired (ktctl config push)",

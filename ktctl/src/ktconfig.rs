@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use kt_daemon::yaml::{ConfigFileError, read_yaml_file};
 use kt_proto::tls::TlsFiles;
-use kt_proto::yaml::{ConfigFileError, read_yaml_file};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]

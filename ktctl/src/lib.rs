@@ -14,8 +14,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use kt_daemon::yaml::ConfigFileError;
 use kt_proto::v1::operator_service_client::OperatorServiceClient;
-use kt_proto::yaml::ConfigFileError;
 use tonic::transport::Channel;
 
 use crate::commands::{
@@ -237,9 +237,9 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}", status.message())
 }
 
-/// An error and its causes on one line, each cause once (see `kt_proto::error_chain`).
+/// An error and its causes on one line, each cause once (see `kt_daemon::error_chain`).
 pub fn error_line(error: &anyhow::Error) -> String {
-    kt_proto::error_chain(&**error)
+    kt_daemon::error_chain(&**error)
 }
 
 /// Runs one command and returns the process exit code.

@@ -7,7 +7,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     restore_sigpipe();
     let cli = kt_ctl::Cli::parse();
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -145,7 +145,7 @@ pub async fn follow(session: &Session, id: &str) -> anyhow::Result<Rollout> {
         };
         println!(
             "{}  lost the coordinator ({lost}); the rollout goes on there, reconnecting",
-            kt_proto::clock::hms(kt_proto::unix_ms_now())
+            kt_daemon::clock::hms(kt_daemon::unix_ms_now())
         );
         let deadline = tokio::time::Instant::now() + RECONNECT_PATIENCE;
         let mut delay = Duration::from_millis(250);
@@ -267,7 +267,7 @@ fn print_new(r: &Rollout, shown: &mut Shown) {
     // Stable: at the same millisecond, gate lines (first in the list) stay first.
     lines.sort_by_key(|(at, _)| *at);
     for (at, line) in lines {
-        println!("{}  {line}", kt_proto::clock::hms(at));
+        println!("{}  {line}", kt_daemon::clock::hms(at));
     }
     shown.history = r.history.len();
     shown.gates = r.gates.len();
@@ -277,7 +277,7 @@ fn print_new(r: &Rollout, shown: &mut Shown) {
             {
                 println!(
                     "{}  {:<14} {} offered {}",
-                    kt_proto::clock::hms(kt_proto::unix_ms_now()),
+                    kt_daemon::clock::hms(kt_daemon::unix_ms_now()),
                     "coordinator",
                     g.gateway_id,
                     config_label(r)

@@ -78,7 +78,7 @@ impl GatewayRow {
             sync: sync_label(state.sync),
             drifted_since: Some(state.drifted_since_unix_ms)
                 .filter(|ms| *ms > 0)
-                .map(kt_proto::clock::rfc3339),
+                .map(kt_daemon::clock::rfc3339),
             converging_by: non_empty(&state.converging_by),
             pinned: state.pinned,
             last_reload_error: config.and_then(|c| non_empty(&c.last_reload_error)),
@@ -86,7 +86,7 @@ impl GatewayRow {
                 .map_or(0, |h| h.providers.values().filter(|p| p.reachable).count()),
             providers_total: health.map_or(0, |h| h.providers.len()),
             requests_processed: health.map_or(0, |h| h.requests_processed),
-            last_seen: last_seen_ms.map(kt_proto::clock::rfc3339),
+            last_seen: last_seen_ms.map(kt_daemon::clock::rfc3339),
             last_seen_seconds_ago: last_seen_ms.map(|ms| now_unix_ms.saturating_sub(ms) / 1000),
             agent_version: state.agent_version.clone(),
             error: health.and_then(|h| non_empty(&h.error)),

@@ -5,51 +5,12 @@
 //! role and a name; [`tls`] loads the PEM files every binary needs.
 
 pub mod bounds;
-pub mod clock;
-pub mod conn;
-pub mod contract;
-pub mod daemon;
 pub mod identity;
 pub mod labels;
-pub mod metrics_http;
-pub mod repeats;
-pub mod size;
 pub mod tls;
-pub mod yaml;
 
 /// Generated code for package `kt.fleet.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("kt.fleet.v1");
-}
-
-/// Returns the current time as milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// An error and its causes on one line, each cause once: transport errors often repeat their
-/// source's text ("tcp connect error: tcp connect error").
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.last().is_some_and(|last| last.ends_with(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
-}
-
-/// Installs ring as the process-wide rustls crypto provider.
-///
-/// Every binary and test calls this first: with two providers linked, rustls cannot pick
-/// one by itself and `Server::tls_config` panics. Calling it twice is harmless.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -31,7 +31,7 @@ fn env_number(name: &str, default: u64) -> u64 {
 }
 
 fn main() {
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     let rate = env_number("KT_BENCH_RATE", 2000).max(1);
     let seconds = env_number("KT_BENCH_SECONDS", 10).max(1);
     let dir = tempfile::tempdir().expect("tempdir");

@@ -421,7 +421,7 @@ impl TestFleet {
         with_proxy: bool,
         max_buffered_events: Option<u64>,
     ) -> (Self, Option<proxy::CutProxy>) {
-        kt_proto::install_crypto_provider();
+        kt_daemon::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = Pki::new(dir.path().join("pki"));
         let ids: Vec<String> = (1..=n).map(|i| format!("gw-test-{i:02}")).collect();

@@ -185,7 +185,7 @@ async fn dev_up_status_and_down() {
 /// an injection is refused, each leaves a decision event, and health counts both.
 async fn governed_requests_through_a_dev_gateway(address: &str, events_file: &std::path::Path) {
     use serde_json::{Value, json};
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     let client = reqwest::Client::new();
     let chat = |text: &str| {
         let body =

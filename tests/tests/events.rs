@@ -71,7 +71,7 @@ fn stats(fleet: &TestFleet, args: &[&str]) -> Vec<Value> {
 async fn decisions_from_every_gateway_reach_the_tail_with_filters_and_stats() {
     let fleet = TestFleet::start(3);
     healthy(&fleet, 3).await;
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     let client = reqwest::Client::new();
     for gateway in &fleet.gateways {
         for text in [

@@ -15,7 +15,7 @@ struct Setup {
 
 /// A mock provider with `provider_flags`, and a gateway whose example policy is edited by `edit`.
 fn setup(provider_flags: &[&str], edit: impl Fn(String) -> String) -> Setup {
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let provider = MockProvider::start(&dir.path().join("provider"), provider_flags);
     let policy = edit(dev::example_policy(provider.addr));
@@ -561,7 +561,7 @@ async fn only_the_agents_probe_token_makes_a_request_synthetic() {
 
 #[tokio::test]
 async fn a_failing_disk_is_logged_a_few_lines_at_a_time_and_counted() {
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let provider = MockProvider::start(&dir.path().join("provider"), &[]);
     let policy = dir.path().join("policy.yaml");
@@ -611,7 +611,7 @@ async fn a_failing_disk_is_logged_a_few_lines_at_a_time_and_counted() {
     let (lines, _) = suppressed();
     assert!(found, "no summary line:\n{}", gateway.log_text());
     assert!(
-        lines <= 2 * kt_proto::repeats::BURST as usize,
+        lines <= 2 * kt_daemon::repeats::BURST as usize,
         "{lines} error lines"
     );
     let metrics = kt_e2e::get_text(&format!("http://{addr}/metrics")).await;

@@ -227,7 +227,7 @@ fn group_names(ktctl_config: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn the_coordinator_notifies_readiness_and_reloads_its_groups_on_sighup() {
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_coordinator(dir.path(), None, &[]);
     assert_eq!(next_notification(&c.notify), "READY=1");
@@ -338,7 +338,7 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 
 #[tokio::test]
 async fn coordinator_and_agent_metrics_count_sessions_heartbeats_and_events() {
-    kt_proto::install_crypto_provider();
+    kt_daemon::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let (coordinator_metrics, agent_metrics) = (free_addr(), free_addr());
     let c = start_coordinator(

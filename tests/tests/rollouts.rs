@@ -72,7 +72,7 @@ struct Traffic {
 
 impl Traffic {
     fn start(fleet: &TestFleet) -> Self {
-        kt_proto::install_crypto_provider();
+        kt_daemon::install_crypto_provider();
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let client = reqwest::Client::new();

@@ -19,7 +19,7 @@ use super::{ForwardingReport, SharedSpool, lock};
 use crate::session::SessionSettings;
 
 /// Events per batch, and their bytes: well under the 4 MiB a gRPC message may hold by default
-/// (an event is at most 1 MiB, see `kt_proto::contract::MAX_EVENT_BYTES`).
+/// (an event is at most 1 MiB, see `kt_contract::MAX_EVENT_BYTES`).
 const BATCH: usize = 2000;
 const BATCH_BYTES: usize = 2 << 20;
 /// Batches in flight before the first acknowledgement grants credit.

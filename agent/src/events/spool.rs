@@ -68,7 +68,7 @@ impl std::fmt::Debug for Spool {
 }
 
 fn now_ms() -> i64 {
-    i64::try_from(kt_proto::unix_ms_now()).unwrap_or(i64::MAX)
+    i64::try_from(kt_daemon::unix_ms_now()).unwrap_or(i64::MAX)
 }
 
 fn to_i64(v: u64) -> i64 {

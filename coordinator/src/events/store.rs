@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kt_proto::unix_ms_now;
+use kt_daemon::unix_ms_now;
 use kt_proto::v1::{EventGap, EventStatsRow};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};

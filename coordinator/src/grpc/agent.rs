@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use kt_contract::MAX_EVENT_BYTES;
+use kt_daemon::unix_ms_now;
 use kt_proto::bounds;
-use kt_proto::contract::MAX_EVENT_BYTES;
 use kt_proto::identity::{GatewayId, Identity, Role};
-use kt_proto::unix_ms_now;
 use kt_proto::v1::agent_message::Body as AgentBody;
 use kt_proto::v1::agent_service_server::AgentService;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;

@@ -484,7 +484,7 @@ impl OperatorService for OperatorApi {
             .map_err(ApiError::from)?;
         self.store
             .audit(
-                kt_proto::unix_ms_now(),
+                kt_daemon::unix_ms_now(),
                 &identity.uri(),
                 "groups apply",
                 &names.join(","),
@@ -572,7 +572,7 @@ impl OperatorService for OperatorApi {
             last_at: if request.since_unix_ms > 0 {
                 request.since_unix_ms
             } else {
-                kt_proto::unix_ms_now()
+                kt_daemon::unix_ms_now()
             },
         };
         spawn_until_cancelled(cancel, async move {

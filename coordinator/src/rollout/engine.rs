@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kt_proto::unix_ms_now;
+use kt_daemon::unix_ms_now;
 use kt_proto::v1::{ConfigOffer, ConfigPhase, ConfigStatus, GatewayState};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;

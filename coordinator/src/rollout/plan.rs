@@ -3,17 +3,10 @@
 use std::collections::BTreeMap;
 
 use kt_proto::v1::GatewayState;
-use sha2::{Digest, Sha256};
 
 use super::model::{ConfigId, GatewayProgress, Spec, Strategy, TargetState};
 
-/// Largest config accepted for a push.
-pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
-
-/// `sha256:<hex>` of config bytes, as gateways report it.
-pub fn content_hash(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
+pub use kt_contract::{MAX_CONFIG_BYTES, content_hash};
 
 /// The version label of a config (`pack.version`); the coordinator reads nothing else of it:
 /// validation is the gateway's job, done by each agent before it applies.

@@ -125,9 +125,9 @@ pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
         Phase::Baking { until } => format!(
             "baking batch {} until {}",
             r.current_batch + 1,
-            kt_proto::clock::hms(*until)
+            kt_daemon::clock::hms(*until)
         ),
-        Phase::Pausing { until } => format!("pausing until {}", kt_proto::clock::hms(*until)),
+        Phase::Pausing { until } => format!("pausing until {}", kt_daemon::clock::hms(*until)),
         Phase::AwaitingPromotion => "canary passed; waiting for `ktctl rollout promote`".into(),
         Phase::Paused { .. } => "paused; `ktctl rollout resume` or `abort`".into(),
         Phase::RollingBack { .. } => "returning touched gateways to their previous version".into(),

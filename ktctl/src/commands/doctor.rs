@@ -63,7 +63,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<bool> {
 async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow::Result<Inputs> {
     let context = session.context()?;
     let mut inputs = Inputs {
-        now_ms: kt_proto::unix_ms_now(),
+        now_ms: kt_daemon::unix_ms_now(),
         coordinator: context.coordinator.clone(),
         ..Default::default()
     };

@@ -57,7 +57,7 @@ async fn send(session: &Session, request: PinConfigRequest, output: Output) -> a
         .await
         .map_err(crate::status_error)?
         .into_inner();
-    let row = GatewayRow::from_state(&state, kt_proto::unix_ms_now());
+    let row = GatewayRow::from_state(&state, kt_daemon::unix_ms_now());
     if output != Output::Table {
         return print_structured(&row, output);
     }

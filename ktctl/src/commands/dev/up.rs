@@ -346,7 +346,7 @@ async fn wait_until_connected(
         match crate::client::connect(context).await {
             Ok(mut client) => match crate::client::list_gateways(&mut client, "").await {
                 Ok(gateways) => {
-                    let now = kt_proto::unix_ms_now();
+                    let now = kt_daemon::unix_ms_now();
                     let rows: Vec<GatewayRow> = gateways
                         .iter()
                         .map(|g| GatewayRow::from_state(g, now))

@@ -42,7 +42,7 @@ impl Target {
 pub fn since_ms(text: &str) -> anyhow::Result<u64> {
     if let Ok(d) = humantime::parse_duration(text) {
         let back = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        return Ok(kt_proto::unix_ms_now().saturating_sub(back).max(1));
+        return Ok(kt_daemon::unix_ms_now().saturating_sub(back).max(1));
     }
     let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .with_context(|| {
@@ -65,7 +65,7 @@ mod tests {
 
     #[test]
     fn since_parses_durations_and_times() {
-        let now = kt_proto::unix_ms_now();
+        let now = kt_daemon::unix_ms_now();
         let ten = since_ms("10m").expect("duration");
         assert!(
             now - ten >= minutes(10).as_millis() as u64 - 1000

@@ -40,7 +40,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
         let Some(update) = update else {
             anyhow::bail!("the coordinator ended the watch");
         };
-        let now = kt_proto::unix_ms_now();
+        let now = kt_daemon::unix_ms_now();
         let (kind, states) = match update.update {
             // A large snapshot comes in parts; each part's rows are printed as they come.
             Some(fleet_update::Update::Snapshot(snapshot)) => ("snapshot", snapshot.gateways),

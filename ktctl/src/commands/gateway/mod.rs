@@ -15,7 +15,7 @@ pub async fn fetch_rows(
     let gateways = crate::client::list_gateways(&mut client, &group.unwrap_or_default())
         .await
         .map_err(crate::status_error)?;
-    let now = kt_proto::unix_ms_now();
+    let now = kt_daemon::unix_ms_now();
     Ok(gateways
         .iter()
         .map(|g| GatewayRow::from_state(g, now))

@@ -56,7 +56,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     }
     let mut t = table(&["ID", "CREATED", "STATE", "TO", "FROM", "BY", "REASON"]);
     for r in &rollouts {
-        let created = kt_proto::clock::date_time(r.created_at_unix_ms);
+        let created = kt_daemon::clock::date_time(r.created_at_unix_ms);
         let from = baseline(r)
             .map(|b| format!("{} ({})", b.version, short_hash(&b.hash)))
             .unwrap_or_else(|| "-".into());

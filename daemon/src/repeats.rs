@@ -123,7 +123,7 @@ mod tests {
         tracing::callsite::DefaultCallsite::new(&META);
     static META: Metadata<'static> = tracing::metadata!(
         name: "test",
-        target: "kt_proto::repeats",
+        target: "kt_daemon::repeats",
         level: tracing::Level::ERROR,
         fields: &[],
         callsite: &CALLSITE,

@@ -1,6 +1,5 @@
 //! Process plumbing every kt daemon shares: logging, readiness files and exit codes.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -46,11 +45,7 @@ pub fn init_logging(format: LogFormat) {
 /// Writes the address a daemon actually bound to `path`, atomically (temp file, then rename),
 /// so a supervisor that started it on port 0 can find it once the file exists.
 pub fn write_ready_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    writeln!(file, "{addr}")?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::fs::write_atomic(path, format!("{addr}\n").as_bytes())
 }
 
 /// Tells the service manager about the daemon's state (`READY=1`, `STOPPING=1`, ...), the

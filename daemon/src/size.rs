@@ -30,7 +30,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// `#[serde(deserialize_with = "kt_proto::size::deserialize")]` for a `u64` of bytes.
+/// `#[serde(deserialize_with = "kt_daemon::size::deserialize")]` for a `u64` of bytes.
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]

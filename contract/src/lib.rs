@@ -1,12 +1,26 @@
-//! The gateway contract's health document (`GET <health_url>`), as JSON.
+//! The gateway contract: what any gateway kt-agent manages must honour, shared by the
+//! reference gateway, the agent and the coordinator without any wire (gRPC) types.
 //!
-//! `kt-gateway` serves it and `kt-agent` reads it. Reading is lenient (unknown fields are
-//! ignored, missing ones default) so that the agent can manage any gateway that honours
-//! the contract, including newer ones.
+//! - the health document (`GET <health_url>`, JSON): `kt-gateway` serves it and `kt-agent`
+//!   reads it. Reading is lenient (unknown fields are ignored, missing ones default) so that
+//!   the agent can manage any gateway that honours the contract, including newer ones;
+//! - a config's identity: [`content_hash`] of its exact bytes;
+//! - the size limits of a policy config ([`MAX_CONFIG_BYTES`]) and of one decision event
+//!   ([`MAX_EVENT_BYTES`]).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The largest policy config a gateway loads, an agent applies or the coordinator stores.
+pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+
+/// `sha256:<hex>` of a config's exact bytes: how gateways report what they run and how the
+/// coordinator names versions.
+pub fn content_hash(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
 
 /// The largest decision event (one line of the events file) that travels: agents skip larger
 /// lines as invalid, the coordinator refuses larger events.
