@@ -302,19 +302,20 @@ pub async fn rollout(run: &Run<'_>) -> anyhow::Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The coordinator's side: the rollout ends once it has every answer.
-    let mut state = String::new();
+    let mut state = kt_proto::v1::RolloutState::Unspecified;
     while Instant::now() < deadline {
         state = operator
             .get_rollout(RolloutRequest { id: id.clone() })
             .await?
             .into_inner()
-            .state;
-        if state != "running" {
+            .state();
+        if state != kt_proto::v1::RolloutState::Running {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let finished = started.elapsed();
+    let state = state.label();
     let (mut latencies, bytes) = {
         let applied = sim
             .applied

@@ -62,7 +62,7 @@ pub fn print_summary(r: &Rollout) {
     println!(
         "rollout {}: {} {} to {}",
         r.id,
-        state_words(&r.state),
+        state_words(r.state().label()),
         config_label(r),
         target(r)
     );
@@ -104,7 +104,7 @@ pub fn print_summary(r: &Rollout) {
                 "    {:<20} from {:<24} {}{}",
                 g.gateway_id,
                 from,
-                state_words(&g.state),
+                state_words(g.state().label()),
                 error
             );
         }
@@ -116,7 +116,7 @@ pub fn print_summary(r: &Rollout) {
                 "    batch {} {:<12} {:<12} {}",
                 g.batch + 1,
                 gate_name(&g.gate),
-                g.decision,
+                g.decision().label(),
                 g.detail
             );
         }
@@ -219,7 +219,7 @@ async fn watch(
             Err(status) => return Err(crate::status_error(status)),
         };
         print_new(&r, shown);
-        let stop = exit_code(&r.state).is_some();
+        let stop = exit_code(r.state().label()).is_some();
         if stop {
             return Ok(Watched::Done(Box::new(r)));
         }
@@ -252,7 +252,7 @@ fn print_new(r: &Rollout, shown: &mut Shown) {
                     "gate {:<11} batch {} {}: {}",
                     gate_name(&g.gate),
                     g.batch + 1,
-                    g.decision,
+                    g.decision().label(),
                     g.detail
                 ),
             )
@@ -273,7 +273,11 @@ fn print_new(r: &Rollout, shown: &mut Shown) {
     shown.gates = r.gates.len();
     for batch in &r.batches {
         for g in &batch.gateways {
-            if shown.states.insert((g.gateway_id.clone(), g.state.clone())) && g.state == "offered"
+            let state = g.state();
+            if shown
+                .states
+                .insert((g.gateway_id.clone(), state.label().to_owned()))
+                && state == kt_proto::v1::RolloutTargetState::Offered
             {
                 println!(
                     "{}  {:<14} {} offered {}",
@@ -309,7 +313,7 @@ pub fn to_json(r: &Rollout, diff: Option<&str>) -> serde_json::Value {
     };
     let mut value = json!({
         "id": r.id,
-        "state": r.state,
+        "state": r.state().label(),
         "config": config(r.config.as_ref()),
         "target": target(r),
         "step": r.step,
@@ -334,11 +338,11 @@ pub fn to_json(r: &Rollout, diff: Option<&str>) -> serde_json::Value {
         "batches": r.batches.iter().map(|b| b.gateways.iter().map(|g| json!({
             "gateway": g.gateway_id,
             "baseline": config(g.baseline.as_ref()),
-            "state": g.state,
+            "state": g.state().label(),
             "error": g.error,
         })).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "gates": r.gates.iter().map(|g| json!({
-            "batch": g.batch, "gate": g.gate, "decision": g.decision, "value": g.value,
+            "batch": g.batch, "gate": g.gate, "decision": g.decision().label(), "value": g.value,
             "threshold": g.threshold, "detail": g.detail, "at_unix_ms": g.at_unix_ms,
         })).collect::<Vec<_>>(),
         "history": r.history.iter().map(|t| json!({ "at_unix_ms": t.at_unix_ms, "what": t.what, "by": t.by })).collect::<Vec<_>>(),

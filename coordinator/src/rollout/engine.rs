@@ -422,7 +422,7 @@ impl Engine {
                 .gate_evaluations
                 .get_or_create(&GateLabels {
                     gate: g.gate.clone(),
-                    decision: g.decision.clone(),
+                    decision: g.decision.as_str().to_owned(),
                 })
                 .inc();
         }

@@ -176,12 +176,31 @@ impl Outcome {
     }
 }
 
+/// What a gate decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Passed,
+    Failed,
+    /// No evidence either way: too few requests, a gateway nobody observed.
+    Inconclusive,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Passed => "passed",
+            Decision::Failed => "failed",
+            Decision::Inconclusive => "inconclusive",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GateRecord {
     pub batch: usize,
     pub gate: String,
-    /// passed | failed | inconclusive
-    pub decision: String,
+    pub decision: Decision,
     pub value: f64,
     pub threshold: f64,
     pub detail: String,

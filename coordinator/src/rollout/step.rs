@@ -8,7 +8,7 @@ use kt_proto::v1::{AgentState, GatewayState, HealthStatus};
 use crate::events::counters::GatewayTallies;
 
 use super::model::{
-    ConfigId, Counts, GateRecord, Outcome, Phase, RolloutRecord, Strategy, TargetState,
+    ConfigId, Counts, Decision, GateRecord, Outcome, Phase, RolloutRecord, Strategy, TargetState,
 };
 
 /// What the engine must do after a step.
@@ -251,7 +251,7 @@ fn applying(r: &mut RolloutRecord, observed: &Observed, now: u64, effects: &mut 
         gate(
             r,
             "applied",
-            "passed",
+            Decision::Passed,
             batch.len() as f64,
             batch.len() as f64,
             "every gateway of the batch answered APPLIED and reports it running and healthy",
@@ -291,7 +291,15 @@ fn baking(r: &mut RolloutRecord, observed: &Observed, now: u64, until: u64) {
     if !unhealthy.is_empty() {
         let list: Vec<&str> = unhealthy.iter().map(|s| s.as_str()).collect();
         let detail = format!("unhealthy on the new version: {}", list.join(", "));
-        gate(r, "health", "failed", list.len() as f64, 0.0, &detail, now);
+        gate(
+            r,
+            "health",
+            Decision::Failed,
+            list.len() as f64,
+            0.0,
+            &detail,
+            now,
+        );
         fail(
             r,
             now,
@@ -407,7 +415,7 @@ fn health_evidence(
             "every batch gateway reported healthy during the bake ({} observed)",
             applied.len()
         );
-        gate(r, "health", "passed", 0.0, 0.0, &detail, now);
+        gate(r, "health", Decision::Passed, 0.0, 0.0, &detail, now);
         return Some(GateDecision::Passed);
     }
     let detail = format!(
@@ -417,7 +425,7 @@ fn health_evidence(
     gate(
         r,
         "health",
-        "inconclusive",
+        Decision::Inconclusive,
         unobserved.len() as f64,
         0.0,
         &detail,
@@ -499,7 +507,7 @@ fn error_gate(
         gate(
             r,
             "error_rate",
-            "inconclusive",
+            Decision::Inconclusive,
             rate,
             threshold,
             &detail,
@@ -511,13 +519,29 @@ fn error_gate(
         ));
     }
     if rate > threshold {
-        gate(r, "error_rate", "failed", rate, threshold, &detail, now);
+        gate(
+            r,
+            "error_rate",
+            Decision::Failed,
+            rate,
+            threshold,
+            &detail,
+            now,
+        );
         return GateDecision::Failed(format!(
             "error-rate gate: {detail}, limit {:.1}%",
             threshold * 100.0
         ));
     }
-    gate(r, "error_rate", "passed", rate, threshold, &detail, now);
+    gate(
+        r,
+        "error_rate",
+        Decision::Passed,
+        rate,
+        threshold,
+        &detail,
+        now,
+    );
     GateDecision::Passed
 }
 
@@ -565,7 +589,7 @@ fn verdict_gate(
         gate(
             r,
             "verdict_mix",
-            "inconclusive",
+            Decision::Inconclusive,
             rate(new) - rate(old),
             threshold,
             &detail,
@@ -575,14 +599,30 @@ fn verdict_gate(
     }
     let delta = rate(new) - rate(old);
     if delta > threshold {
-        gate(r, "verdict_mix", "failed", delta, threshold, &detail, now);
+        gate(
+            r,
+            "verdict_mix",
+            Decision::Failed,
+            delta,
+            threshold,
+            &detail,
+            now,
+        );
         GateDecision::Failed(format!(
             "verdict-mix gate: block rate rose by {:.1} points (limit {:.1}); {detail}",
             delta * 100.0,
             threshold * 100.0
         ))
     } else {
-        gate(r, "verdict_mix", "passed", delta, threshold, &detail, now);
+        gate(
+            r,
+            "verdict_mix",
+            Decision::Passed,
+            delta,
+            threshold,
+            &detail,
+            now,
+        );
         GateDecision::Passed
     }
 }
@@ -590,7 +630,7 @@ fn verdict_gate(
 fn gate(
     r: &mut RolloutRecord,
     gate: &str,
-    decision: &str,
+    decision: Decision,
     value: f64,
     threshold: f64,
     detail: &str,
@@ -599,7 +639,7 @@ fn gate(
     r.gates.push(GateRecord {
         batch: r.current_batch,
         gate: gate.to_owned(),
-        decision: decision.to_owned(),
+        decision,
         value,
         threshold,
         detail: detail.to_owned(),
@@ -1318,7 +1358,7 @@ mod tests {
             .iter()
             .find(|g| g.gate == "verdict_mix")
             .expect("gate recorded");
-        assert_eq!((gate.decision.as_str(), gate.value), ("failed", 1.0));
+        assert_eq!((gate.decision, gate.value), (Decision::Failed, 1.0));
         // The step that tripped the gate already offered the rollback to the touched gateway.
         assert_eq!(effects.len(), 1);
         let Effect::Offer {
@@ -1366,7 +1406,7 @@ mod tests {
         step_seen(&mut r, &gone, 6_000);
         assert!(matches!(r.phase, Phase::Paused { .. }), "{:?}", r.phase);
         let gate = r.gates.iter().find(|g| g.gate == "health").expect("gate");
-        assert_eq!(gate.decision, "inconclusive");
+        assert_eq!(gate.decision, Decision::Inconclusive);
         assert!(
             gate.detail.contains("a (agent disconnected)"),
             "{}",
@@ -1386,8 +1426,8 @@ mod tests {
         step_seen(&mut r, &gone, 6_000);
         assert!(matches!(r.phase, Phase::Pausing { .. }), "{:?}", r.phase);
         assert_eq!(
-            r.gates.last().map(|g| g.decision.as_str()),
-            Some("inconclusive")
+            r.gates.last().map(|g| g.decision),
+            Some(Decision::Inconclusive)
         );
     }
 
@@ -1404,7 +1444,7 @@ mod tests {
         quiet.fleet.get_mut("a").expect("a").last_heartbeat_unix_ms = 3_100;
         step_seen(&mut r, &quiet, 3_100);
         let gate = r.gates.iter().find(|g| g.gate == "health").expect("gate");
-        assert_eq!(gate.decision, "passed");
+        assert_eq!(gate.decision, Decision::Passed);
         assert!(matches!(r.phase, Phase::Pausing { .. }), "{:?}", r.phase);
     }
 
@@ -1441,8 +1481,8 @@ mod tests {
         step_seen(&mut r, &f, 3_000);
         assert_eq!(r.state_name(), "paused");
         assert_eq!(
-            r.gates.last().map(|g| g.decision.as_str()),
-            Some("inconclusive")
+            r.gates.last().map(|g| g.decision),
+            Some(Decision::Inconclusive)
         );
         resume(&mut r, 3_100, "op", "").expect("resume");
         assert!(

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use kt_proto::v1;
 
-use super::model::{ConfigId, Phase, RolloutRecord, Size, Spec, Strategy, Target, TargetState};
+use super::model::{
+    ConfigId, Decision, Phase, RolloutRecord, Size, Spec, Strategy, Target, TargetState,
+};
 
 /// Defaults for fields an operator left unset (zero).
 const DEFAULT_APPLY_DEADLINE: Duration = Duration::from_secs(60);
@@ -135,7 +137,7 @@ pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
     };
     v1::Rollout {
         id: r.id.clone(),
-        state: r.state_name().to_owned(),
+        state: rollout_state(r) as i32,
         spec: Some(spec_to_proto(&r.spec)),
         config: Some(config_ref(&r.config)),
         batches: r
@@ -149,10 +151,7 @@ pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
                         gateway_id: g.clone(),
                         baseline: Some(config_ref(&p.baseline)),
                         // A rollout that ended before offering a gateway anything never will.
-                        state: match p.state {
-                            TargetState::Pending if !r.is_active() => "not_offered".to_owned(),
-                            state => state.as_str().to_owned(),
-                        },
+                        state: target_state(p.state, r.is_active()) as i32,
                         error: p.error.clone(),
                     })
                     .collect(),
@@ -166,7 +165,7 @@ pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
             .map(|g| v1::GateEvaluation {
                 batch: u32::try_from(g.batch).unwrap_or(u32::MAX),
                 gate: g.gate.clone(),
-                decision: g.decision.clone(),
+                decision: gate_decision(g.decision) as i32,
                 value: g.value,
                 threshold: g.threshold,
                 detail: g.detail.clone(),
@@ -186,5 +185,49 @@ pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
         reason: r.reason.clone(),
         created_at_unix_ms: r.created_at,
         message: r.message.clone(),
+    }
+}
+
+fn rollout_state(r: &RolloutRecord) -> v1::RolloutState {
+    use super::model::Outcome;
+    use v1::RolloutState as S;
+    if r.dry_run {
+        return S::Planned;
+    }
+    match &r.phase {
+        Phase::Applying | Phase::Baking { .. } | Phase::Pausing { .. } => S::Running,
+        Phase::AwaitingPromotion => S::AwaitingPromotion,
+        Phase::Paused { .. } => S::Paused,
+        Phase::RollingBack { .. } => S::RollingBack,
+        Phase::Done(Outcome::Succeeded) => S::Succeeded,
+        Phase::Done(Outcome::RolledBack) => S::RolledBack,
+        Phase::Done(Outcome::Failed) => S::Failed,
+        Phase::Done(Outcome::Aborted) => S::Aborted,
+        Phase::Done(Outcome::TimedOut) => S::TimedOut,
+        Phase::Done(Outcome::Superseded) => S::Superseded,
+    }
+}
+
+/// A rollout that ended before offering a gateway anything never will: `not offered`.
+fn target_state(state: TargetState, active: bool) -> v1::RolloutTargetState {
+    use v1::RolloutTargetState as S;
+    match state {
+        TargetState::Pending if !active => S::NotOffered,
+        TargetState::Pending => S::Pending,
+        TargetState::Offered => S::Offered,
+        TargetState::Applied => S::Applied,
+        TargetState::Rejected => S::Rejected,
+        TargetState::Failed => S::Failed,
+        TargetState::Unchanged => S::Unchanged,
+        TargetState::RollingBack => S::RollingBack,
+        TargetState::RolledBack => S::RolledBack,
+    }
+}
+
+fn gate_decision(decision: Decision) -> v1::GateDecision {
+    match decision {
+        Decision::Passed => v1::GateDecision::Passed,
+        Decision::Failed => v1::GateDecision::Failed,
+        Decision::Inconclusive => v1::GateDecision::Inconclusive,
     }
 }

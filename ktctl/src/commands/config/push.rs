@@ -214,7 +214,7 @@ pub async fn send(
         println!();
         print_summary(&last);
     }
-    Ok(exit_code(&last.state).unwrap_or(rollouts::exit::FAILED))
+    Ok(exit_code(last.state().label()).unwrap_or(rollouts::exit::FAILED))
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub async fn run(session: &Session, action: RolloutAction, args: Args) -> anyhow
     println!(
         "rollout {} is {}{}",
         rollout.id,
-        crate::rollouts::state_words(&rollout.state),
+        crate::rollouts::state_words(rollout.state().label()),
         if rollout.step.is_empty() {
             String::new()
         } else {

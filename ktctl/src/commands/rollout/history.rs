@@ -63,7 +63,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
         t.add_row(vec![
             r.id.clone(),
             created,
-            crate::rollouts::state_words(&r.state),
+            crate::rollouts::state_words(r.state().label()),
             config_label(r),
             from,
             r.created_by

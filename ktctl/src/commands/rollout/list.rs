@@ -42,7 +42,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
         };
         t.add_row(vec![
             r.id.clone(),
-            crate::rollouts::state_words(&r.state),
+            crate::rollouts::state_words(r.state().label()),
             config_label(r),
             target,
             format!(

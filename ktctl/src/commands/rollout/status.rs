@@ -35,7 +35,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         structured => print_structured(&to_json(&rollout, None), structured)?,
     }
     Ok(if args.watch {
-        exit_code(&rollout.state).unwrap_or(exit::FAILED)
+        exit_code(rollout.state().label()).unwrap_or(exit::FAILED)
     } else {
         0
     })

@@ -34,7 +34,9 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
             let rollouts = super::history::rollouts(session, Some(args.group.clone())).await?;
             let last = rollouts
                 .iter()
-                .find(|r| r.state == "succeeded" && !r.batches.is_empty())
+                .find(|r| {
+                    r.state() == kt_proto::v1::RolloutState::Succeeded && !r.batches.is_empty()
+                })
                 .with_context(|| {
                     format!(
                         "group {} has no successful rollout to undo; give --to-version",
