@@ -83,13 +83,6 @@ impl Coordinator {
             source,
         })?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir)?);
-        // Groups applied by operators are kept; the groups file, when there is one, wins for the
-        // names it defines (it is the configuration management's word).
-        let mut merged = store.list_groups()?;
-        merged.retain(|stored| !groups.iter().any(|g| g.name == stored.name));
-        store.put_groups(&groups)?;
-        merged.extend(groups);
-        let groups = merged;
         Ok(Coordinator {
             config,
             tls,
@@ -107,7 +100,13 @@ impl Coordinator {
         let trust_domain = self.trust_domain().to_owned();
         let tasks = TaskTracker::new();
         let metrics = Arc::new(metrics::Metrics::default());
-        let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &self.groups);
+        // Groups applied by operators are kept; the groups file, when there is one, wins for the
+        // names it defines (it is the configuration management's word).
+        let mut groups = self.store.list_groups().await?;
+        groups.retain(|stored| !self.groups.iter().any(|g| g.name == stored.name));
+        self.store.put_groups(&self.groups).await?;
+        groups.extend(self.groups.iter().cloned());
+        let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &groups);
         tasks.spawn(
             fleet
                 .with_metrics(metrics.clone())
@@ -128,13 +127,18 @@ impl Coordinator {
             decisions.clone(),
             metrics.clone(),
         )?;
-        tasks.spawn(event_store.run(cancel.child_token()));
+        // The event store's SQLite transactions (fsync'd group commits) run on a thread of their
+        // own, never on a runtime worker that sessions and operators need.
+        let runtime = tokio::runtime::Handle::current();
+        let events_cancel = cancel.child_token();
+        tasks.spawn_blocking(move || runtime.block_on(event_store.run(events_cancel)));
         let (engine, engine_handle) = Engine::new(
             self.store.clone(),
             handle.clone(),
             decisions.clone(),
             metrics.clone(),
-        )?;
+        )
+        .await?;
         tasks.spawn(engine.run(cancel.child_token()));
         // Installed before serving, so an early SIGHUP cannot take its default action (exit).
         let source_hangup = if self.config.groups_file.is_some() {
@@ -259,20 +263,22 @@ async fn reload_groups_on_hangup(
             }
         };
         let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
-        if let Err(error) = store.put_groups(&groups) {
+        if let Err(error) = store.put_groups(&groups).await {
             tracing::error!(%error, "cannot store the reloaded groups");
             continue;
         }
         if fleet.apply_groups(groups).await.is_err() {
             return; // shutting down
         }
-        let _ = store.audit(
-            kt_daemon::unix_ms_now(),
-            "coordinator",
-            "groups reload",
-            &names.join(","),
-            &format!("SIGHUP: {}", path.display()),
-        );
+        let _ = store
+            .audit(
+                kt_daemon::unix_ms_now(),
+                "coordinator",
+                "groups reload",
+                &names.join(","),
+                &format!("SIGHUP: {}", path.display()),
+            )
+            .await;
         tracing::info!(groups = %names.join(","), file = %path.display(), "groups file reloaded");
     }
 }

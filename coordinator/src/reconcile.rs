@@ -133,7 +133,7 @@ impl Engine {
             })
             .collect();
         if !adopt.is_empty() {
-            match self.store.put_desired(&adopt) {
+            match self.store.put_desired(&adopt).await {
                 Ok(()) => self.intent.apply(&adopt),
                 Err(error) => tracing::error!(%error, "cannot store adopted desired configs"),
             }
@@ -224,7 +224,7 @@ impl Engine {
     }
 
     async fn reoffer(&mut self, gateway: String, desired: ConfigRef, running: ConfigRef, now: u64) {
-        let content = match self.store.get_config(&desired.hash) {
+        let content = match self.store.get_config(&desired.hash).await {
             Ok(Some(stored)) => stored.content,
             Ok(None) => {
                 tracing::error!(gateway_id = %gateway, hash = %desired.hash, "no stored copy of the desired config to offer");
@@ -250,6 +250,7 @@ impl Engine {
         if let Err(error) = self
             .store
             .audit(now, "coordinator", "reconcile", &gateway, &why)
+            .await
         {
             tracing::error!(%error, "cannot audit a re-offer; not offering");
             return;
@@ -320,14 +321,16 @@ impl Engine {
             if !self.intent.pins.contains_key(gateway) {
                 return Err(EngineError::NotFound(format!("{gateway} is not pinned")));
             }
-            self.store.put_pin(gateway, None)?;
-            self.store.audit(now, identity, "unpin", gateway, reason)?;
+            self.store.put_pin(gateway, None).await?;
+            self.store
+                .audit(now, identity, "unpin", gateway, reason)
+                .await?;
             self.intent.pins.remove(gateway);
             self.publish_desired(std::iter::once(gateway.to_owned()))
                 .await;
             return Ok(());
         };
-        let versions = self.store.list_configs()?;
+        let versions = self.store.list_configs().await?;
         let stored = find_version(&versions, &wanted)?;
         let pin = Desired {
             config: ConfigId {
@@ -337,9 +340,11 @@ impl Engine {
             cause: format!("pinned by {identity}"),
             at: now,
         };
-        self.store.put_pin(gateway, Some(&pin))?;
+        self.store.put_pin(gateway, Some(&pin)).await?;
         let what = format!("{} {}: {reason}", stored.version, short(&stored.hash));
-        self.store.audit(now, identity, "pin", gateway, &what)?;
+        self.store
+            .audit(now, identity, "pin", gateway, &what)
+            .await?;
         self.intent.pins.insert(gateway.to_owned(), pin);
         self.reoffers.by_gateway.remove(gateway);
         self.publish_desired(std::iter::once(gateway.to_owned()))
@@ -385,7 +390,7 @@ impl Engine {
     }
 
     async fn put_group_intent(&mut self, group: &str, intent: GroupIntent) {
-        if let Err(error) = self.store.put_group_intent(group, &intent) {
+        if let Err(error) = self.store.put_group_intent(group, &intent).await {
             tracing::error!(%group, %error, "cannot store the group's intent");
             return;
         }
@@ -510,7 +515,7 @@ impl Engine {
                 created_at_unix_ms: now,
                 message: format!("config source {}", reading.path),
             };
-            if let Err(error) = self.store.put_config(&stored) {
+            if let Err(error) = self.store.put_config(&stored).await {
                 self.source_failed(&group.name, &error);
                 return;
             }

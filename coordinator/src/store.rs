@@ -45,29 +45,32 @@ impl From<serde_json::Error> for StoreError {
     }
 }
 
+/// Every method is async: the embedded store runs SQLite on a thread of its own, and a
+/// distributed backend (etcd) answers over the network.
+#[async_trait::async_trait]
 pub trait Store: Send + Sync {
     /// Stores a config version; storing the same bytes again keeps the first record.
-    fn put_config(&self, config: &StoredConfig) -> Result<(), StoreError>;
-    fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError>;
+    async fn put_config(&self, config: &StoredConfig) -> Result<(), StoreError>;
+    async fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError>;
     /// Newest first, without content.
-    fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError>;
+    async fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError>;
     /// Writes a rollout's whole record, and the desired configs its transition moved, together;
     /// every transition calls this before it takes effect.
-    fn put_rollout(
+    async fn put_rollout(
         &self,
         rollout: &RolloutRecord,
         desired: &[DesiredChange],
     ) -> Result<(), StoreError>;
     /// Moves desired configs outside a rollout (a gateway adopted at its first report).
-    fn put_desired(&self, desired: &[DesiredChange]) -> Result<(), StoreError>;
+    async fn put_desired(&self, desired: &[DesiredChange]) -> Result<(), StoreError>;
     /// Pins a gateway to a config, or removes its pin.
-    fn put_pin(&self, gateway: &str, pin: Option<&Desired>) -> Result<(), StoreError>;
-    fn put_group_intent(&self, group: &str, intent: &GroupIntent) -> Result<(), StoreError>;
+    async fn put_pin(&self, gateway: &str, pin: Option<&Desired>) -> Result<(), StoreError>;
+    async fn put_group_intent(&self, group: &str, intent: &GroupIntent) -> Result<(), StoreError>;
     /// Every desired config, pin and group intent.
-    fn load_intent(&self) -> Result<Intent, StoreError>;
-    fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
-    fn next_rollout_number(&self) -> Result<u64, StoreError>;
-    fn audit(
+    async fn load_intent(&self) -> Result<Intent, StoreError>;
+    async fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
+    async fn next_rollout_number(&self) -> Result<u64, StoreError>;
+    async fn audit(
         &self,
         at_unix_ms: u64,
         identity: &str,
@@ -77,7 +80,7 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Remembers that `gateway` refused the config `hash` (its validation failed), so listings
     /// can say so; one mark per gateway, the latest reason kept.
-    fn mark_rejected(
+    async fn mark_rejected(
         &self,
         hash: &str,
         gateway: &str,
@@ -85,16 +88,20 @@ pub trait Store: Send + Sync {
         at_unix_ms: u64,
     ) -> Result<(), StoreError>;
     /// Every rejection mark: config hash -> (gateway, reason), in gateway order.
-    fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError>;
+    async fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError>;
     /// Adds or replaces groups by name.
-    fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError>;
-    fn list_groups(&self) -> Result<Vec<Group>, StoreError>;
+    async fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError>;
+    async fn list_groups(&self) -> Result<Vec<Group>, StoreError>;
 }
 
-/// SQLite in the coordinator's data directory (`coordinator.db`, WAL journal).
+/// SQLite in the coordinator's data directory (`coordinator.db`, WAL journal), owned by a
+/// thread of its own: callers send it work and await the answer, so no fsync'd write ever
+/// runs on a runtime thread.
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
 }
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,26 +131,61 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS pins (gateway TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS group_intent (name TEXT PRIMARY KEY, record TEXT NOT NULL);",
         )?;
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("kt-store".into())
+            .spawn(move || {
+                let mut conn = conn;
+                // Ends when the last handle is dropped.
+                for job in queue {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| StoreError(format!("cannot start the store thread: {e}")))?;
         Ok(SqliteStore {
-            conn: Mutex::new(conn),
+            jobs: Mutex::new(jobs),
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// Runs `work` on the store's thread and waits for its answer.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = reply.send(work(conn));
+        });
+        let gone = || StoreError("the store thread is gone".into());
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 }
 
-fn write_desired(
-    tx: &rusqlite::Transaction<'_>,
-    desired: &[DesiredChange],
-) -> Result<(), StoreError> {
+/// Desired-config changes as rows: (gateway, the record as JSON, or none to forget it).
+type DesiredRows = Vec<(String, Option<String>)>;
+
+fn encode_desired(desired: &[DesiredChange]) -> Result<DesiredRows, StoreError> {
+    desired
+        .iter()
+        .map(|(gateway, d)| {
+            let record = d.as_ref().map(serde_json::to_string).transpose()?;
+            Ok((gateway.clone(), record))
+        })
+        .collect()
+}
+
+fn write_desired(tx: &rusqlite::Transaction<'_>, desired: &DesiredRows) -> Result<(), StoreError> {
     let mut put =
         tx.prepare_cached("INSERT OR REPLACE INTO desired (gateway, record) VALUES (?1, ?2)")?;
     let mut forget = tx.prepare_cached("DELETE FROM desired WHERE gateway = ?1")?;
     for (gateway, record) in desired {
         match record {
-            Some(record) => put.execute(params![gateway, serde_json::to_string(record)?])?,
+            Some(record) => put.execute(params![gateway, record])?,
             None => forget.execute([gateway])?,
         };
     }
@@ -161,190 +203,235 @@ fn row_to_config(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredConfig> {
     })
 }
 
+#[async_trait::async_trait]
 impl Store for SqliteStore {
-    fn put_config(&self, c: &StoredConfig) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT OR IGNORE INTO config_versions VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                c.hash,
-                c.version,
-                c.content,
-                c.author,
-                i64::try_from(c.created_at_unix_ms).unwrap_or(i64::MAX),
-                c.message
-            ],
-        )?;
-        Ok(())
+    async fn put_config(&self, c: &StoredConfig) -> Result<(), StoreError> {
+        let c = c.clone();
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO config_versions VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    c.hash,
+                    c.version,
+                    c.content,
+                    c.author,
+                    i64::try_from(c.created_at_unix_ms).unwrap_or(i64::MAX),
+                    c.message
+                ],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
-    fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT hash, version, content, author, created_at, message FROM config_versions WHERE hash = ?1", [hash], row_to_config)
-            .optional()?)
+    async fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError> {
+        let hash = hash.to_owned();
+        self.run(move |conn| {
+            Ok(conn
+                .query_row("SELECT hash, version, content, author, created_at, message FROM config_versions WHERE hash = ?1", [hash], row_to_config)
+                .optional()?)
+        })
+        .await
     }
 
-    fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT hash, version, x'', author, created_at, message FROM config_versions ORDER BY created_at DESC")?;
-        let rows = stmt.query_map([], row_to_config)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    async fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError> {
+        self.run(|conn| {
+            let mut stmt = conn.prepare("SELECT hash, version, x'', author, created_at, message FROM config_versions ORDER BY created_at DESC")?;
+            let rows = stmt.query_map([], row_to_config)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
     }
 
-    fn put_rollout(
+    async fn put_rollout(
         &self,
         rollout: &RolloutRecord,
         desired: &[DesiredChange],
     ) -> Result<(), StoreError> {
         let record = serde_json::to_string(rollout)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO rollouts (number, id, record) VALUES (?1, ?2, ?3)
-             ON CONFLICT(number) DO UPDATE SET record = excluded.record",
-            params![
-                i64::try_from(rollout.number).unwrap_or(i64::MAX),
-                rollout.id,
-                record
-            ],
-        )?;
-        write_desired(&tx, desired)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn put_desired(&self, desired: &[DesiredChange]) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        write_desired(&tx, desired)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn put_pin(&self, gateway: &str, pin: Option<&Desired>) -> Result<(), StoreError> {
-        let conn = self.conn();
-        match pin {
-            Some(pin) => conn.execute(
-                "INSERT OR REPLACE INTO pins (gateway, record) VALUES (?1, ?2)",
-                params![gateway, serde_json::to_string(pin)?],
-            )?,
-            None => conn.execute("DELETE FROM pins WHERE gateway = ?1", [gateway])?,
-        };
-        Ok(())
-    }
-
-    fn put_group_intent(&self, group: &str, intent: &GroupIntent) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO group_intent (name, record) VALUES (?1, ?2)",
-            params![group, serde_json::to_string(intent)?],
-        )?;
-        Ok(())
-    }
-
-    fn load_intent(&self) -> Result<Intent, StoreError> {
-        let conn = self.conn();
-        let read = |table: &str| -> Result<Vec<(String, String)>, StoreError> {
-            let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1"))?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        };
-        let mut intent = Intent::default();
-        for (gateway, record) in read("desired")? {
-            intent
-                .gateways
-                .insert(gateway, serde_json::from_str(&record)?);
-        }
-        for (gateway, record) in read("pins")? {
-            intent.pins.insert(gateway, serde_json::from_str(&record)?);
-        }
-        for (group, record) in read("group_intent")? {
-            intent.groups.insert(group, serde_json::from_str(&record)?);
-        }
-        Ok(intent)
-    }
-
-    fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT record FROM rollouts ORDER BY number")?;
-        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for text in rows {
-            out.push(serde_json::from_str(&text?)?);
-        }
-        Ok(out)
-    }
-
-    fn next_rollout_number(&self) -> Result<u64, StoreError> {
-        let max: Option<i64> =
-            self.conn()
-                .query_row("SELECT MAX(number) FROM rollouts", [], |row| row.get(0))?;
-        Ok(max.map_or(1, |m| u64::try_from(m).unwrap_or(0) + 1))
-    }
-
-    fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        for group in groups {
+        let (number, id) = (
+            i64::try_from(rollout.number).unwrap_or(i64::MAX),
+            rollout.id.clone(),
+        );
+        let desired = encode_desired(desired)?;
+        self.run(move |conn| {
+            let tx = conn.transaction()?;
             tx.execute(
-                "INSERT INTO groups (name, definition) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET definition = excluded.definition",
-                params![group.name, serde_json::to_string(group)?],
+                "INSERT INTO rollouts (number, id, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(number) DO UPDATE SET record = excluded.record",
+                params![number, id, record],
             )?;
-        }
-        tx.commit()?;
-        Ok(())
+            write_desired(&tx, &desired)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
-    fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT definition FROM groups ORDER BY name")?;
-        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for text in rows {
-            out.push(serde_json::from_str(&text?)?);
-        }
-        Ok(out)
+    async fn put_desired(&self, desired: &[DesiredChange]) -> Result<(), StoreError> {
+        let desired = encode_desired(desired)?;
+        self.run(move |conn| {
+            let tx = conn.transaction()?;
+            write_desired(&tx, &desired)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
-    fn mark_rejected(
+    async fn put_pin(&self, gateway: &str, pin: Option<&Desired>) -> Result<(), StoreError> {
+        let gateway = gateway.to_owned();
+        let pin = pin.map(serde_json::to_string).transpose()?;
+        self.run(move |conn| {
+            match pin {
+                Some(pin) => conn.execute(
+                    "INSERT OR REPLACE INTO pins (gateway, record) VALUES (?1, ?2)",
+                    params![gateway, pin],
+                )?,
+                None => conn.execute("DELETE FROM pins WHERE gateway = ?1", [gateway])?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_group_intent(&self, group: &str, intent: &GroupIntent) -> Result<(), StoreError> {
+        let group = group.to_owned();
+        let record = serde_json::to_string(intent)?;
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO group_intent (name, record) VALUES (?1, ?2)",
+                params![group, record],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_intent(&self) -> Result<Intent, StoreError> {
+        self.run(|conn| {
+            let read = |table: &str| -> Result<Vec<(String, String)>, StoreError> {
+                let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1"))?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            };
+            let mut intent = Intent::default();
+            for (gateway, record) in read("desired")? {
+                intent
+                    .gateways
+                    .insert(gateway, serde_json::from_str(&record)?);
+            }
+            for (gateway, record) in read("pins")? {
+                intent.pins.insert(gateway, serde_json::from_str(&record)?);
+            }
+            for (group, record) in read("group_intent")? {
+                intent.groups.insert(group, serde_json::from_str(&record)?);
+            }
+            Ok(intent)
+        })
+        .await
+    }
+
+    async fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        self.run(|conn| {
+            let mut stmt = conn.prepare("SELECT record FROM rollouts ORDER BY number")?;
+            let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for text in rows {
+                out.push(serde_json::from_str(&text?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn next_rollout_number(&self) -> Result<u64, StoreError> {
+        self.run(|conn| {
+            let max: Option<i64> =
+                conn.query_row("SELECT MAX(number) FROM rollouts", [], |row| row.get(0))?;
+            Ok(max.map_or(1, |m| u64::try_from(m).unwrap_or(0) + 1))
+        })
+        .await
+    }
+
+    async fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError> {
+        let rows: Vec<(String, String)> = groups
+            .iter()
+            .map(|g| Ok((g.name.clone(), serde_json::to_string(g)?)))
+            .collect::<Result<_, StoreError>>()?;
+        self.run(move |conn| {
+            let tx = conn.transaction()?;
+            for (name, definition) in rows {
+                tx.execute(
+                    "INSERT INTO groups (name, definition) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET definition = excluded.definition",
+                    params![name, definition],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
+        self.run(|conn| {
+            let mut stmt = conn.prepare("SELECT definition FROM groups ORDER BY name")?;
+            let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for text in rows {
+                out.push(serde_json::from_str(&text?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn mark_rejected(
         &self,
         hash: &str,
         gateway: &str,
         reason: &str,
         at_unix_ms: u64,
     ) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO config_rejections VALUES (?1, ?2, ?3, ?4)",
-            params![
-                hash,
-                gateway,
-                reason,
-                i64::try_from(at_unix_ms).unwrap_or(i64::MAX)
-            ],
-        )?;
-        Ok(())
+        let row = (hash.to_owned(), gateway.to_owned(), reason.to_owned());
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO config_rejections VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    row.0,
+                    row.1,
+                    row.2,
+                    i64::try_from(at_unix_ms).unwrap_or(i64::MAX)
+                ],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
-    fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT hash, gateway, reason FROM config_rejections ORDER BY hash, gateway",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        let mut all: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-        for row in rows {
-            let (hash, gateway, reason) = row?;
-            all.entry(hash).or_default().push((gateway, reason));
-        }
-        Ok(all)
+    async fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError> {
+        self.run(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT hash, gateway, reason FROM config_rejections ORDER BY hash, gateway",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut all: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+            for row in rows {
+                let (hash, gateway, reason) = row?;
+                all.entry(hash).or_default().push((gateway, reason));
+            }
+            Ok(all)
+        })
+        .await
     }
 
-    fn audit(
+    async fn audit(
         &self,
         at: u64,
         identity: &str,
@@ -352,17 +439,26 @@ impl Store for SqliteStore {
         target: &str,
         reason: &str,
     ) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO audit (at, identity, action, target, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                i64::try_from(at).unwrap_or(i64::MAX),
-                identity,
-                action,
-                target,
-                reason
-            ],
-        )?;
-        Ok(())
+        let row = (
+            identity.to_owned(),
+            action.to_owned(),
+            target.to_owned(),
+            reason.to_owned(),
+        );
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO audit (at, identity, action, target, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    i64::try_from(at).unwrap_or(i64::MAX),
+                    row.0,
+                    row.1,
+                    row.2,
+                    row.3
+                ],
+            )?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -370,8 +466,8 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn configs_are_content_addressed_and_survive_reopening() {
+    #[tokio::test]
+    async fn configs_are_content_addressed_and_survive_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = StoredConfig {
             hash: "sha256:aa".into(),
@@ -383,12 +479,13 @@ mod tests {
         };
         {
             let store = SqliteStore::open(dir.path()).expect("open");
-            store.put_config(&config).expect("put");
+            store.put_config(&config).await.expect("put");
             store
                 .put_config(&StoredConfig {
                     message: "again".into(),
                     ..config.clone()
                 })
+                .await
                 .expect("idempotent");
             store
                 .audit(
@@ -398,11 +495,59 @@ mod tests {
                     "group dev",
                     "why not",
                 )
+                .await
                 .expect("audit");
         }
         let store = SqliteStore::open(dir.path()).expect("reopen");
-        assert_eq!(store.get_config("sha256:aa").expect("get"), Some(config));
-        assert_eq!(store.list_configs().expect("list").len(), 1);
-        assert_eq!(store.next_rollout_number().expect("next"), 1);
+        assert_eq!(
+            store.get_config("sha256:aa").await.expect("get"),
+            Some(config)
+        );
+        assert_eq!(store.list_configs().await.expect("list").len(), 1);
+        assert_eq!(store.next_rollout_number().await.expect("next"), 1);
+    }
+
+    #[tokio::test]
+    async fn intent_is_stored_with_its_rollout_and_survives_reopening() {
+        use crate::rollout::model::ConfigId;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let desired = |hash: &str| Desired {
+            config: ConfigId {
+                version: "1.1.0".into(),
+                hash: hash.into(),
+            },
+            cause: "test".into(),
+            at: 1,
+        };
+        let written = {
+            let store = SqliteStore::open(dir.path()).expect("open");
+            store
+                .put_desired(&[
+                    ("gw-1".into(), Some(desired("sha256:a"))),
+                    ("gw-2".into(), Some(desired("sha256:a"))),
+                ])
+                .await
+                .expect("desired");
+            store
+                .put_desired(&[("gw-2".into(), None)])
+                .await
+                .expect("forget");
+            store
+                .put_pin("gw-3", Some(&desired("sha256:p")))
+                .await
+                .expect("pin");
+            let group = GroupIntent {
+                desired: Some(desired("sha256:g").config),
+                source_hash: "sha256:s".into(),
+                held: Some(("sha256:h".into(), "r-2 rolled back".into())),
+            };
+            store.put_group_intent("prod", &group).await.expect("group");
+            store.load_intent().await.expect("load")
+        };
+        assert_eq!(written.gateways.keys().collect::<Vec<_>>(), ["gw-1"]);
+        let store = SqliteStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.load_intent().await.expect("load"), written);
+        assert_eq!(written.pins["gw-3"].config.hash, "sha256:p");
+        assert_eq!(written.groups["prod"].source_hash, "sha256:s");
     }
 }

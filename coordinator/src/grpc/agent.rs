@@ -109,8 +109,8 @@ impl AgentApi {
             self.known_configs.clone(),
             gateway.clone(),
         );
-        tokio::task::spawn_blocking(move || {
-            if let Err(error) = store.put_config(&stored) {
+        tokio::spawn(async move {
+            if let Err(error) = store.put_config(&stored).await {
                 tracing::warn!(gateway_id = %gateway, %error, "cannot keep the running config");
                 // Not stored: a later hello tries again.
                 known
@@ -391,15 +391,15 @@ impl Refusals {
         self.metrics.agent_messages_refused.inc();
         let who = format!("agent/{gateway}");
         let detail = format!("from {peer}: {refused}");
-        if let Err(error) = self.store.audit(
-            unix_ms_now(),
-            &who,
-            "message refused",
-            gateway.as_str(),
-            &detail,
-        ) {
-            tracing::warn!(%error, "cannot audit a refused agent message");
-        }
+        let (store, gateway) = (self.store.clone(), gateway.to_string());
+        // Audited beside the session, which ends now whatever the store says.
+        tokio::spawn(async move {
+            let at = unix_ms_now();
+            let audited = store.audit(at, &who, "message refused", &gateway, &detail);
+            if let Err(error) = audited.await {
+                tracing::warn!(%error, "cannot audit a refused agent message");
+            }
+        });
     }
 }
 

@@ -403,8 +403,8 @@ impl OperatorService for OperatorApi {
         request: Request<ListConfigVersionsRequest>,
     ) -> Result<Response<ListConfigVersionsResponse>, Status> {
         authorize(&request, &self.trust_domain, Role::Operator)?;
-        let versions = self.store.list_configs().map_err(ApiError::from)?;
-        let rejections = self.store.rejections().map_err(ApiError::from)?;
+        let versions = self.store.list_configs().await.map_err(ApiError::from)?;
+        let rejections = self.store.rejections().await.map_err(ApiError::from)?;
         Ok(Response::new(ListConfigVersionsResponse {
             versions: versions
                 .iter()
@@ -431,7 +431,7 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<v1::ConfigVersion>, Status> {
         authorize(&request, &self.trust_domain, Role::Operator)?;
         let wanted = request.into_inner().version;
-        let all = self.store.list_configs().map_err(ApiError::from)?;
+        let all = self.store.list_configs().await.map_err(ApiError::from)?;
         let hex = |h: &str| h.strip_prefix("sha256:").unwrap_or(h).to_owned();
         let by_hash: Vec<&StoredConfig> = all
             .iter()
@@ -455,6 +455,7 @@ impl OperatorService for OperatorApi {
         let full = self
             .store
             .get_config(&found.hash)
+            .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::Missing(format!("no config version {wanted:?}")))?;
         Ok(Response::new(version_message(&full, true)))
@@ -477,7 +478,10 @@ impl OperatorService for OperatorApi {
         let groups = crate::config::parse_groups(std::path::Path::new("groups file"), text)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
-        self.store.put_groups(&groups).map_err(ApiError::from)?;
+        self.store
+            .put_groups(&groups)
+            .await
+            .map_err(ApiError::from)?;
         self.fleet
             .apply_groups(groups)
             .await
@@ -490,6 +494,7 @@ impl OperatorService for OperatorApi {
                 &names.join(","),
                 &request.reason,
             )
+            .await
             .map_err(ApiError::from)?;
         self.group_infos().await.map(Response::new)
     }

@@ -234,15 +234,15 @@ pub struct Engine {
 impl Engine {
     /// Loads every stored rollout. Offers that were in flight are offered again: an agent answers
     /// an offer of what it already runs with APPLIED at once, so repeating one is harmless.
-    pub fn new(
+    pub async fn new(
         store: Arc<dyn Store>,
         fleet: FleetHandle,
         decisions: DecisionCounters,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, EngineHandle), StoreError> {
-        let intent = store.load_intent()?;
+        let intent = store.load_intent().await?;
         let mut rollouts = BTreeMap::new();
-        for mut r in store.list_rollouts()? {
+        for mut r in store.list_rollouts().await? {
             if r.is_active() {
                 for p in r.gateways.values_mut() {
                     if p.state == TargetState::Offered {
@@ -402,7 +402,7 @@ impl Engine {
             })
             .collect();
         let finished = !r.is_active() && before.is_none_or(RolloutRecord::is_active);
-        if let Err(error) = self.store.put_rollout(&r, &moves) {
+        if let Err(error) = self.store.put_rollout(&r, &moves).await {
             tracing::error!(rollout = %r.id, %error, "cannot persist rollout transition");
             return false;
         }
@@ -449,6 +449,7 @@ impl Engine {
             None => self
                 .store
                 .get_config(&config.hash)
+                .await
                 .map(|found| found.map(|c| c.content)),
         };
         let content = match stored {
@@ -517,7 +518,7 @@ impl Engine {
 
     /// A gateway that refused a config (its own validation failed) marks the version, so
     /// `ktctl config versions` says it was rejected and by whom.
-    fn remember_rejection(&self, gateway: &str, phase: ConfigPhase, status: &ConfigStatus) {
+    async fn remember_rejection(&self, gateway: &str, phase: ConfigPhase, status: &ConfigStatus) {
         let Some(config) = status
             .config
             .as_ref()
@@ -525,9 +526,10 @@ impl Engine {
         else {
             return;
         };
-        if let Err(error) =
-            self.store
-                .mark_rejected(&config.hash, gateway, &status.error, unix_ms_now())
+        if let Err(error) = self
+            .store
+            .mark_rejected(&config.hash, gateway, &status.error, unix_ms_now())
+            .await
         {
             tracing::warn!(gateway_id = %gateway, %error, "cannot mark the rejected config");
         }
@@ -543,7 +545,7 @@ impl Engine {
         let mut changed: BTreeMap<String, RolloutRecord> = BTreeMap::new();
         for (gateway, status) in answers {
             let phase = ConfigPhase::try_from(status.phase).unwrap_or(ConfigPhase::Unspecified);
-            self.remember_rejection(&gateway, phase, &status);
+            self.remember_rejection(&gateway, phase, &status).await;
             let owner = self
                 .rollouts
                 .values()
@@ -672,11 +674,13 @@ impl Engine {
         let superseded: Vec<String> = in_the_way.iter().map(|r| r.id.clone()).collect();
 
         let (progress, batches) = plan(&push.spec, &gateways, &self.observed.fleet, &config);
-        let diff_text = self.diff_against_baseline(&progress, &push.content, &config);
+        let diff_text = self
+            .diff_against_baseline(&progress, &push.content, &config)
+            .await;
         let number = if push.dry_run {
             0
         } else {
-            self.store.next_rollout_number()?
+            self.store.next_rollout_number().await?
         };
         let mut r = RolloutRecord {
             number,
@@ -713,14 +717,16 @@ impl Engine {
             return Ok((r, diff_text));
         }
 
-        self.store.put_config(&StoredConfig {
-            hash: config.hash.clone(),
-            version,
-            content: push.content,
-            author: identity.clone(),
-            created_at_unix_ms: now,
-            message: push.reason.clone(),
-        })?;
+        self.store
+            .put_config(&StoredConfig {
+                hash: config.hash.clone(),
+                version,
+                content: push.content,
+                author: identity.clone(),
+                created_at_unix_ms: now,
+                message: push.reason.clone(),
+            })
+            .await?;
         for id in superseded {
             if let Some(mut old) = self.rollouts.get(&id).cloned() {
                 old.phase = Phase::Done(Outcome::Superseded);
@@ -748,13 +754,15 @@ impl Engine {
                 "every target gateway already runs this version",
             );
         }
-        self.store.audit(
-            now,
-            &identity,
-            "push",
-            &r.spec.target.to_string(),
-            &push.reason,
-        )?;
+        self.store
+            .audit(
+                now,
+                &identity,
+                "push",
+                &r.spec.target.to_string(),
+                &push.reason,
+            )
+            .await?;
         if !self.commit(r.clone()).await {
             return Err(EngineError::Store(StoreError::from(
                 "the rollout could not be stored; nothing was pushed".to_owned(),
@@ -796,7 +804,7 @@ impl Engine {
     }
 
     /// A diff from the config most target gateways run now to the pushed one.
-    fn diff_against_baseline(
+    async fn diff_against_baseline(
         &self,
         progress: &BTreeMap<String, super::model::GatewayProgress>,
         content: &[u8],
@@ -809,7 +817,7 @@ impl Engine {
         let Some((baseline, _)) = counts.into_iter().max_by_key(|(_, n)| *n) else {
             return String::new();
         };
-        let old = match self.store.get_config(baseline) {
+        let old = match self.store.get_config(baseline).await {
             Ok(Some(stored)) => String::from_utf8_lossy(&stored.content).into_owned(),
             _ => {
                 return format!(
@@ -842,7 +850,9 @@ impl Engine {
         };
         result.map_err(EngineError::Conflict)?;
         let action_name = format!("{action:?}").to_lowercase();
-        self.store.audit(now, identity, &action_name, id, reason)?;
+        self.store
+            .audit(now, identity, &action_name, id, reason)
+            .await?;
         if !self.commit(r).await {
             return Err(EngineError::Store(StoreError::from(
                 "the rollout could not be stored; nothing changed".to_owned(),
@@ -899,17 +909,18 @@ mod tests {
         writes_left: AtomicUsize,
     }
 
+    #[async_trait::async_trait]
     impl Store for FailingWrites {
-        fn put_config(&self, config: &StoredConfig) -> Result<(), StoreError> {
-            self.inner.put_config(config)
+        async fn put_config(&self, config: &StoredConfig) -> Result<(), StoreError> {
+            self.inner.put_config(config).await
         }
-        fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError> {
-            self.inner.get_config(hash)
+        async fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError> {
+            self.inner.get_config(hash).await
         }
-        fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError> {
-            self.inner.list_configs()
+        async fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError> {
+            self.inner.list_configs().await
         }
-        fn put_rollout(
+        async fn put_rollout(
             &self,
             rollout: &RolloutRecord,
             desired: &[crate::intent::DesiredChange],
@@ -919,35 +930,38 @@ mod tests {
                 return Err(StoreError::from("disk I/O error".to_owned()));
             }
             self.writes_left.store(left - 1, Ordering::SeqCst);
-            self.inner.put_rollout(rollout, desired)
+            self.inner.put_rollout(rollout, desired).await
         }
-        fn put_desired(&self, desired: &[crate::intent::DesiredChange]) -> Result<(), StoreError> {
-            self.inner.put_desired(desired)
+        async fn put_desired(
+            &self,
+            desired: &[crate::intent::DesiredChange],
+        ) -> Result<(), StoreError> {
+            self.inner.put_desired(desired).await
         }
-        fn put_pin(
+        async fn put_pin(
             &self,
             gateway: &str,
             pin: Option<&crate::intent::Desired>,
         ) -> Result<(), StoreError> {
-            self.inner.put_pin(gateway, pin)
+            self.inner.put_pin(gateway, pin).await
         }
-        fn put_group_intent(
+        async fn put_group_intent(
             &self,
             group: &str,
             intent: &crate::intent::GroupIntent,
         ) -> Result<(), StoreError> {
-            self.inner.put_group_intent(group, intent)
+            self.inner.put_group_intent(group, intent).await
         }
-        fn load_intent(&self) -> Result<crate::intent::Intent, StoreError> {
-            self.inner.load_intent()
+        async fn load_intent(&self) -> Result<crate::intent::Intent, StoreError> {
+            self.inner.load_intent().await
         }
-        fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
-            self.inner.list_rollouts()
+        async fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+            self.inner.list_rollouts().await
         }
-        fn next_rollout_number(&self) -> Result<u64, StoreError> {
-            self.inner.next_rollout_number()
+        async fn next_rollout_number(&self) -> Result<u64, StoreError> {
+            self.inner.next_rollout_number().await
         }
-        fn audit(
+        async fn audit(
             &self,
             at_unix_ms: u64,
             identity: &str,
@@ -957,24 +971,27 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.inner
                 .audit(at_unix_ms, identity, action, target, reason)
+                .await
         }
-        fn mark_rejected(
+        async fn mark_rejected(
             &self,
             hash: &str,
             gateway: &str,
             reason: &str,
             at_unix_ms: u64,
         ) -> Result<(), StoreError> {
-            self.inner.mark_rejected(hash, gateway, reason, at_unix_ms)
+            self.inner
+                .mark_rejected(hash, gateway, reason, at_unix_ms)
+                .await
         }
-        fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError> {
-            self.inner.rejections()
+        async fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError> {
+            self.inner.rejections().await
         }
-        fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError> {
-            self.inner.put_groups(groups)
+        async fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError> {
+            self.inner.put_groups(groups).await
         }
-        fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
-            self.inner.list_groups()
+        async fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
+            self.inner.list_groups().await
         }
     }
 
@@ -1038,6 +1055,7 @@ mod tests {
             DecisionCounters::default(),
             Arc::new(Metrics::default()),
         )
+        .await
         .expect("engine");
         tokio::spawn(engine.run(cancel.child_token()));
         let push = Push {
@@ -1068,7 +1086,7 @@ mod tests {
             offers.try_recv().is_err(),
             "an offer went out for a transition that was never stored"
         );
-        let stored = store.inner.list_rollouts().expect("list");
+        let stored = store.inner.list_rollouts().await.expect("list");
         assert_eq!(stored[0].gateways["gw-1"].state, TargetState::Pending);
 
         // Once the disk works again, the next step (from the stored record) makes the offer.
