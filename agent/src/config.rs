@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use kt_daemon::yaml::{ConfigFileError, read_yaml_file};
 use kt_proto::tls::TlsFiles;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub coordinator: CoordinatorSettings,
@@ -20,12 +20,12 @@ pub struct AgentConfig {
     #[serde(default)]
     pub reconnect: ReconnectSettings,
     /// Where the agent keeps the previous and last-known-good configs and its event buffer.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub events: EventsSettings,
     /// Where Prometheus scrapes `GET /metrics` (plain HTTP, read-only); none when unset.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
@@ -33,7 +33,7 @@ pub struct AgentConfig {
 const MIN_BUFFERED_BYTES: u64 = 64 << 10;
 
 /// Bounds of the on-disk event buffer; past them the oldest events give way to a gap record.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsSettings {
     pub max_buffered_events: u64,
@@ -54,17 +54,17 @@ impl Default for EventsSettings {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorSettings {
     /// `https://host:port` URLs, tried in turn.
     pub endpoints: Vec<String>,
     /// The name the coordinator's certificate must carry; defaults to the endpoint's host.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySettings {
     /// The gateway's health document URL, e.g. `http://127.0.0.1:41002/health`.
@@ -76,26 +76,26 @@ pub struct GatewaySettings {
     #[serde(default = "default_health_timeout", with = "humantime_serde")]
     pub health_timeout: Duration,
     /// The gateway's decision events file (JSON lines), followed and forwarded when set.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events_file: Option<PathBuf>,
     /// The gateway's config file. Without it the agent only reports, and refuses config offers.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_path: Option<PathBuf>,
     /// The gateway's own validation, `{file}` standing for the offered config,
     /// e.g. `[kt-gateway, validate, "{file}"]`.
     #[serde(default)]
     pub validate_command: Vec<String>,
     /// How to make the gateway load a new config file: exactly one of the three.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload: Option<ReloadSettings>,
     /// Where the gateway's OpenAI-compatible API answers (synthetic probes go there), e.g.
     /// `http://127.0.0.1:41002`; defaults to the health URL's scheme, host and port.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
     /// The file where the gateway writes its probe token at start (`kt-gateway
     /// --probe-token-file`): synthetic probes carry it, so the gateway keeps them out of its
     /// counters and the rollout gates'. Without it probes run as ordinary requests.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_token_file: Option<PathBuf>,
 }
 
@@ -111,7 +111,7 @@ impl GatewaySettings {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReloadSettings {
     /// `POST` to this URL (kt-gateway: `http://127.0.0.1:41002/admin/reload`).
@@ -140,7 +140,7 @@ pub struct ApplySettings {
 }
 
 /// Full-jitter exponential backoff between connection attempts.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReconnectSettings {
     #[serde(with = "humantime_serde")]

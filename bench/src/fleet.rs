@@ -7,8 +7,10 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kt_ctl::dev;
-use kt_ctl::pki::{self, LeafRole};
+use kt_coordinator::config::{GroupSpec, GroupsFile};
+use kt_launch::configs;
+use kt_launch::pki::{self, LeafRole};
+use kt_launch::process as dev;
 use kt_proto::identity::GatewayId;
 
 /// The simulated gateways' ids: `sim-00001`, ...
@@ -95,22 +97,26 @@ impl Coordinator {
         let dir = work.join("coordinator");
         std::fs::create_dir_all(&dir)?;
         let groups = dir.join("groups.yaml");
-        std::fs::write(&groups, "groups:\n  sim:\n    selector: {fleet: sim}\n")?;
+        let sim = GroupSpec {
+            selector: [("fleet".to_owned(), "sim".to_owned())].into(),
+            ..GroupSpec::default()
+        };
+        let groups_file = GroupsFile {
+            groups: [("sim".to_owned(), sim)].into(),
+        };
+        std::fs::write(&groups, configs::to_yaml(&groups_file))?;
         let metrics_addr = free_addr()?;
-        let hb = settings.heartbeat_interval.as_millis();
-        let text = format!(
-            "listen: \"127.0.0.1:0\"\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\ndata_dir: {data}\n\
-             groups_file: {groups}\nliveness:\n  heartbeat_interval: {hb}ms\n  unreachable_after: {un}ms\n\
-             \x20 disconnected_after: {dis}ms\n  reconnect_spread: {spread}ms\nmetrics_listen: \"{metrics_addr}\"\n",
-            ca = pki.join(pki::CA_CERT).display(),
-            cert = pki.join("coordinator.crt").display(),
-            key = pki.join("coordinator.key").display(),
-            data = dir.join("data").display(),
-            groups = groups.display(),
-            un = hb * 3,
-            dis = hb * 8,
-            spread = settings.reconnect_spread.as_millis(),
-        );
+        let hb = settings.heartbeat_interval;
+        let liveness = configs::Liveness {
+            heartbeat_interval: hb,
+            unreachable_after: hb * 3,
+            disconnected_after: hb * 8,
+        };
+        let listen = "127.0.0.1:0".parse()?;
+        let mut config = configs::coordinator(listen, pki, &dir.join("data"), &groups, liveness);
+        config.liveness.reconnect_spread = settings.reconnect_spread;
+        config.metrics_listen = Some(metrics_addr);
+        let text = configs::to_yaml(&config);
         let config = dir.join("coordinator.yaml");
         std::fs::write(&config, text)?;
         let mut coordinator = Coordinator {

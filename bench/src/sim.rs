@@ -116,19 +116,26 @@ fn start_agent(
 ) -> anyhow::Result<SimAgent> {
     let id = agent_id(i);
     let region = ["us", "eu", "ap"][i % 3];
-    let yaml = format!(
-        "coordinator:\n  endpoints: [\"https://{coord}\"]\ntls:\n  ca: {ca}\n  cert: {cert}\n  key: {key}\n\
-         gateway:\n  health_url: http://127.0.0.1:9/health\nlabels:\n  fleet: sim\n  region: {region}\n\
-         reconnect:\n  min_delay: {min}ms\n  max_delay: {max}ms\n",
-        coord = settings.coordinator,
-        ca = pki.join("ca.crt").display(),
-        cert = pki.join(format!("agent-{id}.crt")).display(),
-        key = pki.join(format!("agent-{id}.key")).display(),
-        min = settings.min_delay.as_millis(),
-        max = settings.max_delay.as_millis(),
-    );
-    let config: AgentConfig =
-        kt_daemon::yaml::parse_yaml(Path::new("simulated agent.yaml"), &yaml)?;
+    let spec = kt_launch::configs::AgentSpec {
+        gateway_id: &id,
+        coordinator: settings.coordinator,
+        pki,
+        // Nothing listens there: the simulated gateway's health is set by the scenario.
+        gateway: "127.0.0.1:9".parse()?,
+        health_interval: Duration::from_secs(5),
+        labels: &[("fleet", "sim"), ("region", region)],
+        config_path: None,
+        validator: Path::new("kt-gateway"),
+        events_file: None,
+        probe_token_file: None,
+        max_buffered_events: None,
+        state_dir: Path::new("."),
+        metrics_listen: None,
+    };
+    let mut config: AgentConfig = kt_launch::configs::agent(&spec);
+    config.state_dir = None;
+    config.reconnect.min_delay = settings.min_delay;
+    config.reconnect.max_delay = settings.max_delay;
     let tls = config.tls.load(Role::Agent)?;
     let gateway = GatewayId::new(&id).map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
     let session_settings = Arc::new(SessionSettings {

@@ -8,10 +8,10 @@ use std::time::Duration;
 use kt_daemon::yaml::{ConfigFileError, read_yaml_file};
 use kt_proto::identity::GatewayId;
 use kt_proto::tls::TlsFiles;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `coordinator.yaml`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
     /// Where agents and operators connect.
@@ -21,14 +21,14 @@ pub struct CoordinatorConfig {
     /// Where the coordinator keeps its state.
     pub data_dir: PathBuf,
     /// The groups file (`groups: {name: {gateways: [...], config_source: ...}}`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups_file: Option<PathBuf>,
     #[serde(default)]
     pub liveness: LivenessConfig,
     #[serde(default)]
     pub events: EventsConfig,
     /// Where Prometheus scrapes `GET /metrics` (plain HTTP, read-only); none when unset.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
     /// Limits on incoming connections and their TLS handshakes.
     #[serde(default)]
@@ -36,7 +36,7 @@ pub struct CoordinatorConfig {
 }
 
 /// How long and how many decision events the coordinator keeps for `--since` and stats.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     #[serde(with = "humantime_serde")]
@@ -54,7 +54,7 @@ impl Default for EventsConfig {
 }
 
 /// How the coordinator judges agent liveness; all durations like `15s` or `2m`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LivenessConfig {
     /// The heartbeat interval assigned to agents in the welcome.
@@ -153,33 +153,39 @@ impl CoordinatorConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A groups file as written (`groups: {name: ...}`); [`load_groups`] checks it into [`Group`]s.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawGroupsFile {
-    groups: BTreeMap<String, RawGroup>,
+pub struct GroupsFile {
+    pub groups: BTreeMap<String, GroupSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One group as written in a groups file.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawGroup {
-    #[serde(default)]
-    gateways: Vec<String>,
+pub struct GroupSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
     /// Gateways whose labels all match are members too.
-    #[serde(default)]
-    selector: BTreeMap<String, String>,
-    #[serde(default)]
-    config_source: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_source: Option<PathBuf>,
     /// How often the config source is read (default 10s; SIGHUP reads it at once).
-    #[serde(default, with = "humantime_serde")]
-    source_poll_interval: Option<Duration>,
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub source_poll_interval: Option<Duration>,
     #[serde(default)]
-    drift: DriftPolicy,
+    pub drift: DriftPolicy,
     /// Another group that must run the source's content, healthy, before this one starts.
-    #[serde(default)]
-    after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
     /// How rollouts started by the config source run.
     #[serde(default)]
-    rollout: GroupRollout,
+    pub rollout: GroupRollout,
 }
 
 /// What the coordinator does about a gateway running something other than its desired config.
@@ -310,7 +316,7 @@ pub struct Group {
     pub source_poll_interval: Option<Duration>,
     #[serde(default)]
     pub drift: DriftPolicy,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
     #[serde(default)]
     pub rollout: GroupRollout,
@@ -344,17 +350,17 @@ impl Group {
 
 /// Loads a groups file; every gateway id must be valid.
 pub fn load_groups(path: &Path) -> Result<Vec<Group>, ConfigFileError> {
-    let raw: RawGroupsFile = read_yaml_file(path)?;
+    let raw: GroupsFile = read_yaml_file(path)?;
     groups_from_raw(path, raw)
 }
 
 /// Parses groups sent by an operator (`ktctl groups apply`); `source` names them in errors.
 pub fn parse_groups(source: &Path, text: &str) -> Result<Vec<Group>, ConfigFileError> {
-    let raw: RawGroupsFile = kt_daemon::yaml::parse_yaml(source, text)?;
+    let raw: GroupsFile = kt_daemon::yaml::parse_yaml(source, text)?;
     groups_from_raw(source, raw)
 }
 
-fn groups_from_raw(path: &Path, raw: RawGroupsFile) -> Result<Vec<Group>, ConfigFileError> {
+fn groups_from_raw(path: &Path, raw: GroupsFile) -> Result<Vec<Group>, ConfigFileError> {
     let base = path.parent().unwrap_or(Path::new("."));
     raw.groups
         .into_iter()

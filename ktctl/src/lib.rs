@@ -6,7 +6,7 @@ pub mod commands;
 pub mod dev;
 pub mod doctor;
 pub mod ktconfig;
-pub mod pki;
+pub use kt_launch::pki;
 pub mod rollouts;
 pub mod view;
 

@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::Duration;
 
-use kt_ctl::dev::{self, AgentSpec, Liveness};
 use kt_ctl::ktconfig::{Context, KtctlConfig};
-use kt_ctl::pki::{self, LeafRole};
+use kt_launch::configs::{self as dev, AgentSpec, Liveness};
+use kt_launch::pki::{self, LeafRole};
+use kt_launch::process;
 use kt_proto::identity::GatewayId;
 use kt_proto::v1::operator_service_client::OperatorServiceClient;
 use tonic::transport::Channel;
@@ -82,7 +83,7 @@ impl Proc {
         env: &[(&str, &str)],
         log: PathBuf,
     ) -> Self {
-        let child = dev::spawn(&bin(binary), args, env, &log).expect("spawn");
+        let child = process::spawn(&bin(binary), args, env, &log).expect("spawn");
         Proc { child, log }
     }
 
@@ -92,7 +93,7 @@ impl Proc {
 
     /// Waits for the bound address the process writes to `ready_file`.
     pub fn wait_ready(&mut self, ready_file: &Path) -> SocketAddr {
-        dev::wait_ready(&mut self.child, ready_file, &self.log, READY_TIMEOUT)
+        process::wait_ready(&mut self.child, ready_file, &self.log, READY_TIMEOUT)
             .expect("process ready")
     }
 
@@ -125,7 +126,7 @@ impl Proc {
             assert!(
                 std::time::Instant::now() < deadline,
                 "process did not exit:\n{}",
-                dev::log_tail(&self.log)
+                process::log_tail(&self.log)
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -592,9 +593,9 @@ pub struct DevFleetGuard(pub PathBuf);
 
 impl Drop for DevFleetGuard {
     fn drop(&mut self) {
-        if let Ok(Some(state)) = dev::DevState::load(&self.0) {
+        if let Ok(Some(state)) = kt_ctl::dev::DevState::load(&self.0) {
             for p in &state.processes {
-                dev::stop(p.pid, &p.binary, Duration::from_secs(2));
+                process::stop(p.pid, &p.binary, Duration::from_secs(2));
             }
         }
     }
