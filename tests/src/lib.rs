@@ -194,8 +194,8 @@ pub struct CoordinatorNode {
     pki_dir: PathBuf,
     /// The groups file it reads at start and on SIGHUP.
     pub groups: PathBuf,
-    /// Appended to its config file at each start (e.g. a `connections:` section).
-    pub extra_config: String,
+    /// Connection limits written into its config at each start (the defaults when `None`).
+    pub connections: Option<kt_daemon::conn::ConnectionLimits>,
 }
 
 impl CoordinatorNode {
@@ -209,7 +209,7 @@ impl CoordinatorNode {
             dir,
             pki_dir: pki.dir.clone(),
             groups,
-            extra_config: String::new(),
+            connections: None,
         };
         node.start_again();
         node
@@ -219,14 +219,17 @@ impl CoordinatorNode {
     pub fn start_again(&mut self) {
         assert!(self.proc.is_none(), "coordinator already running");
         let config = self.dir.join("coordinator.yaml");
-        let text = dev::coordinator_config(
+        let mut typed = dev::coordinator(
             self.addr,
             &self.pki_dir,
             &self.dir.join("data"),
             &self.groups,
             TEST_LIVENESS,
-        ) + &self.extra_config;
-        std::fs::write(&config, text).expect("config");
+        );
+        if let Some(limits) = &self.connections {
+            typed.connections = limits.clone();
+        }
+        std::fs::write(&config, dev::to_yaml(&typed)).expect("config");
         let ready = self.dir.join("coordinator.addr");
         let _ = std::fs::remove_file(&ready);
         let args = vec![

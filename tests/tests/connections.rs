@@ -64,8 +64,11 @@ async fn wait_all_closed(streams: &mut [TcpStream], what: &str) {
 async fn the_coordinator_bounds_silent_connections_and_keeps_serving_operators() {
     let mut fleet = TestFleet::start(1);
     fleet.coordinator.stop();
-    fleet.coordinator.extra_config =
-        format!("connections:\n  max_waiting_per_ip: {WAITING}\n  handshake_timeout: 3s\n");
+    fleet.coordinator.connections = Some(kt_daemon::conn::ConnectionLimits {
+        max_waiting_per_ip: WAITING,
+        handshake_timeout: Duration::from_secs(3),
+        ..Default::default()
+    });
     fleet.coordinator.start_again();
     fleet
         .wait_for_health("the fleet is healthy", PATIENCE, all_healthy(1))
