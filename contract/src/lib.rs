@@ -6,8 +6,10 @@
 //!   the agent can manage any gateway that honours the contract, including newer ones;
 //! - a config's identity: [`content_hash`] of its exact bytes;
 //! - the size limits of a policy config ([`MAX_CONFIG_BYTES`]) and of one decision event
-//!   ([`MAX_EVENT_BYTES`]).
+//!   ([`MAX_EVENT_BYTES`]);
+//! - the fields of a decision event the fleet reads ([`DecisionFields`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +17,42 @@ use sha2::{Digest, Sha256};
 
 /// The largest policy config a gateway loads, an agent applies or the coordinator stores.
 pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+
+/// The fields of a decision event (one JSON object per line of the gateway's events file) that
+/// the fleet reads: the coordinator indexes them for tails and counts them for the rollout gates.
+/// A gateway may write more; missing ones read as empty. Strings are borrowed from the line
+/// where JSON allows (no escapes), so reading allocates only what is kept.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct DecisionFields<'a> {
+    /// allow | block | redact | escalate
+    #[serde(borrow)]
+    pub verdict: Cow<'a, str>,
+    #[serde(borrow)]
+    pub reason_code: Cow<'a, str>,
+    #[serde(borrow)]
+    pub config_version: Cow<'a, str>,
+    /// `sha256:` of the config the request was decided on.
+    #[serde(borrow)]
+    pub config_hash: Cow<'a, str>,
+    /// The HTTP status answered (5xx counts for the error-rate gate).
+    pub status: u16,
+    /// A synthetic probe (`x-kt-synthetic` with the probe token): never counted.
+    pub synthetic: bool,
+    #[serde(borrow)]
+    pub policies_evaluated: Vec<PolicyOutcome<'a>>,
+}
+
+/// One policy's result in a decision event.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct PolicyOutcome<'a> {
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    /// allow | block | redact | escalate
+    #[serde(borrow)]
+    pub result: Cow<'a, str>,
+}
 
 /// `sha256:<hex>` of a config's exact bytes: how gateways report what they run and how the
 /// coordinator names versions.

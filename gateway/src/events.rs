@@ -218,6 +218,35 @@ mod tests {
         }
     }
 
+    /// What this gateway writes is what the fleet reads (the contract's decision fields).
+    #[test]
+    fn events_carry_the_contracts_decision_fields() {
+        let mut e = event(1);
+        e.verdict = Verdict::Block.as_str();
+        e.reason_code = "prompt_injection.phrase".into();
+        e.status = 409;
+        e.synthetic = true;
+        e.policies_evaluated = vec![crate::policy::Outcome {
+            name: "prompt-injection",
+            result: Verdict::Block,
+            latency_us: 3,
+        }];
+        let line = serde_json::to_vec(&e).expect("json");
+        let read: kt_contract::DecisionFields<'_> =
+            serde_json::from_slice(&line).expect("the contract reads it");
+        assert_eq!(read.verdict, "block");
+        assert_eq!(read.reason_code, "prompt_injection.phrase");
+        assert_eq!(
+            (read.config_version.as_ref(), read.config_hash.as_ref()),
+            ("1.0.0", "sha256:x")
+        );
+        assert_eq!(read.status, 409);
+        assert!(read.synthetic);
+        assert_eq!(read.policies_evaluated.len(), 1);
+        assert_eq!(read.policies_evaluated[0].name, "prompt-injection");
+        assert_eq!(read.policies_evaluated[0].result, "block");
+    }
+
     #[tokio::test]
     async fn rotates_by_size_and_keeps_n_files_with_every_line_whole() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -254,7 +254,7 @@ async fn config_sources_start_rollouts_with_the_groups_defaults_in_order() {
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
-            error.contains("source.yaml") && error.contains("colour")
+            error.contains("source.yaml") && error.contains("colour") && error.contains("line")
         })
         .await,
         "{:#?}",

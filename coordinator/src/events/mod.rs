@@ -8,7 +8,6 @@ pub mod store;
 use kt_proto::v1::{EventStatsRow, TailEventsResponse};
 use tokio::sync::mpsc;
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -109,35 +108,6 @@ impl Filter {
     }
 }
 
-/// The fields of a decision event the coordinator reads; everything else stays in the body.
-/// Strings are borrowed from the body where JSON allows (no escapes), so parsing allocates
-/// only what is kept.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default)]
-struct Fields<'a> {
-    #[serde(borrow)]
-    verdict: Cow<'a, str>,
-    #[serde(borrow)]
-    reason_code: Cow<'a, str>,
-    #[serde(borrow)]
-    config_version: Cow<'a, str>,
-    #[serde(borrow)]
-    config_hash: Cow<'a, str>,
-    status: u16,
-    synthetic: bool,
-    #[serde(borrow)]
-    policies_evaluated: Vec<PolicyResult<'a>>,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default)]
-struct PolicyResult<'a> {
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-    #[serde(borrow)]
-    result: Cow<'a, str>,
-}
-
 /// The indexed fields of one event.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Indexed {
@@ -154,7 +124,7 @@ pub struct Indexed {
 
 /// Reads the indexed fields of an event body; `None` when it is not a JSON object.
 pub fn fields(body: &[u8]) -> Option<Indexed> {
-    let f: Fields<'_> = serde_json::from_slice(body).ok()?;
+    let f: kt_contract::DecisionFields<'_> = serde_json::from_slice(body).ok()?;
     let acted = f
         .policies_evaluated
         .into_iter()
