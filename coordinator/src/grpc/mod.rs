@@ -5,6 +5,7 @@ pub mod agent;
 pub mod auth;
 pub mod operator;
 pub mod paging;
+pub mod rollout_view;
 
 use std::future::Future;
 

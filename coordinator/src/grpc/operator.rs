@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::auth::authorize;
+use super::rollout_view::{spec_from_proto, to_proto};
 use super::{ApiError, paging, spawn_until_cancelled};
 use crate::events::counters::{self, DecisionCounters};
 use crate::events::{self, Filter, Published};
@@ -27,7 +28,6 @@ use crate::fleet::{FleetHandle, UnknownGroup};
 use crate::probes::Probes;
 use crate::rollout::engine::{Action, EngineHandle, Push};
 use crate::rollout::model::Target;
-use crate::rollout::view::{spec_from_proto, to_proto};
 use crate::store::{Store, StoredConfig};
 
 /// Updates queued towards one watcher; a watcher this far behind gets a fresh snapshot.

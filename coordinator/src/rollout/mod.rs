@@ -7,4 +7,3 @@ pub mod engine;
 pub mod model;
 pub mod plan;
 pub mod step;
-pub mod view;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use kt_proto::v1;
 
-use super::model::{
+use crate::rollout::model::{
     ConfigId, Decision, Phase, RolloutRecord, Size, Spec, Strategy, Target, TargetState,
 };
 
@@ -189,7 +189,7 @@ pub fn to_proto(r: &RolloutRecord) -> v1::Rollout {
 }
 
 fn rollout_state(r: &RolloutRecord) -> v1::RolloutState {
-    use super::model::Outcome;
+    use crate::rollout::model::Outcome;
     use v1::RolloutState as S;
     if r.dry_run {
         return S::Planned;
