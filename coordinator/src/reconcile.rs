@@ -138,11 +138,17 @@ impl Engine {
                 Err(error) => tracing::error!(%error, "cannot store adopted desired configs"),
             }
         }
-        self.publish_desired(unchecked.into_iter()).await;
+        self.publish_desired(unchecked.into_iter(), true).await;
     }
 
-    /// Tells the fleet task the desired config of `gateways` where it shows something else.
-    pub(crate) async fn publish_desired(&self, gateways: impl Iterator<Item = String>) {
+    /// Tells the fleet task the desired config of `gateways`. After intent moved, every one is
+    /// sent (what the fleet last echoed may be behind what was sent before); when only checking,
+    /// `unless_shown` skips those whose record already shows their desired config.
+    pub(crate) async fn publish_desired(
+        &self,
+        gateways: impl Iterator<Item = String>,
+        unless_shown: bool,
+    ) {
         let changes: Vec<_> = gateways
             .filter_map(|g| {
                 let state = self.observed.fleet.get(&g)?;
@@ -159,7 +165,8 @@ impl Engine {
                     ),
                     None => (None, false),
                 };
-                (state.desired != desired || state.pinned != pinned).then_some((g, desired, pinned))
+                let shown = state.desired == desired && state.pinned == pinned;
+                (!(unless_shown && shown)).then_some((g, desired, pinned))
             })
             .collect();
         self.fleet.set_desired(changes).await;
@@ -326,7 +333,7 @@ impl Engine {
                 .audit(now, identity, "unpin", gateway, reason)
                 .await?;
             self.intent.pins.remove(gateway);
-            self.publish_desired(std::iter::once(gateway.to_owned()))
+            self.publish_desired(std::iter::once(gateway.to_owned()), false)
                 .await;
             return Ok(());
         };
@@ -347,14 +354,14 @@ impl Engine {
             .await?;
         self.intent.pins.insert(gateway.to_owned(), pin);
         self.reoffers.by_gateway.remove(gateway);
-        self.publish_desired(std::iter::once(gateway.to_owned()))
+        self.publish_desired(std::iter::once(gateway.to_owned()), false)
             .await;
         Ok(())
     }
 
     /// A group's rollout ended: a success is what the group should run; a rollback, an abort or
     /// a failure holds that version back from the group's config source until it changes.
-    pub(crate) async fn settle_group(&mut self, r: &RolloutRecord, now: u64) {
+    pub(crate) async fn settle_group(&mut self, r: &RolloutRecord) {
         let Target::Group(group) = &r.spec.target else {
             return;
         };
@@ -386,7 +393,6 @@ impl Engine {
             Outcome::Superseded => return,
         }
         self.put_group_intent(group, intent).await;
-        let _ = now;
     }
 
     async fn put_group_intent(&mut self, group: &str, intent: GroupIntent) {
@@ -402,7 +408,7 @@ impl Engine {
             .filter(|s| s.groups.iter().any(|g| g == group))
             .map(|s| s.gateway_id.clone())
             .collect();
-        self.publish_desired(members.into_iter()).await;
+        self.publish_desired(members.into_iter(), false).await;
     }
 
     /// Starts a rollout for every group whose config source says something new, once nothing

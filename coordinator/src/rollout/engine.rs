@@ -407,11 +407,11 @@ impl Engine {
             return false;
         }
         self.intent.apply(&moves);
-        self.publish_desired(moves.into_iter().map(|(g, _)| g))
+        self.publish_desired(moves.into_iter().map(|(g, _)| g), false)
             .await;
         self.fleet.set_held(holds).await;
         if finished {
-            self.settle_group(&r, now).await;
+            self.settle_group(&r).await;
         }
         let counted = self
             .rollouts
