@@ -181,6 +181,15 @@ impl Engine {
     /// Offers each drifted gateway that must not drift its desired config again, with
     /// backoff, unless a rollout holds it. Each re-offer is audited.
     pub(crate) async fn enforce_desired(&mut self, now: u64) {
+        let drifted = |s: &GatewayState| s.sync == SyncState::Drifted as i32;
+        let in_flight = self
+            .reoffers
+            .by_gateway
+            .values()
+            .any(|r| r.in_flight.is_some());
+        if !in_flight && !self.observed.fleet.values().any(drifted) {
+            return;
+        }
         let enforced: BTreeSet<String> = self
             .fleet
             .groups()
@@ -204,7 +213,7 @@ impl Engine {
             .observed
             .fleet
             .values()
-            .filter(|s| s.sync == SyncState::Drifted as i32)
+            .filter(|s| drifted(s))
             .filter(|s| s.agent_state == AgentState::Connected as i32)
             .filter(|s| s.pinned || s.groups.iter().any(|g| enforced.contains(g)))
             .filter(|s| {
@@ -427,6 +436,9 @@ impl Engine {
             })
             .map(|(group, _)| group.clone())
             .collect();
+        if pending.is_empty() {
+            return;
+        }
         let groups: BTreeMap<String, Group> = self
             .fleet
             .groups()
