@@ -20,7 +20,13 @@ fn example_configs_parse() {
     let groups =
         kt_coordinator::config::load_groups(coordinator.groups_file.as_ref().expect("groups_file"))
             .expect("groups.yaml");
-    assert_eq!(groups.len(), 2);
+    assert_eq!(groups.len(), 3);
+    let production = groups
+        .iter()
+        .find(|g| g.name == "production")
+        .expect("production");
+    assert_eq!(production.after.as_deref(), Some("staging"));
+    assert!(production.config_source.is_some());
 
     assert!(coordinator.metrics_listen.is_some());
     assert!(
