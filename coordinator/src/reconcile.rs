@@ -240,6 +240,11 @@ impl Engine {
     }
 
     async fn reoffer(&mut self, gateway: String, desired: ConfigRef, running: ConfigRef, now: u64) {
+        // The backoff counts from here, whatever happens next, so nothing repeats every tick.
+        let entry = self.reoffers.by_gateway.entry(gateway.clone()).or_default();
+        entry.attempts += 1;
+        entry.next_at = now + backoff_ms(entry.attempts);
+        let attempt = entry.attempts;
         let content = match self.store.get_config(&desired.hash).await {
             Ok(Some(stored)) => stored.content,
             Ok(None) => {
@@ -251,17 +256,14 @@ impl Engine {
                 return;
             }
         };
-        let entry = self.reoffers.by_gateway.entry(gateway.clone()).or_default();
-        entry.attempts += 1;
-        entry.next_at = now + backoff_ms(entry.attempts);
-        let offer_id = format!("{REOFFER_PREFIX}{gateway}/{}", entry.attempts);
+        let offer_id = format!("{REOFFER_PREFIX}{gateway}/{attempt}");
         let why = format!(
             "drifted: runs {} {}, desired {} {}; offered again (attempt {})",
             running.version,
             short(&running.hash),
             desired.version,
             short(&desired.hash),
-            entry.attempts
+            attempt
         );
         if let Err(error) = self
             .store
