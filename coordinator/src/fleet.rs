@@ -969,4 +969,69 @@ mod tests {
             0
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn running_against_desired_is_in_sync_drifted_or_converging() {
+        let (mut fleet, _handle) = Fleet::new(liveness(), &[]);
+        let now = Instant::now();
+        connect(&mut fleet, "gw-1", 1, now);
+        let view = |fleet: &Fleet| fleet.view(&gw("gw-1")).expect("record");
+        assert_eq!(
+            view(&fleet).sync,
+            SyncState::Unspecified as i32,
+            "nothing known yet"
+        );
+        let report = |fleet: &mut Fleet, hash: &str| {
+            let health = GatewayHealth {
+                config: Some(kt_proto::v1::ConfigInfo {
+                    hash: hash.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let status = Command::Status {
+                gateway: gw("gw-1"),
+                session: 1,
+                health,
+            };
+            fleet.handle(status, now);
+        };
+        let desire = ConfigRef {
+            version: "1.0.0".into(),
+            hash: "sha256:a".into(),
+        };
+        report(&mut fleet, "sha256:a");
+        let set = Command::SetDesired {
+            changes: vec![("gw-1".into(), Some(desire), false)],
+        };
+        fleet.handle(set, now);
+        assert_eq!(view(&fleet).sync, SyncState::InSync as i32);
+        assert_eq!(view(&fleet).drifted_since_unix_ms, 0);
+
+        report(&mut fleet, "sha256:edited");
+        assert_eq!(view(&fleet).sync, SyncState::Drifted as i32);
+        assert!(view(&fleet).drifted_since_unix_ms > 0, "drifted since when");
+
+        let hold = Hold {
+            by: "r-1".into(),
+            in_flight: true,
+        };
+        fleet.handle(
+            Command::SetHeld {
+                changes: vec![("gw-1".into(), Some(hold))],
+            },
+            now,
+        );
+        assert_eq!(view(&fleet).sync, SyncState::Converging as i32);
+        assert_eq!(view(&fleet).converging_by, "r-1");
+        report(&mut fleet, "sha256:a");
+        fleet.handle(
+            Command::SetHeld {
+                changes: vec![("gw-1".into(), None)],
+            },
+            now,
+        );
+        assert_eq!(view(&fleet).sync, SyncState::InSync as i32);
+        assert_eq!(view(&fleet).converging_by, "");
+    }
 }
