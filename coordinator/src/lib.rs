@@ -5,6 +5,7 @@
 //! listener until cancelled, so tests can bind port 0.
 
 pub mod config;
+pub mod etcd;
 pub mod events;
 pub mod fleet;
 pub mod grpc;

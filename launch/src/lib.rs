@@ -4,5 +4,6 @@
 //! [`process`] starts daemons, waits for their ready files and stops them by their own pid.
 
 pub mod configs;
+pub mod etcd;
 pub mod pki;
 pub mod process;

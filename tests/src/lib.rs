@@ -83,8 +83,18 @@ impl Proc {
         env: &[(&str, &str)],
         log: PathBuf,
     ) -> Self {
-        let child = process::spawn(&bin(binary), args, env, &log).expect("spawn");
+        Self::spawn_path(&bin(binary), args, env, log)
+    }
+
+    /// A program that is not ours (`etcd`), by path.
+    pub fn spawn_path(binary: &Path, args: &[String], env: &[(&str, &str)], log: PathBuf) -> Self {
+        let child = process::spawn(binary, args, env, &log).expect("spawn");
         Proc { child, log }
+    }
+
+    /// The child itself, for waits that need it (e.g. `kt_launch::etcd::wait_listening`).
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,51 @@
+//! The coordinator's connection to etcd (`storage: etcd`, issue 13): mutual TLS with the
+//! coordinator's own certificate, verified against the deployment's CA, every request bounded
+//! in time. The etcd `Store`, leader election and fencing build on this.
+
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use kt_proto::tls::TlsFiles;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("{path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("etcd at {endpoints}: {source}")]
+    Connect {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
+}
+
+/// Connects to `endpoints` (`https://host:port`), presenting `tls.cert`; each request gives up
+/// after `timeout`.
+pub async fn connect(
+    endpoints: &[String],
+    tls: &TlsFiles,
+    timeout: Duration,
+) -> Result<Client, EtcdError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| EtcdError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let tls_options = TlsOptions::new()
+        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    let options = ConnectOptions::new()
+        .with_tls(tls_options)
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(10), timeout);
+    Client::connect(endpoints, Some(options))
+        .await
+        .map_err(|source| EtcdError::Connect {
+            endpoints: endpoints.join(","),
+            source,
+        })
+}

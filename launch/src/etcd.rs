@@ -1,0 +1,92 @@
+//! A one-member etcd (Debian's `etcd-server`) on loopback, with mutual TLS on both its client
+//! and peer listeners, for `storage: etcd` coordinators in tests, benchmarks and dev fleets.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Where etcd listens and keeps its data, and the PEM files it serves with: the deployment's CA
+/// (clients must present a certificate it signed) and a server certificate for 127.0.0.1.
+#[derive(Clone, Debug)]
+pub struct EtcdSpec {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The `etcd` binary, or an error that names the Debian package.
+pub fn find_etcd() -> anyhow::Result<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("etcd"))
+        .find(|p| p.is_file());
+    found.context(
+        "etcd is not installed: install Debian's etcd-server (apt-get install etcd-server, or scripts/install-test-deps)",
+    )
+}
+
+/// etcd's command line for `spec`.
+pub fn args(spec: &EtcdSpec) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    let client = format!("https://{}", spec.client);
+    let peer = format!("https://{}", spec.peer);
+    [
+        ("--name", spec.name.clone()),
+        ("--data-dir", path(&spec.data_dir)),
+        ("--listen-client-urls", client.clone()),
+        ("--advertise-client-urls", client),
+        ("--listen-peer-urls", peer.clone()),
+        ("--initial-advertise-peer-urls", peer.clone()),
+        ("--initial-cluster", format!("{}={peer}", spec.name)),
+        ("--initial-cluster-state", "new".into()),
+        ("--cert-file", path(&spec.cert)),
+        ("--key-file", path(&spec.key)),
+        ("--trusted-ca-file", path(&spec.ca)),
+        ("--client-cert-auth", "true".into()),
+        ("--peer-cert-file", path(&spec.cert)),
+        ("--peer-key-file", path(&spec.key)),
+        ("--peer-trusted-ca-file", path(&spec.ca)),
+        ("--peer-client-cert-auth", "true".into()),
+        ("--logger", "zap".into()),
+        ("--log-outputs", "stderr".into()),
+    ]
+    .into_iter()
+    .map(|(flag, value)| format!("{flag}={value}"))
+    .collect()
+}
+
+/// Waits until `addr` accepts TCP connections (etcd writes no ready file), or fails with the
+/// log's tail if the process exits or the deadline passes.
+pub fn wait_listening(
+    child: &mut std::process::Child,
+    addr: SocketAddr,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "etcd exited ({status}) before it listened:\n{}",
+                crate::process::log_tail(log)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "etcd not listening on {addr} within {timeout:?}:\n{}",
+                crate::process::log_tail(log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
