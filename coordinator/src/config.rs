@@ -553,4 +553,47 @@ mod tests {
         let msg = load_groups(&bad).expect_err("bad id").to_string();
         assert!(msg.contains("groups.x.gateways[0]"), "{msg}");
     }
+
+    #[test]
+    fn group_rollout_defaults_and_after_are_checked_with_their_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = write(
+            dir.path(),
+            "good.yaml",
+            "groups:\n  staging:\n    selector: {env: staging}\n    drift: enforce\n    rollout: {strategy: canary, batch_size: 25%, pause_between: 30s}\n  production:\n    gateways: [gw-1]\n    after: staging\n    rollout: {batch_size: 2}\n",
+        );
+        let groups = load_groups(&good).expect("loads");
+        let staging = groups
+            .iter()
+            .find(|g| g.name == "staging")
+            .expect("staging");
+        assert_eq!(staging.drift, DriftPolicy::Enforce);
+        assert_eq!(staging.rollout.batch_size, BatchSize::Percent(25));
+        assert_eq!(staging.rollout.strategy, GroupStrategy::Canary);
+        assert_eq!(staging.rollout.pause_between, Duration::from_secs(30));
+        let production = groups
+            .iter()
+            .find(|g| g.name == "production")
+            .expect("production");
+        assert_eq!(production.rollout.batch_size, BatchSize::Count(2));
+        assert_eq!(production.after.as_deref(), Some("staging"));
+
+        for (text, field) in [
+            ("groups:\n  a:\n    after: nowhere\n", "groups.a.after"),
+            ("groups:\n  a:\n    after: b\n  b:\n    after: a\n", "after"),
+            (
+                "groups:\n  a:\n    rollout: {batch_size: 0%}\n",
+                "batch_size",
+            ),
+            (
+                "groups:\n  a:\n    rollout: {max_block_rate_delta: 2}\n",
+                "groups.a.rollout.max_block_rate_delta",
+            ),
+            ("groups:\n  a:\n    drift: sometimes\n", "drift"),
+        ] {
+            let path = write(dir.path(), "bad.yaml", text);
+            let msg = load_groups(&path).expect_err(text).to_string();
+            assert!(msg.contains(field), "{text}: {msg}");
+        }
+    }
 }
