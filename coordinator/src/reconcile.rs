@@ -16,7 +16,7 @@ use crate::rollout::engine::{Engine, EngineError, Push, short};
 use crate::rollout::model::{
     ConfigId, Outcome, Phase, RolloutRecord, Size, Spec, Strategy, Target,
 };
-use crate::rollout::step::reports_running;
+use crate::rollout::step::{reports_running, running_config};
 use crate::store::StoredConfig;
 
 pub use crate::sources::SourceReading;
@@ -60,18 +60,6 @@ fn backoff_ms(attempts: u32) -> u64 {
     REOFFER_BACKOFF_FIRST_MS
         .saturating_mul(1 << attempts.saturating_sub(1).min(16))
         .min(REOFFER_BACKOFF_MAX_MS)
-}
-
-fn running_of(state: &GatewayState) -> Option<ConfigId> {
-    state
-        .health
-        .as_ref()
-        .and_then(|h| h.config.as_ref())
-        .filter(|c| !c.hash.is_empty())
-        .map(|c| ConfigId {
-            version: c.version.clone(),
-            hash: c.hash.clone(),
-        })
 }
 
 /// A group's declared rollout defaults as a rollout spec.
@@ -120,7 +108,7 @@ impl Engine {
                     .is_none()
             })
             .filter_map(|s| {
-                let config = running_of(s)?;
+                let config = running_config(s)?;
                 let cause = "adopted: what it ran when first seen".to_owned();
                 Some((
                     s.gateway_id.clone(),
@@ -209,7 +197,7 @@ impl Engine {
             }
         }
         self.fleet.set_held(released).await;
-        let due: Vec<(String, ConfigRef, ConfigRef)> = self
+        let due: Vec<(String, ConfigRef, ConfigId)> = self
             .observed
             .fleet
             .values()
@@ -222,14 +210,7 @@ impl Engine {
                     .get(&s.gateway_id)
                     .is_none_or(|r| r.in_flight.is_none() && now >= r.next_at)
             })
-            .filter_map(|s| {
-                let running = s.health.as_ref()?.config.as_ref()?;
-                let running = ConfigRef {
-                    version: running.version.clone(),
-                    hash: running.hash.clone(),
-                };
-                Some((s.gateway_id.clone(), s.desired.clone()?, running))
-            })
+            .filter_map(|s| Some((s.gateway_id.clone(), s.desired.clone()?, running_config(s)?)))
             .collect();
         for (gateway, desired, running) in due {
             if self.in_active_rollout(&gateway).is_some() {
@@ -239,7 +220,7 @@ impl Engine {
         }
     }
 
-    async fn reoffer(&mut self, gateway: String, desired: ConfigRef, running: ConfigRef, now: u64) {
+    async fn reoffer(&mut self, gateway: String, desired: ConfigRef, running: ConfigId, now: u64) {
         // The backoff counts from here, whatever happens next, so nothing repeats every tick.
         let entry = self.reoffers.by_gateway.entry(gateway.clone()).or_default();
         entry.attempts += 1;

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::de::DeserializeOwned;
 
 use crate::config::Group;
 use crate::intent::{Desired, DesiredChange, GroupIntent, Intent};
@@ -192,6 +193,27 @@ fn write_desired(tx: &rusqlite::Transaction<'_>, desired: &DesiredRows) -> Resul
     Ok(())
 }
 
+/// The JSON records in the first column of `sql`'s rows, decoded.
+fn json_records<T: DeserializeOwned>(conn: &Connection, sql: &str) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+    rows.map(|text| Ok(serde_json::from_str(&text?)?)).collect()
+}
+
+/// A two-column table of keys and JSON records, decoded by key.
+fn keyed_json_records<T: DeserializeOwned>(
+    conn: &Connection,
+    table: &str,
+) -> Result<BTreeMap<String, T>, StoreError> {
+    let mut stmt = conn.prepare(&format!("SELECT * FROM {table}"))?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    rows.map(|row| {
+        let (key, text) = row?;
+        Ok((key, serde_json::from_str(&text)?))
+    })
+    .collect()
+}
+
 fn row_to_config(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredConfig> {
     Ok(StoredConfig {
         hash: row.get(0)?,
@@ -310,39 +332,18 @@ impl Store for SqliteStore {
 
     async fn load_intent(&self) -> Result<Intent, StoreError> {
         self.run(|conn| {
-            let read = |table: &str| -> Result<Vec<(String, String)>, StoreError> {
-                let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1"))?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                Ok(rows.collect::<Result<_, _>>()?)
-            };
-            let mut intent = Intent::default();
-            for (gateway, record) in read("desired")? {
-                intent
-                    .gateways
-                    .insert(gateway, serde_json::from_str(&record)?);
-            }
-            for (gateway, record) in read("pins")? {
-                intent.pins.insert(gateway, serde_json::from_str(&record)?);
-            }
-            for (group, record) in read("group_intent")? {
-                intent.groups.insert(group, serde_json::from_str(&record)?);
-            }
-            Ok(intent)
+            Ok(Intent {
+                gateways: keyed_json_records(conn, "desired")?,
+                pins: keyed_json_records(conn, "pins")?,
+                groups: keyed_json_records(conn, "group_intent")?,
+            })
         })
         .await
     }
 
     async fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
-        self.run(|conn| {
-            let mut stmt = conn.prepare("SELECT record FROM rollouts ORDER BY number")?;
-            let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
-            let mut out = Vec::new();
-            for text in rows {
-                out.push(serde_json::from_str(&text?)?);
-            }
-            Ok(out)
-        })
-        .await
+        self.run(|conn| json_records(conn, "SELECT record FROM rollouts ORDER BY number"))
+            .await
     }
 
     async fn next_rollout_number(&self) -> Result<u64, StoreError> {
@@ -374,16 +375,8 @@ impl Store for SqliteStore {
     }
 
     async fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
-        self.run(|conn| {
-            let mut stmt = conn.prepare("SELECT definition FROM groups ORDER BY name")?;
-            let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
-            let mut out = Vec::new();
-            for text in rows {
-                out.push(serde_json::from_str(&text?)?);
-            }
-            Ok(out)
-        })
-        .await
+        self.run(|conn| json_records(conn, "SELECT definition FROM groups ORDER BY name"))
+            .await
     }
 
     async fn mark_rejected(

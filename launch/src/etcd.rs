@@ -22,12 +22,7 @@ pub struct EtcdSpec {
 
 /// The `etcd` binary, or an error that names the Debian package.
 pub fn find_etcd() -> anyhow::Result<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("etcd"))
-        .find(|p| p.is_file());
-    found.context(
+    crate::process::on_path("etcd").context(
         "etcd is not installed: install Debian's etcd-server (apt-get install etcd-server, or scripts/install-test-deps)",
     )
 }

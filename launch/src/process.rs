@@ -25,6 +25,15 @@ pub fn find_binary(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// `name` found in one of the `PATH` directories.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
 /// Whether `pid` is alive and still runs `binary` (a recycled pid does not count).
 pub fn is_running(pid: u32, binary: &Path) -> bool {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));

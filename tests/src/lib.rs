@@ -544,6 +544,15 @@ pub fn newcomer_ktctl(home: &Path, env: &[(&str, &Path)], args: &[&str]) -> Outp
 }
 
 /// Runs the real `ktctl` with `--config config`.
+/// A finished command's stdout then stderr, for assertions and their messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 pub fn ktctl(config: &Path, args: &[&str]) -> Output {
     std::process::Command::new(bin("ktctl"))
         .arg("--config")

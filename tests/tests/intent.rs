@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use kt_e2e::{TestFleet, all_healthy, row, wait_for};
+use kt_e2e::{TestFleet, all_healthy, output_text, row, wait_for};
 use serde_json::Value;
 
 const PATIENCE: Duration = Duration::from_secs(40);
@@ -17,14 +17,6 @@ async fn fleet(n: usize) -> TestFleet {
         })
         .await;
     fleet
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The gateways' first policy (`original`, version 1.0.0) with another version label.
@@ -73,7 +65,7 @@ async fn reload(fleet: &TestFleet, index: usize) {
 
 fn groups(fleet: &TestFleet) -> Vec<Value> {
     let out = fleet.ktctl(&["groups", "list", "-o", "json"]);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("groups: {}", text(&out)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("groups: {}", output_text(&out)))
 }
 
 fn group(fleet: &TestFleet, name: &str) -> Value {
@@ -85,7 +77,8 @@ fn group(fleet: &TestFleet, name: &str) -> Value {
 
 fn rollouts(fleet: &TestFleet) -> Vec<Value> {
     let out = fleet.ktctl(&["rollout", "list", "-o", "json"]);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("rollouts: {}", text(&out)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("rollouts: {}", output_text(&out)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +99,7 @@ async fn desired_state_survives_a_restart_and_drift_is_shown_then_enforced() {
         "--min-healthy-time",
         "0s",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     // Complete means reported: right after the push returns, both run it, as desired.
     let (_, rows) = fleet.health();
     for r in &rows {
@@ -135,7 +128,7 @@ async fn desired_state_survives_a_restart_and_drift_is_shown_then_enforced() {
         )
         .await;
     let doctor = fleet.ktctl(&["doctor", "--checks", "config"]);
-    let said = text(&doctor);
+    let said = output_text(&doctor);
     assert!(said.contains("drifted: runs 1.0.0"), "{said}");
 
     // A drift seen while the coordinator runs: a hand edit of gw-test-02.
@@ -176,7 +169,7 @@ async fn desired_state_survives_a_restart_and_drift_is_shown_then_enforced() {
         "--reason",
         "test",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     fleet
         .wait_for_health("gw-test-02 runs its pin", PATIENCE, |_, rows| {
             row(rows, "gw-test-02").is_some_and(|r| {
@@ -185,7 +178,7 @@ async fn desired_state_survives_a_restart_and_drift_is_shown_then_enforced() {
         })
         .await;
     let out = fleet.ktctl(&["config", "unpin", "--gateway", "gw-test-02"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     fleet
         .wait_for_health(
             "gw-test-02 back on the group's version",
@@ -202,9 +195,9 @@ async fn desired_state_survives_a_restart_and_drift_is_shown_then_enforced() {
     let unknown = fleet.ktctl(&["config", "pin", "--gateway", "gw-test-02", "9.9.9"]);
     assert!(!unknown.status.success());
     assert!(
-        text(&unknown).contains("no stored config version"),
+        output_text(&unknown).contains("no stored config version"),
         "{}",
-        text(&unknown)
+        output_text(&unknown)
     );
     let row = gateway_row(&fleet, "gw-test-02");
     assert_eq!(row["sync"], "in_sync", "{row:#}");
@@ -260,9 +253,9 @@ async fn config_sources_start_rollouts_with_the_groups_defaults_in_order() {
         "{:#?}",
         groups(&fleet)
     );
-    let listed = text(&fleet.ktctl(&["groups", "list"]));
+    let listed = output_text(&fleet.ktctl(&["groups", "list"]));
     assert!(listed.contains("config source not used"), "{listed}");
-    let doctor = text(&fleet.ktctl(&["doctor", "--checks", "config"]));
+    let doctor = output_text(&fleet.ktctl(&["doctor", "--checks", "config"]));
     assert!(doctor.contains("config source not used"), "{doctor}");
     assert_eq!(
         rollouts(&fleet).len(),
@@ -319,7 +312,7 @@ async fn config_sources_start_rollouts_with_the_groups_defaults_in_order() {
         "--min-healthy-time",
         "0s",
     ]);
-    assert!(undo.status.success(), "{}", text(&undo));
+    assert!(undo.status.success(), "{}", output_text(&undo));
     let count = rollouts(&fleet).len();
     let held = group(&fleet, "production");
     assert_eq!(held["held"]["hash"], hash(&v110), "{held:#}");

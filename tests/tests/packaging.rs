@@ -9,6 +9,7 @@ use kt_ctl::dev::AgentSpec;
 use kt_e2e::{
     AgentNode, GatewayNode, MockProvider, Pki, Proc, TEST_LIVENESS, bin, ktctl, wait_for,
 };
+use kt_launch::process::on_path;
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -71,7 +72,7 @@ fn systemd_units_are_hardened_notify_services_that_validate_first() {
 #[test]
 fn systemd_analyze_verifies_the_units_installed_in_a_temporary_root() {
     // Never skipped: scripts/install-test-deps (part of the README's test command) installs it.
-    let Ok(analyze) = which("systemd-analyze") else {
+    let Some(analyze) = on_path("systemd-analyze") else {
         panic!(
             "systemd-analyze is missing: run scripts/install-test-deps (Debian package systemd)"
         );
@@ -89,7 +90,7 @@ fn systemd_analyze_verifies_the_units_installed_in_a_temporary_root() {
         std::fs::copy(bin(binary), root.join("usr/bin").join(binary)).expect("copy binary");
     }
     std::fs::create_dir_all(root.join("bin")).expect("bin dir");
-    std::fs::copy(which("kill").expect("kill"), root.join("bin/kill")).expect("copy kill");
+    std::fs::copy(on_path("kill").expect("kill"), root.join("bin/kill")).expect("copy kill");
     copy_dir(
         Path::new("/usr/lib/systemd/system"),
         &root.join("usr/lib/systemd/system"),
@@ -111,15 +112,6 @@ fn systemd_analyze_verifies_the_units_installed_in_a_temporary_root() {
         "systemd-analyze verify: {}\n{stderr}",
         out.status
     );
-}
-
-fn which(name: &str) -> Result<PathBuf, ()> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .ok_or(())
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use kt_e2e::{TestFleet, all_healthy, wait_for};
+use kt_e2e::{TestFleet, all_healthy, output_text, wait_for};
 use serde_json::Value;
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -33,14 +33,6 @@ fn push(fleet: &TestFleet, file: &str, flags: &[&str]) -> std::process::Output {
     fleet.ktctl(&args)
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn hashes(fleet: &TestFleet) -> Vec<String> {
     fleet
         .health()
@@ -61,7 +53,8 @@ fn gate(r: &Value, name: &str) -> Value {
 
 fn rollout(fleet: &TestFleet, id: &str) -> Value {
     let out = fleet.ktctl(&["rollout", "status", id, "-o", "json"]);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("rollout status: {}", text(&out)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("rollout status: {}", output_text(&out)))
 }
 
 /// Sends allowed chat requests ("what is the weather today") to every gateway until dropped.
@@ -124,9 +117,9 @@ async fn rolling_push_moves_one_gateway_at_a_time() {
             "e2e",
         ],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     // Progress reads in order: a batch's gate lines before the line saying it passed them.
-    let printed = text(&out);
+    let printed = output_text(&out);
     let at = |needle: &str| {
         printed
             .find(needle)
@@ -182,8 +175,8 @@ async fn a_rejected_config_never_reaches_the_other_gateways() {
             .replacen("  name: ", "  colour: red\n  name: ", 1)
     });
     let out = push(&fleet, &invalid, &["--rollback-on-error"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let printed = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    let printed = output_text(&out);
     assert!(
         printed.contains(&format!("{invalid}: "))
             && printed.contains("teleport")
@@ -209,7 +202,7 @@ async fn a_rejected_config_never_reaches_the_other_gateways() {
         .expect_err("refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("teleport"), "{refused:?}");
-    let versions = text(&fleet.ktctl(&["config", "versions"]));
+    let versions = output_text(&fleet.ktctl(&["config", "versions"]));
     assert!(!versions.contains("1.1.0"), "{versions}");
 
     // A valid config a gateway refuses by its own rule (a lower version than it runs): the
@@ -220,7 +213,12 @@ async fn a_rejected_config_never_reaches_the_other_gateways() {
         &bad,
         &["--min-healthy-time", "100ms", "--rollback-on-error"],
     );
-    assert_eq!(out.status.code(), Some(2), "rolled back: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "rolled back: {}",
+        output_text(&out)
+    );
     let r = rollout(&fleet, "r-1");
     let states: Vec<&str> = r["batches"]
         .as_array()
@@ -251,10 +249,10 @@ async fn a_rejected_config_never_reaches_the_other_gateways() {
 
     // Without --rollback-on-error the rollout pauses for a human instead.
     let out = push(&fleet, &bad, &["--min-healthy-time", "100ms"]);
-    assert_eq!(out.status.code(), Some(4), "paused: {}", text(&out));
+    assert_eq!(out.status.code(), Some(4), "paused: {}", output_text(&out));
     assert_eq!(rollout(&fleet, "r-2")["state"], "paused");
     let out = fleet.ktctl(&["rollout", "abort", "r-2", "--reason", "bad config"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,10 +287,15 @@ async fn the_verdict_mix_gate_rolls_back_a_policy_that_blocks_everything() {
         ],
     );
     drop(traffic);
-    assert_eq!(out.status.code(), Some(2), "rolled back: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "rolled back: {}",
+        output_text(&out)
+    );
     let r = rollout(&fleet, "r-1");
     // The flags' and the prose's words, not the wire's.
-    let printed = text(&out);
+    let printed = output_text(&out);
     assert!(
         printed.contains("gate verdict-mix") && printed.contains("rolled back"),
         "{printed}"
@@ -335,7 +338,7 @@ async fn canary_promote_pause_resume_and_abort() {
         out.status.code(),
         Some(4),
         "canary waits for promotion: {}",
-        text(&out)
+        output_text(&out)
     );
     assert_eq!(rollout(&fleet, "r-1")["state"], "awaiting_promotion");
     let (_, rows) = fleet.health();
@@ -349,9 +352,9 @@ async fn canary_promote_pause_resume_and_abort() {
 
     // Abort: the canary returns to the baseline.
     let out = fleet.ktctl(&["rollout", "abort", "r-1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
-    assert_eq!(out.status.code(), Some(2), "aborted: {}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "aborted: {}", output_text(&out));
     fleet
         .wait_for_health("back on the baseline", PATIENCE, |_, rows| {
             rows.iter().all(|r| r["config_hash"] == before[0])
@@ -374,9 +377,9 @@ async fn canary_promote_pause_resume_and_abort() {
             "--detach",
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let out = fleet.ktctl(&["rollout", "status", "r-2", "--watch"]);
-    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", output_text(&out));
     assert!(
         fleet
             .ktctl(&["rollout", "promote", "r-2", "--reason", "canary looks fine"])
@@ -384,11 +387,11 @@ async fn canary_promote_pause_resume_and_abort() {
             .success()
     );
     let out = fleet.ktctl(&["rollout", "pause", "r-2"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(rollout(&fleet, "r-2")["state"], "paused");
     assert!(fleet.ktctl(&["rollout", "resume", "r-2"]).status.success());
     let out = fleet.ktctl(&["rollout", "status", "r-2", "--watch"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let r = rollout(&fleet, "r-2");
     let by_operator = r["history"].as_array().expect("history").iter().any(|t| {
         t["what"]
@@ -439,13 +442,13 @@ async fn a_coordinator_killed_mid_rollout_resumes_it() {
         out.status.code(),
         Some(0),
         "resumed and finished: {}",
-        text(&out)
+        output_text(&out)
     );
-    let printed = text(&out);
+    let printed = output_text(&out);
     assert!(printed.contains("lost the coordinator"), "{printed}");
     assert!(printed.contains("succeeded"), "{printed}");
     let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     // Succeeded means reported: every gateway runs 1.1.0, and that is what it should run.
     let (_, rows) = fleet.health();
     for r in &rows {
@@ -460,7 +463,7 @@ async fn an_agent_killed_during_an_apply_leaves_a_valid_config() {
     let mut fleet = fleet(1).await;
     let file = policy(&fleet, "1.1.0", |t| t);
     let out = push(&fleet, &file, &["--min-healthy-time", "100ms", "--detach"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     fleet.agents[0].kill();
     // Whatever the agent had done, the gateway serves a whole, valid config.
     let health: Value = reqwest::get(fleet.gateways[0].url("/health"))
@@ -478,11 +481,11 @@ async fn an_agent_killed_during_an_apply_leaves_a_valid_config() {
         .arg(&fleet.gateways[0].policy)
         .output()
         .expect("validate");
-    assert!(validate.status.success(), "{}", text(&validate));
+    assert!(validate.status.success(), "{}", output_text(&validate));
     // When the agent returns, the rollout completes.
     fleet.agents[0].start_again();
     let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,8 +494,8 @@ async fn overlapping_rollouts_are_refused_and_a_dry_run_changes_nothing() {
     let before = hashes(&fleet);
     let file = policy(&fleet, "1.1.0", |t| t);
     let plan = push(&fleet, &file, &["--dry-run"]);
-    assert!(plan.status.success(), "{}", text(&plan));
-    let plan_text = text(&plan);
+    assert!(plan.status.success(), "{}", output_text(&plan));
+    let plan_text = output_text(&plan);
     assert!(
         plan_text.contains("dry run")
             && plan_text.contains("gw-test-01")
@@ -510,21 +513,26 @@ async fn overlapping_rollouts_are_refused_and_a_dry_run_changes_nothing() {
     assert_eq!(hashes(&fleet), before);
 
     let out = push(&fleet, &file, &["--min-healthy-time", "60s", "--detach"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let other = policy(&fleet, "1.2.0", |t| t);
     let refused = push(&fleet, &other, &[]);
     assert_eq!(refused.status.code(), Some(1));
     assert!(
-        text(&refused).contains("r-1"),
+        output_text(&refused).contains("r-1"),
         "names the rollout in the way: {}",
-        text(&refused)
+        output_text(&refused)
     );
     let superseding = push(
         &fleet,
         &other,
         &["--min-healthy-time", "100ms", "--supersede"],
     );
-    assert_eq!(superseding.status.code(), Some(0), "{}", text(&superseding));
+    assert_eq!(
+        superseding.status.code(),
+        Some(0),
+        "{}",
+        output_text(&superseding)
+    );
     assert_eq!(rollout(&fleet, "r-1")["state"], "superseded");
 }
 
@@ -546,11 +554,11 @@ async fn groups_by_label_selector_target_rollouts_and_persist() {
         "--reason",
         "regions",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let members = |fleet: &TestFleet| -> Vec<(String, Value)> {
         let out = fleet.ktctl(&["groups", "list", "-o", "json"]);
         let rows: Vec<Value> =
-            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", output_text(&out)));
         rows.into_iter()
             .map(|g| {
                 (
@@ -579,9 +587,9 @@ async fn groups_by_label_selector_target_rollouts_and_persist() {
     let refused = fleet.ktctl(&["groups", "apply", "-f", bad.to_str().expect("utf-8")]);
     assert_eq!(refused.status.code(), Some(1));
     assert!(
-        text(&refused).contains("members") && text(&refused).contains("line 3"),
+        output_text(&refused).contains("members") && output_text(&refused).contains("line 3"),
         "{}",
-        text(&refused)
+        output_text(&refused)
     );
 
     let file = policy(&fleet, "1.1.0", |t| t);
@@ -595,7 +603,7 @@ async fn groups_by_label_selector_target_rollouts_and_persist() {
         "--min-healthy-time",
         "100ms",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     fleet
         .wait_for_health("only eu moved", PATIENCE, |_, rows| {
             rows.iter()
@@ -615,7 +623,7 @@ async fn groups_by_label_selector_target_rollouts_and_persist() {
         "--min-healthy-time",
         "100ms",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     fleet
         .wait_for_health("us moved", PATIENCE, |_, rows| {
             rows.iter().all(|r| {
@@ -646,10 +654,10 @@ async fn history_diff_undo_and_no_silent_downgrade() {
     let before = hashes(&fleet);
     let file = policy(&fleet, "1.1.0", |t| t);
     let out = push(&fleet, &file, &["--min-healthy-time", "100ms"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
 
     let diff = fleet.ktctl(&["config", "diff", "1.0.0", "1.1.0"]);
-    let diff_text = text(&diff);
+    let diff_text = output_text(&diff);
     assert!(
         diff.status.success()
             && diff_text.contains("-  version: 1.0.0")
@@ -657,7 +665,7 @@ async fn history_diff_undo_and_no_silent_downgrade() {
         "{diff_text}"
     );
     let history = fleet.ktctl(&["rollout", "history", "--group", kt_e2e::GROUP]);
-    let history_text = text(&history);
+    let history_text = output_text(&history);
     assert!(
         history_text.contains("r-1")
             && history_text.contains("succeeded")
@@ -681,11 +689,11 @@ async fn history_diff_undo_and_no_silent_downgrade() {
         &old,
         &["--min-healthy-time", "100ms", "--rollback-on-error"],
     );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(
-        text(&out).contains("only a rollback may go back"),
+        output_text(&out).contains("only a rollback may go back"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 
     let out = fleet.ktctl(&[
@@ -698,7 +706,7 @@ async fn history_diff_undo_and_no_silent_downgrade() {
         "--reason",
         "back to known good",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     fleet
         .wait_for_health("back on 1.0.0", PATIENCE, |_, rows| {
             rows.iter().all(|r| r["config_hash"] == before[0])
@@ -736,7 +744,7 @@ async fn the_error_rate_gate_rolls_back_a_policy_whose_provider_fails() {
         ],
     );
     drop(traffic);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     let r = rollout(&fleet, "r-1");
     let gate = gate(&r, "error_rate");
     assert_eq!(gate["decision"], "failed", "{gate:#}");
@@ -752,7 +760,7 @@ async fn a_batch_whose_agent_dies_after_applying_is_not_called_healthy() {
     let mut fleet = fleet(2).await;
     let file = policy(&fleet, "1.1.0", |t| t);
     let out = push(&fleet, &file, &["--min-healthy-time", "5s", "--detach"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let first = rollout(&fleet, "r-1")["batches"][0][0]["gateway"]
         .as_str()
         .expect("first batch")
@@ -771,7 +779,7 @@ async fn a_batch_whose_agent_dies_after_applying_is_not_called_healthy() {
         .expect("the first batch's gateway");
     fleet.agents[index].kill();
     let out = fleet.ktctl(&["rollout", "status", "r-1", "--watch"]);
-    assert_eq!(out.status.code(), Some(4), "paused: {}", text(&out));
+    assert_eq!(out.status.code(), Some(4), "paused: {}", output_text(&out));
     let r = rollout(&fleet, "r-1");
     let health = gate(&r, "health");
     assert_eq!(health["decision"], "inconclusive", "{r:#}");

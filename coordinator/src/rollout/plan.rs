@@ -40,12 +40,7 @@ pub fn plan(
     for gateway in gateways {
         let baseline = fleet
             .get(gateway)
-            .and_then(|g| g.health.as_ref())
-            .and_then(|h| h.config.as_ref())
-            .map(|c| ConfigId {
-                version: c.version.clone(),
-                hash: c.hash.clone(),
-            })
+            .and_then(super::step::running_config)
             .unwrap_or(ConfigId {
                 version: String::new(),
                 hash: String::new(),

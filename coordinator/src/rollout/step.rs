@@ -42,6 +42,19 @@ fn applied<'a>(r: &'a RolloutRecord, batch: &'a [String]) -> impl Iterator<Item 
     })
 }
 
+/// The config a gateway last reported running, if it reported one.
+pub fn running_config(state: &GatewayState) -> Option<ConfigId> {
+    state
+        .health
+        .as_ref()
+        .and_then(|h| h.config.as_ref())
+        .filter(|c| !c.hash.is_empty())
+        .map(|c| ConfigId {
+            version: c.version.clone(),
+            hash: c.hash.clone(),
+        })
+}
+
 /// Whether `gateway` last reported `hash` running, healthy or degraded: what completes an apply
 /// or a rollback (an answer says the agent applied it; this says the coordinator saw it run).
 pub fn reports_running(fleet: &BTreeMap<String, GatewayState>, gateway: &str, hash: &str) -> bool {
@@ -691,11 +704,7 @@ fn rolling_back(
     let id = r.id.clone();
     let deadline = r.spec.apply_deadline_ms;
     for (gateway, p) in r.gateways.iter_mut() {
-        let running = fleet
-            .get(gateway)
-            .and_then(|g| g.health.as_ref())
-            .and_then(|h| h.config.as_ref())
-            .map(|c| c.hash.clone());
+        let running = fleet.get(gateway).and_then(running_config).map(|c| c.hash);
         match p.state {
             TargetState::Offered | TargetState::Applied | TargetState::Failed => {
                 if p.baseline.hash.is_empty()
