@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ApplySettings, Reload};
+use crate::epoch::EpochFence;
 
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_APPLY_DEADLINE: Duration = Duration::from_secs(30);
@@ -71,6 +72,7 @@ impl Applier {
         health: watch::Receiver<v1::GatewayHealth>,
         cancel: CancellationToken,
     ) {
+        let mut fence = EpochFence::load(&self.settings.state_dir);
         loop {
             let mut offer = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -88,6 +90,15 @@ impl Applier {
                     ))
                     .await;
                 offer = newer;
+            }
+            if let Err(stale) = fence.admit(&offer.epoch_cluster, offer.epoch) {
+                tracing::warn!(offer_id = %offer.offer_id, %stale, "config offer refused");
+                let running = running_of(&health.borrow());
+                let answer = status(&offer, ConfigPhase::StaleEpoch, running, stale.to_string());
+                if statuses.send(answer).await.is_err() {
+                    return;
+                }
+                continue;
             }
             let outcome = self.apply(&offer, &health).await;
             if let Some(poll) = &self.poll_health {

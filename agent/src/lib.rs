@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod backoff;
 pub mod config;
+pub mod epoch;
 pub mod events;
 pub mod health;
 pub mod metrics;

@@ -33,6 +33,62 @@ pub struct CoordinatorConfig {
     /// Limits on incoming connections and their TLS handshakes.
     #[serde(default)]
     pub connections: kt_daemon::conn::ConnectionLimits,
+    /// Where the state lives: the embedded store (the default, one coordinator) or etcd
+    /// (several replicas, one leader).
+    #[serde(default, skip_serializing_if = "Storage::is_embedded")]
+    pub storage: Storage,
+}
+
+/// `storage:`: absent or `embedded` for SQLite in `data_dir`, `{etcd: {...}}` for replicas.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Storage {
+    #[default]
+    Embedded,
+    Etcd(EtcdStorage),
+}
+
+impl Storage {
+    pub fn is_embedded(&self) -> bool {
+        *self == Storage::Embedded
+    }
+}
+
+/// `storage.etcd`: where etcd is, and how this replica takes part.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdStorage {
+    /// `https://host:port` of etcd members.
+    pub endpoints: Vec<String>,
+    /// etcd's own CA and this replica's etcd client certificate; a CA of its own, so that no
+    /// agent certificate of the deployment can reach etcd.
+    pub tls: TlsFiles,
+    /// Every key lives under it, so several fleets can share one etcd.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// The lease of this replica's leadership and fleet records: a replica cut off from etcd
+    /// for this long loses both (and stops acting as leader well before).
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// This replica's name in `ktctl cluster status`; unique per replica. Defaults to the host
+    /// name and the listen port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    /// How long one etcd request may take before it counts as failed.
+    #[serde(default = "default_etcd_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_etcd_prefix() -> String {
+    "/kt-fleet".into()
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_etcd_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 
 /// How long and how many decision events the coordinator keeps for `--since` and stats.
@@ -91,6 +147,59 @@ impl Default for LivenessConfig {
     }
 }
 
+impl EtcdStorage {
+    fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
+        let invalid = |field: &str, why: &str| ConfigFileError::invalid(path, field, why);
+        if self.endpoints.is_empty() {
+            return Err(invalid("storage.etcd.endpoints", "name at least one etcd member"));
+        }
+        if let Some(bad) = self.endpoints.iter().find(|e| !e.starts_with("https://")) {
+            return Err(invalid(
+                "storage.etcd.endpoints",
+                &format!("{bad:?} is not https://host:port: etcd is reached over mutual TLS only"),
+            ));
+        }
+        if !self.prefix.starts_with('/') || self.prefix.len() < 2 || self.prefix.ends_with('/') {
+            return Err(invalid(
+                "storage.etcd.prefix",
+                "must start with / and not end with one, like /kt-fleet",
+            ));
+        }
+        if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(300) {
+            return Err(invalid("storage.etcd.lease_ttl", "must be between 2s and 5m"));
+        }
+        if self.request_timeout.is_zero() || self.request_timeout * 2 >= self.lease_ttl {
+            return Err(invalid(
+                "storage.etcd.request_timeout",
+                "must be above 0 and under half of lease_ttl, so a leader notices a lost lease in time",
+            ));
+        }
+        if let Some(replica) = &self.replica
+            && (replica.is_empty()
+                || replica.len() > 128
+                || !replica.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
+        {
+            return Err(invalid(
+                "storage.etcd.replica",
+                "1 to 128 of letters, digits, - _ . :",
+            ));
+        }
+        Ok(())
+    }
+
+    /// This replica's name: as configured, else the host name and the listen port.
+    pub fn replica_name(&self, listen: SocketAddr) -> String {
+        self.replica.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "coordinator".into());
+            format!("{host}:{}", listen.port())
+        })
+    }
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 41001))
 }
@@ -117,9 +226,17 @@ impl CoordinatorConfig {
         if let Some(groups) = &mut self.groups_file {
             *groups = base.join(&*groups);
         }
+        if let Storage::Etcd(etcd) = &mut self.storage {
+            for p in [&mut etcd.tls.ca, &mut etcd.tls.cert, &mut etcd.tls.key] {
+                *p = base.join(&*p);
+            }
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
+        if let Storage::Etcd(etcd) = &self.storage {
+            etcd.validate(path)?;
+        }
         let l = &self.liveness;
         if l.heartbeat_interval < Duration::from_millis(50) {
             return Err(ConfigFileError::invalid(

@@ -4,6 +4,7 @@
 //! certificates, groups, data directory); [`Coordinator::run`] serves on an already-bound
 //! listener until cancelled, so tests can bind port 0.
 
+pub mod cluster;
 pub mod config;
 pub mod etcd;
 pub mod events;

@@ -262,6 +262,8 @@ impl Engine {
             // Back to what it should run, whichever version label that has.
             rollback: true,
             apply_deadline_ms: 60_000,
+            epoch: self.epoch.number,
+            epoch_cluster: self.epoch.cluster.clone(),
         };
         if self.fleet.offer(gateway.clone(), offer).await {
             entry.in_flight = Some((offer_id, now));

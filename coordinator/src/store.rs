@@ -25,24 +25,32 @@ pub struct StoredConfig {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(String);
+pub enum StoreError {
+    #[error("store: {0}")]
+    Failed(String),
+    /// A leader's write found its leader key gone or replaced: it is no longer the leader.
+    #[error("store: leadership lost ({0}); this replica stopped acting as leader")]
+    Fenced(String),
+    /// The distributed store could not be reached; nothing was written.
+    #[error("store: etcd unreachable: {0}")]
+    Unavailable(String),
+}
 
 impl From<String> for StoreError {
     fn from(message: String) -> Self {
-        StoreError(message)
+        StoreError::Failed(message)
     }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
+        StoreError::Failed(e.to_string())
     }
 }
 
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
-        StoreError(format!("corrupt record: {e}"))
+        StoreError::Failed(format!("corrupt record: {e}"))
     }
 }
 
@@ -142,7 +150,7 @@ impl SqliteStore {
                     job(&mut conn);
                 }
             })
-            .map_err(|e| StoreError(format!("cannot start the store thread: {e}")))?;
+            .map_err(|e| StoreError::Failed(format!("cannot start the store thread: {e}")))?;
         Ok(SqliteStore {
             jobs: Mutex::new(jobs),
         })
@@ -157,7 +165,7 @@ impl SqliteStore {
         let job: Job = Box::new(move |conn| {
             let _ = reply.send(work(conn));
         });
-        let gone = || StoreError("the store thread is gone".into());
+        let gone = || StoreError::Failed("the store thread is gone".into());
         self.jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())

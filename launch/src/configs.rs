@@ -69,6 +69,7 @@ pub fn coordinator(
         events: EventsConfig::default(),
         metrics_listen: None,
         connections: Default::default(),
+        storage: Default::default(),
     }
 }
 

@@ -34,6 +34,7 @@ impl ConfigPhase {
             ConfigPhase::Rejected => "rejected",
             ConfigPhase::Failed => "failed",
             ConfigPhase::Superseded => "superseded",
+            ConfigPhase::StaleEpoch => "stale_epoch",
             ConfigPhase::Unspecified => "unknown",
         }
     }

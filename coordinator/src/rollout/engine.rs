@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::{ConfigId, Outcome, Phase, RolloutRecord, Spec, Target, TargetState};
 use super::plan::{content_hash, diff, plan, version_label};
 use super::step::{self, Effect, Observed};
+use crate::cluster::Epoch;
 use crate::events::counters::DecisionCounters;
 use crate::fleet::{FleetChange, FleetHandle, Hold};
 use crate::intent::Intent;
@@ -229,6 +230,8 @@ pub struct Engine {
     pub(crate) reoffers: Reoffers,
     /// Each group's config source as last read.
     pub(crate) sources: BTreeMap<String, SourceReading>,
+    /// Stamped on every offer, so agents can refuse a deposed leader's.
+    pub(crate) epoch: Epoch,
 }
 
 impl Engine {
@@ -271,9 +274,16 @@ impl Engine {
                 unchecked: Default::default(),
                 reoffers: Reoffers::default(),
                 sources: BTreeMap::new(),
+                epoch: Epoch::default(),
             },
             EngineHandle { tx },
         ))
+    }
+
+    /// Stamps `epoch` on every offer (a replica's leadership).
+    pub fn with_epoch(mut self, epoch: Epoch) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
@@ -485,6 +495,8 @@ impl Engine {
             content,
             rollback,
             apply_deadline_ms,
+            epoch: self.epoch.number,
+            epoch_cluster: self.epoch.cluster.clone(),
         };
         if !self.fleet.offer(gateway.clone(), offer).await {
             // Not delivered: the next tick sees the gateway disconnected and makes it pending.

@@ -948,7 +948,10 @@ pub fn answer(
         (TargetState::Offered, ConfigPhase::Applied) => TargetState::Applied,
         (TargetState::Offered, ConfigPhase::Rejected) => TargetState::Rejected,
         (TargetState::Offered, ConfigPhase::Failed) => TargetState::Failed,
-        (TargetState::Offered | TargetState::RollingBack, ConfigPhase::Superseded) => before,
+        (
+            TargetState::Offered | TargetState::RollingBack,
+            ConfigPhase::Superseded | ConfigPhase::StaleEpoch,
+        ) => before,
         (TargetState::RollingBack, ConfigPhase::Applied) => TargetState::RolledBack,
         (TargetState::RollingBack, ConfigPhase::Rejected | ConfigPhase::Failed) => {
             TargetState::RolledBack

@@ -1,0 +1,24 @@
+//! Several coordinator replicas on etcd (`storage: etcd`): every replica serves agents and
+//! operators; the leader, elected through etcd and fenced by its campaign revision, runs the
+//! rollout engine, the config sources and the drift reconciler.
+//!
+//! Who writes what (see ARCHITECTURE.md): the leader writes rollouts, desired state, pins and
+//! offers, each in a transaction that requires its leader key at its campaign revision; every
+//! replica writes config versions, groups, audit lines, operator requests, and the fleet records
+//! and answers of the agents whose sessions it holds (under its own lease). Replicas never call
+//! each other: they meet in etcd.
+
+pub mod election;
+pub mod keys;
+pub mod lease;
+pub mod store;
+
+/// The leader that made an offer: its campaign revision within one etcd cluster. Agents refuse
+/// offers from an epoch lower than the highest they have seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Epoch {
+    /// etcd's cluster id, so that a rebuilt etcd (revisions starting over) is not refused forever.
+    pub cluster: String,
+    /// The leader key's create revision; 0 for a single coordinator.
+    pub number: u64,
+}

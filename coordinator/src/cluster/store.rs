@@ -1,0 +1,435 @@
+//! The `Store` on etcd. Records are JSON under the keys of `keys`; config bytes are stored as
+//! they are. Writes only the leader may make (rollouts, desired state, pins, group intent) go
+//! through a handle made for its term ([`EtcdStore::fenced`]): each is a transaction that also
+//! requires the leader key at the term's revision, and a failed compare ends the term at once.
+//!
+//! etcd bounds a transaction (128 operations by default): desired-state moves are written in
+//! chunks, before the rollout record that causes them. If the leader dies between two, the
+//! record still says the transition has not happened; the next leader makes it again, writing
+//! the same desired configs.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, KeyValue, SortOrder, SortTarget, Txn, TxnOp,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::election::Leadership;
+use super::keys::{Keys, kind};
+use crate::config::Group;
+use crate::intent::{Desired, DesiredChange, GroupIntent, Intent};
+use crate::rollout::model::RolloutRecord;
+use crate::store::{Store, StoreError, StoredConfig};
+
+/// Operations per transaction: under etcd's default `--max-txn-ops` (128), with room for the
+/// fence.
+const TXN_OPS: usize = 100;
+
+/// What a leader's write must find: its key at its revision.
+#[derive(Clone, Debug)]
+pub struct Fence {
+    key: Vec<u8>,
+    revision: i64,
+    lost: CancellationToken,
+}
+
+impl From<&Leadership> for Fence {
+    fn from(l: &Leadership) -> Self {
+        Fence {
+            key: l.key.clone(),
+            revision: l.revision,
+            lost: l.lost.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    keys: Keys,
+    replica: String,
+    timeout: Duration,
+    /// Set on a leader's handle only.
+    fence: Option<Fence>,
+    audit_seq: std::sync::Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("keys", &self.keys)
+            .field("fenced", &self.fence.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Config metadata as stored (the bytes are under a key of their own).
+#[derive(Serialize, Deserialize)]
+struct ConfigMeta {
+    hash: String,
+    version: String,
+    author: String,
+    created_at_unix_ms: u64,
+    message: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AuditLine<'a> {
+    at_unix_ms: u64,
+    replica: &'a str,
+    identity: &'a str,
+    action: &'a str,
+    target: &'a str,
+    reason: &'a str,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Rejection {
+    reason: String,
+    at_unix_ms: u64,
+}
+
+impl EtcdStore {
+    pub fn new(client: Client, keys: Keys, replica: String, timeout: Duration) -> Self {
+        EtcdStore {
+            client,
+            keys,
+            replica,
+            timeout,
+            fence: None,
+            audit_seq: Default::default(),
+        }
+    }
+
+    /// A handle for `leadership`'s term: the only one that may make leader writes.
+    pub fn fenced(&self, leadership: &Leadership) -> Self {
+        EtcdStore {
+            fence: Some(Fence::from(leadership)),
+            ..self.clone()
+        }
+    }
+
+    /// Runs one etcd call, bounded in time; a call that did not answer is `Unavailable`.
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(error)) => Err(classify(error)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    async fn get_prefix(&self, kind: &str) -> Result<Vec<KeyValue>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let key = self.keys.all(kind);
+        let mut answer = self
+            .call(kv.get(key, Some(GetOptions::new().with_prefix())))
+            .await?;
+        Ok(answer.take_kvs())
+    }
+
+    async fn decoded<T: DeserializeOwned>(
+        &self,
+        kind: &str,
+    ) -> Result<BTreeMap<String, T>, StoreError> {
+        let mut decoded = BTreeMap::new();
+        for kv in self.get_prefix(kind).await? {
+            let Some(name) = self.keys.name_in(kind, kv.key()) else {
+                continue;
+            };
+            let value = serde_json::from_slice(kv.value()).map_err(|e| {
+                StoreError::Failed(format!("corrupt record {}: {e}", self.keys.one(kind, name)))
+            })?;
+            decoded.insert(name.to_owned(), value);
+        }
+        Ok(decoded)
+    }
+
+    /// Writes `ops` in transactions of at most [`TXN_OPS`]; each fenced when `fenced`.
+    async fn write(&self, ops: Vec<TxnOp>, fenced: bool) -> Result<(), StoreError> {
+        let fence = if fenced {
+            Some(self.fence.as_ref().ok_or_else(|| {
+                StoreError::Fenced("this replica is not the leader".into())
+            })?)
+        } else {
+            None
+        };
+        let mut ops = ops;
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(TXN_OPS));
+            let chunk = std::mem::replace(&mut ops, rest);
+            let mut txn = Txn::new();
+            if let Some(fence) = fence {
+                if fence.lost.is_cancelled() {
+                    return Err(StoreError::Fenced("the term already ended".into()));
+                }
+                txn = txn.when(vec![Compare::create_revision(
+                    fence.key.clone(),
+                    CompareOp::Equal,
+                    fence.revision,
+                )]);
+            }
+            let mut kv = self.client.kv_client();
+            let answer = self.call(kv.txn(txn.and_then(chunk))).await?;
+            if !answer.succeeded() {
+                if let Some(fence) = fence {
+                    fence.lost.cancel();
+                }
+                return Err(StoreError::Fenced(
+                    "the leader key is gone or belongs to a newer term".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn json_put(&self, kind: &str, name: &str, value: &impl Serialize) -> Result<TxnOp, StoreError> {
+        Ok(TxnOp::put(
+            self.keys.one(kind, name),
+            serde_json::to_vec(value)?,
+            None,
+        ))
+    }
+
+    fn desired_ops(&self, desired: &[DesiredChange]) -> Result<Vec<TxnOp>, StoreError> {
+        desired
+            .iter()
+            .map(|(gateway, d)| match d {
+                Some(d) => self.json_put(kind::DESIRED, gateway, d),
+                None => Ok(TxnOp::delete(self.keys.one(kind::DESIRED, gateway), None)),
+            })
+            .collect()
+    }
+}
+
+/// Which etcd errors mean "unreachable" (a transport problem, nothing written) and which are
+/// answers.
+fn classify(error: etcd_client::Error) -> StoreError {
+    match error {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+            StoreError::Unavailable(error.to_string())
+        }
+        etcd_client::Error::GRpcStatus(status)
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) =>
+        {
+            StoreError::Unavailable(status.message().to_owned())
+        }
+        other => StoreError::Failed(other.to_string()),
+    }
+}
+
+/// Rollout keys sort by number.
+fn rollout_name(number: u64) -> String {
+    format!("{number:020}")
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn put_config(&self, c: &StoredConfig) -> Result<(), StoreError> {
+        let meta = ConfigMeta {
+            hash: c.hash.clone(),
+            version: c.version.clone(),
+            author: c.author.clone(),
+            created_at_unix_ms: c.created_at_unix_ms,
+            message: c.message.clone(),
+        };
+        let meta_key = self.keys.one(kind::CONFIG_META, &c.hash);
+        // Written once: the same bytes stored again keep the first record.
+        let txn = Txn::new()
+            .when(vec![Compare::version(meta_key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![
+                TxnOp::put(
+                    self.keys.one(kind::CONFIG_CONTENT, &c.hash),
+                    c.content.clone(),
+                    None,
+                ),
+                TxnOp::put(meta_key, serde_json::to_vec(&meta)?, None),
+            ]);
+        let mut kv = self.client.kv_client();
+        self.call(kv.txn(txn)).await?;
+        Ok(())
+    }
+
+    async fn get_config(&self, hash: &str) -> Result<Option<StoredConfig>, StoreError> {
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(self.keys.one(kind::CONFIG_META, hash), None),
+            TxnOp::get(self.keys.one(kind::CONFIG_CONTENT, hash), None),
+        ]);
+        let mut kv = self.client.kv_client();
+        let answer = self.call(kv.txn(txn)).await?;
+        let mut values = answer.op_responses().into_iter().map(|r| match r {
+            etcd_client::TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
+            _ => None,
+        });
+        let (Some(Some(meta)), Some(Some(content))) = (values.next(), values.next()) else {
+            return Ok(None);
+        };
+        let meta: ConfigMeta = serde_json::from_slice(meta.value())?;
+        Ok(Some(StoredConfig {
+            hash: meta.hash,
+            version: meta.version,
+            content: content.value().to_vec(),
+            author: meta.author,
+            created_at_unix_ms: meta.created_at_unix_ms,
+            message: meta.message,
+        }))
+    }
+
+    async fn list_configs(&self) -> Result<Vec<StoredConfig>, StoreError> {
+        let metas: BTreeMap<String, ConfigMeta> = self.decoded(kind::CONFIG_META).await?;
+        let mut configs: Vec<StoredConfig> = metas
+            .into_values()
+            .map(|m| StoredConfig {
+                hash: m.hash,
+                version: m.version,
+                content: Vec::new(),
+                author: m.author,
+                created_at_unix_ms: m.created_at_unix_ms,
+                message: m.message,
+            })
+            .collect();
+        configs.sort_by(|a, b| b.created_at_unix_ms.cmp(&a.created_at_unix_ms));
+        Ok(configs)
+    }
+
+    async fn put_rollout(
+        &self,
+        rollout: &RolloutRecord,
+        desired: &[DesiredChange],
+    ) -> Result<(), StoreError> {
+        let mut ops = self.desired_ops(desired)?;
+        // The record last: until it is written, the transition has not happened.
+        ops.push(self.json_put(kind::ROLLOUT, &rollout_name(rollout.number), rollout)?);
+        if ops.len() <= TXN_OPS {
+            return self.write(ops, true).await;
+        }
+        let record = ops.split_off(ops.len() - 1);
+        self.write(ops, true).await?;
+        self.write(record, true).await
+    }
+
+    async fn put_desired(&self, desired: &[DesiredChange]) -> Result<(), StoreError> {
+        self.write(self.desired_ops(desired)?, true).await
+    }
+
+    async fn put_pin(&self, gateway: &str, pin: Option<&Desired>) -> Result<(), StoreError> {
+        let op = match pin {
+            Some(pin) => self.json_put(kind::PIN, gateway, pin)?,
+            None => TxnOp::delete(self.keys.one(kind::PIN, gateway), None),
+        };
+        self.write(vec![op], true).await
+    }
+
+    async fn put_group_intent(&self, group: &str, intent: &GroupIntent) -> Result<(), StoreError> {
+        let op = self.json_put(kind::GROUP_INTENT, group, intent)?;
+        self.write(vec![op], true).await
+    }
+
+    async fn load_intent(&self) -> Result<Intent, StoreError> {
+        Ok(Intent {
+            gateways: self.decoded(kind::DESIRED).await?,
+            pins: self.decoded(kind::PIN).await?,
+            groups: self.decoded(kind::GROUP_INTENT).await?,
+        })
+    }
+
+    async fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        // Keys sort by number, and so does the map.
+        let rollouts: BTreeMap<String, RolloutRecord> = self.decoded(kind::ROLLOUT).await?;
+        Ok(rollouts.into_values().collect())
+    }
+
+    async fn next_rollout_number(&self) -> Result<u64, StoreError> {
+        let mut kv = self.client.kv_client();
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(1)
+            .with_keys_only();
+        let answer = self
+            .call(kv.get(self.keys.all(kind::ROLLOUT), Some(options)))
+            .await?;
+        let last = answer
+            .kvs()
+            .first()
+            .and_then(|kv| self.keys.name_in(kind::ROLLOUT, kv.key()))
+            .and_then(|name| name.parse::<u64>().ok());
+        Ok(last.map_or(1, |n| n + 1))
+    }
+
+    async fn audit(
+        &self,
+        at_unix_ms: u64,
+        identity: &str,
+        action: &str,
+        target: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let seq = self.audit_seq.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{at_unix_ms:016}-{}-{seq:010}", self.replica);
+        let line = AuditLine {
+            at_unix_ms,
+            replica: &self.replica,
+            identity,
+            action,
+            target,
+            reason,
+        };
+        self.write(vec![self.json_put(kind::AUDIT, &name, &line)?], false)
+            .await
+    }
+
+    async fn mark_rejected(
+        &self,
+        hash: &str,
+        gateway: &str,
+        reason: &str,
+        at_unix_ms: u64,
+    ) -> Result<(), StoreError> {
+        let rejection = Rejection {
+            reason: reason.to_owned(),
+            at_unix_ms,
+        };
+        let op = self.json_put(kind::REJECTION, &format!("{hash}/{gateway}"), &rejection)?;
+        self.write(vec![op], false).await
+    }
+
+    async fn rejections(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, StoreError> {
+        let marks: BTreeMap<String, Rejection> = self.decoded(kind::REJECTION).await?;
+        let mut all: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for (name, mark) in marks {
+            if let Some((hash, gateway)) = name.rsplit_once('/') {
+                all.entry(hash.to_owned())
+                    .or_default()
+                    .push((gateway.to_owned(), mark.reason));
+            }
+        }
+        Ok(all)
+    }
+
+    async fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError> {
+        let ops = groups
+            .iter()
+            .map(|g| self.json_put(kind::GROUP, &g.name, g))
+            .collect::<Result<_, _>>()?;
+        self.write(ops, false).await
+    }
+
+    async fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
+        let groups: BTreeMap<String, Group> = self.decoded(kind::GROUP).await?;
+        Ok(groups.into_values().collect())
+    }
+}
