@@ -118,6 +118,7 @@ fn start_agent(
     let region = ["us", "eu", "ap"][i % 3];
     let spec = kt_launch::configs::AgentSpec {
         gateway_id: &id,
+        more_coordinators: &[],
         coordinator: settings.coordinator,
         pki,
         // Nothing listens there: the simulated gateway's health is set by the scenario.

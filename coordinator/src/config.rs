@@ -151,7 +151,10 @@ impl EtcdStorage {
     fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
         let invalid = |field: &str, why: &str| ConfigFileError::invalid(path, field, why);
         if self.endpoints.is_empty() {
-            return Err(invalid("storage.etcd.endpoints", "name at least one etcd member"));
+            return Err(invalid(
+                "storage.etcd.endpoints",
+                "name at least one etcd member",
+            ));
         }
         if let Some(bad) = self.endpoints.iter().find(|e| !e.starts_with("https://")) {
             return Err(invalid(
@@ -166,7 +169,10 @@ impl EtcdStorage {
             ));
         }
         if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(300) {
-            return Err(invalid("storage.etcd.lease_ttl", "must be between 2s and 5m"));
+            return Err(invalid(
+                "storage.etcd.lease_ttl",
+                "must be between 2s and 5m",
+            ));
         }
         if self.request_timeout.is_zero() || self.request_timeout * 2 >= self.lease_ttl {
             return Err(invalid(
@@ -177,7 +183,9 @@ impl EtcdStorage {
         if let Some(replica) = &self.replica
             && (replica.is_empty()
                 || replica.len() > 128
-                || !replica.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
+                || !replica
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
         {
             return Err(invalid(
                 "storage.etcd.replica",

@@ -96,6 +96,12 @@ pub enum Command {
     Subscribe {
         reply: oneshot::Sender<(Vec<GatewayState>, broadcast::Receiver<FleetChange>)>,
     },
+    /// A gateway's record as another replica published it (`storage: etcd`); `None` when its
+    /// key was deleted (that replica's lease ended, or it let the session go).
+    Remote {
+        gateway: GatewayId,
+        state: Option<Box<GatewayState>>,
+    },
     /// Adds or replaces groups; their listed gateways get records, every view is republished.
     ApplyGroups {
         groups: Vec<Group>,
@@ -311,6 +317,19 @@ struct Record {
     replaced: Option<CancellationToken>,
     /// Open sessions replaced by another agent process: when, and the two peers.
     replacements: VecDeque<(Instant, String, String)>,
+    /// The session was last held by this replica (not by another one).
+    held_here: bool,
+    /// The session as another replica holds it, when it does.
+    remote: Option<RemoteSession>,
+}
+
+/// A session another replica holds, as its record in etcd says.
+#[derive(Debug)]
+struct RemoteSession {
+    replica: String,
+    state: AgentState,
+    /// Its key was deleted: nobody holds the session; liveness follows the wall clock.
+    orphaned: bool,
 }
 
 impl Record {
@@ -337,7 +356,27 @@ impl Record {
             boot_id: String::new(),
             replaced: None,
             replacements: VecDeque::new(),
+            held_here: false,
+            remote: None,
         }
+    }
+
+    /// Takes what another replica says of the session it holds.
+    fn take_remote(&mut self, state: GatewayState) {
+        self.labels = state.labels.into_iter().collect();
+        self.health = state.health;
+        self.agent_version = state.agent_version;
+        self.peer_address = state.peer_address;
+        self.connected_since_unix_ms = state.connected_since_unix_ms;
+        self.last_heartbeat_unix_ms = state.last_heartbeat_unix_ms;
+        self.events = state.events;
+        self.cert_not_after_unix_ms = state.agent_cert_not_after_unix_ms;
+        self.held_here = false;
+        self.remote = Some(RemoteSession {
+            replica: state.replica,
+            state: AgentState::try_from(state.agent_state).unwrap_or(AgentState::Unreachable),
+            orphaned: false,
+        });
     }
 
     /// Ends the open session, if any, because `hello` opens a newer one; remembers a replacement
@@ -382,6 +421,15 @@ impl Record {
 
     /// The liveness state that time and the session say this record is in.
     fn derived_state(&self, now: Instant, liveness: &LivenessConfig) -> AgentState {
+        if self.session.is_none()
+            && let Some(remote) = &self.remote
+        {
+            return if remote.orphaned {
+                orphan_state(unix_ms_now(), self.last_heartbeat_unix_ms, liveness)
+            } else {
+                remote.state
+            };
+        }
         let Some(last) = self.last_heartbeat else {
             return AgentState::Disconnected;
         };
@@ -426,6 +474,19 @@ impl Record {
     }
 }
 
+/// The state of a gateway whose replica let its record go (it died, or lost etcd): judged from
+/// its last heartbeat by the wall clock, never better than unreachable.
+fn orphan_state(now_ms: u64, last_heartbeat_ms: u64, liveness: &LivenessConfig) -> AgentState {
+    let silent = Duration::from_millis(now_ms.saturating_sub(last_heartbeat_ms));
+    if silent >= liveness.gone_after {
+        AgentState::Gone
+    } else if silent >= liveness.disconnected_after {
+        AgentState::Disconnected
+    } else {
+        AgentState::Unreachable
+    }
+}
+
 /// The fleet task.
 pub struct Fleet {
     liveness: LivenessConfig,
@@ -436,6 +497,8 @@ pub struct Fleet {
     /// Changes and heartbeats, for the rollout engine.
     subscription: broadcast::Sender<FleetChange>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// This replica's name (`storage: etcd`); empty for a single coordinator.
+    replica: String,
 }
 
 /// How long a session replaced by another agent process is remembered.
@@ -452,6 +515,12 @@ impl Fleet {
     /// Records into `metrics` instead of a private set.
     pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Names this replica in the records of the sessions it holds.
+    pub fn with_replica(mut self, replica: String) -> Self {
+        self.replica = replica;
         self
     }
 
@@ -474,6 +543,7 @@ impl Fleet {
             changes,
             subscription,
             metrics: Default::default(),
+            replica: String::new(),
         };
         (
             fleet,
@@ -530,6 +600,7 @@ impl Fleet {
                 }
                 record.session = Some(session);
                 record.outbound = Some(outbound);
+                record.held_here = true;
                 record.said_goodbye = false;
                 record.last_heartbeat = Some(now);
                 record.last_heartbeat_unix_ms = unix_ms_now();
@@ -643,6 +714,29 @@ impl Fleet {
                     }
                 }
             }
+            Command::Remote { gateway, state } => {
+                let record = self
+                    .records
+                    .entry(gateway.clone())
+                    .or_insert_with(Record::never_seen);
+                match state {
+                    // This replica's own record coming back: the key is ours again.
+                    Some(state) if state.replica == self.replica => record.remote = None,
+                    Some(state) => {
+                        if record.session.is_some() {
+                            tracing::debug!(gateway_id = %gateway, replica = %state.replica, "another replica reports a session this one holds");
+                        } else {
+                            record.take_remote(*state);
+                        }
+                    }
+                    None => {
+                        if let Some(remote) = &mut record.remote {
+                            remote.orphaned = true;
+                        }
+                    }
+                }
+                self.refresh(&gateway, now, true);
+            }
             Command::ApplyGroups { groups, reply } => {
                 let listed = self
                     .groups
@@ -742,6 +836,13 @@ impl Fleet {
                 .map(|h| h.by.clone())
                 .unwrap_or_default(),
             pinned: record.pinned,
+            replica: match &record.remote {
+                Some(remote) if record.session.is_none() && !remote.orphaned => {
+                    remote.replica.clone()
+                }
+                _ if record.held_here => self.replica.clone(),
+                _ => String::new(),
+            },
         })
     }
 

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{CoordinatorConfig, Group, load_groups};
+use crate::config::{CoordinatorConfig, Group, Storage, load_groups};
 use crate::fleet::Fleet;
 use crate::grpc::agent::AgentApi;
 use crate::grpc::operator::OperatorApi;
@@ -47,6 +47,11 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("storage.etcd.tls: {}: {source}", path.display())]
+    EtcdTls {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("data directory {}: {source}", path.display())]
     DataDir {
         path: std::path::PathBuf,
@@ -59,7 +64,8 @@ pub struct Coordinator {
     config: CoordinatorConfig,
     tls: PeerTls,
     groups: Vec<Group>,
-    store: Arc<dyn Store>,
+    /// The embedded store; none with `storage: etcd`, which is reached once running.
+    embedded: Option<Arc<dyn Store>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -84,12 +90,24 @@ impl Coordinator {
             path: config.data_dir.clone(),
             source,
         })?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir)?);
+        let embedded: Option<Arc<dyn Store>> = match &config.storage {
+            Storage::Embedded => Some(Arc::new(SqliteStore::open(&config.data_dir)?)),
+            Storage::Etcd(etcd) => {
+                // Read now, so a missing or unreadable file is named before anything starts.
+                for path in [&etcd.tls.ca, &etcd.tls.cert, &etcd.tls.key] {
+                    std::fs::read(path).map_err(|source| StartError::EtcdTls {
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
+                None
+            }
+        };
         Ok(Coordinator {
             config,
             tls,
             groups,
-            store,
+            embedded,
         })
     }
 
@@ -102,13 +120,31 @@ impl Coordinator {
         let trust_domain = self.trust_domain().to_owned();
         let tasks = TaskTracker::new();
         let metrics = Arc::new(metrics::Metrics::default());
+        let replica = match &self.config.storage {
+            Storage::Embedded => None,
+            Storage::Etcd(etcd) => {
+                let name = etcd.replica_name(self.config.listen);
+                let replica = cluster::replica::Replica::connect(etcd, name.clone()).await?;
+                tracing::info!(replica = %name, endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "state in etcd");
+                Some(replica)
+            }
+        };
+        let store: Arc<dyn Store> = match (&self.embedded, &replica) {
+            (Some(store), _) => store.clone(),
+            (None, Some(replica)) => Arc::new(replica.store.clone()),
+            (None, None) => anyhow::bail!("no store"),
+        };
         // Groups applied by operators are kept; the groups file, when there is one, wins for the
         // names it defines (it is the configuration management's word).
-        let mut groups = self.store.list_groups().await?;
+        let mut groups = store.list_groups().await?;
         groups.retain(|stored| !self.groups.iter().any(|g| g.name == stored.name));
-        self.store.put_groups(&self.groups).await?;
+        store.put_groups(&self.groups).await?;
         groups.extend(self.groups.iter().cloned());
         let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &groups);
+        let fleet = match &replica {
+            Some(replica) => fleet.with_replica(replica.name.clone()),
+            None => fleet,
+        };
         tasks.spawn(
             fleet
                 .with_metrics(metrics.clone())
@@ -134,28 +170,42 @@ impl Coordinator {
         let runtime = tokio::runtime::Handle::current();
         let events_cancel = cancel.child_token();
         tasks.spawn_blocking(move || runtime.block_on(event_store.run(events_cancel)));
-        let (engine, engine_handle) = Engine::new(
-            self.store.clone(),
-            handle.clone(),
-            decisions.clone(),
-            metrics.clone(),
-        )
-        .await?;
-        tasks.spawn(engine.run(cancel.child_token()));
-        // Installed before serving, so an early SIGHUP cannot take its default action (exit).
-        let source_hangup = if self.config.groups_file.is_some() {
-            Some(tokio::signal::unix::signal(
-                tokio::signal::unix::SignalKind::hangup(),
-            )?)
-        } else {
-            None
+        let engine_handle = match &replica {
+            // The leader runs the engine and the config sources; every replica forwards.
+            Some(replica) => replica.start(
+                &tasks,
+                handle.clone(),
+                decisions.clone(),
+                metrics.clone(),
+                self.config.liveness.heartbeat_interval,
+                &cancel,
+            ),
+            None => {
+                let (engine, engine_handle) = Engine::new(
+                    store.clone(),
+                    handle.clone(),
+                    decisions.clone(),
+                    metrics.clone(),
+                )
+                .await?;
+                tasks.spawn(engine.run(cancel.child_token()));
+                // Installed before serving, so an early SIGHUP cannot take its default action.
+                let source_hangup = if self.config.groups_file.is_some() {
+                    Some(tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::hangup(),
+                    )?)
+                } else {
+                    None
+                };
+                tasks.spawn(sources::watch(
+                    handle.clone(),
+                    engine_handle.clone(),
+                    source_hangup,
+                    cancel.child_token(),
+                ));
+                engine_handle
+            }
         };
-        tasks.spawn(sources::watch(
-            handle.clone(),
-            engine_handle.clone(),
-            source_hangup,
-            cancel.child_token(),
-        ));
         let events_handle: Arc<dyn events::EventLog> = Arc::new(events_handle);
         let bus_handle: Arc<dyn events::EventBus> = Arc::new(bus_handle);
 
@@ -163,7 +213,7 @@ impl Coordinator {
         let agents = AgentApi {
             fleet: handle.clone(),
             engine: engine_handle.clone(),
-            store: self.store.clone(),
+            store: store.clone(),
             events: events_handle.clone(),
             probes: probes.clone(),
             metrics: metrics.clone(),
@@ -189,7 +239,7 @@ impl Coordinator {
         let operators = OperatorApi {
             fleet: handle,
             engine: engine_handle,
-            store: self.store.clone(),
+            store: store.clone(),
             events: events_handle,
             bus: bus_handle,
             decisions,
@@ -219,7 +269,7 @@ impl Coordinator {
         if let Some(path) = self.config.groups_file.clone() {
             // Installed before serving, so an early SIGHUP cannot take its default action (exit).
             let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-            let store = self.store.clone();
+            let store = store.clone();
             tasks.spawn(reload_groups_on_hangup(
                 path,
                 hangup,

@@ -33,7 +33,7 @@ const REOFFER_BACKOFF_FIRST_MS: u64 = 2_000;
 const REOFFER_BACKOFF_MAX_MS: u64 = 300_000;
 
 /// What `ktctl groups list` shows of a group's intent and source.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GroupStatus {
     pub source_hash: String,
     pub source_error: String,
@@ -265,7 +265,7 @@ impl Engine {
             epoch: self.epoch.number,
             epoch_cluster: self.epoch.cluster.clone(),
         };
-        if self.fleet.offer(gateway.clone(), offer).await {
+        if self.offers.send(gateway.clone(), offer).await {
             entry.in_flight = Some((offer_id, now));
             let hold = Hold {
                 by: "reconcile".into(),

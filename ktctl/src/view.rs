@@ -37,6 +37,8 @@ pub struct GatewayRow {
     /// The rollout (or "reconcile") moving it, while one does.
     pub converging_by: Option<String>,
     pub pinned: bool,
+    /// The coordinator replica holding the agent's session (replicated control planes).
+    pub replica: Option<String>,
     pub last_reload_error: Option<String>,
     pub providers_reachable: usize,
     pub providers_total: usize,
@@ -81,6 +83,7 @@ impl GatewayRow {
                 .map(kt_daemon::clock::rfc3339),
             converging_by: non_empty(&state.converging_by),
             pinned: state.pinned,
+            replica: non_empty(&state.replica),
             last_reload_error: config.and_then(|c| non_empty(&c.last_reload_error)),
             providers_reachable: health
                 .map_or(0, |h| h.providers.values().filter(|p| p.reachable).count()),

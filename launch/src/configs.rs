@@ -100,6 +100,8 @@ pub fn groups_file(group: &str, gateways: &[String]) -> String {
 pub struct AgentSpec<'a> {
     pub gateway_id: &'a str,
     pub coordinator: SocketAddr,
+    /// Other coordinator replicas, tried in turn after `coordinator`.
+    pub more_coordinators: &'a [SocketAddr],
     pub pki: &'a Path,
     /// The gateway's listen address: health at `/health`, reload at `/admin/reload`.
     pub gateway: SocketAddr,
@@ -127,7 +129,10 @@ pub fn agent(spec: &AgentSpec<'_>) -> AgentConfig {
     let managed = spec.config_path.is_some();
     AgentConfig {
         coordinator: CoordinatorSettings {
-            endpoints: vec![format!("https://{}", spec.coordinator)],
+            endpoints: std::iter::once(&spec.coordinator)
+                .chain(spec.more_coordinators)
+                .map(|addr| format!("https://{addr}"))
+                .collect(),
             server_name: None,
         },
         tls: tls_files(spec.pki, &format!("agent-{}", spec.gateway_id)),
@@ -228,6 +233,7 @@ mod tests {
 
         let spec = AgentSpec {
             gateway_id: "gw-1",
+            more_coordinators: &[],
             coordinator: addr,
             pki: dir.path(),
             gateway: addr,

@@ -49,6 +49,9 @@ pub fn args(spec: &EtcdSpec) -> Vec<String> {
         ("--peer-key-file", path(&spec.key)),
         ("--peer-trusted-ca-file", path(&spec.ca)),
         ("--peer-client-cert-auth", "true".into()),
+        // Config versions may be 4 MiB, and a large fleet's rollout record is big: etcd's
+        // default limit of a request (1.5 MiB) is too small for either.
+        ("--max-request-bytes", "10485760".into()),
         ("--logger", "zap".into()),
         ("--log-outputs", "stderr".into()),
     ]

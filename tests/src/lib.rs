@@ -5,6 +5,7 @@
 //! leaves nothing running. The binaries are the workspace's own, found next to the test
 //! executable's `target/<profile>` directory: build them first (`cargo build --workspace`).
 
+pub mod ha;
 pub mod proxy;
 pub mod raw;
 pub mod stats;
@@ -206,6 +207,8 @@ pub struct CoordinatorNode {
     pub groups: PathBuf,
     /// Connection limits written into its config at each start (the defaults when `None`).
     pub connections: Option<kt_daemon::conn::ConnectionLimits>,
+    /// Written into its config at each start.
+    pub storage: kt_coordinator::config::Storage,
 }
 
 impl CoordinatorNode {
@@ -220,9 +223,36 @@ impl CoordinatorNode {
             pki_dir: pki.dir.clone(),
             groups,
             connections: None,
+            storage: Default::default(),
         };
         node.start_again();
         node
+    }
+
+    /// A replica on etcd (`storage`), not started yet: `start_again` starts it.
+    pub fn replica(
+        dir: PathBuf,
+        pki: &Pki,
+        gateways: &[String],
+        storage: kt_coordinator::config::Storage,
+    ) -> Self {
+        std::fs::create_dir_all(&dir).expect("dir");
+        let groups = dir.join("groups.yaml");
+        std::fs::write(&groups, dev::groups_file(GROUP, gateways)).expect("groups");
+        CoordinatorNode {
+            proc: None,
+            addr: process::free_loopback_addr().expect("port"),
+            dir,
+            pki_dir: pki.dir.clone(),
+            groups,
+            connections: None,
+            storage,
+        }
+    }
+
+    /// SIGKILL: no resignation, no goodbye, as when a host dies.
+    pub fn kill(&mut self) {
+        self.proc = None;
     }
 
     /// Starts the process (again), on the port it had, or a free one the first time.
@@ -239,6 +269,7 @@ impl CoordinatorNode {
         if let Some(limits) = &self.connections {
             typed.connections = limits.clone();
         }
+        typed.storage = self.storage.clone();
         std::fs::write(&config, dev::to_yaml(&typed)).expect("config");
         let ready = self.dir.join("coordinator.addr");
         let _ = std::fs::remove_file(&ready);
@@ -454,6 +485,7 @@ impl TestFleet {
                 &gw_dir,
                 &AgentSpec {
                     gateway_id: id,
+                    more_coordinators: &[],
                     coordinator: agents_reach,
                     pki: &pki.dir,
                     gateway: gateway.addr,

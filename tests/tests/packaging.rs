@@ -346,6 +346,7 @@ async fn coordinator_and_agent_metrics_count_sessions_heartbeats_and_events() {
         &gw_dir,
         &AgentSpec {
             gateway_id: "gw-a",
+            more_coordinators: &[],
             coordinator: c.addr,
             pki: &c.pki.dir,
             gateway: gateway.addr,

@@ -179,10 +179,7 @@ async fn resign(client: &Client, leadership: &Leadership) {
         elections.resign(Some(options)),
     );
     match resigned.await {
-        Ok(Ok(_)) => tracing::info!(
-            epoch = leadership.epoch.number,
-            "resigned leadership"
-        ),
+        Ok(Ok(_)) => tracing::info!(epoch = leadership.epoch.number, "resigned leadership"),
         Ok(Err(error)) => tracing::warn!(%error, "cannot resign leadership; the lease ends it"),
         Err(_) => tracing::warn!("etcd did not answer the resignation; the lease ends it"),
     }

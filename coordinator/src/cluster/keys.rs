@@ -66,7 +66,9 @@ pub mod kind {
     pub const ANSWER: &str = "answer";
     /// Operator requests for the leader's engine; any replica.
     pub const REQUEST: &str = "request";
-    /// The leader's replies to requests; the leader, fenced.
+    /// A push's config bytes, beside its request.
+    pub const REQUEST_CONTENT: &str = "request-content";
+    /// The leader's replies to requests, under the requester's lease.
     pub const REPLY: &str = "reply";
 }
 

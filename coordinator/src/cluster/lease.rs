@@ -68,7 +68,10 @@ pub async fn keep(
             }
             Err(_) => {
                 failures += 1;
-                log_failure(failures, "cannot grant a lease: etcd did not answer in time");
+                log_failure(
+                    failures,
+                    "cannot grant a lease: etcd did not answer in time",
+                );
                 pause(failures, &cancel).await;
                 continue;
             }

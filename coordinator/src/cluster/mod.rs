@@ -9,8 +9,12 @@
 //! each other: they meet in etcd.
 
 pub mod election;
+pub mod fleet_sync;
 pub mod keys;
 pub mod lease;
+pub mod offers;
+pub mod replica;
+pub mod requests;
 pub mod store;
 
 /// The leader that made an offer: its campaign revision within one etcd cluster. Agents refuse

@@ -15,6 +15,8 @@ use std::time::Duration;
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, KeyValue, SortOrder, SortTarget, Txn, TxnOp,
 };
+use kt_proto::v1::ConfigOffer;
+use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -158,9 +160,11 @@ impl EtcdStore {
     /// Writes `ops` in transactions of at most [`TXN_OPS`]; each fenced when `fenced`.
     async fn write(&self, ops: Vec<TxnOp>, fenced: bool) -> Result<(), StoreError> {
         let fence = if fenced {
-            Some(self.fence.as_ref().ok_or_else(|| {
-                StoreError::Fenced("this replica is not the leader".into())
-            })?)
+            Some(
+                self.fence
+                    .as_ref()
+                    .ok_or_else(|| StoreError::Fenced("this replica is not the leader".into()))?,
+            )
         } else {
             None
         };
@@ -193,12 +197,30 @@ impl EtcdStore {
         Ok(())
     }
 
-    fn json_put(&self, kind: &str, name: &str, value: &impl Serialize) -> Result<TxnOp, StoreError> {
+    fn json_put(
+        &self,
+        kind: &str,
+        name: &str,
+        value: &impl Serialize,
+    ) -> Result<TxnOp, StoreError> {
         Ok(TxnOp::put(
             self.keys.one(kind, name),
             serde_json::to_vec(value)?,
             None,
         ))
+    }
+
+    /// Writes an offer for the replica holding `gateway`'s session to deliver; fenced, so a
+    /// deposed leader's offer is never written. The config bytes stay in the config's own key.
+    pub async fn put_offer(&self, gateway: &str, offer: &ConfigOffer) -> Result<(), StoreError> {
+        let mut offer = offer.clone();
+        offer.content.clear();
+        let op = TxnOp::put(
+            self.keys.one(kind::OFFER, gateway),
+            offer.encode_to_vec(),
+            None,
+        );
+        self.write(vec![op], true).await
     }
 
     fn desired_ops(&self, desired: &[DesiredChange]) -> Result<Vec<TxnOp>, StoreError> {
@@ -232,7 +254,7 @@ fn classify(error: etcd_client::Error) -> StoreError {
 }
 
 /// Rollout keys sort by number.
-fn rollout_name(number: u64) -> String {
+pub(crate) fn rollout_name(number: u64) -> String {
     format!("{number:020}")
 }
 
@@ -249,7 +271,11 @@ impl Store for EtcdStore {
         let meta_key = self.keys.one(kind::CONFIG_META, &c.hash);
         // Written once: the same bytes stored again keep the first record.
         let txn = Txn::new()
-            .when(vec![Compare::version(meta_key.clone(), CompareOp::Equal, 0)])
+            .when(vec![Compare::version(
+                meta_key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
             .and_then(vec![
                 TxnOp::put(
                     self.keys.one(kind::CONFIG_CONTENT, &c.hash),
@@ -301,7 +327,7 @@ impl Store for EtcdStore {
                 message: m.message,
             })
             .collect();
-        configs.sort_by(|a, b| b.created_at_unix_ms.cmp(&a.created_at_unix_ms));
+        configs.sort_by_key(|c| std::cmp::Reverse(c.created_at_unix_ms));
         Ok(configs)
     }
 

@@ -53,6 +53,9 @@ pub enum ApiError {
     NotConnected(String),
     #[error("{0}")]
     TimedOut(String),
+    /// Replicated control plane: etcd or the leader cannot be reached now; try again.
+    #[error("{0}")]
+    Degraded(String),
 }
 
 impl From<EngineError> for ApiError {
@@ -61,15 +64,21 @@ impl From<EngineError> for ApiError {
             EngineError::Invalid(m) => ApiError::InvalidArgument(m),
             EngineError::NotFound(m) => ApiError::Missing(m),
             EngineError::Conflict(m) => ApiError::Conflict(m),
-            EngineError::Store(e) => ApiError::Internal(e.to_string()),
+            EngineError::Store(e) => ApiError::from(e),
             EngineError::Closed => ApiError::Unavailable(FleetClosed),
+            EngineError::NoLeader(m) => ApiError::Degraded(m),
         }
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        ApiError::Internal(error.to_string())
+        match error {
+            StoreError::Unavailable(_) | StoreError::Fenced(_) => {
+                ApiError::Degraded(error.to_string())
+            }
+            StoreError::Failed(_) => ApiError::Internal(error.to_string()),
+        }
     }
 }
 
@@ -87,6 +96,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::Internal(_) => tonic::Status::internal(message),
             ApiError::NotConnected(_) => tonic::Status::unavailable(message),
             ApiError::TimedOut(_) => tonic::Status::deadline_exceeded(message),
+            ApiError::Degraded(_) => tonic::Status::unavailable(message),
         }
     }
 }

@@ -15,6 +15,7 @@ use super::model::{ConfigId, Outcome, Phase, RolloutRecord, Spec, Target, Target
 use super::plan::{content_hash, diff, plan, version_label};
 use super::step::{self, Effect, Observed};
 use crate::cluster::Epoch;
+use crate::cluster::offers::OfferRoute;
 use crate::events::counters::DecisionCounters;
 use crate::fleet::{FleetChange, FleetHandle, Hold};
 use crate::intent::Intent;
@@ -41,10 +42,13 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("coordinator is shutting down")]
     Closed,
+    /// Replicated control plane: no leader answered.
+    #[error("{0}")]
+    NoLeader(String),
 }
 
 /// A push, as the operator asked for it.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Push {
     pub content: Vec<u8>,
     pub spec: Spec,
@@ -56,7 +60,7 @@ pub struct Push {
     pub source: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     Pause,
     Resume,
@@ -119,6 +123,15 @@ pub enum Command {
 #[derive(Clone, Debug)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// A handle whose commands arrive on the returned receiver, for whatever serves them in the
+    /// engine's place (a replica forwarding them to the leader through etcd).
+    pub fn channel() -> (Self, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(1024);
+        (EngineHandle { tx }, rx)
+    }
 }
 
 impl EngineHandle {
@@ -232,6 +245,8 @@ pub struct Engine {
     pub(crate) sources: BTreeMap<String, SourceReading>,
     /// Stamped on every offer, so agents can refuse a deposed leader's.
     pub(crate) epoch: Epoch,
+    /// Where offers go: the session here, or etcd for the replica holding it.
+    pub(crate) offers: OfferRoute,
 }
 
 impl Engine {
@@ -263,7 +278,7 @@ impl Engine {
         Ok((
             Engine {
                 store,
-                fleet,
+                fleet: fleet.clone(),
                 decisions,
                 metrics,
                 rollouts,
@@ -275,14 +290,28 @@ impl Engine {
                 reoffers: Reoffers::default(),
                 sources: BTreeMap::new(),
                 epoch: Epoch::default(),
+                offers: OfferRoute::Local(fleet.clone()),
             },
             EngineHandle { tx },
         ))
     }
 
-    /// Stamps `epoch` on every offer (a replica's leadership).
-    pub fn with_epoch(mut self, epoch: Epoch) -> Self {
+    /// A leader's engine: stamps `epoch` on every offer and sends them by `offers`; the history
+    /// of each active rollout says who took it over (written with its next transition).
+    pub fn leading(mut self, epoch: Epoch, offers: OfferRoute, replica: &str) -> Self {
+        let now = unix_ms_now();
+        for r in self.rollouts.values_mut().filter(|r| r.is_active()) {
+            r.record(
+                now,
+                replica,
+                format!(
+                    "taken over by leader {replica} (epoch {}); offers in flight are made again",
+                    epoch.number
+                ),
+            );
+        }
         self.epoch = epoch;
+        self.offers = offers;
         self
     }
 
@@ -498,7 +527,7 @@ impl Engine {
             epoch: self.epoch.number,
             epoch_cluster: self.epoch.cluster.clone(),
         };
-        if !self.fleet.offer(gateway.clone(), offer).await {
+        if !self.offers.send(gateway.clone(), offer).await {
             // Not delivered: the next tick sees the gateway disconnected and makes it pending.
             tracing::debug!(rollout = %r.id, gateway_id = %gateway, "offer not delivered");
         }

@@ -190,6 +190,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &agent_path,
             dev::agent_config(&AgentSpec {
                 gateway_id: id,
+                more_coordinators: &[],
                 coordinator,
                 pki: &pki_dir,
                 gateway,

@@ -1,0 +1,125 @@
+//! Offers across replicas: the leader's engine writes each offer to etcd (fenced, without the
+//! config bytes, which are in the config's own key); every replica follows the offers and hands
+//! those for the sessions it holds to their agents. Only offers written while a replica watches
+//! are delivered: an old offer read back later could take a gateway back to a config the
+//! rollout has since left, so a missed one is left to the engine, which offers again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, WatchOptions};
+use kt_proto::v1::ConfigOffer;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::keys::{Keys, kind};
+use super::store::EtcdStore;
+use crate::fleet::FleetHandle;
+use crate::store::Store;
+
+/// Where the engine's offers go.
+#[derive(Clone, Debug)]
+pub enum OfferRoute {
+    /// Straight to the session (a single coordinator).
+    Local(FleetHandle),
+    /// Through etcd, written under the leader's fence.
+    Etcd(Box<EtcdStore>),
+}
+
+impl OfferRoute {
+    /// Hands `offer` on; false when it went nowhere (not connected here, or not written).
+    pub async fn send(&self, gateway: String, offer: ConfigOffer) -> bool {
+        match self {
+            OfferRoute::Local(fleet) => fleet.offer(gateway, offer).await,
+            OfferRoute::Etcd(store) => match store.put_offer(&gateway, &offer).await {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(gateway_id = %gateway, %error, "offer not written");
+                    false
+                }
+            },
+        }
+    }
+}
+
+/// Config bytes kept for delivery, by hash (a rollout offers one config to many gateways).
+const CONTENT_CACHE: usize = 16;
+
+/// Delivers offers written from now on to the sessions this replica holds.
+pub async fn deliver(
+    client: Client,
+    keys: Keys,
+    store: EtcdStore,
+    fleet: FleetHandle,
+    cancel: CancellationToken,
+) {
+    let prefix = keys.all(kind::OFFER);
+    let mut contents: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
+    loop {
+        let options = WatchOptions::new().with_prefix();
+        let watched = client
+            .watch_client()
+            .watch(prefix.clone(), Some(options))
+            .await;
+        let Ok(mut stream) = watched else {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                _ = cancel.cancelled() => return,
+                message = stream.message() => message,
+            };
+            let Ok(Some(answer)) = message else { break };
+            for event in answer.events() {
+                if event.event_type() != EventType::Put {
+                    continue;
+                }
+                let Some(kv) = event.kv() else { continue };
+                let Some(gateway) = keys.name_in(kind::OFFER, kv.key()) else {
+                    continue;
+                };
+                let mut offer = match ConfigOffer::decode(kv.value()) {
+                    Ok(offer) => offer,
+                    Err(e) => {
+                        tracing::warn!(gateway, error = %e, "malformed offer skipped");
+                        continue;
+                    }
+                };
+                let hash = offer
+                    .config
+                    .as_ref()
+                    .map(|c| c.hash.clone())
+                    .unwrap_or_default();
+                let content = match contents.get(&hash) {
+                    Some(content) => content.clone(),
+                    None => match store.get_config(&hash).await {
+                        Ok(Some(config)) => {
+                            if contents.len() >= CONTENT_CACHE {
+                                contents.clear();
+                            }
+                            let content = Arc::new(config.content);
+                            contents.insert(hash.clone(), content.clone());
+                            content
+                        }
+                        Ok(None) => {
+                            tracing::warn!(gateway, %hash, "offer of an unknown config skipped");
+                            continue;
+                        }
+                        Err(error) => {
+                            tracing::warn!(gateway, %error, "offer not delivered: its config is unreadable; the engine offers again");
+                            continue;
+                        }
+                    },
+                };
+                offer.content = content.as_ref().clone();
+                if fleet.offer(gateway.to_owned(), offer).await {
+                    tracing::debug!(gateway, "offer delivered");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! A replicated control plane for tests: Debian's etcd on loopback (mutual TLS, a CA of its own),
+//! several coordinator replicas on it, and gateways whose agents know every replica, each
+//! starting with a different one so the sessions spread.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use kt_coordinator::config::{EtcdStorage, Storage};
+use kt_ctl::ktconfig::KtctlConfig;
+use kt_launch::configs::AgentSpec;
+use kt_launch::etcd::{EtcdSpec, args, find_etcd, wait_listening};
+use kt_proto::tls::TlsFiles;
+
+use crate::{
+    AgentNode, CoordinatorNode, GatewayNode, HEALTH_INTERVAL, MockProvider, Pki, Proc, bin, ktctl,
+};
+
+/// How long a replica's lease lives in these tests: a killed leader's term ends this long after.
+pub const LEASE_TTL: Duration = Duration::from_secs(4);
+
+pub struct HaFleet {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    /// etcd's own CA: its server certificate and the replicas' etcd client certificates. No
+    /// agent certificate of the deployment is signed by it, so no agent can reach etcd.
+    pub etcd_pki: Pki,
+    pub etcd: Option<Proc>,
+    pub etcd_spec: EtcdSpec,
+    pub coordinators: Vec<CoordinatorNode>,
+    pub provider: MockProvider,
+    pub gateways: Vec<GatewayNode>,
+    pub agents: Vec<AgentNode>,
+}
+
+impl HaFleet {
+    /// etcd, `replicas` coordinators on it, and `n` gateways (`gw-test-01`...).
+    pub fn start(replicas: usize, n: usize) -> Self {
+        kt_daemon::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::new(dir.path().join("pki"));
+        let etcd_pki = Pki::new(dir.path().join("etcd-pki"));
+        let etcd_spec = EtcdSpec {
+            name: "kt-test".into(),
+            data_dir: dir.path().join("etcd"),
+            client: kt_launch::process::free_loopback_addr().expect("port"),
+            peer: kt_launch::process::free_loopback_addr().expect("port"),
+            ca: etcd_pki.dir.join("ca.crt"),
+            cert: etcd_pki.dir.join("coordinator.crt"),
+            key: etcd_pki.dir.join("coordinator.key"),
+        };
+        let ids: Vec<String> = (1..=n).map(|i| format!("gw-test-{i:02}")).collect();
+        let storage = Storage::Etcd(EtcdStorage {
+            endpoints: vec![format!("https://{}", etcd_spec.client)],
+            tls: TlsFiles {
+                ca: etcd_pki.dir.join("ca.crt"),
+                cert: etcd_pki.dir.join("coordinator.crt"),
+                key: etcd_pki.dir.join("coordinator.key"),
+            },
+            prefix: "/kt-fleet".into(),
+            lease_ttl: LEASE_TTL,
+            replica: None,
+            request_timeout: Duration::from_millis(1500),
+        });
+        let mut coordinators: Vec<CoordinatorNode> = (0..replicas)
+            .map(|i| {
+                let mut storage = storage.clone();
+                if let Storage::Etcd(etcd) = &mut storage {
+                    etcd.replica = Some(format!("replica-{}", i + 1));
+                }
+                CoordinatorNode::replica(
+                    dir.path().join(format!("coordinator-{}", i + 1)),
+                    &pki,
+                    &ids,
+                    storage,
+                )
+            })
+            .collect();
+        let mut ha = HaFleet {
+            provider: MockProvider::start(&dir.path().join("provider"), &[]),
+            dir,
+            pki,
+            etcd_pki,
+            etcd: None,
+            etcd_spec,
+            coordinators: Vec::new(),
+            gateways: Vec::new(),
+            agents: Vec::new(),
+        };
+        ha.start_etcd();
+        for c in &mut coordinators {
+            c.start_again();
+        }
+        ha.coordinators = coordinators;
+        let addrs: Vec<SocketAddr> = ha.coordinators.iter().map(|c| c.addr).collect();
+        for (i, id) in ids.iter().enumerate() {
+            ha.pki.issue_agent(id);
+            let gw_dir = ha.dir.path().join(id);
+            let gateway = GatewayNode::start(gw_dir.clone(), id, ha.provider.addr);
+            // Each agent starts with another replica, then tries the others in turn.
+            let first = addrs[i % addrs.len()];
+            let others: Vec<SocketAddr> = addrs
+                .iter()
+                .cycle()
+                .skip(i % addrs.len() + 1)
+                .take(addrs.len() - 1)
+                .copied()
+                .collect();
+            let region = if i % 2 == 0 { "us" } else { "eu" };
+            let agent = AgentNode::start(
+                &gw_dir,
+                &AgentSpec {
+                    gateway_id: id,
+                    more_coordinators: &others,
+                    coordinator: first,
+                    pki: &ha.pki.dir,
+                    gateway: gateway.addr,
+                    health_interval: HEALTH_INTERVAL,
+                    labels: &[("region", region), ("env", "test")],
+                    config_path: Some(&gateway.policy),
+                    validator: &bin("kt-gateway"),
+                    events_file: Some(&gateway.events),
+                    probe_token_file: Some(&gateway.probe_token()),
+                    max_buffered_events: None,
+                    state_dir: &gw_dir.join("agent-state"),
+                    metrics_listen: None,
+                },
+            );
+            ha.gateways.push(gateway);
+            ha.agents.push(agent);
+        }
+        ha
+    }
+
+    /// Starts etcd (again, on its ports and data).
+    pub fn start_etcd(&mut self) {
+        assert!(self.etcd.is_none(), "etcd already running");
+        // Never skipped: scripts/install-test-deps installs etcd-server.
+        let etcd = find_etcd().expect("etcd");
+        let log = self.dir.path().join("etcd.log");
+        let mut proc = Proc::spawn_path(&etcd, &args(&self.etcd_spec), &[], log.clone());
+        wait_listening(
+            proc.child_mut(),
+            self.etcd_spec.client,
+            &log,
+            Duration::from_secs(30),
+        )
+        .expect("etcd listening");
+        self.etcd = Some(proc);
+    }
+
+    /// The ktctl config file pointing at replica `i`.
+    pub fn ktctl_config(&self, i: usize) -> PathBuf {
+        let path = self.dir.path().join(format!("ktctl-{}.yaml", i + 1));
+        if !path.exists() {
+            KtctlConfig {
+                current_context: Some("test".into()),
+                contexts: vec![self.pki.context(self.coordinators[i].addr, "tester")],
+            }
+            .save(&path)
+            .expect("ktctl config");
+        }
+        path
+    }
+
+    /// Runs the real `ktctl` against replica `i`.
+    pub fn ktctl(&self, i: usize, args: &[&str]) -> Output {
+        ktctl(&self.ktctl_config(i), args)
+    }
+
+    /// `ktctl gateway health -o json` on replica `i`: the exit code and the rows.
+    pub fn health(&self, i: usize) -> (i32, Vec<serde_json::Value>) {
+        let out = self.ktctl(i, &["gateway", "health", "-o", "json"]);
+        let rows = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code().unwrap_or(-1), rows)
+    }
+
+    /// A client of etcd with a replica's certificate, as a test's own hand in the store.
+    pub async fn etcd_client(&self) -> etcd_client::Client {
+        kt_coordinator::etcd::connect(
+            &[format!("https://{}", self.etcd_spec.client)],
+            &TlsFiles {
+                ca: self.etcd_pki.dir.join("ca.crt"),
+                cert: self.etcd_pki.dir.join("coordinator.crt"),
+                key: self.etcd_pki.dir.join("coordinator.key"),
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("etcd client")
+    }
+
+    /// The replica elected leader now, by its name in etcd, and its epoch.
+    pub async fn leader(&self) -> Option<(String, i64)> {
+        let mut client = self.etcd_client().await;
+        let answer = client.leader("/kt-fleet/election").await.ok()?;
+        let kv = answer.kv()?;
+        Some((
+            String::from_utf8_lossy(kv.value()).into_owned(),
+            kv.create_revision(),
+        ))
+    }
+
+    /// The index of the replica named `name` (`replica-N`).
+    pub fn index_of(&self, name: &str) -> usize {
+        name.strip_prefix("replica-")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(|n| n - 1)
+            .expect("a replica name")
+    }
+
+    /// A policy variant with `version`, written beside the fleet; its path.
+    pub fn policy(&self, version: &str) -> String {
+        let text = std::fs::read_to_string(&self.gateways[0].policy).expect("policy");
+        let text = text.replace("version: 1.0.0", &format!("version: {version}"));
+        let path = self.dir.path().join(format!("policy-{version}.yaml"));
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.gateways.iter().map(|g| g.id.clone()).collect()
+    }
+}
