@@ -102,6 +102,14 @@ pub enum Command {
         gateway: GatewayId,
         state: Option<Box<GatewayState>>,
     },
+    /// The leader's word on a gateway (what it should run, who holds it, its sync state) as the
+    /// leader published it; `None` when withdrawn. Ignored while this replica leads.
+    LeaderView {
+        gateway: GatewayId,
+        view: Option<Box<GatewayState>>,
+    },
+    /// This replica's term as leader began (true) or ended (false).
+    Leading(bool),
     /// Adds or replaces groups; their listed gateways get records, every view is republished.
     ApplyGroups {
         groups: Vec<Group>,
@@ -321,6 +329,8 @@ struct Record {
     held_here: bool,
     /// The session as another replica holds it, when it does.
     remote: Option<RemoteSession>,
+    /// The leader's word on this gateway, when another replica leads.
+    leader_view: Option<Box<GatewayState>>,
 }
 
 /// A session another replica holds, as its record in etcd says.
@@ -358,6 +368,7 @@ impl Record {
             replacements: VecDeque::new(),
             held_here: false,
             remote: None,
+            leader_view: None,
         }
     }
 
@@ -499,6 +510,9 @@ pub struct Fleet {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// This replica's name (`storage: etcd`); empty for a single coordinator.
     replica: String,
+    /// Whether this replica's engine says what gateways should run (always, for a single
+    /// coordinator); else the leader's views do.
+    leading: bool,
 }
 
 /// How long a session replaced by another agent process is remembered.
@@ -521,6 +535,7 @@ impl Fleet {
     /// Names this replica in the records of the sessions it holds.
     pub fn with_replica(mut self, replica: String) -> Self {
         self.replica = replica;
+        self.leading = false;
         self
     }
 
@@ -544,6 +559,7 @@ impl Fleet {
             subscription,
             metrics: Default::default(),
             replica: String::new(),
+            leading: true,
         };
         (
             fleet,
@@ -737,6 +753,29 @@ impl Fleet {
                 }
                 self.refresh(&gateway, now, true);
             }
+            Command::LeaderView { gateway, view } => {
+                let record = self
+                    .records
+                    .entry(gateway.clone())
+                    .or_insert_with(Record::never_seen);
+                record.leader_view = view;
+                if !self.leading {
+                    self.refresh(&gateway, now, true);
+                }
+            }
+            Command::Leading(leading) => {
+                self.leading = leading;
+                if !leading {
+                    // What this replica's engine said is stale from now on.
+                    for record in self.records.values_mut() {
+                        (record.desired, record.pinned, record.held) = (None, false, None);
+                    }
+                }
+                let ids: Vec<GatewayId> = self.records.keys().cloned().collect();
+                for id in ids {
+                    self.refresh(&id, now, true);
+                }
+            }
             Command::ApplyGroups { groups, reply } => {
                 let listed = self
                     .groups
@@ -811,7 +850,20 @@ impl Fleet {
 
     fn view(&self, gateway: &GatewayId) -> Option<GatewayState> {
         let record = self.records.get(gateway)?;
-        Some(GatewayState {
+        let mut view = self.own_view(gateway, record);
+        if !self.leading {
+            let leader = record.leader_view.as_deref();
+            view.desired = leader.and_then(|l| l.desired.clone());
+            view.pinned = leader.is_some_and(|l| l.pinned);
+            view.converging_by = leader.map(|l| l.converging_by.clone()).unwrap_or_default();
+            view.sync = leader.map_or(SyncState::Unspecified as i32, |l| l.sync);
+            view.drifted_since_unix_ms = leader.map_or(0, |l| l.drifted_since_unix_ms);
+        }
+        Some(view)
+    }
+
+    fn own_view(&self, gateway: &GatewayId, record: &Record) -> GatewayState {
+        GatewayState {
             gateway_id: gateway.to_string(),
             labels: record.labels.clone().into_iter().collect(),
             groups: read(&self.groups).of(gateway.as_str(), |k| {
@@ -843,7 +895,7 @@ impl Fleet {
                 _ if record.held_here => self.replica.clone(),
                 _ => String::new(),
             },
-        })
+        }
     }
 
     fn list(&self, group: Option<&str>) -> Result<Vec<GatewayState>, UnknownGroup> {

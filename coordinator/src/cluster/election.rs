@@ -25,6 +25,8 @@ pub struct Leadership {
     /// The leader key, and its create revision: what every leader write compares.
     pub key: Vec<u8>,
     pub revision: i64,
+    /// The lease the term lives under (the replica's).
+    pub lease: i64,
     /// Cancelled the moment this replica must stop acting as leader.
     pub lost: CancellationToken,
     leader: LeaderKey,
@@ -116,6 +118,7 @@ async fn campaign(
         },
         key: leader.key().to_vec(),
         revision: leader.rev(),
+        lease: grant.id,
         lost: grant.ended.child_token(),
         leader,
     })

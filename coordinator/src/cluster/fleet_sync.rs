@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{Keys, kind};
 use super::lease::LeaseGrant;
+use super::store::EtcdStore;
 use crate::fleet::{Command, FleetHandle};
+use crate::store::StoreError;
 
 /// Writes this replica's records: every material change at once, heartbeat times every `refresh`.
 pub async fn publish(
@@ -189,8 +191,33 @@ async fn delete_if_ours(
 /// Hands every other replica's records to the fleet task: all of them first, then each change.
 /// Re-lists when the watch breaks or is compacted, so no deletion is missed.
 pub async fn follow(client: Client, keys: Keys, fleet: FleetHandle, cancel: CancellationToken) {
+    let remote = |gateway, state| Command::Remote { gateway, state };
+    follow_kind(client, keys, kind::FLEET, remote, fleet, cancel).await
+}
+
+/// Hands the leader's views of the gateways to the fleet task (which uses them while another
+/// replica leads).
+pub async fn follow_views(
+    client: Client,
+    keys: Keys,
+    fleet: FleetHandle,
+    cancel: CancellationToken,
+) {
+    let view = |gateway, view| Command::LeaderView { gateway, view };
+    follow_kind(client, keys, kind::VIEW, view, fleet, cancel).await
+}
+
+/// Keys of `kind` (encoded `GatewayState`s by gateway) to the fleet task as `make` says.
+async fn follow_kind(
+    client: Client,
+    keys: Keys,
+    kind: &'static str,
+    make: fn(GatewayId, Option<Box<GatewayState>>) -> Command,
+    fleet: FleetHandle,
+    cancel: CancellationToken,
+) {
     let mut known: BTreeSet<String> = BTreeSet::new();
-    let prefix = keys.all(kind::FLEET);
+    let prefix = keys.all(kind);
     loop {
         if cancel.is_cancelled() {
             return;
@@ -214,15 +241,15 @@ pub async fn follow(client: Client, keys: Keys, fleet: FleetHandle, cancel: Canc
         };
         let mut present = BTreeSet::new();
         for kv in answer.kvs() {
-            if let Some(gateway) = keys.name_in(kind::FLEET, kv.key()) {
+            if let Some(gateway) = keys.name_in(kind, kv.key()) {
                 present.insert(gateway.to_owned());
-                if hand_over(&fleet, gateway, Some(kv.value())).await.is_err() {
+                if hand_over(&fleet, make, gateway, Some(kv.value())).await.is_err() {
                     return;
                 }
             }
         }
         for gone in known.difference(&present) {
-            if hand_over(&fleet, gone, None).await.is_err() {
+            if hand_over(&fleet, make, gone, None).await.is_err() {
                 return;
             }
         }
@@ -246,12 +273,12 @@ pub async fn follow(client: Client, keys: Keys, fleet: FleetHandle, cancel: Canc
                 break; // broken: list again
             };
             if answer.canceled() || answer.compact_revision() > 0 {
-                tracing::info!("fleet records watch compacted or cancelled: listing again");
+                tracing::info!(kind, "watch compacted or cancelled: listing again");
                 break;
             }
             for event in answer.events() {
                 let Some(kv) = event.kv() else { continue };
-                let Some(gateway) = keys.name_in(kind::FLEET, kv.key()) else {
+                let Some(gateway) = keys.name_in(kind, kv.key()) else {
                     continue;
                 };
                 let value = match event.event_type() {
@@ -264,7 +291,7 @@ pub async fn follow(client: Client, keys: Keys, fleet: FleetHandle, cancel: Canc
                         None
                     }
                 };
-                if hand_over(&fleet, gateway, value).await.is_err() {
+                if hand_over(&fleet, make, gateway, value).await.is_err() {
                     return;
                 }
             }
@@ -275,6 +302,7 @@ pub async fn follow(client: Client, keys: Keys, fleet: FleetHandle, cancel: Canc
 /// Decodes one record for the fleet task; a malformed one is logged and skipped.
 async fn hand_over(
     fleet: &FleetHandle,
+    make: fn(GatewayId, Option<Box<GatewayState>>) -> Command,
     gateway: &str,
     value: Option<&[u8]>,
 ) -> Result<(), crate::fleet::FleetClosed> {
@@ -290,5 +318,73 @@ async fn hand_over(
             return Ok(());
         }
     };
-    fleet.send(Command::Remote { gateway: id, state }).await
+    fleet.send(make(id, state)).await
+}
+
+/// The leader's side of views: what each gateway should run, who holds it and its sync state,
+/// written (fenced, under the leader's lease) whenever they change, for the other replicas to
+/// show. They vanish with the leader's lease; the next leader writes its own.
+pub async fn publish_views(
+    store: EtcdStore,
+    fleet: FleetHandle,
+    lease: i64,
+    term: CancellationToken,
+) {
+    let Ok((snapshot, mut changes)) = fleet.watch().await else {
+        return;
+    };
+    let mut written: BTreeMap<String, GatewayState> = BTreeMap::new();
+    let mut pending: BTreeMap<String, GatewayState> = snapshot
+        .into_iter()
+        .map(|s| (s.gateway_id.clone(), leader_view(&s)))
+        .collect();
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let due: Vec<(String, Option<Vec<u8>>)> = pending
+            .iter()
+            .filter(|(gateway, view)| written.get(*gateway) != Some(view))
+            .map(|(gateway, view)| (gateway.clone(), Some(view.encode_to_vec())))
+            .collect();
+        if !due.is_empty() {
+            match store.put_views(due, lease).await {
+                Ok(()) => written.extend(std::mem::take(&mut pending)),
+                Err(StoreError::Fenced(_)) => return,
+                Err(error) => tracing::debug!(%error, "leader views not written; retrying"),
+            }
+        } else {
+            pending.clear();
+        }
+        tokio::select! {
+            _ = term.cancelled() => return,
+            _ = retry.tick() => {}
+            change = changes.recv() => match change {
+                Ok(state) => {
+                    pending.insert(state.gateway_id.clone(), leader_view(&state));
+                    // Take what else is queued, to write it together.
+                    while let Ok(state) = changes.try_recv() {
+                        pending.insert(state.gateway_id.clone(), leader_view(&state));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    if let Ok(Ok(all)) = fleet.list(None).await {
+                        pending.extend(all.iter().map(|s| (s.gateway_id.clone(), leader_view(s))));
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+/// The leader's part of a gateway's record.
+fn leader_view(state: &GatewayState) -> GatewayState {
+    GatewayState {
+        gateway_id: state.gateway_id.clone(),
+        desired: state.desired.clone(),
+        pinned: state.pinned,
+        converging_by: state.converging_by.clone(),
+        sync: state.sync,
+        drifted_since_unix_ms: state.drifted_since_unix_ms,
+        ..Default::default()
+    }
 }

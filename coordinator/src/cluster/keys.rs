@@ -60,6 +60,8 @@ pub mod kind {
     pub const REPLICA: &str = "replica";
     /// Fleet records per gateway, under the lease of the replica holding its session.
     pub const FLEET: &str = "fleet";
+    /// The leader's view of each gateway (desired, holder, sync), under its lease; fenced.
+    pub const VIEW: &str = "view";
     /// Offers per gateway; the leader, fenced. The replica holding the session delivers them.
     pub const OFFER: &str = "offer";
     /// Agents' answers per gateway; the replica holding the session. The leader reads them.

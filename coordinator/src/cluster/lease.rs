@@ -56,6 +56,10 @@ pub async fn keep(
     let ttl_secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(10);
     let mut leases = client.lease_client();
     let mut failures = 0u32;
+    // A lease given up while etcd was unreachable may still live there (etcd extends leases when
+    // it restarts): revoked once etcd answers again, so its election key and fleet records go
+    // at once instead of a TTL later.
+    let mut given_up: Option<i64> = None;
     while !cancel.is_cancelled() {
         let sent = Instant::now();
         let id = match tokio::time::timeout(timeout, leases.grant(ttl_secs, None)).await {
@@ -77,6 +81,11 @@ pub async fn keep(
             }
         };
         failures = 0;
+        if let Some(old) = given_up.take()
+            && let Ok(Ok(_)) = tokio::time::timeout(timeout, leases.revoke(old)).await
+        {
+            tracing::info!(lease = format!("{old:x}"), "revoked the lease given up earlier");
+        }
         let grant = LeaseGrant {
             id,
             ended: CancellationToken::new(),
@@ -92,6 +101,7 @@ pub async fn keep(
             let _ = tokio::time::timeout(timeout, leases.revoke(id)).await;
             return;
         }
+        given_up = Some(id);
         tracing::warn!(
             lease = format!("{id:x}"),
             "replica lease lost: its leadership and fleet records are gone; taking a new one"

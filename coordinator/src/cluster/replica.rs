@@ -18,7 +18,7 @@ use super::store::EtcdStore;
 use super::{fleet_sync, lease};
 use crate::config::EtcdStorage;
 use crate::events::counters::DecisionCounters;
-use crate::fleet::FleetHandle;
+use crate::fleet::{Command, FleetHandle};
 use crate::metrics::Metrics;
 use crate::rollout::engine::{Engine, EngineHandle};
 use crate::store::Store;
@@ -91,6 +91,12 @@ impl Replica {
             fleet.clone(),
             cancel.child_token(),
         ));
+        tasks.spawn(fleet_sync::follow_views(
+            self.client.clone(),
+            self.keys.clone(),
+            fleet.clone(),
+            cancel.child_token(),
+        ));
         tasks.spawn(offers::deliver(
             self.client.clone(),
             self.keys.clone(),
@@ -152,10 +158,19 @@ impl Replica {
             &self.name,
         );
         let duties = TaskTracker::new();
+        if fleet.send(Command::Leading(true)).await.is_err() {
+            return;
+        }
         duties.spawn(engine.run(term.clone()));
+        duties.spawn(fleet_sync::publish_views(
+            self.store.fenced(&leadership),
+            fleet.clone(),
+            leadership.lease,
+            term.clone(),
+        ));
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         duties.spawn(crate::sources::watch(
-            fleet,
+            fleet.clone(),
             engine_handle.clone(),
             hangup,
             term.clone(),
@@ -176,5 +191,6 @@ impl Replica {
         duties.close();
         term.cancelled().await;
         duties.wait().await;
+        let _ = fleet.send(Command::Leading(false)).await;
     }
 }

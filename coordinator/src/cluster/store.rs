@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, KeyValue, SortOrder, SortTarget, Txn, TxnOp,
+    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp,
 };
 use kt_proto::v1::ConfigOffer;
 use prost::Message;
@@ -221,6 +222,27 @@ impl EtcdStore {
             None,
         );
         self.write(vec![op], true).await
+    }
+
+    /// Writes the leader's views of gateways (`None` deletes one) under `lease`; fenced.
+    pub async fn put_views(
+        &self,
+        views: Vec<(String, Option<Vec<u8>>)>,
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        let ops = views
+            .into_iter()
+            .map(|(gateway, view)| {
+                let key = self.keys.one(kind::VIEW, &gateway);
+                match view {
+                    Some(view) => {
+                        TxnOp::put(key, view, Some(PutOptions::new().with_lease(lease)))
+                    }
+                    None => TxnOp::delete(key, None),
+                }
+            })
+            .collect();
+        self.write(ops, true).await
     }
 
     fn desired_ops(&self, desired: &[DesiredChange]) -> Result<Vec<TxnOp>, StoreError> {
