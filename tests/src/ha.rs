@@ -13,6 +13,7 @@ use kt_launch::configs::AgentSpec;
 use kt_launch::etcd::{EtcdSpec, args, find_etcd, wait_listening};
 use kt_proto::tls::TlsFiles;
 
+use crate::proxy::CutProxy;
 use crate::{
     AgentNode, CoordinatorNode, GatewayNode, HEALTH_INTERVAL, MockProvider, Pki, Proc, bin, ktctl,
 };
@@ -28,6 +29,8 @@ pub struct HaFleet {
     pub etcd_pki: Pki,
     pub etcd: Option<Proc>,
     pub etcd_spec: EtcdSpec,
+    /// Each replica reaches etcd through a proxy of its own, to be cut off alone.
+    pub etcd_proxies: Vec<CutProxy>,
     pub coordinators: Vec<CoordinatorNode>,
     pub provider: MockProvider,
     pub gateways: Vec<GatewayNode>,
@@ -51,8 +54,11 @@ impl HaFleet {
             key: etcd_pki.dir.join("coordinator.key"),
         };
         let ids: Vec<String> = (1..=n).map(|i| format!("gw-test-{i:02}")).collect();
+        let etcd_proxies: Vec<CutProxy> = (0..replicas)
+            .map(|_| CutProxy::start(etcd_spec.client))
+            .collect();
         let storage = Storage::Etcd(EtcdStorage {
-            endpoints: vec![format!("https://{}", etcd_spec.client)],
+            endpoints: Vec::new(),
             tls: TlsFiles {
                 ca: etcd_pki.dir.join("ca.crt"),
                 cert: etcd_pki.dir.join("coordinator.crt"),
@@ -68,6 +74,7 @@ impl HaFleet {
                 let mut storage = storage.clone();
                 if let Storage::Etcd(etcd) = &mut storage {
                     etcd.replica = Some(format!("replica-{}", i + 1));
+                    etcd.endpoints = vec![format!("https://{}", etcd_proxies[i].addr)];
                 }
                 CoordinatorNode::replica(
                     dir.path().join(format!("coordinator-{}", i + 1)),
@@ -84,6 +91,7 @@ impl HaFleet {
             etcd_pki,
             etcd: None,
             etcd_spec,
+            etcd_proxies,
             coordinators: Vec::new(),
             gateways: Vec::new(),
             agents: Vec::new(),

@@ -96,7 +96,7 @@ async fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes() {
     // Another replica leads, with a higher epoch, and moves the same rollout on.
     let mut new_leader = None;
     let elected = wait_for(PATIENCE, || {
-        new_leader = futures_lite_leader(&fleet);
+        new_leader = current_leader(&fleet);
         new_leader
             .as_ref()
             .is_some_and(|(name, e)| *name != leader && *e > epoch)
@@ -150,7 +150,7 @@ async fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes() {
 }
 
 /// The current leader, read from etcd on a runtime of its own (wait_for's condition is sync).
-fn futures_lite_leader(fleet: &HaFleet) -> Option<(String, i64)> {
+fn current_leader(fleet: &HaFleet) -> Option<(String, i64)> {
     std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -163,4 +163,315 @@ fn futures_lite_leader(fleet: &HaFleet) -> Option<(String, i64)> {
         .ok()
         .flatten()
     })
+}
+
+/// Pushes `version` to the test group through replica `i`, rolling one gateway at a time.
+fn push(fleet: &HaFleet, i: usize, version: &str, min_healthy: &str) -> std::process::Output {
+    let file = fleet.policy(version);
+    fleet.ktctl(
+        i,
+        &[
+            "config",
+            "push",
+            "--file",
+            &file,
+            "--group",
+            kt_e2e::GROUP,
+            "--strategy",
+            "rolling",
+            "--batch-size",
+            "1",
+            "--min-healthy-time",
+            min_healthy,
+            "--pause-between",
+            "1s",
+            "--detach",
+        ],
+    )
+}
+
+fn history_text(r: &Value) -> Vec<String> {
+    r["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|t| t["what"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_stops_before_its_lease_ends_and_its_epoch_is_refused() {
+    let n = 4;
+    let fleet = HaFleet::start(3, n);
+    all_connected(&fleet, 0, n).await;
+    let (leader, epoch) = current_leader(&fleet).expect("a leader");
+    let cut = fleet.index_of(&leader);
+    let other = (cut + 1) % 3;
+    let out = push(&fleet, other, "1.1.0", "8s");
+    assert!(out.status.success(), "push: {}", output_text(&out));
+    // Cut the leader off from etcd while batch 1 bakes.
+    let baking = wait_for(PATIENCE, || {
+        history_text(&rollout(&fleet, other, "r-1"))
+            .iter()
+            .any(|h| h.contains("baking"))
+    })
+    .await;
+    assert!(baking, "batch 1 never baked");
+    fleet.etcd_proxies[cut].block();
+
+    // The first moment another replica leads, the cut-off one has already stopped acting.
+    let log_of = |i: usize| {
+        fleet.coordinators[i]
+            .proc
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default()
+    };
+    let mut successor = None;
+    let elected = wait_for(PATIENCE, || {
+        successor = current_leader(&fleet).filter(|(name, e)| *name != leader && *e > epoch);
+        successor.is_some()
+    })
+    .await;
+    assert!(elected, "nobody took over");
+    let stopped = log_of(cut);
+    assert!(
+        stopped.contains("stopping as leader before it can end"),
+        "the cut-off leader had not stopped when another was elected: {stopped}"
+    );
+    let (successor, new_epoch) = successor.expect("successor");
+    let survivor = fleet.index_of(&successor);
+
+    // The new leader carries the rollout on with the gateways it can reach.
+    let mut taken_over = Vec::new();
+    let moved = wait_for(PATIENCE, || {
+        taken_over = history_text(&rollout(&fleet, survivor, "r-1"));
+        let from = taken_over
+            .iter()
+            .position(|h| h.contains("taken over by leader"));
+        from.is_some_and(|from| taken_over[from..].iter().any(|h| h.contains(": applied")))
+    })
+    .await;
+    assert!(
+        moved,
+        "the new leader never applied a batch: {taken_over:#?}"
+    );
+    let from = taken_over
+        .iter()
+        .position(|h| h.contains("taken over by leader"))
+        .expect("takeover");
+    let target = taken_over[from..]
+        .iter()
+        .find_map(|h| {
+            h.split(": applied")
+                .next()
+                .filter(|_| h.contains(": applied"))
+        })
+        .expect("a gateway the new leader moved")
+        .to_owned();
+
+    // A deposed leader's offer still in flight: stamped with the old epoch, of a config nobody
+    // rolled out. The replica holding the session delivers it; the agent refuses it.
+    let mut etcd = fleet.etcd_client().await;
+    let cluster = etcd
+        .get("/kt-fleet/election", None)
+        .await
+        .expect("etcd")
+        .header()
+        .map(|h| format!("{:x}", h.cluster_id()))
+        .expect("cluster id");
+    let sneaky = std::fs::read_to_string(fleet.policy("9.9.9")).expect("policy");
+    let hash = kt_gateway::config::content_hash(sneaky.as_bytes());
+    let meta = serde_json::json!({
+        "hash": hash, "version": "9.9.9", "author": "deposed", "created_at_unix_ms": 1, "message": "",
+    });
+    etcd.put(
+        format!("/kt-fleet/config-content/{hash}"),
+        sneaky.as_bytes(),
+        None,
+    )
+    .await
+    .expect("put");
+    etcd.put(
+        format!("/kt-fleet/config-meta/{hash}"),
+        meta.to_string(),
+        None,
+    )
+    .await
+    .expect("put");
+    let offer = kt_proto::v1::ConfigOffer {
+        offer_id: "deposed-leader-offer".into(),
+        config: Some(kt_proto::v1::ConfigRef {
+            version: "9.9.9".into(),
+            hash: hash.clone(),
+        }),
+        content: Vec::new(),
+        rollback: true,
+        apply_deadline_ms: 10_000,
+        epoch: u64::try_from(epoch).expect("epoch"),
+        epoch_cluster: cluster,
+    };
+    assert!(new_epoch > epoch);
+    etcd.put(
+        format!("/kt-fleet/offer/{target}"),
+        prost::Message::encode_to_vec(&offer),
+        None,
+    )
+    .await
+    .expect("inject");
+    let mut answer = None;
+    let refused = wait_for(PATIENCE, || {
+        answer = read_answer(&fleet, &target);
+        answer
+            .as_ref()
+            .is_some_and(|a| a.offer_id == "deposed-leader-offer")
+    })
+    .await;
+    assert!(refused, "no answer to the injected offer: {answer:?}");
+    let answer = answer.expect("answer");
+    assert_eq!(
+        answer.phase,
+        kt_proto::v1::ConfigPhase::StaleEpoch as i32,
+        "{answer:?}"
+    );
+    assert!(answer.error.contains("deposed leader"), "{answer:?}");
+    let (_, rows) = fleet.health(survivor);
+    let r = row(&rows, &target).expect("row");
+    assert_eq!(
+        r["config_version"], "1.1.0",
+        "the stale offer changed nothing: {r:#}"
+    );
+
+    // Healed, the cut-off replica rejoins and the rollout finishes everywhere.
+    fleet.etcd_proxies[cut].unblock();
+    let out = fleet.ktctl(survivor, &["rollout", "status", "r-1", "--watch"]);
+    assert_eq!(out.status.code(), Some(0), "rollout: {}", output_text(&out));
+    let rows = all_connected(&fleet, cut, n).await;
+    for r in &rows {
+        assert_eq!(r["config_version"], "1.1.0", "{r:#}");
+    }
+}
+
+/// The agent's last answer for `gateway`, as the replica holding its session wrote it.
+fn read_answer(fleet: &HaFleet, gateway: &str) -> Option<kt_proto::v1::ConfigStatus> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let mut etcd = fleet.etcd_client().await;
+                let got = etcd
+                    .get(format!("/kt-fleet/answer/{gateway}"), None)
+                    .await
+                    .ok()?;
+                let kv = got.kvs().first()?;
+                <kt_proto::v1::ConfigStatus as prost::Message>::decode(kv.value()).ok()
+            })
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_of_a_killed_replica_reconnect_to_the_others() {
+    let n = 6;
+    let mut fleet = HaFleet::start(3, n);
+    let rows = all_connected(&fleet, 0, n).await;
+    // Kill a replica that is not the leader and holds sessions.
+    let (leader, _) = current_leader(&fleet).expect("a leader");
+    let victim = (fleet.index_of(&leader) + 1) % 3;
+    let victim_name = format!("replica-{}", victim + 1);
+    let held: Vec<String> = rows
+        .iter()
+        .filter(|r| r["replica"] == victim_name.as_str())
+        .filter_map(|r| r["gateway"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!held.is_empty(), "the victim holds no session: {rows:#?}");
+    fleet.coordinators[victim].kill();
+    let survivor = (victim + 1) % 3;
+    let mut last = Vec::new();
+    let back = wait_for(PATIENCE, || {
+        let (_, rows) = fleet.health(survivor);
+        last = rows;
+        last.len() == n
+            && last
+                .iter()
+                .all(|r| r["agent"] == "connected" && r["replica"] != victim_name.as_str())
+    })
+    .await;
+    assert!(
+        back,
+        "the victim's agents {held:?} did not come back: {last:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_pauses_while_etcd_is_down_and_finishes_when_it_returns() {
+    let n = 4;
+    let mut fleet = HaFleet::start(3, n);
+    all_connected(&fleet, 0, n).await;
+    let out = push(&fleet, 0, "1.1.0", "1s");
+    assert!(out.status.success(), "push: {}", output_text(&out));
+    let started = wait_for(PATIENCE, || {
+        history_text(&rollout(&fleet, 0, "r-1"))
+            .iter()
+            .any(|h| h.contains("baking"))
+    })
+    .await;
+    assert!(started, "the rollout never started");
+    let (leader, _) = current_leader(&fleet).expect("a leader");
+    let leader = fleet.index_of(&leader);
+    fleet.etcd = None; // SIGKILL
+    let down = Instant::now();
+    // The leader stops within its lease; after that nothing moves.
+    let stopped = wait_for(PATIENCE, || {
+        fleet.coordinators[leader].proc.as_ref().is_some_and(|p| {
+            p.log_text()
+                .contains("stopping as leader before it can end")
+        })
+    })
+    .await;
+    assert!(stopped, "the leader never stopped acting");
+    let versions = |fleet: &HaFleet| -> Vec<String> {
+        fleet
+            .gateways
+            .iter()
+            .map(|g| {
+                std::fs::read_to_string(&g.policy)
+                    .unwrap_or_default()
+                    .lines()
+                    .find(|l| l.trim_start().starts_with("version:"))
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let frozen = versions(&fleet);
+    // Agents stay connected, and the rollout's status says why it does not move.
+    let (code, rows) = fleet.health(1);
+    assert_eq!(code, 0, "{rows:#?}");
+    assert!(rows.iter().all(|r| r["agent"] == "connected"), "{rows:#?}");
+    let out = fleet.ktctl(1, &["rollout", "status", "r-1"]);
+    let said = output_text(&out);
+    assert!(!out.status.success() && said.contains("etcd"), "{said}");
+    // 20 s of etcd down in all.
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(down.elapsed())).await;
+    assert_eq!(
+        versions(&fleet),
+        frozen,
+        "gateways moved while etcd was down"
+    );
+    fleet.start_etcd();
+    let out = fleet.ktctl(2, &["rollout", "status", "r-1", "--watch"]);
+    assert_eq!(out.status.code(), Some(0), "rollout: {}", output_text(&out));
+    let rows = all_connected(&fleet, 2, n).await;
+    for r in &rows {
+        assert_eq!(r["config_version"], "1.1.0", "{r:#}");
+    }
 }

@@ -243,7 +243,10 @@ async fn follow_kind(
         for kv in answer.kvs() {
             if let Some(gateway) = keys.name_in(kind, kv.key()) {
                 present.insert(gateway.to_owned());
-                if hand_over(&fleet, make, gateway, Some(kv.value())).await.is_err() {
+                if hand_over(&fleet, make, gateway, Some(kv.value()))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -84,7 +84,10 @@ pub async fn keep(
         if let Some(old) = given_up.take()
             && let Ok(Ok(_)) = tokio::time::timeout(timeout, leases.revoke(old)).await
         {
-            tracing::info!(lease = format!("{old:x}"), "revoked the lease given up earlier");
+            tracing::info!(
+                lease = format!("{old:x}"),
+                "revoked the lease given up earlier"
+            );
         }
         let grant = LeaseGrant {
             id,

@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp,
+    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
 };
 use kt_proto::v1::ConfigOffer;
 use prost::Message;
@@ -235,9 +234,7 @@ impl EtcdStore {
             .map(|(gateway, view)| {
                 let key = self.keys.one(kind::VIEW, &gateway);
                 match view {
-                    Some(view) => {
-                        TxnOp::put(key, view, Some(PutOptions::new().with_lease(lease)))
-                    }
+                    Some(view) => TxnOp::put(key, view, Some(PutOptions::new().with_lease(lease))),
                     None => TxnOp::delete(key, None),
                 }
             })
