@@ -21,8 +21,8 @@ pub enum EtcdError {
     },
 }
 
-/// Connects to `endpoints` (`https://host:port`), presenting `tls.cert`; each request gives up
-/// after `timeout`.
+/// Connects to `endpoints` (`https://host:port`), presenting `tls.cert`; connecting gives up after
+/// `timeout`, and a connection that stops answering keep-alives for as long is dropped.
 pub async fn connect(
     endpoints: &[String],
     tls: &TlsFiles,
@@ -37,11 +37,13 @@ pub async fn connect(
     let tls_options = TlsOptions::new()
         .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
         .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    // No timeout for every request: a campaign waits as long as another replica leads, and a
+    // watch lives for hours. Each bounded call bounds itself; keep-alives find dead connections.
     let options = ConnectOptions::new()
         .with_tls(tls_options)
         .with_connect_timeout(timeout)
-        .with_timeout(timeout)
-        .with_keep_alive(Duration::from_secs(10), timeout);
+        .with_keep_alive(Duration::from_secs(5), timeout)
+        .with_keep_alive_while_idle(true);
     Client::connect(endpoints, Some(options))
         .await
         .map_err(|source| EtcdError::Connect {

@@ -178,6 +178,7 @@ impl Coordinator {
                 decisions.clone(),
                 metrics.clone(),
                 self.config.liveness.heartbeat_interval,
+                listener.local_addr()?,
                 &cancel,
             ),
             None => {
@@ -246,6 +247,7 @@ impl Coordinator {
             probes,
             trust_domain,
             cancel: cancel.clone(),
+            replica,
         };
         let tls = self
             .tls

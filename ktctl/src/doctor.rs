@@ -82,6 +82,7 @@ pub const HEARTBEAT_WARN: Duration = Duration::from_secs(30);
 pub const PROVIDER_LATENCY_WARN_MS: f64 = 2_000.0;
 pub const EVENT_LAG_WARN: Duration = Duration::from_secs(10);
 pub const EVENT_LAG_FAIL: Duration = Duration::from_secs(60);
+pub const ETCD_LATENCY_WARN: Duration = Duration::from_millis(100);
 
 /// A certificate whose expiry was read.
 #[derive(Clone, Debug)]
@@ -104,6 +105,8 @@ pub struct Inputs {
     pub probes: BTreeMap<String, Result<ProbeResult, String>>,
     /// The groups with their config sources, when the config checks run.
     pub groups: Option<Result<Vec<kt_proto::v1::GroupInfo>, String>>,
+    /// The control plane (storage, replicas, leader, etcd), with the connectivity checks.
+    pub cluster: Option<Result<kt_proto::v1::ClusterStatusResponse, String>>,
 }
 
 /// The prompts of the policy probe: one every policy chain must block, one it must let through.
@@ -120,7 +123,10 @@ pub fn check(inputs: &Inputs, sections: &[Section]) -> Vec<Check> {
             continue;
         }
         match section {
-            Section::Connectivity => connectivity(inputs, &mut checks),
+            Section::Connectivity => {
+                connectivity(inputs, &mut checks);
+                control_plane(inputs, &mut checks);
+            }
             Section::Certs => certs(inputs, &mut checks),
             Section::Agents => agents(inputs, &mut checks),
             Section::Gateways => gateways(inputs, &mut checks),
@@ -184,6 +190,81 @@ fn connectivity(inputs: &Inputs, checks: &mut Vec<Check>) {
             Some("check that kt-coordinator runs (systemctl status kt-coordinator), the address in your ktctl context, and that your certificate is signed by the deployment's CA".into()),
         ),
         None => {}
+    }
+}
+
+/// The control plane: one coordinator on its embedded store, or replicas on etcd with a leader.
+fn control_plane(inputs: &Inputs, checks: &mut Vec<Check>) {
+    let threshold = "etcd reachable, no alarms, a leader; warn: one replica, etcd > 100 ms";
+    let mut report = |mark, value: String, hint: Option<&str>| {
+        push(
+            checks,
+            Section::Connectivity,
+            mark,
+            "control plane",
+            value,
+            threshold,
+            hint.map(str::to_owned),
+        )
+    };
+    let status = match &inputs.cluster {
+        None => return,
+        Some(Err(error)) => {
+            return report(
+                Mark::Warn,
+                format!("not read: {error}"),
+                Some(
+                    "the coordinator did not say how its control plane is; is it older than this ktctl?",
+                ),
+            );
+        }
+        Some(Ok(status)) => status,
+    };
+    if status.storage != "etcd" {
+        return report(
+            Mark::Pass,
+            "one coordinator on its embedded store".into(),
+            None,
+        );
+    }
+    let problems = crate::commands::cluster::status::problems(status);
+    if let Some(problem) = problems.first() {
+        return report(
+            Mark::Fail,
+            problem.clone(),
+            Some(
+                "run ktctl cluster status; check etcd (etcdctl endpoint health) and the replicas' logs (journalctl -u kt-coordinator)",
+            ),
+        );
+    }
+    let latency = status
+        .etcd
+        .as_ref()
+        .map_or(Duration::ZERO, |e| Duration::from_micros(e.latency_us));
+    let value = format!(
+        "leader {} (epoch {}), {} replica(s), etcd {:.1} ms from {}",
+        status.leader,
+        status.epoch,
+        status.replicas.len(),
+        latency.as_secs_f64() * 1000.0,
+        status.answered_by
+    );
+    if status.replicas.len() < 2 {
+        report(
+            Mark::Warn,
+            value,
+            Some(
+                "one replica cannot take over for itself: run three (see README, high availability)",
+            ),
+        )
+    } else if latency > ETCD_LATENCY_WARN {
+        report(
+            Mark::Warn,
+            value,
+            Some("etcd answers slowly: check its disk (fsync latency) and the network to it"),
+        )
+    } else {
+        report(Mark::Pass, value, None)
     }
 }
 

@@ -62,6 +62,9 @@ pub enum Noun {
     /// Groups of gateways: listed by id or matched by labels.
     #[command(subcommand)]
     Groups(GroupsVerb),
+    /// The control plane itself: coordinator replicas, the leader, etcd.
+    #[command(subcommand)]
+    Cluster(ClusterVerb),
     /// Config versions: push one to a group, read the stored ones.
     #[command(subcommand)]
     Config(ConfigVerb),
@@ -91,6 +94,13 @@ pub enum EventsVerb {
     Tail(events::tail::Args),
     /// Counts and block rate per gateway, config version or region.
     Stats(events::stats::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterVerb {
+    /// Replicas, the leader and its epoch, leases, agents per replica, etcd's health; exits 1
+    /// when the control plane cannot act.
+    Status(commands::cluster::status::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -269,6 +279,9 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Noun::Events(EventsVerb::Stats(args)) => {
             events::stats::run(&session, args).await.map(|()| true)
+        }
+        Noun::Cluster(ClusterVerb::Status(args)) => {
+            commands::cluster::status::run(&session, args).await
         }
         Noun::Groups(GroupsVerb::Apply(args)) => {
             groups::apply::run(&session, args).await.map(|()| true)

@@ -41,7 +41,12 @@ impl HaFleet {
     /// etcd, `replicas` coordinators on it, and `n` gateways (`gw-test-01`...).
     pub fn start(replicas: usize, n: usize) -> Self {
         kt_daemon::install_crypto_provider();
-        let dir = tempfile::tempdir().expect("tempdir");
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        // KT_E2E_KEEP=1 keeps the logs of a run to read after it.
+        if std::env::var_os("KT_E2E_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("HA fleet in {}", dir.path().display());
+        }
         let pki = Pki::new(dir.path().join("pki"));
         let etcd_pki = Pki::new(dir.path().join("etcd-pki"));
         let etcd_spec = EtcdSpec {

@@ -167,6 +167,16 @@ fn current_leader(fleet: &HaFleet) -> Option<(String, i64)> {
 
 /// Pushes `version` to the test group through replica `i`, rolling one gateway at a time.
 fn push(fleet: &HaFleet, i: usize, version: &str, min_healthy: &str) -> std::process::Output {
+    push_to(fleet, i, kt_e2e::GROUP, version, min_healthy)
+}
+
+fn push_to(
+    fleet: &HaFleet,
+    i: usize,
+    group: &str,
+    version: &str,
+    min_healthy: &str,
+) -> std::process::Output {
     let file = fleet.policy(version);
     fleet.ktctl(
         i,
@@ -176,7 +186,7 @@ fn push(fleet: &HaFleet, i: usize, version: &str, min_healthy: &str) -> std::pro
             "--file",
             &file,
             "--group",
-            kt_e2e::GROUP,
+            group,
             "--strategy",
             "rolling",
             "--batch-size",
@@ -205,11 +215,37 @@ fn history_text(r: &Value) -> Vec<String> {
 async fn a_leader_cut_off_from_etcd_stops_before_its_lease_ends_and_its_epoch_is_refused() {
     let n = 4;
     let fleet = HaFleet::start(3, n);
-    all_connected(&fleet, 0, n).await;
+    let rows = all_connected(&fleet, 0, n).await;
     let (leader, epoch) = current_leader(&fleet).expect("a leader");
     let cut = fleet.index_of(&leader);
     let other = (cut + 1) % 3;
-    let out = push(&fleet, other, "1.1.0", "8s");
+    // The rollout moves the gateways whose sessions other replicas hold: the cut-off replica's
+    // own agents can be reached by nobody else until the partition heals (a bake that cannot see
+    // them would rightly be inconclusive).
+    let movable: Vec<String> = rows
+        .iter()
+        .filter(|r| r["replica"] != leader.as_str())
+        .filter_map(|r| r["gateway"].as_str().map(str::to_owned))
+        .collect();
+    assert!(movable.len() >= 2, "{rows:#?}");
+    let groups = fleet.dir.path().join("movable.yaml");
+    std::fs::write(
+        &groups,
+        kt_launch::configs::groups_file("movable", &movable),
+    )
+    .expect("groups");
+    let out = fleet.ktctl(
+        other,
+        &["groups", "apply", "-f", &groups.display().to_string()],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    let known = wait_for(PATIENCE, || {
+        let out = fleet.ktctl(cut, &["groups", "list", "-o", "json"]);
+        String::from_utf8_lossy(&out.stdout).contains("movable")
+    })
+    .await;
+    assert!(known, "the leader never learned the group");
+    let out = push_to(&fleet, other, "movable", "1.1.0", "8s");
     assert!(out.status.success(), "push: {}", output_text(&out));
     // Cut the leader off from etcd while batch 1 bakes.
     let baking = wait_for(PATIENCE, || {
@@ -344,14 +380,26 @@ async fn a_leader_cut_off_from_etcd_stops_before_its_lease_ends_and_its_epoch_is
         "the stale offer changed nothing: {r:#}"
     );
 
-    // Healed, the cut-off replica rejoins and the rollout finishes everywhere.
-    fleet.etcd_proxies[cut].unblock();
+    // The rollout finishes; healed, the cut-off replica rejoins and sees the same fleet.
     let out = fleet.ktctl(survivor, &["rollout", "status", "r-1", "--watch"]);
     assert_eq!(out.status.code(), Some(0), "rollout: {}", output_text(&out));
-    let rows = all_connected(&fleet, cut, n).await;
-    for r in &rows {
-        assert_eq!(r["config_version"], "1.1.0", "{r:#}");
-    }
+    fleet.etcd_proxies[cut].unblock();
+    let mut last = Vec::new();
+    let same = wait_for(PATIENCE, || {
+        let (code, rows) = fleet.health(cut);
+        last = rows;
+        code == 0
+            && last.len() == n
+            && last.iter().all(|r| {
+                let moved = movable.iter().any(|m| r["gateway"] == m.as_str());
+                let version = if moved { "1.1.0" } else { "1.0.0" };
+                r["config_version"] == version
+                    && r["desired_version"] == version
+                    && r["sync"] == "in_sync"
+            })
+    })
+    .await;
+    assert!(same, "after the partition healed: {last:#?}");
 }
 
 /// The agent's last answer for `gateway`, as the replica holding its session wrote it.

@@ -75,13 +75,16 @@ pub async fn lead<F, Fut>(
             "this replica is the leader"
         );
         let guard = guard(&client, &leadership, &grant);
+        let term = duties(leadership.clone());
+        tokio::pin!(term);
         tokio::select! {
-            _ = duties(leadership.clone()) => {}
+            _ = &mut term => {}
             _ = guard => {}
             _ = cancel.cancelled() => {}
         }
-        // Every duty watches `lost`; cancelling it here stops whichever had not stopped.
+        // Every duty watches `lost`: cancelled here, they stop, and the term winds up.
         leadership.lost.cancel();
+        term.await;
         if cancel.is_cancelled() {
             resign(&client, &leadership).await;
             return;

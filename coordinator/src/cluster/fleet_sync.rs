@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::keys::{Keys, kind};
 use super::lease::LeaseGrant;
 use super::store::EtcdStore;
+use crate::config::Group;
 use crate::fleet::{Command, FleetHandle};
 use crate::store::StoreError;
 
@@ -322,6 +323,75 @@ async fn hand_over(
         }
     };
     fleet.send(make(id, state)).await
+}
+
+/// Groups any replica stored (an operator's `groups apply`, a groups file) reach every replica's
+/// fleet: all of them first, then each change.
+pub async fn follow_groups(
+    client: Client,
+    keys: Keys,
+    fleet: FleetHandle,
+    cancel: CancellationToken,
+) {
+    let prefix = keys.all(kind::GROUP);
+    loop {
+        let mut kv = client.kv_client();
+        let listed = kv.get(prefix.clone(), Some(GetOptions::new().with_prefix()));
+        let Ok(Ok(listed)) = tokio::time::timeout(Duration::from_secs(5), listed).await else {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+            }
+        };
+        let revision = listed.header().map_or(0, |h| h.revision());
+        let groups: Vec<Group> = listed
+            .kvs()
+            .iter()
+            .filter_map(|kv| decode_group(kv.value()))
+            .collect();
+        if fleet.apply_groups(groups).await.is_err() {
+            return;
+        }
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let Ok(mut stream) = client
+            .watch_client()
+            .watch(prefix.clone(), Some(options))
+            .await
+        else {
+            continue;
+        };
+        loop {
+            let message = tokio::select! {
+                _ = cancel.cancelled() => return,
+                message = stream.message() => message,
+            };
+            let Ok(Some(answer)) = message else { break };
+            if answer.canceled() || answer.compact_revision() > 0 {
+                break;
+            }
+            let groups: Vec<Group> = answer
+                .events()
+                .iter()
+                .filter(|e| e.event_type() == EventType::Put)
+                .filter_map(|e| e.kv().and_then(|kv| decode_group(kv.value())))
+                .collect();
+            if !groups.is_empty() && fleet.apply_groups(groups).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn decode_group(value: &[u8]) -> Option<Group> {
+    match serde_json::from_slice(value) {
+        Ok(group) => Some(group),
+        Err(error) => {
+            tracing::warn!(%error, "malformed group record skipped");
+            None
+        }
+    }
 }
 
 /// The leader's side of views: what each gateway should run, who holds it and its sync state,

@@ -15,6 +15,7 @@ pub mod lease;
 pub mod offers;
 pub mod replica;
 pub mod requests;
+pub mod status;
 pub mod store;
 
 /// The leader that made an offer: its campaign revision within one etcd cluster. Agents refuse

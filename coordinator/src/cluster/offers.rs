@@ -56,8 +56,16 @@ pub async fn deliver(
 ) {
     let prefix = keys.all(kind::OFFER);
     let mut contents: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
+    // Where a broken watch starts again: right after the last event seen, so no offer written
+    // meanwhile is missed (the first watch starts from now).
+    let mut next_revision: Option<i64> = None;
     loop {
-        let options = WatchOptions::new().with_prefix();
+        let options = match next_revision {
+            Some(revision) => WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision),
+            None => WatchOptions::new().with_prefix(),
+        };
         let watched = client
             .watch_client()
             .watch(prefix.clone(), Some(options))
@@ -74,6 +82,14 @@ pub async fn deliver(
                 message = stream.message() => message,
             };
             let Ok(Some(answer)) = message else { break };
+            if answer.compact_revision() > 0 {
+                // Compacted past what was missed: those offers are gone; the engine offers again.
+                next_revision = None;
+                break;
+            }
+            if let Some(header) = answer.header() {
+                next_revision = Some(header.revision() + 1);
+            }
             for event in answer.events() {
                 if event.event_type() != EventType::Put {
                     continue;

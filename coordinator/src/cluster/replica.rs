@@ -63,6 +63,7 @@ impl Replica {
         decisions: DecisionCounters,
         metrics: Arc<Metrics>,
         heartbeat_interval: Duration,
+        address: std::net::SocketAddr,
         cancel: &CancellationToken,
     ) -> EngineHandle {
         let (grants_tx, grants) = watch::channel(None);
@@ -86,6 +87,20 @@ impl Replica {
             cancel.child_token(),
         ));
         tasks.spawn(fleet_sync::follow(
+            self.client.clone(),
+            self.keys.clone(),
+            fleet.clone(),
+            cancel.child_token(),
+        ));
+        tasks.spawn(super::status::register(
+            self.client.clone(),
+            self.keys.clone(),
+            self.name.clone(),
+            address,
+            grants.clone(),
+            cancel.child_token(),
+        ));
+        tasks.spawn(fleet_sync::follow_groups(
             self.client.clone(),
             self.keys.clone(),
             fleet.clone(),

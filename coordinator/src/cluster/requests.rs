@@ -568,8 +568,15 @@ pub async fn follow_answers(
     term: CancellationToken,
 ) {
     let prefix = keys.all(kind::ANSWER);
+    // As offers: a broken watch starts again right after the last event seen.
+    let mut next_revision: Option<i64> = None;
     loop {
-        let options = WatchOptions::new().with_prefix();
+        let options = match next_revision {
+            Some(revision) => WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision),
+            None => WatchOptions::new().with_prefix(),
+        };
         let Ok(mut stream) = client
             .watch_client()
             .watch(prefix.clone(), Some(options))
@@ -585,9 +592,16 @@ pub async fn follow_answers(
                 _ = term.cancelled() => return,
                 message = stream.message() => message,
             };
-            // Broken: watch again from now. Answers missed meanwhile are offered again by the
+            // Broken: watch again. Answers compacted away meanwhile are offered again by the
             // engine, and an agent answers an offer of what it runs at once.
             let Ok(Some(answer)) = message else { break };
+            if answer.compact_revision() > 0 {
+                next_revision = None;
+                break;
+            }
+            if let Some(header) = answer.header() {
+                next_revision = Some(header.revision() + 1);
+            }
             for event in answer.events() {
                 if event.event_type() != EventType::Put {
                     continue;

@@ -6,10 +6,11 @@ use std::time::Duration;
 use kt_proto::identity::{GatewayId, Role};
 use kt_proto::v1::operator_service_server::OperatorService;
 use kt_proto::v1::{
-    self, ControlRolloutRequest, FleetSnapshot, FleetUpdate, GatewayState, GetConfigVersionRequest,
-    ListConfigVersionsRequest, ListConfigVersionsResponse, ListGatewaysRequest,
-    ListGatewaysResponse, ListRolloutsRequest, ListRolloutsResponse, PushConfigRequest,
-    PushConfigResponse, RolloutAction, RolloutRequest, WatchFleetRequest, fleet_update,
+    self, ClusterStatusRequest, ClusterStatusResponse, ControlRolloutRequest, FleetSnapshot,
+    FleetUpdate, GatewayState, GetConfigVersionRequest, ListConfigVersionsRequest,
+    ListConfigVersionsResponse, ListGatewaysRequest, ListGatewaysResponse, ListRolloutsRequest,
+    ListRolloutsResponse, PushConfigRequest, PushConfigResponse, RolloutAction, RolloutRequest,
+    WatchFleetRequest, fleet_update,
 };
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
@@ -43,6 +44,8 @@ pub struct OperatorApi {
     pub probes: Probes,
     pub trust_domain: String,
     pub cancel: CancellationToken,
+    /// This replica's way to etcd, when the state is there.
+    pub replica: Option<crate::cluster::replica::Replica>,
 }
 
 /// Bounds of one synthetic probe.
@@ -698,6 +701,36 @@ impl OperatorService for OperatorApi {
             ))
             .into()),
         }
+    }
+
+    async fn cluster_status(
+        &self,
+        request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let fleet = self
+            .fleet
+            .list(None)
+            .await
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?;
+        let answer = match &self.replica {
+            Some(replica) => crate::cluster::status::cluster_status(replica, &fleet).await,
+            None => ClusterStatusResponse {
+                storage: "embedded".into(),
+                replicas: vec![v1::ReplicaStatus {
+                    name: "coordinator".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    agents: crate::cluster::status::agents_of(&fleet, ""),
+                    leader: true,
+                    lease_ttl_remaining_s: -1,
+                    ..Default::default()
+                }],
+                leader: "coordinator".into(),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(answer))
     }
 
     type WatchFleetStream = WatchStream;

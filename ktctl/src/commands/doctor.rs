@@ -106,7 +106,13 @@ async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow:
             .map_err(|status| status.message().to_owned());
         inputs.groups = Some(groups.map(|r| r.into_inner().groups));
     }
-    if !sections.contains(&Section::Connectivity) {
+    if sections.contains(&Section::Connectivity) {
+        let cluster = client
+            .cluster_status(kt_proto::v1::ClusterStatusRequest {})
+            .await
+            .map_err(|status| status.message().to_owned());
+        inputs.cluster = Some(cluster.map(|r| r.into_inner()));
+    } else {
         inputs.rtt = None;
     }
     if sections.contains(&Section::Policy) {

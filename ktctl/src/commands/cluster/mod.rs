@@ -1,0 +1,3 @@
+//! `ktctl cluster`: the control plane itself.
+
+pub mod status;
