@@ -124,7 +124,9 @@ impl Coordinator {
             Storage::Embedded => None,
             Storage::Etcd(etcd) => {
                 let name = etcd.replica_name(self.config.listen);
-                let replica = cluster::replica::Replica::connect(etcd, name.clone()).await?;
+                let address = listener.local_addr()?;
+                let replica =
+                    cluster::replica::Replica::connect(etcd, name.clone(), address).await?;
                 tracing::info!(replica = %name, endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "state in etcd");
                 Some(replica)
             }
@@ -178,7 +180,6 @@ impl Coordinator {
                 decisions.clone(),
                 metrics.clone(),
                 self.config.liveness.heartbeat_interval,
-                listener.local_addr()?,
                 &cancel,
             ),
             None => {

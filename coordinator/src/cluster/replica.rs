@@ -31,10 +31,16 @@ pub struct Replica {
     pub name: String,
     pub settings: EtcdStorage,
     pub store: EtcdStore,
+    /// Where agents and operators reach this replica (registered for `cluster status`).
+    pub address: std::net::SocketAddr,
 }
 
 impl Replica {
-    pub async fn connect(settings: &EtcdStorage, name: String) -> anyhow::Result<Self> {
+    pub async fn connect(
+        settings: &EtcdStorage,
+        name: String,
+        address: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
         let client =
             crate::etcd::connect(&settings.endpoints, &settings.tls, settings.request_timeout)
                 .await?;
@@ -51,6 +57,7 @@ impl Replica {
             name,
             settings: settings.clone(),
             store,
+            address,
         })
     }
 
@@ -63,7 +70,6 @@ impl Replica {
         decisions: DecisionCounters,
         metrics: Arc<Metrics>,
         heartbeat_interval: Duration,
-        address: std::net::SocketAddr,
         cancel: &CancellationToken,
     ) -> EngineHandle {
         let (grants_tx, grants) = watch::channel(None);
@@ -96,7 +102,7 @@ impl Replica {
             self.client.clone(),
             self.keys.clone(),
             self.name.clone(),
-            address,
+            self.address,
             grants.clone(),
             cancel.child_token(),
         ));
