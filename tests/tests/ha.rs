@@ -441,6 +441,29 @@ async fn agents_of_a_killed_replica_reconnect_to_the_others() {
         .filter_map(|r| r["gateway"].as_str().map(str::to_owned))
         .collect();
     assert!(!held.is_empty(), "the victim holds no session: {rows:#?}");
+    // Events stay with the replica an agent is connected to, and a tail says so.
+    let note = first_stderr_line(&fleet, victim, &["events", "tail", "--all-gateways"]);
+    assert!(
+        note.contains("shows the events of the agents connected to it only"),
+        "{note}"
+    );
+    // `cluster status` lists the replicas, the leader and the agents each holds.
+    let mut status = Value::Null;
+    let listed = wait_for(PATIENCE, || {
+        status = cluster_status(&fleet, victim);
+        status["replicas"].as_array().is_some_and(|r| r.len() == 3)
+    })
+    .await;
+    assert!(listed, "{status:#}");
+    assert_eq!(status["leader"], leader.as_str(), "{status:#}");
+    assert_eq!(status["etcd"]["reachable"], true, "{status:#}");
+    let agents: u64 = status["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r["agents"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(agents, n as u64, "{status:#}");
     fleet.coordinators[victim].kill();
     let survivor = (victim + 1) % 3;
     let mut last = Vec::new();
@@ -457,6 +480,28 @@ async fn agents_of_a_killed_replica_reconnect_to_the_others() {
         back,
         "the victim's agents {held:?} did not come back: {last:#?}"
     );
+    // Its lease ends with it: two replicas left, and doctor's control plane check passes.
+    let gone = wait_for(PATIENCE, || {
+        status = cluster_status(&fleet, survivor);
+        status["replicas"].as_array().is_some_and(|r| r.len() == 2)
+    })
+    .await;
+    assert!(gone, "{status:#}");
+    let out = fleet.ktctl(survivor, &["doctor", "--checks", "connectivity", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let check = report["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["subject"] == "control plane")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(check["mark"], "pass", "{}", output_text(&out));
+}
+
+fn cluster_status(fleet: &HaFleet, i: usize) -> Value {
+    let out = fleet.ktctl(i, &["cluster", "status", "-o", "json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,6 +553,13 @@ async fn a_rollout_pauses_while_etcd_is_down_and_finishes_when_it_returns() {
     let out = fleet.ktctl(1, &["rollout", "status", "r-1"]);
     let said = output_text(&out);
     assert!(!out.status.success() && said.contains("etcd"), "{said}");
+    let out = fleet.ktctl(1, &["cluster", "status"]);
+    let said = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("etcd") && said.contains("UNREACHABLE"),
+        "{said}"
+    );
     // 20 s of etcd down in all.
     tokio::time::sleep(Duration::from_secs(20).saturating_sub(down.elapsed())).await;
     assert_eq!(
@@ -522,4 +574,28 @@ async fn a_rollout_pauses_while_etcd_is_down_and_finishes_when_it_returns() {
     for r in &rows {
         assert_eq!(r["config_version"], "1.1.0", "{r:#}");
     }
+}
+
+/// The first line `ktctl ARGS` writes to stderr (within a deadline); the process is killed then.
+fn first_stderr_line(fleet: &HaFleet, i: usize, args: &[&str]) -> String {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(kt_e2e::bin("ktctl"))
+        .arg("--config")
+        .arg(fleet.ktctl_config(i))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ktctl");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stderr).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(PATIENCE).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    line
 }

@@ -583,6 +583,17 @@ impl OperatorService for OperatorApi {
                 kt_daemon::unix_ms_now()
             },
         };
+        if let Some(replica) = &self.replica {
+            // Until events travel between replicas (NATS JetStream), say what this tail shows.
+            let scope = format!(
+                "replica {} shows the events of the agents connected to it only; tail every replica for the whole fleet (ktctl cluster status lists them)",
+                replica.name
+            );
+            let first = v1::TailEventsResponse {
+                item: Some(v1::tail_events_response::Item::Scope(scope)),
+            };
+            let _ = tx.send(Ok(first)).await;
+        }
         spawn_until_cancelled(cancel, async move {
             if !tail.send_all(&tx, &history).await {
                 return;

@@ -159,6 +159,10 @@ fn print_item(
                 )?;
             }
         }
+        Item::Scope(scope) => {
+            // On stderr, so that piped events stay events.
+            eprintln!("note: {scope}");
+        }
         Item::Missed(n) => {
             if args.json {
                 writeln!(out, "{}", serde_json::json!({ "missed": n }))?;
