@@ -39,13 +39,36 @@ pub struct CoordinatorConfig {
     pub storage: Storage,
 }
 
-/// `storage:`: absent or `embedded` for SQLite in `data_dir`, `{etcd: {...}}` for replicas.
+/// `storage:`: absent for SQLite in `data_dir` (one coordinator), `{etcd: {...}}` for replicas.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(from = "StorageFile", into = "StorageFile")]
 pub enum Storage {
     #[default]
     Embedded,
     Etcd(EtcdStorage),
+}
+
+/// `storage:` as written.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct StorageFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    etcd: Option<EtcdStorage>,
+}
+
+impl From<StorageFile> for Storage {
+    fn from(file: StorageFile) -> Self {
+        file.etcd.map_or(Storage::Embedded, Storage::Etcd)
+    }
+}
+
+impl From<Storage> for StorageFile {
+    fn from(storage: Storage) -> Self {
+        match storage {
+            Storage::Embedded => StorageFile::default(),
+            Storage::Etcd(etcd) => StorageFile { etcd: Some(etcd) },
+        }
+    }
 }
 
 impl Storage {
@@ -634,6 +657,63 @@ mod tests {
         assert!(msg.contains("c.yaml"), "{msg}");
         assert!(msg.contains("heartbeat"), "{msg}");
         assert!(msg.contains("line 4"), "{msg}");
+    }
+
+    #[test]
+    fn etcd_storage_resolves_paths_and_refuses_what_cannot_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = "tls: {ca: a, cert: b, key: c}\ndata_dir: d\n";
+        let path = write(
+            dir.path(),
+            "c.yaml",
+            &format!(
+                "{base}storage:\n  etcd:\n    endpoints: [https://10.0.0.1:2379]\n    tls: {{ca: etcd/ca.crt, cert: etcd/c.crt, key: etcd/c.key}}\n"
+            ),
+        );
+        let config = CoordinatorConfig::load(&path).expect("valid");
+        let Storage::Etcd(etcd) = &config.storage else {
+            panic!("etcd storage expected");
+        };
+        assert_eq!(etcd.tls.ca, dir.path().join("etcd/ca.crt"));
+        assert_eq!(etcd.prefix, "/kt-fleet");
+        assert_eq!(etcd.lease_ttl, Duration::from_secs(10));
+        assert!(etcd.replica_name(default_listen()).ends_with(":41001"));
+        for (storage, field) in [
+            (
+                "{endpoints: [], tls: {ca: a, cert: b, key: c}}",
+                "storage.etcd.endpoints",
+            ),
+            (
+                "{endpoints: [http://h:2379], tls: {ca: a, cert: b, key: c}}",
+                "storage.etcd.endpoints",
+            ),
+            (
+                "{endpoints: [https://h:2379], tls: {ca: a, cert: b, key: c}, prefix: kt}",
+                "storage.etcd.prefix",
+            ),
+            (
+                "{endpoints: [https://h:2379], tls: {ca: a, cert: b, key: c}, lease_ttl: 1s}",
+                "storage.etcd.lease_ttl",
+            ),
+            (
+                "{endpoints: [https://h:2379], tls: {ca: a, cert: b, key: c}, lease_ttl: 4s, request_timeout: 3s}",
+                "storage.etcd.request_timeout",
+            ),
+            (
+                "{endpoints: [https://h:2379], tls: {ca: a, cert: b, key: c}, replica: 'a b'}",
+                "storage.etcd.replica",
+            ),
+        ] {
+            let path = write(
+                dir.path(),
+                "bad.yaml",
+                &format!("{base}storage: {{etcd: {storage}}}\n"),
+            );
+            let msg = CoordinatorConfig::load(&path)
+                .expect_err(storage)
+                .to_string();
+            assert!(msg.contains(field), "{storage}: {msg}");
+        }
     }
 
     #[test]

@@ -987,6 +987,76 @@ mod tests {
     }
 
     #[test]
+    fn the_control_plane_passes_only_with_etcd_answering_and_a_leader() {
+        use kt_proto::v1::{ClusterStatusResponse, EtcdStatus, ReplicaStatus};
+        let replica = |name: &str| ReplicaStatus {
+            name: name.into(),
+            ..Default::default()
+        };
+        let healthy = ClusterStatusResponse {
+            storage: "etcd".into(),
+            answered_by: "r1".into(),
+            replicas: vec![replica("r1"), replica("r2"), replica("r3")],
+            leader: "r1".into(),
+            epoch: 7,
+            etcd: Some(EtcdStatus {
+                reachable: true,
+                latency_us: 1_500,
+                ..Default::default()
+            }),
+        };
+        let mark = |status: ClusterStatusResponse| {
+            let inputs = Inputs {
+                cluster: Some(Ok(status)),
+                ..Default::default()
+            };
+            let checks = check(&inputs, &[Section::Connectivity]);
+            let check = checks.iter().find(|c| c.subject == "control plane");
+            (
+                check.expect("a control plane check").mark,
+                check.map(|c| c.value.clone()),
+            )
+        };
+        assert_eq!(mark(healthy.clone()).0, Mark::Pass);
+        let mut no_leader = healthy.clone();
+        no_leader.leader.clear();
+        assert_eq!(mark(no_leader).0, Mark::Fail);
+        let mut unreachable = healthy.clone();
+        unreachable.etcd = Some(EtcdStatus {
+            error: "connection refused".into(),
+            ..Default::default()
+        });
+        let (got, value) = mark(unreachable);
+        assert_eq!(got, Mark::Fail);
+        assert!(value.unwrap_or_default().contains("connection refused"));
+        let mut alarmed = healthy.clone();
+        if let Some(etcd) = &mut alarmed.etcd {
+            etcd.alarms = vec!["NOSPACE".into()];
+        }
+        assert_eq!(mark(alarmed).0, Mark::Fail);
+        let mut alone = healthy.clone();
+        alone.replicas.truncate(1);
+        assert_eq!(mark(alone).0, Mark::Warn);
+        let mut slow = healthy.clone();
+        if let Some(etcd) = &mut slow.etcd {
+            etcd.latency_us = 250_000;
+        }
+        assert_eq!(mark(slow).0, Mark::Warn);
+        let embedded = ClusterStatusResponse {
+            storage: "embedded".into(),
+            ..Default::default()
+        };
+        assert_eq!(mark(embedded).0, Mark::Pass);
+        // Nothing read is no pass.
+        let inputs = Inputs {
+            cluster: Some(Err("unimplemented".into())),
+            ..Default::default()
+        };
+        let checks = check(&inputs, &[Section::Connectivity]);
+        assert_eq!(checks[0].mark, Mark::Warn);
+    }
+
+    #[test]
     fn certificates_warn_two_weeks_ahead_and_fail_when_expired() {
         let mut soon = gateway("a", "us", "h1", &[]);
         soon.agent_cert_not_after_unix_ms = NOW + 5 * DAY;
