@@ -11,8 +11,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 pub use kt_launch::configs::{
-    AgentSpec, EXAMPLE_POLICY, Liveness, MOCK_PROVIDER_SECRET, agent_config, coordinator_config,
-    example_policy, groups_file,
+    AgentSpec, EXAMPLE_POLICY, EtcdStorage, Liveness, MOCK_PROVIDER_SECRET, Storage, agent_config,
+    coordinator, coordinator_config, example_policy, groups_file, to_yaml,
 };
 pub use kt_launch::process::{
     find_binary, free_loopback_addr, is_running, log_tail, spawn, stop, wait_ready,
@@ -68,6 +68,8 @@ pub fn clear_current(dir: &Path) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Debian's etcd, for `dev up --ha`.
+    Etcd,
     Coordinator,
     /// The mock LLM provider (`kt-gateway mock-provider`).
     Provider,
@@ -78,6 +80,7 @@ pub enum Role {
 impl Role {
     pub fn binary(self) -> &'static str {
         match self {
+            Role::Etcd => "etcd",
             Role::Coordinator => "kt-coordinator",
             Role::Provider | Role::Gateway => "kt-gateway",
             Role::Agent => "kt-agent",
@@ -86,6 +89,7 @@ impl Role {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Role::Etcd => "etcd",
             Role::Coordinator => "coordinator",
             Role::Provider => "provider",
             Role::Gateway => "gateway",

@@ -349,3 +349,82 @@ async fn the_demo_walks_the_operating_loop_and_leaves_nothing_running() {
         .collect();
     assert!(running.is_empty(), "still running: {running:?}");
 }
+
+#[tokio::test]
+async fn dev_up_ha_runs_etcd_and_three_coordinators() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let home = tmp.path();
+    // Without etcd, the error names the Debian package, and nothing is started.
+    let bare = tmp.path().join("bare");
+    let missing = ktctl_with(
+        home,
+        &[("PATH", &std::path::PathBuf::from("/nonexistent"))],
+        &["dev", "up", "--ha", "--dir", bare.to_str().expect("utf-8")],
+    );
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("etcd-server"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    assert!(!bare.join("dev.json").exists());
+
+    let dir = tmp.path().join("fleet");
+    let dir_arg = dir.to_str().expect("utf-8 path");
+    let _guard = DevFleetGuard(dir.clone());
+    let up = ktctl(
+        home,
+        &["dev", "up", "--ha", "--gateways", "3", "--dir", dir_arg],
+    );
+    assert!(
+        up.status.success(),
+        "dev up --ha failed: {}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let state = dev::DevState::load(&dir).expect("state").expect("a fleet");
+    let roles: Vec<dev::Role> = state.processes.iter().map(|p| p.role).collect();
+    assert_eq!(roles.iter().filter(|r| **r == dev::Role::Etcd).count(), 1);
+    assert_eq!(
+        roles
+            .iter()
+            .filter(|r| **r == dev::Role::Coordinator)
+            .count(),
+        3
+    );
+
+    let mut status = serde_json::Value::Null;
+    let ready = wait_for(Duration::from_secs(30), || {
+        let out = ktctl(home, &["cluster", "status", "-o", "json"]);
+        status = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        out.status.success() && status["replicas"].as_array().is_some_and(|r| r.len() == 3)
+    })
+    .await;
+    assert!(ready, "{status:#}");
+    assert_eq!(status["storage"], "etcd");
+    assert!(
+        status["leader"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("replica-")),
+        "{status:#}"
+    );
+    assert_eq!(status["etcd"]["reachable"], true);
+
+    let pids: Vec<(u32, std::path::PathBuf)> = state
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.binary.clone()))
+        .collect();
+    let down = ktctl(home, &["dev", "down", "--dir", dir_arg]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let all_gone = wait_for(Duration::from_secs(20), || {
+        pids.iter()
+            .all(|(pid, binary)| !dev::is_running(*pid, binary))
+    })
+    .await;
+    assert!(all_gone, "processes survived dev down");
+}

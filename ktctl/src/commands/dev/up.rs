@@ -19,9 +19,16 @@ pub struct Args {
     /// How many gateway+agent pairs to start (1-99).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=99))]
     pub gateways: u8,
+    /// A replicated control plane: etcd (Debian's etcd-server) and three coordinators on it,
+    /// each agent knowing all three.
+    #[arg(long)]
+    pub ha: bool,
     #[command(flatten)]
     pub dir: DirArg,
 }
+
+/// Coordinator replicas of `--ha`.
+const HA_REPLICAS: usize = 3;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const GRACE: Duration = Duration::from_secs(5);
@@ -60,6 +67,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    // Before anything is written: name the missing package rather than fail half-way.
+    let etcd_binary = if args.ha {
+        Some(kt_launch::etcd::find_etcd()?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = std::fs::canonicalize(&dir)?;
     let ids: Vec<String> = (1..=args.gateways)
@@ -105,35 +118,53 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let run_dir = dir.join("run");
     std::fs::create_dir_all(&run_dir)?;
 
-    // The coordinator first: agents need its address.
-    let coordinator_dir = dir.join("coordinator");
-    std::fs::create_dir_all(&coordinator_dir)?;
-    let groups_path = coordinator_dir.join("groups.yaml");
-    std::fs::write(&groups_path, dev::groups_file(dev::DEV_GROUP, &ids))?;
-    let config_path = coordinator_dir.join("coordinator.yaml");
-    // Concrete ports, not 0: a process restarted with its own command line keeps its address.
-    let listen: SocketAddr = dev::free_loopback_addr()?;
-    std::fs::write(
-        &config_path,
-        dev::coordinator_config(
+    // etcd, then the coordinators: agents need their addresses.
+    let storage = match &etcd_binary {
+        Some(etcd) => Some(start_etcd(&mut rollback, etcd, &dir)?),
+        None => None,
+    };
+    let replicas = if storage.is_some() { HA_REPLICAS } else { 1 };
+    let mut coordinators = Vec::new();
+    for i in 1..=replicas {
+        let name = if storage.is_some() {
+            format!("coordinator-{i}")
+        } else {
+            "coordinator".to_owned()
+        };
+        let coordinator_dir = dir.join(&name);
+        std::fs::create_dir_all(&coordinator_dir)?;
+        let groups_path = coordinator_dir.join("groups.yaml");
+        std::fs::write(&groups_path, dev::groups_file(dev::DEV_GROUP, &ids))?;
+        let config_path = coordinator_dir.join("coordinator.yaml");
+        // Concrete ports, not 0: a process restarted with its own command line keeps its address.
+        let listen: SocketAddr = dev::free_loopback_addr()?;
+        let mut config = dev::coordinator(
             listen,
             &pki_dir,
             &coordinator_dir.join("data"),
             &groups_path,
             Liveness::DEV,
-        ),
-    )?;
-    let coordinator = start(
-        &mut rollback,
-        Role::Coordinator,
-        None,
-        vec!["--config".into(), path_arg(&config_path)],
-        &[],
-        &coordinator_dir,
-        Some(&run_dir.join("coordinator.addr")),
-    )?
-    .context("the coordinator reported no address")?;
-    println!("coordinator listening on {coordinator}");
+        );
+        if let Some(storage) = &storage {
+            let mut storage = storage.clone();
+            storage.replica = Some(format!("replica-{i}"));
+            config.storage = dev::Storage::Etcd(storage);
+        }
+        std::fs::write(&config_path, dev::to_yaml(&config))?;
+        let coordinator = start(
+            &mut rollback,
+            Role::Coordinator,
+            None,
+            vec!["--config".into(), path_arg(&config_path)],
+            &[],
+            &coordinator_dir,
+            Some(&run_dir.join(format!("{name}.addr"))),
+        )?
+        .context("the coordinator reported no address")?;
+        println!("{name} listening on {coordinator}");
+        coordinators.push(coordinator);
+    }
+    let coordinator = coordinators[0];
 
     // One mock LLM provider serves every gateway: no network is needed.
     let provider_dir = dir.join("provider");
@@ -185,13 +216,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("the gateway reported no address")?;
 
         let region = if i % 2 == 0 { "us" } else { "eu" };
+        // Each agent starts with another replica, then tries the others in turn.
+        let first = coordinators[i % coordinators.len()];
+        let others: Vec<SocketAddr> = coordinators
+            .iter()
+            .cycle()
+            .skip(i % coordinators.len() + 1)
+            .take(coordinators.len() - 1)
+            .copied()
+            .collect();
         let agent_path = gw_dir.join("agent.yaml");
         std::fs::write(
             &agent_path,
             dev::agent_config(&AgentSpec {
                 gateway_id: id,
-                more_coordinators: &[],
-                coordinator,
+                more_coordinators: &others,
+                coordinator: first,
                 pki: &pki_dir,
                 gateway,
                 health_interval: Duration::from_secs(1),
@@ -245,8 +285,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     println!();
+    let control_plane = if storage.is_some() {
+        format!("etcd and {replicas} coordinator replicas")
+    } else {
+        "1 coordinator".to_owned()
+    };
     println!(
-        "dev fleet is up: 1 coordinator, {} gateways, all connected and healthy",
+        "dev fleet is up: {control_plane}, {} gateways, all connected and healthy",
         ids.len()
     );
     println!("next:");
@@ -260,6 +305,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for (command, what) in [
         ("ktctl gateway health", "one row per gateway"),
         ("ktctl fleet watch", "live changes, Ctrl-C to stop"),
+        (
+            "ktctl cluster status",
+            "the control plane: replicas, leader, etcd",
+        ),
         (
             "ktctl dev status",
             "the processes, their pids and addresses",
@@ -277,6 +326,62 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         shared_policy.display()
     );
     Ok(())
+}
+
+/// Starts a one-member etcd on loopback with a CA of its own (no agent certificate can reach
+/// it), and returns what the coordinators' `storage.etcd` says.
+fn start_etcd(
+    rollback: &mut Rollback<'_>,
+    binary: &Path,
+    dir: &Path,
+) -> anyhow::Result<dev::EtcdStorage> {
+    let pki_dir = dir.join("pki-etcd");
+    pki::init_ca(&pki_dir, "etcd.kt-fleet.local", true)?;
+    let leaf = pki::issue(
+        &pki_dir,
+        &LeafRole::Coordinator {
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse()?],
+        },
+        30,
+        true,
+    )?;
+    let etcd_dir = dir.join("etcd");
+    std::fs::create_dir_all(&etcd_dir)?;
+    let spec = kt_launch::etcd::EtcdSpec {
+        name: "kt-dev".into(),
+        data_dir: etcd_dir.join("data"),
+        client: dev::free_loopback_addr()?,
+        peer: dev::free_loopback_addr()?,
+        ca: pki_dir.join(pki::CA_CERT),
+        cert: leaf.cert.clone(),
+        key: leaf.key.clone(),
+    };
+    let log = etcd_dir.join("etcd.log");
+    let mut child = dev::spawn(binary, &kt_launch::etcd::args(&spec), &[], &log)?;
+    rollback.state.processes.push(DevProcess {
+        role: Role::Etcd,
+        id: None,
+        pid: child.id(),
+        address: Some(spec.client.to_string()),
+        binary: binary.to_owned(),
+        log: log.clone(),
+    });
+    rollback.state.save(rollback.dir)?;
+    kt_launch::etcd::wait_listening(&mut child, spec.client, &log, READY_TIMEOUT)?;
+    println!("etcd listening on https://{}", spec.client);
+    Ok(dev::EtcdStorage {
+        endpoints: vec![format!("https://{}", spec.client)],
+        tls: kt_proto::tls::TlsFiles {
+            ca: spec.ca,
+            cert: leaf.cert,
+            key: leaf.key,
+        },
+        prefix: "/kt-fleet".into(),
+        lease_ttl: Duration::from_secs(5),
+        replica: None,
+        request_timeout: Duration::from_secs(2),
+    })
 }
 
 fn dir_flag(dir: &DirArg) -> String {
