@@ -90,11 +90,14 @@ pub struct Coordinator {
 pub struct CoordinatorSettings {
     pub heartbeat_interval: Duration,
     pub reconnect_spread: Duration,
+    /// Its directory under the work directory (and its replica name on etcd).
+    pub name: String,
+    pub storage: configs::Storage,
 }
 
 impl Coordinator {
     pub fn start(work: &Path, pki: &Path, settings: &CoordinatorSettings) -> anyhow::Result<Self> {
-        let dir = work.join("coordinator");
+        let dir = work.join(&settings.name);
         std::fs::create_dir_all(&dir)?;
         let groups = dir.join("groups.yaml");
         let sim = GroupSpec {
@@ -116,6 +119,7 @@ impl Coordinator {
         let mut config = configs::coordinator(listen, pki, &dir.join("data"), &groups, liveness);
         config.liveness.reconnect_spread = settings.reconnect_spread;
         config.metrics_listen = Some(metrics_addr);
+        config.storage = settings.storage.clone();
         let text = configs::to_yaml(&config);
         let config = dir.join("coordinator.yaml");
         std::fs::write(&config, text)?;
@@ -228,4 +232,71 @@ pub async fn operator(
     kt_ctl::client::connect(&context)
         .await
         .context("operator connection")
+}
+
+/// Debian's etcd on loopback with a CA of its own, for the `ha` scenario; killed on drop.
+pub struct Etcd {
+    child: Child,
+    pub storage: configs::EtcdStorage,
+}
+
+impl Etcd {
+    pub fn start(work: &Path) -> anyhow::Result<Self> {
+        let binary = kt_launch::etcd::find_etcd()?;
+        let pki_dir = work.join("etcd-pki");
+        pki::init_ca(&pki_dir, "etcd.kt-fleet.local", true)?;
+        let leaf = pki::issue(
+            &pki_dir,
+            &LeafRole::Coordinator {
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse()?],
+            },
+            30,
+            true,
+        )?;
+        let spec = kt_launch::etcd::EtcdSpec {
+            name: "kt-bench".into(),
+            data_dir: work.join("etcd"),
+            client: free_addr()?,
+            peer: free_addr()?,
+            ca: pki_dir.join(pki::CA_CERT),
+            cert: leaf.cert.clone(),
+            key: leaf.key.clone(),
+        };
+        let log = work.join("etcd.log");
+        let mut child = dev::spawn(&binary, &kt_launch::etcd::args(&spec), &[], &log)?;
+        kt_launch::etcd::wait_listening(&mut child, spec.client, &log, Duration::from_secs(30))?;
+        Ok(Etcd {
+            child,
+            storage: configs::EtcdStorage {
+                endpoints: vec![format!("https://{}", spec.client)],
+                tls: kt_proto::tls::TlsFiles {
+                    ca: spec.ca,
+                    cert: leaf.cert,
+                    key: leaf.key,
+                },
+                prefix: "/kt-fleet".into(),
+                lease_ttl: Duration::from_secs(5),
+                replica: None,
+                request_timeout: Duration::from_secs(2),
+            },
+        })
+    }
+
+    /// A client of etcd with the replicas' certificate.
+    pub async fn client(&self) -> anyhow::Result<etcd_client::Client> {
+        Ok(kt_coordinator::etcd::connect(
+            &self.storage.endpoints,
+            &self.storage.tls,
+            Duration::from_secs(5),
+        )
+        .await?)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -14,6 +14,7 @@
 
 mod events;
 mod fleet;
+mod ha;
 mod scenarios;
 mod sim;
 
@@ -63,6 +64,10 @@ enum Scenario {
     /// Every agent cut off at once (coordinator killed and restarted): time until all are back,
     /// reconnects per second, coordinator memory against steady state.
     Storm,
+    /// etcd and three coordinator replicas: an all-at-once rollout through a follower (time
+    /// from the push to each APPLIED), then the leader killed mid-rollout (time until a new
+    /// leader, and until the rollout moves again).
+    Ha,
     /// Agents pushing events through the coordinator to tail subscribers.
     Events {
         #[arg(long, default_value_t = 3)]
@@ -137,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Connect => scenarios::connect(&run).await?,
         Scenario::Steady => scenarios::steady(&run).await?,
         Scenario::Rollout => scenarios::rollout(&run).await?,
+        Scenario::Ha => ha::ha(&run).await?,
         Scenario::Storm => scenarios::storm(&run).await?,
         Scenario::Events {
             senders,

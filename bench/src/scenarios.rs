@@ -42,7 +42,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// p50, p99 and max of `values` (sorted here).
-fn spread(values: &mut [f64]) -> (f64, f64, f64) {
+pub(crate) fn spread(values: &mut [f64]) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
     (
         percentile(values, 50.0),
@@ -59,6 +59,8 @@ impl Run<'_> {
             &CoordinatorSettings {
                 heartbeat_interval: self.heartbeat,
                 reconnect_spread: self.reconnect_spread,
+                name: "coordinator".into(),
+                storage: Default::default(),
             },
         )
     }
@@ -68,7 +70,7 @@ impl Run<'_> {
             self.agents,
             self.pki,
             &SimSettings {
-                coordinator: coordinator.addr,
+                coordinators: vec![coordinator.addr],
                 reload,
                 min_delay: Duration::from_millis(500),
                 max_delay: self.max_delay,
@@ -78,7 +80,7 @@ impl Run<'_> {
 }
 
 /// Waits until `n` sessions are open; the time it took, or `None` at the deadline.
-async fn all_connected(sim: &SimFleet, n: usize, timeout: Duration) -> Option<Duration> {
+pub(crate) async fn all_connected(sim: &SimFleet, n: usize, timeout: Duration) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < timeout {
         if sim.connected() >= n as i64 {
@@ -89,7 +91,7 @@ async fn all_connected(sim: &SimFleet, n: usize, timeout: Duration) -> Option<Du
     None
 }
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Waits until the coordinator knows what every gateway should run (each adopted what it ran
 /// at first report), so that watchers count health changes only.
@@ -264,7 +266,7 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     }
 }
 
-const POLICY: &str = include_str!("../../deploy/examples/policy-config.yaml");
+pub(crate) const POLICY: &str = include_str!("../../deploy/examples/policy-config.yaml");
 
 pub async fn rollout(run: &Run<'_>) -> anyhow::Result<Outcome> {
     let coordinator = run.coordinator()?;

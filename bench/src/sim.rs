@@ -58,7 +58,8 @@ pub struct SimFleet {
 }
 
 pub struct SimSettings {
-    pub coordinator: SocketAddr,
+    /// Coordinator replicas: agent i starts with replica i mod n, then tries the others.
+    pub coordinators: Vec<SocketAddr>,
     pub reload: Duration,
     pub min_delay: Duration,
     pub max_delay: Duration,
@@ -116,10 +117,23 @@ fn start_agent(
 ) -> anyhow::Result<SimAgent> {
     let id = agent_id(i);
     let region = ["us", "eu", "ap"][i % 3];
+    let n = settings.coordinators.len().max(1);
+    let first = *settings
+        .coordinators
+        .get(i % n)
+        .ok_or_else(|| anyhow::anyhow!("no coordinator"))?;
+    let others: Vec<SocketAddr> = settings
+        .coordinators
+        .iter()
+        .cycle()
+        .skip(i % n + 1)
+        .take(n - 1)
+        .copied()
+        .collect();
     let spec = kt_launch::configs::AgentSpec {
         gateway_id: &id,
-        more_coordinators: &[],
-        coordinator: settings.coordinator,
+        more_coordinators: &others,
+        coordinator: first,
         pki,
         // Nothing listens there: the simulated gateway's health is set by the scenario.
         gateway: "127.0.0.1:9".parse()?,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use etcd_client::{Client, EventType, WatchOptions};
 use kt_proto::v1::ConfigOffer;
 use prost::Message;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{Keys, kind};
@@ -23,22 +24,52 @@ use crate::store::Store;
 pub enum OfferRoute {
     /// Straight to the session (a single coordinator).
     Local(FleetHandle),
-    /// Through etcd, written under the leader's fence.
-    Etcd(Box<EtcdStore>),
+    /// Through etcd: queued for the term's [`write_offers`] task.
+    Etcd(mpsc::Sender<GatewayOffer>),
 }
 
 impl OfferRoute {
-    /// Hands `offer` on; false when it went nowhere (not connected here, or not written).
+    /// Hands `offer` on; false when it went nowhere (not connected here, or the term is over).
+    /// An offer queued for etcd that cannot be written (the term ended, etcd went away) is
+    /// never answered: the rollout offers again once its offer times out or the next leader
+    /// takes over.
     pub async fn send(&self, gateway: String, offer: ConfigOffer) -> bool {
         match self {
             OfferRoute::Local(fleet) => fleet.offer(gateway, offer).await,
-            OfferRoute::Etcd(store) => match store.put_offer(&gateway, &offer).await {
-                Ok(()) => true,
-                Err(error) => {
-                    tracing::warn!(gateway_id = %gateway, %error, "offer not written");
-                    false
-                }
-            },
+            OfferRoute::Etcd(queue) => queue.send((gateway, offer)).await.is_ok(),
+        }
+    }
+}
+
+/// Offers queued at most before the engine waits.
+const OFFER_QUEUE: usize = 16_384;
+
+/// An offer for one gateway.
+pub type GatewayOffer = (String, ConfigOffer);
+
+/// A queue of offers for `write_offers`.
+pub fn offer_queue() -> (mpsc::Sender<GatewayOffer>, mpsc::Receiver<GatewayOffer>) {
+    mpsc::channel(OFFER_QUEUE)
+}
+
+/// Writes queued offers to etcd, all that are queued together (a batch of a rollout is
+/// thousands of offers: one transaction each would take seconds), fenced by the term.
+pub async fn write_offers(
+    store: EtcdStore,
+    mut queue: mpsc::Receiver<GatewayOffer>,
+    term: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = term.cancelled() => return,
+            first = queue.recv() => match first { Some(first) => first, None => return },
+        };
+        let mut offers = vec![first];
+        while let Ok(next) = queue.try_recv() {
+            offers.push(next);
+        }
+        if let Err(error) = store.put_offers(&offers).await {
+            tracing::warn!(offers = offers.len(), %error, "offers not written");
         }
     }
 }

@@ -173,12 +173,14 @@ impl Replica {
                     return;
                 }
             };
+        let (offers, queued) = offers::offer_queue();
         let engine = engine.leading(
             leadership.epoch.clone(),
-            OfferRoute::Etcd(Box::new(fenced)),
+            OfferRoute::Etcd(offers),
             &self.name,
         );
         let duties = TaskTracker::new();
+        duties.spawn(offers::write_offers(fenced, queued, term.clone()));
         if fleet.send(Command::Leading(true)).await.is_err() {
             return;
         }

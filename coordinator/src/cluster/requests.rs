@@ -28,6 +28,9 @@ use crate::reconcile::GroupStatus;
 use crate::rollout::engine::{Action, Command, EngineError, EngineHandle, Push};
 use crate::rollout::model::RolloutRecord;
 
+/// Agents' answers queued at most before sessions wait.
+const ANSWER_QUEUE: usize = 16_384;
+
 /// How long an operator waits for the leader's reply.
 const REPLY_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -135,13 +138,22 @@ impl Forwarder {
         }
     }
 
-    /// Serves `commands` (from [`EngineHandle::channel`]) until `cancel`, each on its own task.
+    /// Serves `commands` (from [`EngineHandle::channel`]) until `cancel`, each on its own task;
+    /// agents' answers are written together, as they come.
     pub async fn serve(self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        let (answers, queued) = mpsc::channel(ANSWER_QUEUE);
+        tokio::spawn(self.clone().write_answers(queued, cancel.clone()));
         loop {
             let command = tokio::select! {
                 _ = cancel.cancelled() => return,
                 command = commands.recv() => match command { Some(c) => c, None => return },
             };
+            if let Command::Answer { gateway, status } = command {
+                if answers.send((gateway, status)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let forwarder = self.clone();
             let cancel = cancel.clone();
             tokio::spawn(async move {
@@ -218,13 +230,9 @@ impl Forwarder {
             Command::Watch { id, reply } => {
                 let _ = reply.send(self.watch(id).await);
             }
-            Command::Answer { gateway, status } => {
-                if let Err(error) = self.answer(&gateway, &status).await {
-                    tracing::warn!(gateway_id = %gateway, %error, "cannot hand an agent's answer to the leader; it offers again");
-                }
-            }
-            // Config sources are read by the leader, for its own engine.
-            Command::Source { .. } => {}
+            // Answers are written by `write_answers`; config sources are read by the leader, for
+            // its own engine.
+            Command::Answer { .. } | Command::Source { .. } => {}
         }
     }
 
@@ -359,21 +367,47 @@ impl Forwarder {
         Ok((first, rx))
     }
 
-    /// Writes an agent's answer for the leader, and lets the answered offer go.
-    async fn answer(&self, gateway: &str, status: &ConfigStatus) -> Result<(), String> {
-        let txn = Txn::new().and_then(vec![
-            TxnOp::put(
-                self.keys.one(kind::ANSWER, gateway),
-                status.encode_to_vec(),
-                None,
-            ),
-            TxnOp::delete(self.keys.one(kind::OFFER, gateway), None),
-        ]);
-        let mut kv = self.client.kv_client();
-        match tokio::time::timeout(self.timeout, kv.txn(txn)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("etcd did not answer".into()),
+    /// Writes agents' answers for the leader, and lets the answered offers go: all that are
+    /// queued together, in transactions of at most 50 answers.
+    async fn write_answers(
+        self,
+        mut queue: mpsc::Receiver<(String, ConfigStatus)>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return,
+                first = queue.recv() => match first { Some(first) => first, None => return },
+            };
+            let mut answers = vec![first];
+            while answers.len() < 50
+                && let Ok(next) = queue.try_recv()
+            {
+                answers.push(next);
+            }
+            let ops: Vec<TxnOp> = answers
+                .iter()
+                .flat_map(|(gateway, status)| {
+                    [
+                        TxnOp::put(
+                            self.keys.one(kind::ANSWER, gateway),
+                            status.encode_to_vec(),
+                            None,
+                        ),
+                        TxnOp::delete(self.keys.one(kind::OFFER, gateway), None),
+                    ]
+                })
+                .collect();
+            let mut kv = self.client.kv_client();
+            let written =
+                match tokio::time::timeout(self.timeout, kv.txn(Txn::new().and_then(ops))).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("etcd did not answer".to_owned()),
+                };
+            if let Err(error) = written {
+                tracing::warn!(answers = answers.len(), %error, "cannot hand agents' answers to the leader; it offers again");
+            }
         }
     }
 }

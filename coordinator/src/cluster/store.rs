@@ -210,17 +210,22 @@ impl EtcdStore {
         ))
     }
 
-    /// Writes an offer for the replica holding `gateway`'s session to deliver; fenced, so a
+    /// Writes offers for the replicas holding the gateways' sessions to deliver; fenced, so a
     /// deposed leader's offer is never written. The config bytes stay in the config's own key.
-    pub async fn put_offer(&self, gateway: &str, offer: &ConfigOffer) -> Result<(), StoreError> {
-        let mut offer = offer.clone();
-        offer.content.clear();
-        let op = TxnOp::put(
-            self.keys.one(kind::OFFER, gateway),
-            offer.encode_to_vec(),
-            None,
-        );
-        self.write(vec![op], true).await
+    pub async fn put_offers(&self, offers: &[(String, ConfigOffer)]) -> Result<(), StoreError> {
+        let ops = offers
+            .iter()
+            .map(|(gateway, offer)| {
+                let mut offer = offer.clone();
+                offer.content.clear();
+                TxnOp::put(
+                    self.keys.one(kind::OFFER, gateway),
+                    offer.encode_to_vec(),
+                    None,
+                )
+            })
+            .collect();
+        self.write(ops, true).await
     }
 
     /// Writes the leader's views of gateways (`None` deletes one) under `lease`; fenced.
