@@ -52,6 +52,28 @@ pub async fn ha(run: &Run<'_>) -> anyhow::Result<Outcome> {
     // Operators talk to a follower: the push travels to the leader through etcd.
     let follower = (leader.0 + 1) % REPLICAS;
     let mut operator = fleet::operator(run.pki, coordinators[follower].addr).await?;
+    // Every replica sees every agent (fleet records through etcd) before anything is pushed.
+    let replicated = Instant::now() + CONNECT_TIMEOUT;
+    let mut seen = 0;
+    while Instant::now() < replicated {
+        seen = kt_ctl::client::list_gateways(&mut operator, "sim")
+            .await
+            .map(|all| {
+                all.iter()
+                    .filter(|g| g.agent_state == kt_proto::v1::AgentState::Connected as i32)
+                    .count()
+            })
+            .unwrap_or(0);
+        if seen >= run.agents {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(
+        seen >= run.agents,
+        "the follower sees {seen} of {} agents",
+        run.agents
+    );
 
     // 1. All at once, to every agent.
     let started = Instant::now();
@@ -122,6 +144,7 @@ pub async fn ha(run: &Run<'_>) -> anyhow::Result<Outcome> {
     coordinators[leader.0].kill();
     let killed = Instant::now();
     let mut elected = None;
+    let mut taken_over = None;
     let mut moved = None;
     while killed.elapsed() < PATIENCE && (elected.is_none() || moved.is_none()) {
         if elected.is_none()
@@ -130,19 +153,33 @@ pub async fn ha(run: &Run<'_>) -> anyhow::Result<Outcome> {
         {
             elected = Some(killed.elapsed());
         }
-        if moved.is_none()
-            && let Ok(Ok(Some(answer))) =
-                tokio::time::timeout(Duration::from_millis(50), watch.message()).await
-            && answer
-                .events()
-                .iter()
-                .any(|e| e.event_type() == EventType::Put)
+        // The new leader writes the takeover into the rollout's history first, then progress.
+        if let Ok(Ok(Some(answer))) =
+            tokio::time::timeout(Duration::from_millis(50), watch.message()).await
         {
-            moved = Some(killed.elapsed());
+            for event in answer.events() {
+                let Some(kv) = event.kv().filter(|_| event.event_type() == EventType::Put) else {
+                    continue;
+                };
+                let record: serde_json::Value =
+                    serde_json::from_slice(kv.value()).unwrap_or_default();
+                let history = record["history"].as_array().cloned().unwrap_or_default();
+                let takeover = history.iter().rposition(|t| {
+                    t["what"]
+                        .as_str()
+                        .is_some_and(|w| w.contains("taken over by leader"))
+                });
+                if let Some(at) = takeover {
+                    taken_over.get_or_insert(killed.elapsed());
+                    if at + 1 < history.len() {
+                        moved.get_or_insert(killed.elapsed());
+                    }
+                }
+            }
         }
     }
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
-    let (elected, moved) = (ms(elected), ms(moved));
+    let (elected, taken_over, moved) = (ms(elected), ms(taken_over), ms(moved));
     sim.stop();
     Ok(Outcome {
         json: json!({
@@ -154,16 +191,21 @@ pub async fn ha(run: &Run<'_>) -> anyhow::Result<Outcome> {
                 "applied_ms": { "p50": p50, "p99": p99, "max": max },
                 "state": state, "done_ms": rollout_done.as_secs_f64() * 1000.0,
             },
-            "takeover": { "leader_elected_ms": elected, "rollout_moved_ms": moved },
+            "takeover": {
+                "leader_elected_ms": elected, "takeover_recorded_ms": taken_over,
+                "rollout_moved_ms": moved,
+            },
         }),
         summary: format!(
             "ha: {} agents over {REPLICAS} replicas on etcd; all-at-once rollout pushed through a follower: \
              {} APPLIED, push to APPLIED p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; rollout {state} \
-             after {:.0} ms. Leader killed mid-rollout: new leader after {} ms, rollout moving again after {} ms",
+             after {:.0} ms. Leader killed mid-rollout: new leader after {} ms, takeover in the \
+             rollout's history after {} ms, its next step after {} ms",
             run.agents,
             latencies.len(),
             rollout_done.as_secs_f64() * 1000.0,
             elected.map_or("-".into(), |v| format!("{v:.0}")),
+            taken_over.map_or("-".into(), |v| format!("{v:.0}")),
             moved.map_or("-".into(), |v| format!("{v:.0}")),
         ),
     })

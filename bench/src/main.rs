@@ -128,7 +128,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     fleet::raise_fd_limit(needed);
     fleet::ensure_certs(&pki, agents)?;
-    let work = tempfile::tempdir()?;
+    let mut work = tempfile::tempdir()?;
+    // KT_BENCH_KEEP=1 keeps the processes' logs of a run to read after it.
+    if std::env::var_os("KT_BENCH_KEEP").is_some() {
+        work.disable_cleanup(true);
+        eprintln!("work directory {}", work.path().display());
+    }
     let run = scenarios::Run {
         pki: &pki,
         work: work.path(),

@@ -15,8 +15,13 @@ fn dir() -> PathBuf {
 
 /// Every object of every manifest, by `(kind, name)`.
 fn objects() -> BTreeMap<(String, String), Value> {
+    objects_in(&dir())
+}
+
+/// Every object of every manifest in `dir`, by `(kind, name)`.
+fn objects_in(dir: &Path) -> BTreeMap<(String, String), Value> {
     let mut all = BTreeMap::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir())
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("deploy/kubernetes")
         .flatten()
         .map(|e| e.path())
@@ -243,4 +248,63 @@ fn configs_in_the_config_maps_load_with_the_binaries_loaders() {
         ["https://kt-coordinator.kt-fleet.svc:41001"]
     );
     kt_e2e::assert_valid_policy(&dir.join("policy-config.yaml"));
+}
+
+#[test]
+fn the_ha_overlay_runs_three_coordinators_on_a_three_member_etcd() {
+    let ha = dir().join("ha");
+    let objects = objects_in(&ha);
+    let kustomization = get(&objects, "Kustomization", "kustomization.yaml");
+    for file in seq(&kustomization["resources"])
+        .iter()
+        .filter_map(Value::as_str)
+    {
+        assert!(ha.join(file).is_file(), "{file} exists");
+    }
+    // etcd: three members behind a headless Service, TLS from its own Secret.
+    let etcd = &get(&objects, "StatefulSet", "etcd")["spec"];
+    assert_eq!(etcd["replicas"], 3);
+    assert_eq!(etcd["serviceName"], "etcd");
+    assert_eq!(
+        get(&objects, "Service", "etcd")["spec"]["clusterIP"],
+        "None"
+    );
+    let args: Vec<&str> = seq(&etcd["template"]["spec"]["containers"][0]["command"])
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for flag in ["--client-cert-auth=true", "--peer-client-cert-auth=true"] {
+        assert!(args.contains(&flag), "etcd runs with {flag}");
+    }
+    // Coordinators: three replicas whose config loads, on etcd's members, with the etcd client
+    // certificate mounted where the config says.
+    let statefulset = &get(&objects, "StatefulSet", "kt-coordinator")["spec"];
+    assert_eq!(statefulset["replicas"], 3);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    unpack(&objects, "kt-coordinator-config", tmp.path());
+    let config =
+        kt_coordinator::config::CoordinatorConfig::load(&tmp.path().join("coordinator.yaml"))
+            .expect("coordinator.yaml");
+    let kt_coordinator::config::Storage::Etcd(storage) = &config.storage else {
+        panic!("the HA coordinator stores its state in etcd");
+    };
+    assert_eq!(
+        storage.endpoints,
+        (0..3)
+            .map(|i| format!("https://etcd-{i}.etcd.kt-fleet.svc:2379"))
+            .collect::<Vec<_>>()
+    );
+    let mounts = seq(&statefulset["template"]["spec"]["containers"][0]["volumeMounts"]);
+    let etcd_tls = mounts
+        .iter()
+        .find(|m| m["name"] == "etcd-tls")
+        .and_then(|m| m["mountPath"].as_str())
+        .expect("etcd-tls mounted");
+    assert_eq!(storage.tls.ca, Path::new(etcd_tls).join("ca.crt"));
+    let secret = seq(&statefulset["template"]["spec"]["volumes"])
+        .iter()
+        .find(|v| v["name"] == "etcd-tls")
+        .map(|v| v["secret"]["secretName"].clone())
+        .expect("etcd-tls volume");
+    assert_eq!(secret, "kt-etcd-tls");
 }

@@ -77,14 +77,16 @@ pub async fn lead<F, Fut>(
         let guard = guard(&client, &leadership, &grant);
         let term = duties(leadership.clone());
         tokio::pin!(term);
-        tokio::select! {
-            _ = &mut term => {}
-            _ = guard => {}
-            _ = cancel.cancelled() => {}
-        }
+        let ended = tokio::select! {
+            _ = &mut term => true,
+            _ = guard => false,
+            _ = cancel.cancelled() => false,
+        };
         // Every duty watches `lost`: cancelled here, they stop, and the term winds up.
         leadership.lost.cancel();
-        term.await;
+        if !ended {
+            term.await;
+        }
         if cancel.is_cancelled() {
             resign(&client, &leadership).await;
             return;

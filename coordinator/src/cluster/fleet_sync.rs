@@ -164,7 +164,7 @@ async fn put(
         .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
         .and_then(vec![write()])
         .or_else(vec![TxnOp::txn(ours)]);
-    let mut kv = client.kv_client();
+    let mut kv = super::kv(client);
     tokio::time::timeout(Duration::from_secs(5), kv.txn(txn))
         .await
         .map_err(|_| etcd_client::Error::WatchError("etcd did not answer in time".into()))??;
@@ -182,7 +182,7 @@ async fn delete_if_ours(
     let txn = Txn::new()
         .when(vec![Compare::lease(key.clone(), CompareOp::Equal, lease)])
         .and_then(vec![TxnOp::delete(key, None)]);
-    let mut kv = client.kv_client();
+    let mut kv = super::kv(client);
     tokio::time::timeout(Duration::from_secs(5), kv.txn(txn))
         .await
         .map_err(|_| etcd_client::Error::WatchError("etcd did not answer in time".into()))??;
@@ -224,7 +224,7 @@ async fn follow_kind(
             return;
         }
         let listed = async {
-            let mut kv = client.kv_client();
+            let mut kv = super::kv(&client);
             let answer = kv
                 .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
                 .await?;
@@ -335,7 +335,7 @@ pub async fn follow_groups(
 ) {
     let prefix = keys.all(kind::GROUP);
     loop {
-        let mut kv = client.kv_client();
+        let mut kv = super::kv(&client);
         let listed = kv.get(prefix.clone(), Some(GetOptions::new().with_prefix()));
         let Ok(Ok(listed)) = tokio::time::timeout(Duration::from_secs(5), listed).await else {
             tokio::select! {

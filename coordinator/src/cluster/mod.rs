@@ -18,6 +18,22 @@ pub mod requests;
 pub mod status;
 pub mod store;
 
+/// A KV client that reads records as large as etcd may hold (thousands of fleet records, a
+/// rollout of thousands of gateways: megabytes, above gRPC's default limit of 4 MiB).
+pub(crate) fn kv(client: &etcd_client::Client) -> etcd_client::KvClient {
+    client
+        .kv_client()
+        .max_decoding_message_size(store::MAX_MESSAGE)
+        .max_encoding_message_size(store::MAX_MESSAGE)
+}
+
+/// A watch client with the same limit.
+pub(crate) fn watches(client: &etcd_client::Client) -> etcd_client::WatchClient {
+    client
+        .watch_client()
+        .max_decoding_message_size(store::MAX_MESSAGE)
+}
+
 /// The leader that made an offer: its campaign revision within one etcd cluster. Agents refuse
 /// offers from an epoch lower than the highest they have seen.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -273,7 +273,7 @@ impl Forwarder {
             ),
             TxnOp::put(self.keys.one(kind::REQUEST, &id), body, with_lease()),
         ]);
-        let mut kv = self.client.kv_client();
+        let mut kv = super::kv(&self.client);
         let written = tokio::time::timeout(self.timeout, kv.txn(txn)).await;
         let revision = match written {
             Ok(Ok(answer)) => answer.header().map_or(0, |h| h.revision()),
@@ -348,7 +348,8 @@ impl Forwarder {
             .one(kind::ROLLOUT, &super::store::rollout_name(first.number));
         let client = self.client.clone();
         tokio::spawn(async move {
-            let Ok(mut stream) = client.watch_client().watch(key, None).await else {
+            let mut watches = super::watches(&client);
+            let Ok(mut stream) = watches.watch(key, None).await else {
                 return;
             };
             while let Ok(Some(answer)) = stream.message().await {
@@ -398,7 +399,7 @@ impl Forwarder {
                     ]
                 })
                 .collect();
-            let mut kv = self.client.kv_client();
+            let mut kv = super::kv(&self.client);
             let written =
                 match tokio::time::timeout(self.timeout, kv.txn(Txn::new().and_then(ops))).await {
                     Ok(Ok(_)) => Ok(()),
@@ -437,7 +438,7 @@ pub async fn serve_requests(
 ) {
     let prefix = keys.all(kind::REQUEST);
     loop {
-        let mut kv = client.kv_client();
+        let mut kv = super::kv(&client);
         let listed = tokio::time::timeout(
             timeout,
             kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
@@ -511,7 +512,7 @@ fn take(
                 TxnOp::get(content_key.clone(), None),
                 TxnOp::delete(content_key, None),
             ]);
-        let mut kv = client.kv_client();
+        let mut kv = super::kv(&client);
         let Ok(Ok(taken)) = tokio::time::timeout(timeout, kv.txn(txn)).await else {
             return; // not taken: the requester times out and says so
         };

@@ -129,7 +129,7 @@ pub async fn cluster_status(replica: &Replica, fleet: &[GatewayState]) -> Cluste
 
 /// Every registered replica, with what etcd says of its lease.
 async fn replicas(client: &Client, keys: &Keys, timeout: Duration) -> Vec<ReplicaStatus> {
-    let mut kv = client.kv_client();
+    let mut kv = super::kv(client);
     let listed = kv.get(
         keys.all(kind::REPLICA),
         Some(GetOptions::new().with_prefix()),

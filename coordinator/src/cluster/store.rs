@@ -28,6 +28,13 @@ use crate::intent::{Desired, DesiredChange, GroupIntent, Intent};
 use crate::rollout::model::RolloutRecord;
 use crate::store::{Store, StoreError, StoredConfig};
 
+/// The largest message to or from etcd: above etcd's own request limit (which deployments set
+/// with `--max-request-bytes`), so etcd is the one that says no.
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Keys read per request when listing a kind: big records (rollouts) stay within a message.
+const PAGE: i64 = 16;
+
 /// Operations per transaction: under etcd's default `--max-txn-ops` (128), with room for the
 /// fence.
 const TXN_OPS: usize = 100;
@@ -108,6 +115,10 @@ impl EtcdStore {
         }
     }
 
+    fn kv(&self) -> etcd_client::KvClient {
+        super::kv(&self.client)
+    }
+
     /// A handle for `leadership`'s term: the only one that may make leader writes.
     pub fn fenced(&self, leadership: &Leadership) -> Self {
         EtcdStore {
@@ -131,13 +142,35 @@ impl EtcdStore {
         }
     }
 
+    /// Every key of `kind`, read a page at a time at one revision.
     async fn get_prefix(&self, kind: &str) -> Result<Vec<KeyValue>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let key = self.keys.all(kind);
-        let mut answer = self
-            .call(kv.get(key, Some(GetOptions::new().with_prefix())))
-            .await?;
-        Ok(answer.take_kvs())
+        let mut kv = self.kv();
+        let prefix = self.keys.all(kind);
+        let end = prefix_end(&prefix);
+        let mut from = prefix.into_bytes();
+        let mut revision = 0;
+        let mut all = Vec::new();
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut answer = self.call(kv.get(from.clone(), Some(options))).await?;
+            if revision == 0 {
+                revision = answer.header().map_or(0, |h| h.revision());
+            }
+            let more = answer.more();
+            let page = answer.take_kvs();
+            let Some(last) = page.last() else { break };
+            // The next page starts right after the last key read.
+            from = last.key().to_vec();
+            from.push(0);
+            all.extend(page);
+            if !more {
+                break;
+            }
+        }
+        Ok(all)
     }
 
     async fn decoded<T: DeserializeOwned>(
@@ -183,7 +216,7 @@ impl EtcdStore {
                     fence.revision,
                 )]);
             }
-            let mut kv = self.client.kv_client();
+            let mut kv = self.kv();
             let answer = self.call(kv.txn(txn.and_then(chunk))).await?;
             if !answer.succeeded() {
                 if let Some(fence) = fence {
@@ -258,6 +291,16 @@ impl EtcdStore {
     }
 }
 
+/// The end of the key range of every key starting with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    // Prefixes end with '/', never with 0xff: incrementing the last byte is the range's end.
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
 /// Which etcd errors mean "unreachable" (a transport problem, nothing written) and which are
 /// answers.
 fn classify(error: etcd_client::Error) -> StoreError {
@@ -308,7 +351,7 @@ impl Store for EtcdStore {
                 ),
                 TxnOp::put(meta_key, serde_json::to_vec(&meta)?, None),
             ]);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         self.call(kv.txn(txn)).await?;
         Ok(())
     }
@@ -318,7 +361,7 @@ impl Store for EtcdStore {
             TxnOp::get(self.keys.one(kind::CONFIG_META, hash), None),
             TxnOp::get(self.keys.one(kind::CONFIG_CONTENT, hash), None),
         ]);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let answer = self.call(kv.txn(txn)).await?;
         let mut values = answer.op_responses().into_iter().map(|r| match r {
             etcd_client::TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
@@ -403,7 +446,7 @@ impl Store for EtcdStore {
     }
 
     async fn next_rollout_number(&self) -> Result<u64, StoreError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let options = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Key, SortOrder::Descend)

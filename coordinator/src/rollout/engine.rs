@@ -375,8 +375,16 @@ impl Engine {
         }
     }
 
-    /// Rollouts resumed at start hold their gateways again.
+    /// Rollouts resumed at start hold their gateways again; a new leader's takeover line is
+    /// written at once, so the history shows who carries each rollout on from when.
     async fn publish_holds_at_start(&mut self) {
+        if self.epoch.number > 0 {
+            for r in self.rollouts.values().filter(|r| r.is_active()) {
+                if let Err(error) = self.store.put_rollout(r, &[]).await {
+                    tracing::warn!(rollout = %r.id, %error, "takeover not recorded");
+                }
+            }
+        }
         let mut holds = Vec::new();
         for r in self.rollouts.values().filter(|r| r.is_active()) {
             for gateway in r.gateways.keys() {
