@@ -71,6 +71,31 @@ fn rollout_reaches_every_agent() {
 }
 
 #[test]
+fn ha_rolls_out_through_etcd_and_survives_the_leader() {
+    let ha = bench(&[
+        "ha",
+        "--agents",
+        "60",
+        "--heartbeat",
+        "1s",
+        "--reconnect-spread",
+        "1s",
+    ]);
+    assert_eq!(ha["rollout"]["applied"], 60, "{ha}");
+    assert_eq!(ha["rollout"]["state"], "succeeded", "{ha}");
+    for measured in [
+        "leader_elected_ms",
+        "takeover_recorded_ms",
+        "rollout_moved_ms",
+    ] {
+        assert!(
+            ha["takeover"][measured].as_f64().is_some(),
+            "{measured}: {ha}"
+        );
+    }
+}
+
+#[test]
 fn storm_recovers_every_agent() {
     let storm = bench(&[
         "storm",
