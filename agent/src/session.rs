@@ -122,12 +122,10 @@ pub async fn run(
     loop {
         let backoff = settings.backoff();
         let connect = || {
+            // The first attempt goes to the first endpoint; each retry to the next one.
+            let endpoint = settings.endpoint(attempt);
             attempt += 1;
-            connect(
-                &settings,
-                settings.endpoint(attempt),
-                health.borrow().clone(),
-            )
+            connect(&settings, endpoint, health.borrow().clone())
         };
         let opened = tokio::select! {
             _ = cancel.cancelled() => return,
