@@ -243,43 +243,13 @@ pub struct Etcd {
 impl Etcd {
     pub fn start(work: &Path) -> anyhow::Result<Self> {
         let binary = kt_launch::etcd::find_etcd()?;
-        let pki_dir = work.join("etcd-pki");
-        pki::init_ca(&pki_dir, "etcd.kt-fleet.local", true)?;
-        let leaf = pki::issue(
-            &pki_dir,
-            &LeafRole::Coordinator {
-                dns: vec!["localhost".into()],
-                ips: vec!["127.0.0.1".parse()?],
-            },
-            30,
-            true,
-        )?;
-        let spec = kt_launch::etcd::EtcdSpec {
-            name: "kt-bench".into(),
-            data_dir: work.join("etcd"),
-            client: free_addr()?,
-            peer: free_addr()?,
-            ca: pki_dir.join(pki::CA_CERT),
-            cert: leaf.cert.clone(),
-            key: leaf.key.clone(),
-        };
+        let spec = kt_launch::etcd::EtcdSpec::with_own_ca(&work.join("etcd"), "kt-bench")?;
         let log = work.join("etcd.log");
         let mut child = dev::spawn(&binary, &kt_launch::etcd::args(&spec), &[], &log)?;
         kt_launch::etcd::wait_listening(&mut child, spec.client, &log, Duration::from_secs(30))?;
         Ok(Etcd {
             child,
-            storage: configs::EtcdStorage {
-                endpoints: vec![format!("https://{}", spec.client)],
-                tls: kt_proto::tls::TlsFiles {
-                    ca: spec.ca,
-                    cert: leaf.cert,
-                    key: leaf.key,
-                },
-                prefix: "/kt-fleet".into(),
-                lease_ttl: Duration::from_secs(5),
-                replica: None,
-                request_timeout: Duration::from_secs(2),
-            },
+            storage: spec.storage(Duration::from_secs(5), Duration::from_secs(2)),
         })
     }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use kt_coordinator::config::EtcdStorage;
 
 /// Where etcd listens and keeps its data, and the PEM files it serves with: the deployment's CA
 /// (clients must present a certificate it signed) and a server certificate for 127.0.0.1.
@@ -18,6 +19,55 @@ pub struct EtcdSpec {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// The trust domain of an etcd's own CA.
+pub const ETCD_TRUST_DOMAIN: &str = "etcd.kt-fleet.local";
+
+impl EtcdSpec {
+    /// A one-member etcd kept in `dir`: a CA of its own in `dir/pki` (so that no certificate of
+    /// the deployment can reach etcd) whose one leaf, for 127.0.0.1, serves as etcd's certificate
+    /// and as the replicas' client certificate; two free loopback ports.
+    pub fn with_own_ca(dir: &Path, name: &str) -> anyhow::Result<Self> {
+        use crate::pki::{self, LeafRole};
+        let pki_dir = dir.join("pki");
+        pki::init_ca(&pki_dir, ETCD_TRUST_DOMAIN, true)?;
+        let leaf = pki::issue(
+            &pki_dir,
+            &LeafRole::Coordinator {
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse()?],
+            },
+            30,
+            true,
+        )?;
+        Ok(EtcdSpec {
+            name: name.to_owned(),
+            data_dir: dir.join("data"),
+            client: crate::process::free_loopback_addr()?,
+            peer: crate::process::free_loopback_addr()?,
+            ca: pki_dir.join(pki::CA_CERT),
+            cert: leaf.cert,
+            key: leaf.key,
+        })
+    }
+
+    /// What a coordinator's `storage.etcd` says to reach this etcd (the replica name left to
+    /// each replica).
+    pub fn storage(&self, lease_ttl: Duration, request_timeout: Duration) -> EtcdStorage {
+        EtcdStorage {
+            endpoints: vec![format!("https://{}", self.client)],
+            tls: kt_proto::tls::TlsFiles {
+                ca: self.ca.clone(),
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+            },
+            prefix: "/kt-fleet".into(),
+            lease_ttl,
+            replica: None,
+            request_timeout,
+        }
+    }
 }
 
 /// The `etcd` binary, or an error that names the Debian package.

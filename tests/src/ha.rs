@@ -7,11 +7,10 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use kt_coordinator::config::{EtcdStorage, Storage};
+use kt_coordinator::config::Storage;
 use kt_ctl::ktconfig::KtctlConfig;
 use kt_launch::configs::AgentSpec;
 use kt_launch::etcd::{EtcdSpec, args, find_etcd, wait_listening};
-use kt_proto::tls::TlsFiles;
 
 use crate::proxy::CutProxy;
 use crate::{
@@ -24,9 +23,6 @@ pub const LEASE_TTL: Duration = Duration::from_secs(4);
 pub struct HaFleet {
     pub dir: tempfile::TempDir,
     pub pki: Pki,
-    /// etcd's own CA: its server certificate and the replicas' etcd client certificates. No
-    /// agent certificate of the deployment is signed by it, so no agent can reach etcd.
-    pub etcd_pki: Pki,
     pub etcd: Option<Proc>,
     pub etcd_spec: EtcdSpec,
     /// Each replica reaches etcd through a proxy of its own, to be cut off alone.
@@ -48,32 +44,14 @@ impl HaFleet {
             eprintln!("HA fleet in {}", dir.path().display());
         }
         let pki = Pki::new(dir.path().join("pki"));
-        let etcd_pki = Pki::new(dir.path().join("etcd-pki"));
-        let etcd_spec = EtcdSpec {
-            name: "kt-test".into(),
-            data_dir: dir.path().join("etcd"),
-            client: kt_launch::process::free_loopback_addr().expect("port"),
-            peer: kt_launch::process::free_loopback_addr().expect("port"),
-            ca: etcd_pki.dir.join("ca.crt"),
-            cert: etcd_pki.dir.join("coordinator.crt"),
-            key: etcd_pki.dir.join("coordinator.key"),
-        };
+        // etcd's own CA: no agent certificate of the deployment is signed by it, so no agent
+        // can reach etcd.
+        let etcd_spec = EtcdSpec::with_own_ca(&dir.path().join("etcd"), "kt-test").expect("etcd");
         let ids: Vec<String> = (1..=n).map(|i| format!("gw-test-{i:02}")).collect();
         let etcd_proxies: Vec<CutProxy> = (0..replicas)
             .map(|_| CutProxy::start(etcd_spec.client))
             .collect();
-        let storage = Storage::Etcd(EtcdStorage {
-            endpoints: Vec::new(),
-            tls: TlsFiles {
-                ca: etcd_pki.dir.join("ca.crt"),
-                cert: etcd_pki.dir.join("coordinator.crt"),
-                key: etcd_pki.dir.join("coordinator.key"),
-            },
-            prefix: "/kt-fleet".into(),
-            lease_ttl: LEASE_TTL,
-            replica: None,
-            request_timeout: Duration::from_millis(1500),
-        });
+        let storage = Storage::Etcd(etcd_spec.storage(LEASE_TTL, Duration::from_millis(1500)));
         let mut coordinators: Vec<CoordinatorNode> = (0..replicas)
             .map(|i| {
                 let mut storage = storage.clone();
@@ -93,7 +71,6 @@ impl HaFleet {
             provider: MockProvider::start(&dir.path().join("provider"), &[]),
             dir,
             pki,
-            etcd_pki,
             etcd: None,
             etcd_spec,
             etcd_proxies,
@@ -193,11 +170,7 @@ impl HaFleet {
     pub async fn etcd_client(&self) -> etcd_client::Client {
         kt_coordinator::etcd::connect(
             &[format!("https://{}", self.etcd_spec.client)],
-            &TlsFiles {
-                ca: self.etcd_pki.dir.join("ca.crt"),
-                cert: self.etcd_pki.dir.join("coordinator.crt"),
-                key: self.etcd_pki.dir.join("coordinator.key"),
-            },
+            &self.etcd_spec.storage(LEASE_TTL, LEASE_TTL).tls,
             Duration::from_secs(5),
         )
         .await

@@ -7,9 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp};
 use kt_proto::identity::GatewayId;
 use kt_proto::v1::{AgentState, GatewayState};
 use prost::Message;
@@ -19,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::keys::{Keys, kind};
 use super::lease::LeaseGrant;
 use super::store::EtcdStore;
+use super::watch::{PrefixWatch, Watched, list};
 use crate::config::Group;
 use crate::fleet::{Command, FleetHandle};
 use crate::store::StoreError;
@@ -220,28 +219,11 @@ async fn follow_kind(
     let mut known: BTreeSet<String> = BTreeSet::new();
     let prefix = keys.all(kind);
     loop {
-        if cancel.is_cancelled() {
+        let Some((listed, revision)) = list(&client, &prefix, &cancel).await else {
             return;
-        }
-        let listed = async {
-            let mut kv = super::kv(&client);
-            let answer = kv
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-                .await?;
-            let revision = answer.header().map_or(0, |h| h.revision());
-            Ok::<_, etcd_client::Error>((answer, revision))
-        };
-        let (answer, revision) = match tokio::time::timeout(Duration::from_secs(5), listed).await {
-            Ok(Ok(listed)) => listed,
-            _ => {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                }
-            }
         };
         let mut present = BTreeSet::new();
-        for kv in answer.kvs() {
+        for kv in &listed {
             if let Some(gateway) = keys.name_in(kind, kv.key()) {
                 present.insert(gateway.to_owned());
                 if hand_over(&fleet, make, gateway, Some(kv.value()))
@@ -258,29 +240,17 @@ async fn follow_kind(
             }
         }
         known = present;
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        let Ok(mut stream) = client
-            .watch_client()
-            .watch(prefix.clone(), Some(options))
-            .await
-        else {
-            continue;
-        };
+        let mut watch = PrefixWatch::new(&client, prefix.clone(), Some(revision + 1));
         loop {
-            let message = tokio::select! {
-                _ = cancel.cancelled() => return,
-                message = stream.message() => message,
+            let events = match watch.next(&cancel).await {
+                None => return,
+                Some(Watched::Events(events)) => events,
+                Some(Watched::Compacted) => {
+                    tracing::info!(kind, "watch compacted: listing again");
+                    break;
+                }
             };
-            let Ok(Some(answer)) = message else {
-                break; // broken: list again
-            };
-            if answer.canceled() || answer.compact_revision() > 0 {
-                tracing::info!(kind, "watch compacted or cancelled: listing again");
-                break;
-            }
-            for event in answer.events() {
+            for event in &events {
                 let Some(kv) = event.kv() else { continue };
                 let Some(gateway) = keys.name_in(kind, kv.key()) else {
                     continue;
@@ -335,44 +305,24 @@ pub async fn follow_groups(
 ) {
     let prefix = keys.all(kind::GROUP);
     loop {
-        let mut kv = super::kv(&client);
-        let listed = kv.get(prefix.clone(), Some(GetOptions::new().with_prefix()));
-        let Ok(Ok(listed)) = tokio::time::timeout(Duration::from_secs(5), listed).await else {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-            }
+        let Some((listed, revision)) = list(&client, &prefix, &cancel).await else {
+            return;
         };
-        let revision = listed.header().map_or(0, |h| h.revision());
         let groups: Vec<Group> = listed
-            .kvs()
             .iter()
             .filter_map(|kv| decode_group(kv.value()))
             .collect();
         if fleet.apply_groups(groups).await.is_err() {
             return;
         }
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        let Ok(mut stream) = client
-            .watch_client()
-            .watch(prefix.clone(), Some(options))
-            .await
-        else {
-            continue;
-        };
+        let mut watch = PrefixWatch::new(&client, prefix.clone(), Some(revision + 1));
         loop {
-            let message = tokio::select! {
-                _ = cancel.cancelled() => return,
-                message = stream.message() => message,
+            let events = match watch.next(&cancel).await {
+                None => return,
+                Some(Watched::Events(events)) => events,
+                Some(Watched::Compacted) => break,
             };
-            let Ok(Some(answer)) = message else { break };
-            if answer.canceled() || answer.compact_revision() > 0 {
-                break;
-            }
-            let groups: Vec<Group> = answer
-                .events()
+            let groups: Vec<Group> = events
                 .iter()
                 .filter(|e| e.event_type() == EventType::Put)
                 .filter_map(|e| e.kv().and_then(|kv| decode_group(kv.value())))

@@ -17,6 +17,7 @@ pub mod replica;
 pub mod requests;
 pub mod status;
 pub mod store;
+pub mod watch;
 
 /// A KV client that reads records as large as etcd may hold (thousands of fleet records, a
 /// rollout of thousands of gateways: megabytes, above gRPC's default limit of 4 MiB).

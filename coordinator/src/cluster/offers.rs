@@ -6,9 +6,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use etcd_client::{Client, EventType, WatchOptions};
+use etcd_client::{Client, EventType};
 use kt_proto::v1::ConfigOffer;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{Keys, kind};
 use super::store::EtcdStore;
+use super::watch::{PrefixWatch, Watched};
 use crate::fleet::FleetHandle;
 use crate::store::Store;
 
@@ -85,87 +85,60 @@ pub async fn deliver(
     fleet: FleetHandle,
     cancel: CancellationToken,
 ) {
-    let prefix = keys.all(kind::OFFER);
     let mut contents: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
-    // Where a broken watch starts again: right after the last event seen, so no offer written
-    // meanwhile is missed (the first watch starts from now).
-    let mut next_revision: Option<i64> = None;
+    // From now on; a broken stream resumes after the last offer seen. Offers compacted away
+    // before they were seen are offered again by the engine.
+    let mut watch = PrefixWatch::new(&client, keys.all(kind::OFFER), None);
     loop {
-        let options = match next_revision {
-            Some(revision) => WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision),
-            None => WatchOptions::new().with_prefix(),
+        let events = match watch.next(&cancel).await {
+            None => return,
+            Some(Watched::Events(events)) => events,
+            Some(Watched::Compacted) => continue,
         };
-        let watched = client
-            .watch_client()
-            .watch(prefix.clone(), Some(options))
-            .await;
-        let Ok(mut stream) = watched else {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+        for event in &events {
+            if event.event_type() != EventType::Put {
+                continue;
             }
-        };
-        loop {
-            let message = tokio::select! {
-                _ = cancel.cancelled() => return,
-                message = stream.message() => message,
+            let Some(kv) = event.kv() else { continue };
+            let Some(gateway) = keys.name_in(kind::OFFER, kv.key()) else {
+                continue;
             };
-            let Ok(Some(answer)) = message else { break };
-            if answer.compact_revision() > 0 {
-                // Compacted past what was missed: those offers are gone; the engine offers again.
-                next_revision = None;
-                break;
-            }
-            if let Some(header) = answer.header() {
-                next_revision = Some(header.revision() + 1);
-            }
-            for event in answer.events() {
-                if event.event_type() != EventType::Put {
+            let mut offer = match ConfigOffer::decode(kv.value()) {
+                Ok(offer) => offer,
+                Err(e) => {
+                    tracing::warn!(gateway, error = %e, "malformed offer skipped");
                     continue;
                 }
-                let Some(kv) = event.kv() else { continue };
-                let Some(gateway) = keys.name_in(kind::OFFER, kv.key()) else {
-                    continue;
-                };
-                let mut offer = match ConfigOffer::decode(kv.value()) {
-                    Ok(offer) => offer,
-                    Err(e) => {
-                        tracing::warn!(gateway, error = %e, "malformed offer skipped");
+            };
+            let hash = offer
+                .config
+                .as_ref()
+                .map(|c| c.hash.clone())
+                .unwrap_or_default();
+            let content = match contents.get(&hash) {
+                Some(content) => content.clone(),
+                None => match store.get_config(&hash).await {
+                    Ok(Some(config)) => {
+                        if contents.len() >= CONTENT_CACHE {
+                            contents.clear();
+                        }
+                        let content = Arc::new(config.content);
+                        contents.insert(hash.clone(), content.clone());
+                        content
+                    }
+                    Ok(None) => {
+                        tracing::warn!(gateway, %hash, "offer of an unknown config skipped");
                         continue;
                     }
-                };
-                let hash = offer
-                    .config
-                    .as_ref()
-                    .map(|c| c.hash.clone())
-                    .unwrap_or_default();
-                let content = match contents.get(&hash) {
-                    Some(content) => content.clone(),
-                    None => match store.get_config(&hash).await {
-                        Ok(Some(config)) => {
-                            if contents.len() >= CONTENT_CACHE {
-                                contents.clear();
-                            }
-                            let content = Arc::new(config.content);
-                            contents.insert(hash.clone(), content.clone());
-                            content
-                        }
-                        Ok(None) => {
-                            tracing::warn!(gateway, %hash, "offer of an unknown config skipped");
-                            continue;
-                        }
-                        Err(error) => {
-                            tracing::warn!(gateway, %error, "offer not delivered: its config is unreadable; the engine offers again");
-                            continue;
-                        }
-                    },
-                };
-                offer.content = content.as_ref().clone();
-                if fleet.offer(gateway.to_owned(), offer).await {
-                    tracing::debug!(gateway, "offer delivered");
-                }
+                    Err(error) => {
+                        tracing::warn!(gateway, %error, "offer not delivered: its config is unreadable; the engine offers again");
+                        continue;
+                    }
+                },
+            };
+            offer.content = content.as_ref().clone();
+            if fleet.offer(gateway.to_owned(), offer).await {
+                tracing::debug!(gateway, "offer delivered");
             }
         }
     }

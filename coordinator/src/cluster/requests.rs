@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use kt_proto::v1::ConfigStatus;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -24,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{Keys, kind};
 use super::lease::LeaseGrant;
+use super::watch::{PrefixWatch, Watched, list};
 use crate::reconcile::GroupStatus;
 use crate::rollout::engine::{Action, Command, EngineError, EngineHandle, Push};
 use crate::rollout::model::RolloutRecord;
@@ -112,11 +111,11 @@ struct Envelope {
 /// A replica's way to etcd for its operators' engine commands.
 #[derive(Clone)]
 pub struct Forwarder {
-    pub client: Client,
-    pub keys: Keys,
-    pub replica: String,
-    pub grants: watch::Receiver<Option<LeaseGrant>>,
-    pub timeout: Duration,
+    client: Client,
+    keys: Keys,
+    replica: String,
+    grants: watch::Receiver<Option<LeaseGrant>>,
+    timeout: Duration,
     seq: Arc<AtomicU64>,
 }
 
@@ -438,42 +437,21 @@ pub async fn serve_requests(
 ) {
     let prefix = keys.all(kind::REQUEST);
     loop {
-        let mut kv = super::kv(&client);
-        let listed = tokio::time::timeout(
-            timeout,
-            kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await;
-        let Ok(Ok(listed)) = listed else {
-            tokio::select! {
-                _ = term.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-            }
+        // Requests made before this term (during a takeover) first, then each new one.
+        let Some((listed, revision)) = list(&client, &prefix, &term).await else {
+            return;
         };
-        let revision = listed.header().map_or(0, |h| h.revision());
-        for kv in listed.kvs() {
+        for kv in &listed {
             take(&client, &keys, &engine, kv, timeout, &term);
         }
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        let Ok(mut stream) = client
-            .watch_client()
-            .watch(prefix.clone(), Some(options))
-            .await
-        else {
-            continue;
-        };
+        let mut watch = PrefixWatch::new(&client, prefix.clone(), Some(revision + 1));
         loop {
-            let message = tokio::select! {
-                _ = term.cancelled() => return,
-                message = stream.message() => message,
+            let events = match watch.next(&term).await {
+                None => return,
+                Some(Watched::Events(events)) => events,
+                Some(Watched::Compacted) => break,
             };
-            let Ok(Some(answer)) = message else { break };
-            if answer.canceled() {
-                break;
-            }
-            for event in answer.events() {
+            for event in &events {
                 if event.event_type() == EventType::Put
                     && let Some(kv) = event.kv()
                 {
@@ -602,53 +580,27 @@ pub async fn follow_answers(
     engine: EngineHandle,
     term: CancellationToken,
 ) {
-    let prefix = keys.all(kind::ANSWER);
-    // As offers: a broken watch starts again right after the last event seen.
-    let mut next_revision: Option<i64> = None;
+    // From now on; a broken stream resumes after the last answer seen. Answers compacted away
+    // before they were seen are offered again by the engine, and an agent answers an offer
+    // of what it runs at once.
+    let mut watch = PrefixWatch::new(&client, keys.all(kind::ANSWER), None);
     loop {
-        let options = match next_revision {
-            Some(revision) => WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision),
-            None => WatchOptions::new().with_prefix(),
+        let events = match watch.next(&term).await {
+            None => return,
+            Some(Watched::Events(events)) => events,
+            Some(Watched::Compacted) => continue,
         };
-        let Ok(mut stream) = client
-            .watch_client()
-            .watch(prefix.clone(), Some(options))
-            .await
-        else {
-            tokio::select! {
-                _ = term.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+        for event in &events {
+            if event.event_type() != EventType::Put {
+                continue;
             }
-        };
-        loop {
-            let message = tokio::select! {
-                _ = term.cancelled() => return,
-                message = stream.message() => message,
+            let Some(kv) = event.kv() else { continue };
+            let Some(gateway) = keys.name_in(kind::ANSWER, kv.key()) else {
+                continue;
             };
-            // Broken: watch again. Answers compacted away meanwhile are offered again by the
-            // engine, and an agent answers an offer of what it runs at once.
-            let Ok(Some(answer)) = message else { break };
-            if answer.compact_revision() > 0 {
-                next_revision = None;
-                break;
-            }
-            if let Some(header) = answer.header() {
-                next_revision = Some(header.revision() + 1);
-            }
-            for event in answer.events() {
-                if event.event_type() != EventType::Put {
-                    continue;
-                }
-                let Some(kv) = event.kv() else { continue };
-                let Some(gateway) = keys.name_in(kind::ANSWER, kv.key()) else {
-                    continue;
-                };
-                match ConfigStatus::decode(kv.value()) {
-                    Ok(status) => engine.answer(gateway.to_owned(), status).await,
-                    Err(e) => tracing::warn!(gateway, error = %e, "malformed answer skipped"),
-                }
+            match ConfigStatus::decode(kv.value()) {
+                Ok(status) => engine.answer(gateway.to_owned(), status).await,
+                Err(e) => tracing::warn!(gateway, error = %e, "malformed answer skipped"),
             }
         }
     }

@@ -335,28 +335,9 @@ fn start_etcd(
     binary: &Path,
     dir: &Path,
 ) -> anyhow::Result<dev::EtcdStorage> {
-    let pki_dir = dir.join("pki-etcd");
-    pki::init_ca(&pki_dir, "etcd.kt-fleet.local", true)?;
-    let leaf = pki::issue(
-        &pki_dir,
-        &LeafRole::Coordinator {
-            dns: vec!["localhost".into()],
-            ips: vec!["127.0.0.1".parse()?],
-        },
-        30,
-        true,
-    )?;
     let etcd_dir = dir.join("etcd");
     std::fs::create_dir_all(&etcd_dir)?;
-    let spec = kt_launch::etcd::EtcdSpec {
-        name: "kt-dev".into(),
-        data_dir: etcd_dir.join("data"),
-        client: dev::free_loopback_addr()?,
-        peer: dev::free_loopback_addr()?,
-        ca: pki_dir.join(pki::CA_CERT),
-        cert: leaf.cert.clone(),
-        key: leaf.key.clone(),
-    };
+    let spec = kt_launch::etcd::EtcdSpec::with_own_ca(&etcd_dir, "kt-dev")?;
     let log = etcd_dir.join("etcd.log");
     let mut child = dev::spawn(binary, &kt_launch::etcd::args(&spec), &[], &log)?;
     rollback.state.processes.push(DevProcess {
@@ -370,18 +351,7 @@ fn start_etcd(
     rollback.state.save(rollback.dir)?;
     kt_launch::etcd::wait_listening(&mut child, spec.client, &log, READY_TIMEOUT)?;
     println!("etcd listening on https://{}", spec.client);
-    Ok(dev::EtcdStorage {
-        endpoints: vec![format!("https://{}", spec.client)],
-        tls: kt_proto::tls::TlsFiles {
-            ca: spec.ca,
-            cert: leaf.cert,
-            key: leaf.key,
-        },
-        prefix: "/kt-fleet".into(),
-        lease_ttl: Duration::from_secs(5),
-        replica: None,
-        request_timeout: Duration::from_secs(2),
-    })
+    Ok(spec.storage(Duration::from_secs(5), Duration::from_secs(2)))
 }
 
 fn dir_flag(dir: &DirArg) -> String {
