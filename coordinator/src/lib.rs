@@ -125,8 +125,11 @@ impl Coordinator {
             Storage::Etcd(etcd) => {
                 let name = etcd.replica_name(self.config.listen);
                 let address = listener.local_addr()?;
-                let replica =
-                    cluster::replica::Replica::connect(etcd, name.clone(), address).await?;
+                let connect = || cluster::replica::Replica::connect(etcd, name.clone(), address);
+                let Some(replica) = until_etcd_answers("connect to etcd", connect, &cancel).await
+                else {
+                    return Ok(());
+                };
                 tracing::info!(replica = %name, endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "state in etcd");
                 Some(replica)
             }
@@ -136,12 +139,17 @@ impl Coordinator {
             (None, Some(replica)) => Arc::new(replica.store.clone()),
             (None, None) => anyhow::bail!("no store"),
         };
-        // Groups applied by operators are kept; the groups file, when there is one, wins for the
-        // names it defines (it is the configuration management's word).
-        let mut groups = store.list_groups().await?;
-        groups.retain(|stored| !self.groups.iter().any(|g| g.name == stored.name));
-        store.put_groups(&self.groups).await?;
-        groups.extend(self.groups.iter().cloned());
+        let groups = match &replica {
+            None => merge_groups(store.as_ref(), &self.groups).await?,
+            // etcd may be slow or away at start: agents are served once it answers.
+            Some(_) => {
+                let merge = || merge_groups(store.as_ref(), &self.groups);
+                match until_etcd_answers("read the groups", merge, &cancel).await {
+                    Some(groups) => groups,
+                    None => return Ok(()),
+                }
+            }
+        };
         let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &groups);
         let fleet = match &replica {
             Some(replica) => fleet.with_replica(replica.name.clone()),
@@ -293,6 +301,51 @@ impl Coordinator {
         tasks.close();
         tasks.wait().await;
         Ok(())
+    }
+}
+
+/// Groups applied by operators are kept; the groups file, when there is one, wins for the names
+/// it defines (it is the configuration management's word).
+async fn merge_groups(
+    store: &dyn Store,
+    from_file: &[Group],
+) -> Result<Vec<Group>, crate::store::StoreError> {
+    let mut groups = store.list_groups().await?;
+    groups.retain(|stored| !from_file.iter().any(|g| g.name == stored.name));
+    store.put_groups(from_file).await?;
+    groups.extend(from_file.iter().cloned());
+    Ok(groups)
+}
+
+/// Runs `attempt` until it succeeds, a second apart, saying what fails (the first time and then
+/// at powers of two); `None` once `cancel` fires.
+async fn until_etcd_answers<T, E, F, Fut>(
+    what: &str,
+    mut attempt: F,
+    cancel: &CancellationToken,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut failures = 0u32;
+    loop {
+        let error = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            result = attempt() => match result {
+                Ok(value) => return Some(value),
+                Err(error) => error,
+            },
+        };
+        failures += 1;
+        if failures.is_power_of_two() {
+            tracing::warn!(failures, %error, "cannot {what} yet; trying again every second");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 
