@@ -599,3 +599,29 @@ fn first_stderr_line(fleet: &HaFleet, i: usize, args: &[&str]) -> String {
     let _ = child.wait();
     line
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_gracefully_hands_over_at_once() {
+    let mut fleet = HaFleet::start(3, 2);
+    all_connected(&fleet, 0, 2).await;
+    let (leader, epoch) = current_leader(&fleet).expect("a leader");
+    let index = fleet.index_of(&leader);
+    let stopping = fleet.coordinators[index].proc.take().expect("running");
+    let asked = Instant::now();
+    // SIGTERM: the leader resigns and revokes its lease on the way out.
+    stopping.terminate();
+    let mut successor = None;
+    let elected = wait_for(PATIENCE, || {
+        successor = current_leader(&fleet).filter(|(name, e)| *name != leader && *e > epoch);
+        successor.is_some()
+    })
+    .await;
+    assert!(elected, "nobody took over");
+    let handover = asked.elapsed();
+    // A leader that did not resign would be replaced only when its lease ends.
+    assert!(
+        handover < kt_e2e::ha::LEASE_TTL / 2,
+        "took {handover:?} (lease {:?})",
+        kt_e2e::ha::LEASE_TTL
+    );
+}
