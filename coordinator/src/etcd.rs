@@ -1,6 +1,6 @@
-//! The coordinator's connection to etcd (`storage: etcd`, issue 13): mutual TLS with the
-//! coordinator's own certificate, verified against the deployment's CA, every request bounded
-//! in time. The etcd `Store`, leader election and fencing build on this.
+//! A replica's connection to etcd (`storage: etcd`): mutual TLS with the replica's etcd client
+//! certificate, verified against etcd's own CA (`storage.etcd.tls`). Connecting is bounded in
+//! time; each call bounds itself (see `cluster/`), since campaigns and watches are long-lived.
 
 use std::time::Duration;
 

@@ -94,16 +94,7 @@ async fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes() {
     let killed = Instant::now();
 
     // Another replica leads, with a higher epoch, and moves the same rollout on.
-    let mut new_leader = None;
-    let elected = wait_for(PATIENCE, || {
-        new_leader = current_leader(&fleet);
-        new_leader
-            .as_ref()
-            .is_some_and(|(name, e)| *name != leader && *e > epoch)
-    })
-    .await;
-    assert!(elected, "no new leader after the kill");
-    let (new_leader, _) = new_leader.expect("new leader");
+    let (new_leader, _) = successor(&fleet, &leader, epoch).await;
     let survivor = fleet.index_of(&new_leader);
     let before = rollout(&fleet, survivor, "r-1");
     let moved = wait_for(PATIENCE, || {
@@ -149,15 +140,33 @@ async fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes() {
     }
 }
 
-/// The current leader, read from etcd on a runtime of its own (wait_for's condition is sync).
+/// The current leader, read from etcd.
 fn current_leader(fleet: &HaFleet) -> Option<(String, i64)> {
+    aside(fleet.leader())
+}
+
+/// Waits until a replica other than `leader` leads with an epoch above `epoch`; that one.
+async fn successor(fleet: &HaFleet, leader: &str, epoch: i64) -> (String, i64) {
+    let mut successor = None;
+    let elected = wait_for(PATIENCE, || {
+        successor = current_leader(fleet).filter(|(name, e)| name != leader && *e > epoch);
+        successor.is_some()
+    })
+    .await;
+    assert!(elected, "nobody took over from {leader}");
+    successor.expect("successor")
+}
+
+/// Runs `work` to its end on a runtime of its own, in a thread beside the test's: the
+/// conditions `wait_for` polls are not async.
+fn aside<T: Send>(work: impl std::future::Future<Output = Option<T>> + Send) -> Option<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .ok()?;
-            rt.block_on(fleet.leader())
+            rt.block_on(work)
         })
         .join()
         .ok()
@@ -265,19 +274,12 @@ async fn a_leader_cut_off_from_etcd_stops_before_its_lease_ends_and_its_epoch_is
             .map(|p| p.log_text())
             .unwrap_or_default()
     };
-    let mut successor = None;
-    let elected = wait_for(PATIENCE, || {
-        successor = current_leader(&fleet).filter(|(name, e)| *name != leader && *e > epoch);
-        successor.is_some()
-    })
-    .await;
-    assert!(elected, "nobody took over");
+    let (successor, new_epoch) = successor(&fleet, &leader, epoch).await;
     let stopped = log_of(cut);
     assert!(
         stopped.contains("stopping as leader before it can end"),
         "the cut-off leader had not stopped when another was elected: {stopped}"
     );
-    let (successor, new_epoch) = successor.expect("successor");
     let survivor = fleet.index_of(&successor);
 
     // The new leader carries the rollout on with the gateways it can reach.
@@ -404,25 +406,14 @@ async fn a_leader_cut_off_from_etcd_stops_before_its_lease_ends_and_its_epoch_is
 
 /// The agent's last answer for `gateway`, as the replica holding its session wrote it.
 fn read_answer(fleet: &HaFleet, gateway: &str) -> Option<kt_proto::v1::ConfigStatus> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                let mut etcd = fleet.etcd_client().await;
-                let got = etcd
-                    .get(format!("/kt-fleet/answer/{gateway}"), None)
-                    .await
-                    .ok()?;
-                let kv = got.kvs().first()?;
-                <kt_proto::v1::ConfigStatus as prost::Message>::decode(kv.value()).ok()
-            })
-        })
-        .join()
-        .ok()
-        .flatten()
+    aside(async {
+        let mut etcd = fleet.etcd_client().await;
+        let got = etcd
+            .get(format!("/kt-fleet/answer/{gateway}"), None)
+            .await
+            .ok()?;
+        let kv = got.kvs().first()?;
+        <kt_proto::v1::ConfigStatus as prost::Message>::decode(kv.value()).ok()
     })
 }
 
@@ -610,13 +601,7 @@ async fn a_leader_stopped_gracefully_hands_over_at_once() {
     let asked = Instant::now();
     // SIGTERM: the leader resigns and revokes its lease on the way out.
     stopping.terminate();
-    let mut successor = None;
-    let elected = wait_for(PATIENCE, || {
-        successor = current_leader(&fleet).filter(|(name, e)| *name != leader && *e > epoch);
-        successor.is_some()
-    })
-    .await;
-    assert!(elected, "nobody took over");
+    successor(&fleet, &leader, epoch).await;
     let handover = asked.elapsed();
     // A leader that did not resign would be replaced only when its lease ends.
     assert!(

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use etcd_client::{Client, EventType};
+use etcd_client::Client;
 use kt_proto::v1::ConfigOffer;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{Keys, kind};
 use super::store::EtcdStore;
-use super::watch::{PrefixWatch, Watched};
+use super::watch::PrefixWatch;
 use crate::fleet::FleetHandle;
 use crate::store::Store;
 
@@ -89,17 +89,8 @@ pub async fn deliver(
     // From now on; a broken stream resumes after the last offer seen. Offers compacted away
     // before they were seen are offered again by the engine.
     let mut watch = PrefixWatch::new(&client, keys.all(kind::OFFER), None);
-    loop {
-        let events = match watch.next(&cancel).await {
-            None => return,
-            Some(Watched::Events(events)) => events,
-            Some(Watched::Compacted) => continue,
-        };
-        for event in &events {
-            if event.event_type() != EventType::Put {
-                continue;
-            }
-            let Some(kv) = event.kv() else { continue };
+    while let Some(puts) = watch.next_puts(&cancel).await {
+        for kv in &puts {
             let Some(gateway) = keys.name_in(kind::OFFER, kv.key()) else {
                 continue;
             };

@@ -584,17 +584,8 @@ pub async fn follow_answers(
     // before they were seen are offered again by the engine, and an agent answers an offer
     // of what it runs at once.
     let mut watch = PrefixWatch::new(&client, keys.all(kind::ANSWER), None);
-    loop {
-        let events = match watch.next(&term).await {
-            None => return,
-            Some(Watched::Events(events)) => events,
-            Some(Watched::Compacted) => continue,
-        };
-        for event in &events {
-            if event.event_type() != EventType::Put {
-                continue;
-            }
-            let Some(kv) = event.kv() else { continue };
+    while let Some(puts) = watch.next_puts(&term).await {
+        for kv in &puts {
             let Some(gateway) = keys.name_in(kind::ANSWER, kv.key()) else {
                 continue;
             };

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Event, WatchOptions, WatchStream};
+use etcd_client::{Client, Event, EventType, KeyValue, WatchOptions, WatchStream};
 use tokio_util::sync::CancellationToken;
 
 /// What a watch yields.
@@ -92,6 +92,24 @@ impl PrefixWatch {
             };
             self.next = Some(last.mod_revision() + 1);
             return Some(Watched::Events(answer.events().to_vec()));
+        }
+    }
+
+    /// The keys put next, with their values; deletions are passed over, and so are changes a
+    /// compaction took (for followers whose writers make them again: offers, answers).
+    pub async fn next_puts(&mut self, cancel: &CancellationToken) -> Option<Vec<KeyValue>> {
+        loop {
+            let Watched::Events(events) = self.next(cancel).await? else {
+                continue;
+            };
+            let puts: Vec<KeyValue> = events
+                .iter()
+                .filter(|e| e.event_type() == EventType::Put)
+                .filter_map(|e| e.kv().cloned())
+                .collect();
+            if !puts.is_empty() {
+                return Some(puts);
+            }
         }
     }
 }
