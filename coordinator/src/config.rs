@@ -114,13 +114,16 @@ fn default_etcd_timeout() -> Duration {
     Duration::from_secs(3)
 }
 
-/// How long and how many decision events the coordinator keeps for `--since` and stats.
+/// Where decision events go: the embedded store (kept `retention` and `max_events`), or a
+/// NATS JetStream stream shared by replicas and regions (`nats:`).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
     pub max_events: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsEvents>,
 }
 
 impl Default for EventsConfig {
@@ -128,7 +131,112 @@ impl Default for EventsConfig {
         EventsConfig {
             retention: Duration::from_secs(24 * 3600),
             max_events: 5_000_000,
+            nats: None,
         }
+    }
+}
+
+/// `events.nats`: the JetStream stream every replica of this region publishes agent batches
+/// to, and where tails and the leader's counters read them.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NatsEvents {
+    /// `tls://host:port` of this region's NATS servers.
+    pub urls: Vec<String>,
+    /// NATS' own CA and this replica's NATS client certificate (a CA of its own, like etcd's:
+    /// no agent certificate of the deployment can reach NATS).
+    pub tls: TlsFiles,
+    /// The stream's name; the same in every region.
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// This region: batches are published on `kt.events.<region>.<gateway>`. With `regions`,
+    /// also the JetStream domain of this region's NATS servers.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Other regions whose streams this region's stream sources (their JetStream domains, over
+    /// NATS leaf node connections): a tail here shows their events too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    /// Copies JetStream keeps of the stream (a NATS cluster of at least as many servers).
+    #[serde(default = "default_stream_replicas")]
+    pub replicas: usize,
+    /// Batches older than this are removed from the stream.
+    #[serde(default = "default_stream_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// The stream's size limit in bytes; the oldest batches go first.
+    #[serde(default = "default_stream_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_stream() -> String {
+    "KT_EVENTS".into()
+}
+
+fn default_region() -> String {
+    "default".into()
+}
+
+fn default_stream_replicas() -> usize {
+    1
+}
+
+fn default_stream_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+fn default_stream_bytes() -> u64 {
+    10 << 30
+}
+
+/// A NATS subject token or JetStream name: letters, digits, `-` and `_`.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl NatsEvents {
+    fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
+        let invalid = |field: &str, why: &str| ConfigFileError::invalid(path, field, why);
+        if self.urls.is_empty() {
+            return Err(invalid("events.nats.urls", "name at least one NATS server"));
+        }
+        if let Some(bad) = self.urls.iter().find(|u| !u.starts_with("tls://")) {
+            return Err(invalid(
+                "events.nats.urls",
+                &format!("{bad:?} is not tls://host:port: NATS is reached over mutual TLS only"),
+            ));
+        }
+        if !is_token(&self.stream) {
+            return Err(invalid(
+                "events.nats.stream",
+                "1 to 64 of letters, digits, - and _",
+            ));
+        }
+        let regions = std::iter::once(&self.region).chain(&self.regions);
+        if let Some(bad) = regions.clone().find(|r| !is_token(r)) {
+            return Err(invalid(
+                "events.nats.region",
+                &format!("{bad:?}: a region is 1 to 64 of letters, digits, - and _"),
+            ));
+        }
+        if self.regions.contains(&self.region) {
+            return Err(invalid(
+                "events.nats.regions",
+                "lists other regions only, not this one",
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(invalid("events.nats.replicas", "must be 1 to 5"));
+        }
+        if self.max_age < Duration::from_secs(60) {
+            return Err(invalid("events.nats.max_age", "must be at least 1m"));
+        }
+        if self.max_bytes < 1 << 20 {
+            return Err(invalid("events.nats.max_bytes", "must be at least 1 MiB"));
+        }
+        Ok(())
     }
 }
 
@@ -262,11 +370,27 @@ impl CoordinatorConfig {
                 *p = base.join(&*p);
             }
         }
+        if let Some(nats) = &mut self.events.nats {
+            for p in [&mut nats.tls.ca, &mut nats.tls.cert, &mut nats.tls.key] {
+                *p = base.join(&*p);
+            }
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
         if let Storage::Etcd(etcd) = &self.storage {
             etcd.validate(path)?;
+        }
+        if let Some(nats) = &self.events.nats {
+            nats.validate(path)?;
+            // The leader's decision counters and their stream position are kept in etcd.
+            if self.storage.is_embedded() {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    "events.nats",
+                    "needs storage.etcd: the leader keeps the stream's decision counters and their position there",
+                ));
+            }
         }
         let l = &self.liveness;
         if l.heartbeat_interval < Duration::from_millis(50) {
@@ -713,6 +837,62 @@ mod tests {
                 .expect_err(storage)
                 .to_string();
             assert!(msg.contains(field), "{storage}: {msg}");
+        }
+    }
+
+    #[test]
+    fn nats_events_need_etcd_and_refuse_what_cannot_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = "tls: {ca: a, cert: b, key: c}\ndata_dir: d\n";
+        let etcd =
+            "storage: {etcd: {endpoints: [https://h:2379], tls: {ca: a, cert: b, key: c}}}\n";
+        let nats =
+            "{urls: [tls://127.0.0.1:4222], tls: {ca: n/ca.crt, cert: n/c.crt, key: n/c.key}";
+        let path = write(
+            dir.path(),
+            "c.yaml",
+            &format!("{base}{etcd}events: {{nats: {nats}, region: eu, regions: [us]}}}}\n"),
+        );
+        let config = CoordinatorConfig::load(&path).expect("valid");
+        let events = config.events.nats.expect("nats");
+        assert_eq!(events.tls.ca, dir.path().join("n/ca.crt"));
+        assert_eq!((events.stream.as_str(), events.replicas), ("KT_EVENTS", 1));
+        assert_eq!(events.regions, ["us"]);
+        for (text, field) in [
+            (
+                format!("{base}events: {{nats: {nats}}}}}\n"),
+                "needs storage.etcd",
+            ),
+            (
+                format!(
+                    "{base}{etcd}events: {{nats: {{urls: [nats://h:4222], tls: {{ca: a, cert: b, key: c}}}}}}\n"
+                ),
+                "events.nats.urls",
+            ),
+            (
+                format!("{base}{etcd}events: {{nats: {nats}, stream: a.b}}}}\n"),
+                "events.nats.stream",
+            ),
+            (
+                format!("{base}{etcd}events: {{nats: {nats}, region: 'e u'}}}}\n"),
+                "events.nats.region",
+            ),
+            (
+                format!("{base}{etcd}events: {{nats: {nats}, region: eu, regions: [eu]}}}}\n"),
+                "events.nats.regions",
+            ),
+            (
+                format!("{base}{etcd}events: {{nats: {nats}, replicas: 0}}}}\n"),
+                "events.nats.replicas",
+            ),
+            (
+                format!("{base}{etcd}events: {{nats: {nats}, max_age: 1s}}}}\n"),
+                "events.nats.max_age",
+            ),
+        ] {
+            let path = write(dir.path(), "bad.yaml", &text);
+            let msg = CoordinatorConfig::load(&path).expect_err(&text).to_string();
+            assert!(msg.contains(field), "{text}: {msg}");
         }
     }
 

@@ -111,57 +111,14 @@ impl Coordinator {
         })
     }
 
-    pub fn trust_domain(&self) -> &str {
-        self.tls.identity.trust_domain()
-    }
-
-    /// Serves on `listener` until `cancel` fires, then stops accepting and closes sessions.
-    pub async fn run(self, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
-        let trust_domain = self.trust_domain().to_owned();
-        let tasks = TaskTracker::new();
-        let metrics = Arc::new(metrics::Metrics::default());
-        let replica = match &self.config.storage {
-            Storage::Embedded => None,
-            Storage::Etcd(etcd) => {
-                let name = etcd.replica_name(self.config.listen);
-                let address = listener.local_addr()?;
-                let connect = || cluster::replica::Replica::connect(etcd, name.clone(), address);
-                let Some(replica) = until_etcd_answers("connect to etcd", connect, &cancel).await
-                else {
-                    return Ok(());
-                };
-                tracing::info!(replica = %name, endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "state in etcd");
-                Some(replica)
-            }
-        };
-        let store: Arc<dyn Store> = match (&self.embedded, &replica) {
-            (Some(store), _) => store.clone(),
-            (None, Some(replica)) => Arc::new(replica.store.clone()),
-            (None, None) => anyhow::bail!("no store"),
-        };
-        let groups = match &replica {
-            None => merge_groups(store.as_ref(), &self.groups).await?,
-            // etcd may be slow or away at start: agents are served once it answers.
-            Some(_) => {
-                let merge = || merge_groups(store.as_ref(), &self.groups);
-                match until_etcd_answers("read the groups", merge, &cancel).await {
-                    Some(groups) => groups,
-                    None => return Ok(()),
-                }
-            }
-        };
-        let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &groups);
-        let fleet = match &replica {
-            Some(replica) => fleet.with_replica(replica.name.clone()),
-            None => fleet,
-        };
-        tasks.spawn(
-            fleet
-                .with_metrics(metrics.clone())
-                .run(cancel.child_token()),
-        );
-        // The event store loads the decision counters the engine's gates read: open it first.
-        let decisions = events::counters::DecisionCounters::default();
+    /// The embedded event store and bus of one coordinator (or a replica without NATS).
+    fn embedded_events(
+        &self,
+        tasks: &TaskTracker,
+        decisions: &events::counters::DecisionCounters,
+        metrics: &Arc<metrics::Metrics>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<(Arc<dyn events::EventLog>, Arc<dyn events::tail::Tails>)> {
         let (bus, bus_handle, publish) = events::bus::Bus::new(metrics.clone());
         tasks.spawn(bus.run(cancel.child_token()));
         let retention = events::store::Retention {
@@ -180,6 +137,89 @@ impl Coordinator {
         let runtime = tokio::runtime::Handle::current();
         let events_cancel = cancel.child_token();
         tasks.spawn_blocking(move || runtime.block_on(event_store.run(events_cancel)));
+        let log: Arc<dyn events::EventLog> = Arc::new(events_handle);
+        let tails = events::tail::EmbeddedTails {
+            log: log.clone(),
+            bus: Arc::new(bus_handle),
+        };
+        Ok((log, Arc::new(tails)))
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        self.tls.identity.trust_domain()
+    }
+
+    /// Serves on `listener` until `cancel` fires, then stops accepting and closes sessions.
+    pub async fn run(self, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
+        let trust_domain = self.trust_domain().to_owned();
+        let tasks = TaskTracker::new();
+        let metrics = Arc::new(metrics::Metrics::default());
+        let mut replica = match &self.config.storage {
+            Storage::Embedded => None,
+            Storage::Etcd(etcd) => {
+                let name = etcd.replica_name(self.config.listen);
+                let address = listener.local_addr()?;
+                let connect = || cluster::replica::Replica::connect(etcd, name.clone(), address);
+                let Some(replica) = until_answered("connect to etcd", connect, &cancel).await
+                else {
+                    return Ok(());
+                };
+                tracing::info!(replica = %name, endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "state in etcd");
+                Some(replica)
+            }
+        };
+        let event_stream = match (&self.config.events.nats, &mut replica) {
+            (Some(nats), Some(replica)) => {
+                let stream = events::nats::EventStream::connect(nats, &replica.name).await?;
+                let ensure = || stream.ensure_stream();
+                if until_answered("set up the event stream", ensure, &cancel)
+                    .await
+                    .is_none()
+                {
+                    return Ok(());
+                }
+                tracing::info!(stream = %nats.stream, region = %nats.region, urls = %nats.urls.join(","), "events on NATS JetStream");
+                replica.events = Some(stream.clone());
+                Some(stream)
+            }
+            _ => None,
+        };
+        let store: Arc<dyn Store> = match (&self.embedded, &replica) {
+            (Some(store), _) => store.clone(),
+            (None, Some(replica)) => Arc::new(replica.store.clone()),
+            (None, None) => anyhow::bail!("no store"),
+        };
+        let groups = match &replica {
+            None => merge_groups(store.as_ref(), &self.groups).await?,
+            // etcd may be slow or away at start: agents are served once it answers.
+            Some(_) => {
+                let merge = || merge_groups(store.as_ref(), &self.groups);
+                match until_answered("read the groups", merge, &cancel).await {
+                    Some(groups) => groups,
+                    None => return Ok(()),
+                }
+            }
+        };
+        let (fleet, handle) = Fleet::new(self.config.liveness.clone(), &groups);
+        let fleet = match &replica {
+            Some(replica) => fleet.with_replica(replica.name.clone()),
+            None => fleet,
+        };
+        tasks.spawn(
+            fleet
+                .with_metrics(metrics.clone())
+                .run(cancel.child_token()),
+        );
+        // The event store loads the decision counters the engine's gates read: open it first.
+        let decisions = events::counters::DecisionCounters::default();
+        let (events_handle, tails): (Arc<dyn events::EventLog>, Arc<dyn events::tail::Tails>) =
+            match event_stream {
+                Some(stream) => (
+                    Arc::new(events::nats::log::StreamLog::new(stream.clone())),
+                    Arc::new(events::nats::tail::StreamTails { stream }),
+                ),
+                None => self.embedded_events(&tasks, &decisions, &metrics, &cancel)?,
+            };
         let engine_handle = match &replica {
             // The leader runs the engine and the config sources; every replica forwards.
             Some(replica) => replica.start(
@@ -216,8 +256,6 @@ impl Coordinator {
                 engine_handle
             }
         };
-        let events_handle: Arc<dyn events::EventLog> = Arc::new(events_handle);
-        let bus_handle: Arc<dyn events::EventBus> = Arc::new(bus_handle);
 
         let probes = probes::Probes::default();
         let agents = AgentApi {
@@ -246,12 +284,21 @@ impl Coordinator {
                 cancel.child_token(),
             ));
         }
+        // Until events travel between replicas, say what a replica's tail shows.
+        let tail_scope = match (&replica, &self.config.events.nats) {
+            (Some(replica), None) => Some(format!(
+                "replica {} shows the events of the agents connected to it only; tail every replica for the whole fleet (ktctl cluster status lists them), or set events.nats",
+                replica.name
+            )),
+            _ => None,
+        };
         let operators = OperatorApi {
             fleet: handle,
             engine: engine_handle,
             store: store.clone(),
             events: events_handle,
-            bus: bus_handle,
+            tails,
+            tail_scope,
             decisions,
             probes,
             trust_domain,
@@ -319,7 +366,7 @@ async fn merge_groups(
 
 /// Runs `attempt` until it succeeds, a second apart, saying what fails (the first time and then
 /// at powers of two); `None` once `cancel` fires.
-async fn until_etcd_answers<T, E, F, Fut>(
+async fn until_answered<T, E, F, Fut>(
     what: &str,
     mut attempt: F,
     cancel: &CancellationToken,

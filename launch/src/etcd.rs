@@ -3,9 +3,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use kt_coordinator::config::EtcdStorage;
 
 /// Where etcd listens and keeps its data, and the PEM files it serves with: the deployment's CA
@@ -118,23 +118,5 @@ pub fn wait_listening(
     log: &Path,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "etcd exited ({status}) before it listened:\n{}",
-                crate::process::log_tail(log)
-            );
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "etcd not listening on {addr} within {timeout:?}:\n{}",
-                crate::process::log_tail(log)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::process::wait_listening("etcd", child, addr, log, timeout)
 }

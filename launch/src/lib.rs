@@ -5,5 +5,6 @@
 
 pub mod configs;
 pub mod etcd;
+pub mod nats;
 pub mod pki;
 pub mod process;

@@ -144,6 +144,36 @@ pub fn log_tail(log: &Path) -> String {
     tail
 }
 
+/// Waits until `addr` accepts TCP connections (for daemons that write no ready file), or fails
+/// with the log's tail if the process exits or the deadline passes.
+pub fn wait_listening(
+    what: &str,
+    child: &mut std::process::Child,
+    addr: std::net::SocketAddr,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "{what} exited ({status}) before it listened:\n{}",
+                log_tail(log)
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "{what} not listening on {addr} within {timeout:?}:\n{}",
+                log_tail(log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -145,6 +145,39 @@ impl PeerTls {
     }
 }
 
+impl TlsFiles {
+    /// A rustls client config for a service with a CA of its own (NATS): the server verified
+    /// against `ca`, `cert` presented. No kt-fleet role is read from the certificate.
+    pub fn rustls_client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let invalid = |path: &Path, what: String| TlsError::Invalid {
+            path: path.to_owned(),
+            what,
+        };
+        let ca_pem = read(&self.ca)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+            let cert =
+                cert.map_err(|e| invalid(&self.ca, format!("malformed PEM certificate: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| invalid(&self.ca, format!("unusable CA certificate: {e}")))?;
+        }
+        let cert_pem = read(&self.cert)?;
+        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(&self.cert, format!("malformed PEM certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(&read(&self.key)?)
+            .map_err(|e| invalid(&self.key, format!("no usable private key: {e}")))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(&self.cert, format!("TLS versions: {e}")))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| invalid(&self.cert, format!("certificate and key: {e}")))
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),

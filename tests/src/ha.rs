@@ -11,6 +11,7 @@ use kt_coordinator::config::Storage;
 use kt_ctl::ktconfig::KtctlConfig;
 use kt_launch::configs::AgentSpec;
 use kt_launch::etcd::{EtcdSpec, args, find_etcd, wait_listening};
+use kt_launch::nats::NatsSpec;
 
 use crate::proxy::CutProxy;
 use crate::{
@@ -28,6 +29,9 @@ pub struct HaFleet {
     /// Each replica reaches etcd through a proxy of its own, to be cut off alone.
     pub etcd_proxies: Vec<CutProxy>,
     pub coordinators: Vec<CoordinatorNode>,
+    /// With events on NATS: the server, and how it runs.
+    pub nats: Option<Proc>,
+    pub nats_spec: Option<NatsSpec>,
     pub provider: MockProvider,
     pub gateways: Vec<GatewayNode>,
     pub agents: Vec<AgentNode>,
@@ -36,6 +40,15 @@ pub struct HaFleet {
 impl HaFleet {
     /// etcd, `replicas` coordinators on it, and `n` gateways (`gw-test-01`...).
     pub fn start(replicas: usize, n: usize) -> Self {
+        Self::start_with(replicas, n, false)
+    }
+
+    /// As [`HaFleet::start`], with the events of every replica on one NATS JetStream server.
+    pub fn with_nats(replicas: usize, n: usize) -> Self {
+        Self::start_with(replicas, n, true)
+    }
+
+    fn start_with(replicas: usize, n: usize, nats: bool) -> Self {
         kt_daemon::install_crypto_provider();
         let mut dir = tempfile::tempdir().expect("tempdir");
         // KT_E2E_KEEP=1 keeps the logs of a run to read after it.
@@ -52,6 +65,10 @@ impl HaFleet {
             .map(|_| CutProxy::start(etcd_spec.client))
             .collect();
         let storage = Storage::Etcd(etcd_spec.storage(LEASE_TTL, Duration::from_millis(1500)));
+        let nats_spec = nats.then(|| {
+            let nats_dir = dir.path().join("nats");
+            NatsSpec::new(&nats_dir, &nats_dir.join("pki"), "local").expect("nats")
+        });
         let mut coordinators: Vec<CoordinatorNode> = (0..replicas)
             .map(|i| {
                 let mut storage = storage.clone();
@@ -59,12 +76,14 @@ impl HaFleet {
                     etcd.replica = Some(format!("replica-{}", i + 1));
                     etcd.endpoints = vec![format!("https://{}", etcd_proxies[i].addr)];
                 }
-                CoordinatorNode::replica(
+                let mut node = CoordinatorNode::replica(
                     dir.path().join(format!("coordinator-{}", i + 1)),
                     &pki,
                     &ids,
                     storage,
-                )
+                );
+                node.events = nats_spec.as_ref().map(|spec| spec.events(&[]));
+                node
             })
             .collect();
         let mut ha = HaFleet {
@@ -74,11 +93,16 @@ impl HaFleet {
             etcd: None,
             etcd_spec,
             etcd_proxies,
+            nats: None,
+            nats_spec,
             coordinators: Vec::new(),
             gateways: Vec::new(),
             agents: Vec::new(),
         };
         ha.start_etcd();
+        if ha.nats_spec.is_some() {
+            ha.start_nats();
+        }
         for c in &mut coordinators {
             c.start_again();
         }
@@ -138,6 +162,21 @@ impl HaFleet {
         )
         .expect("etcd listening");
         self.etcd = Some(proc);
+    }
+
+    /// Starts the NATS server (again, on its ports and data).
+    pub fn start_nats(&mut self) {
+        assert!(self.nats.is_none(), "nats-server already running");
+        let spec = self.nats_spec.as_ref().expect("a fleet with NATS");
+        // Never skipped: scripts/install-test-deps installs nats-server.
+        let nats = kt_launch::nats::find_nats().expect("nats-server");
+        let config = spec.write_config().expect("nats config");
+        let log = spec.dir.join("nats.log");
+        let args = ["-c".to_owned(), config.display().to_string()];
+        let mut proc = Proc::spawn_path(&nats, &args, &[], log.clone());
+        kt_launch::nats::wait_listening(proc.child_mut(), spec, &log, Duration::from_secs(30))
+            .expect("nats-server listening");
+        self.nats = Some(proc);
     }
 
     /// The ktctl config file pointing at replica `i`.

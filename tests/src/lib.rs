@@ -209,6 +209,8 @@ pub struct CoordinatorNode {
     pub connections: Option<kt_daemon::conn::ConnectionLimits>,
     /// Written into its config at each start.
     pub storage: kt_coordinator::config::Storage,
+    /// `events.nats`, written into its config at each start.
+    pub events: Option<kt_coordinator::config::NatsEvents>,
 }
 
 impl CoordinatorNode {
@@ -224,6 +226,7 @@ impl CoordinatorNode {
             groups,
             connections: None,
             storage: Default::default(),
+            events: None,
         };
         node.start_again();
         node
@@ -247,6 +250,7 @@ impl CoordinatorNode {
             groups,
             connections: None,
             storage,
+            events: None,
         }
     }
 
@@ -270,6 +274,7 @@ impl CoordinatorNode {
             typed.connections = limits.clone();
         }
         typed.storage = self.storage.clone();
+        typed.events.nats = self.events.clone();
         std::fs::write(&config, dev::to_yaml(&typed)).expect("config");
         let ready = self.dir.join("coordinator.addr");
         let _ = std::fs::remove_file(&ready);

@@ -72,6 +72,9 @@ pub mod kind {
     pub const REQUEST_CONTENT: &str = "request-content";
     /// The leader's replies to requests, under the requester's lease.
     pub const REPLY: &str = "reply";
+    /// The decision counters counted from the event stream and the stream position they
+    /// count through, by stream name; the leader, fenced (`events.nats`).
+    pub const COUNTERS: &str = "counters";
 }
 
 #[cfg(test)]

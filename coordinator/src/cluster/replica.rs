@@ -11,13 +11,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::election::{self, Leadership};
-use super::keys::Keys;
+use super::keys::{Keys, kind};
 use super::offers::{self, OfferRoute};
 use super::requests::{self, Forwarder};
 use super::store::EtcdStore;
 use super::{fleet_sync, lease};
 use crate::config::EtcdStorage;
 use crate::events::counters::DecisionCounters;
+use crate::events::nats::{EventStream, counting};
 use crate::fleet::{Command, FleetHandle};
 use crate::metrics::Metrics;
 use crate::rollout::engine::{Engine, EngineHandle};
@@ -33,6 +34,8 @@ pub struct Replica {
     pub store: EtcdStore,
     /// Where agents and operators reach this replica (registered for `cluster status`).
     pub address: std::net::SocketAddr,
+    /// The event stream (`events.nats`): the leader counts decisions from it.
+    pub events: Option<EventStream>,
 }
 
 impl Replica {
@@ -58,6 +61,7 @@ impl Replica {
             settings: settings.clone(),
             store,
             address,
+            events: None,
         })
     }
 
@@ -125,6 +129,15 @@ impl Replica {
             fleet.clone(),
             cancel.child_token(),
         ));
+        if let Some(events) = &self.events {
+            tasks.spawn(counting::follow(
+                self.client.clone(),
+                self.keys.clone(),
+                events.settings.stream.clone(),
+                decisions.clone(),
+                cancel.child_token(),
+            ));
+        }
         let (handle, commands) = EngineHandle::channel();
         let forwarder = Forwarder::new(
             self.client.clone(),
@@ -162,10 +175,16 @@ impl Replica {
         metrics: Arc<Metrics>,
     ) {
         let term = leadership.lost.clone();
+        // Answers to this term's offers are followed from before its first offer.
+        let Some(answers_from) =
+            super::watch::revision_now(&self.client, &self.keys.all(kind::ANSWER), &term).await
+        else {
+            return;
+        };
         let fenced = self.store.fenced(&leadership);
         let store: Arc<dyn Store> = Arc::new(fenced.clone());
         let (engine, engine_handle) =
-            match Engine::new(store, fleet.clone(), decisions, metrics).await {
+            match Engine::new(store, fleet.clone(), decisions.clone(), metrics).await {
                 Ok(engine) => engine,
                 Err(error) => {
                     tracing::warn!(%error, "cannot load the state to lead; giving the term up");
@@ -173,13 +192,22 @@ impl Replica {
                     return;
                 }
             };
+        let duties = TaskTracker::new();
+        if let Some(events) = &self.events {
+            // Counting starts from the last checkpoint before the engine reads the counters.
+            duties.spawn(counting::count(
+                events.clone(),
+                fenced.clone(),
+                decisions.clone(),
+                term.clone(),
+            ));
+        }
         let (offers, queued) = offers::offer_queue();
         let engine = engine.leading(
             leadership.epoch.clone(),
             OfferRoute::Etcd(offers),
             &self.name,
         );
-        let duties = TaskTracker::new();
         duties.spawn(offers::write_offers(fenced, queued, term.clone()));
         if fleet.send(Command::Leading(true)).await.is_err() {
             return;
@@ -209,6 +237,7 @@ impl Replica {
             self.client.clone(),
             self.keys.clone(),
             engine_handle,
+            answers_from + 1,
             term.clone(),
         ));
         duties.close();

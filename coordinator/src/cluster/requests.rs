@@ -574,16 +574,19 @@ async fn run(engine: &EngineHandle, request: Request, content: Vec<u8>) -> Reply
 }
 
 /// The leader's side of answers: each one an agent gave through any replica, to the engine.
+/// Hands the agents' answers written from revision `from` on to the engine. `from` is read
+/// before the engine makes its first offer: an agent that runs the offered config already
+/// answers at once, possibly before this watch is open, and that answer must not be lost.
 pub async fn follow_answers(
     client: Client,
     keys: Keys,
     engine: EngineHandle,
+    from: i64,
     term: CancellationToken,
 ) {
-    // From now on; a broken stream resumes after the last answer seen. Answers compacted away
-    // before they were seen are offered again by the engine, and an agent answers an offer
-    // of what it runs at once.
-    let mut watch = PrefixWatch::new(&client, keys.all(kind::ANSWER), None);
+    // A broken stream resumes after the last answer seen. Answers compacted away before they
+    // were seen are offered again by the engine once their offer times out.
+    let mut watch = PrefixWatch::new(&client, keys.all(kind::ANSWER), Some(from));
     while let Some(puts) = watch.next_puts(&term).await {
         for kv in &puts {
             let Some(gateway) = keys.name_in(kind::ANSWER, kv.key()) else {

@@ -280,6 +280,26 @@ impl EtcdStore {
         self.write(ops, true).await
     }
 
+    /// Writes the decision counters' checkpoint of `stream`; fenced, so only the leader that
+    /// counted them writes them.
+    pub async fn put_counters(&self, stream: &str, checkpoint: Vec<u8>) -> Result<(), StoreError> {
+        let key = self.keys.one(kind::COUNTERS, stream);
+        self.write(vec![TxnOp::put(key, checkpoint, None)], true)
+            .await
+    }
+
+    /// The decision counters' checkpoint of `stream`, if one was written.
+    pub async fn get_counters(&self, stream: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.keys.one(kind::COUNTERS, stream);
+        let mut kv = self.kv();
+        let mut answer = self.call(kv.get(key, None)).await?;
+        Ok(answer
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| kv.value().to_vec()))
+    }
+
     fn desired_ops(&self, desired: &[DesiredChange]) -> Result<Vec<TxnOp>, StoreError> {
         desired
             .iter()

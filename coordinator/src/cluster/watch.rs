@@ -128,9 +128,31 @@ pub async fn list(
     prefix: &str,
     cancel: &CancellationToken,
 ) -> Option<(Vec<etcd_client::KeyValue>, i64)> {
+    read(
+        client,
+        prefix,
+        etcd_client::GetOptions::new().with_prefix(),
+        cancel,
+    )
+    .await
+}
+
+/// etcd's revision now (a read of one key), retried until etcd answers; `None` once `cancel`
+/// fires. A watch started from it sees every change made after this call.
+pub async fn revision_now(client: &Client, key: &str, cancel: &CancellationToken) -> Option<i64> {
+    let options = etcd_client::GetOptions::new().with_keys_only();
+    Some(read(client, key, options, cancel).await?.1)
+}
+
+async fn read(
+    client: &Client,
+    prefix: &str,
+    options: etcd_client::GetOptions,
+    cancel: &CancellationToken,
+) -> Option<(Vec<etcd_client::KeyValue>, i64)> {
     loop {
         let mut kv = super::kv(client);
-        let listed = kv.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()));
+        let listed = kv.get(prefix, Some(options.clone()));
         let listed = tokio::select! {
             _ = cancel.cancelled() => return None,
             listed = tokio::time::timeout(Duration::from_secs(5), listed) => listed,

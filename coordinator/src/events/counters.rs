@@ -46,7 +46,7 @@ impl Tally {
         }
     }
 
-    pub(super) fn merge(&mut self, other: &Tally) {
+    pub(crate) fn merge(&mut self, other: &Tally) {
         if !other.config_version.is_empty() {
             self.config_version.clone_from(&other.config_version);
         }
@@ -65,28 +65,66 @@ impl Tally {
 /// A gateway's tallies by config hash.
 pub type GatewayTallies = BTreeMap<String, Tally>;
 
-/// The counters, shared between the event store (the only writer) and their readers.
+/// The counters, shared between their one writer and their readers. The writer is the event
+/// store (one coordinator), or with `events.nats` the leader's count of the stream; a
+/// follower replica takes the leader's checkpoints instead.
 #[derive(Clone, Debug, Default)]
 pub struct DecisionCounters {
-    inner: Arc<RwLock<HashMap<String, GatewayTallies>>>,
+    inner: Arc<RwLock<Counters>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    tallies: HashMap<String, GatewayTallies>,
+    /// This replica counts the stream itself now (it leads): checkpoints are older than that.
+    counting: bool,
 }
 
 impl DecisionCounters {
-    /// Every gateway's tallies, as they are now.
-    pub fn snapshot(&self) -> HashMap<String, GatewayTallies> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Counters> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds tallies that were just stored durably.
-    pub(super) fn merge(&self, delta: &Delta) {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+    /// Every gateway's tallies, as they are now.
+    pub fn snapshot(&self) -> HashMap<String, GatewayTallies> {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .tallies
+            .clone()
+    }
+
+    /// Adds tallies that were just stored durably (or counted from the stream).
+    pub(crate) fn merge(&self, delta: &Delta) {
+        let mut inner = self.write();
         for ((gateway, hash), tally) in delta {
             inner
+                .tallies
                 .entry(gateway.clone())
                 .or_default()
                 .entry(hash.clone())
                 .or_default()
                 .merge(tally);
+        }
+    }
+
+    /// This replica starts counting the stream from `tallies` (a leader's checkpoint).
+    pub(crate) fn start_counting(&self, tallies: HashMap<String, GatewayTallies>) {
+        let mut inner = self.write();
+        inner.tallies = tallies;
+        inner.counting = true;
+    }
+
+    /// This replica stopped counting (its term ended): checkpoints apply again.
+    pub(crate) fn stop_counting(&self) {
+        self.write().counting = false;
+    }
+
+    /// A leader's checkpoint, taken unless this replica counts by itself.
+    pub(crate) fn follow(&self, tallies: HashMap<String, GatewayTallies>) {
+        let mut inner = self.write();
+        if !inner.counting {
+            inner.tallies = tallies;
         }
     }
 }
@@ -124,7 +162,7 @@ pub fn stats_rows(
 }
 
 /// What one transaction adds, by (gateway, config hash).
-pub(super) type Delta = HashMap<(String, String), Tally>;
+pub(crate) type Delta = HashMap<(String, String), Tally>;
 
 pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS decision_counts (
     gateway TEXT NOT NULL, config_hash TEXT NOT NULL, config_version TEXT NOT NULL, region TEXT NOT NULL,

@@ -3,7 +3,9 @@
 
 pub mod bus;
 pub mod counters;
+pub mod nats;
 pub mod store;
+pub mod tail;
 
 use kt_proto::v1::{EventStatsRow, TailEventsResponse};
 use tokio::sync::mpsc;
@@ -21,9 +23,38 @@ pub trait EventLog: Send + Sync {
     /// Stored events (and gap records) from `since` on, in storage order.
     async fn query(&self, filter: Filter, since: u64, limit: u64) -> Vec<Published>;
     async fn stats(&self, filter: Filter, by: String, since: u64) -> Vec<EventStatsRow>;
+    /// A gateway's event stream ended here: what this log remembers of it may go stale, since
+    /// the agent may send to another replica next.
+    fn session_ended(&self, _gateway: &str) {}
 }
 
-/// How stored events reach tail subscribers: in process now, a cross-region bus (NATS) later.
+/// Adds one event to `events stats` rows grouped `by` gateway, config-version or region.
+pub fn stats_add(
+    rows: &mut std::collections::BTreeMap<String, EventStatsRow>,
+    by: &str,
+    e: &EventRecord,
+) {
+    let key = match by {
+        "config-version" => e.config_version.clone(),
+        "region" => e.region.clone(),
+        _ => e.gateway.clone(),
+    };
+    let row = rows.entry(key.clone()).or_insert_with(|| EventStatsRow {
+        key,
+        ..Default::default()
+    });
+    row.total += 1;
+    match e.verdict.as_str() {
+        "allow" => row.allow += 1,
+        "block" => row.block += 1,
+        "redact" => row.redact += 1,
+        "escalate" => row.escalate += 1,
+        _ => {}
+    }
+}
+
+/// How stored events reach tail subscribers of one coordinator (with `events.nats`, tails read
+/// the stream instead: see [`nats`]).
 /// A subscriber that reads too slowly must never slow ingest or other subscribers.
 #[tonic::async_trait]
 pub trait EventBus: Send + Sync {

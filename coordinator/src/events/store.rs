@@ -622,23 +622,7 @@ impl EventStore {
         let mut rows: BTreeMap<String, EventStatsRow> = BTreeMap::new();
         self.rows(since, |e| {
             if filter.matches(&e) {
-                let key = match by {
-                    "config-version" => e.config_version.clone(),
-                    "region" => e.region.clone(),
-                    _ => e.gateway.clone(),
-                };
-                let row = rows.entry(key.clone()).or_insert_with(|| EventStatsRow {
-                    key,
-                    ..Default::default()
-                });
-                row.total += 1;
-                match e.verdict.as_str() {
-                    "allow" => row.allow += 1,
-                    "block" => row.block += 1,
-                    "redact" => row.redact += 1,
-                    "escalate" => row.escalate += 1,
-                    _ => {}
-                }
+                super::stats_add(&mut rows, by, &e);
             }
             true
         })?;

@@ -168,6 +168,18 @@ fn check_batch(batch: &EventBatch) -> Result<(), String> {
     }
 }
 
+/// Tells the event log when an agent's event stream ends, however it ends.
+struct EventsEnded {
+    log: Arc<dyn EventLog>,
+    gateway: String,
+}
+
+impl Drop for EventsEnded {
+    fn drop(&mut self) {
+        self.log.session_ended(&self.gateway);
+    }
+}
+
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type SessionStream = SessionStream;
@@ -190,6 +202,10 @@ impl AgentService for AgentApi {
         spawn_until_cancelled(
             cancel,
             async move {
+                let _ended = EventsEnded {
+                    log: store.clone(),
+                    gateway: gateway.to_string(),
+                };
                 // The region comes from the agent's hello, which may arrive after this stream opens.
                 let mut region = String::new();
                 loop {

@@ -22,9 +22,10 @@ use tonic::{Request, Response, Status};
 use super::auth::authorize;
 use super::rollout_view::{spec_from_proto, to_proto};
 use super::{ApiError, paging, spawn_until_cancelled};
+use crate::events::EventLog;
+use crate::events::Filter;
 use crate::events::counters::{self, DecisionCounters};
-use crate::events::{self, Filter, Published};
-use crate::events::{EventBus, EventLog};
+use crate::events::tail::{TailRequest, Tails};
 use crate::fleet::{FleetHandle, UnknownGroup};
 use crate::probes::Probes;
 use crate::rollout::engine::{Action, EngineHandle, Push};
@@ -38,8 +39,11 @@ pub struct OperatorApi {
     pub fleet: FleetHandle,
     pub engine: EngineHandle,
     pub store: Arc<dyn Store>,
+    /// Windowed stats.
     pub events: Arc<dyn EventLog>,
-    pub bus: Arc<dyn EventBus>,
+    pub tails: Arc<dyn Tails>,
+    /// Said first to every tail when it shows only part of the fleet's events.
+    pub tail_scope: Option<String>,
     pub decisions: DecisionCounters,
     pub probes: Probes,
     pub trust_domain: String,
@@ -58,70 +62,6 @@ type TailStream = Pin<Box<dyn Stream<Item = Result<v1::TailEventsResponse, Statu
 
 /// Pushed configs larger than this are refused before anything else.
 const MAX_PUSH_BYTES: usize = crate::rollout::plan::MAX_CONFIG_BYTES;
-
-/// One tail's progress: what it sent, so that replays and live events never repeat one.
-struct Tail {
-    filter: Filter,
-    limit: u64,
-    sent: u64,
-    /// Highest sequence number sent per gateway and epoch (looked up without allocating).
-    seen: std::collections::HashMap<String, std::collections::HashMap<u64, u64>>,
-    /// Storage time of the last event sent: where a replay starts.
-    last_at: u64,
-}
-
-impl Tail {
-    /// Sends stored items not sent yet; false when the tail is done or gone.
-    async fn send_all(
-        &mut self,
-        tx: &mpsc::Sender<Result<v1::TailEventsResponse, Status>>,
-        items: &[Published],
-    ) -> bool {
-        for item in items {
-            let go_on = match events::to_proto(item).item {
-                Some(v1::tail_events_response::Item::Event(e)) => self.send_event(tx, e).await,
-                other => tx
-                    .send(Ok(v1::TailEventsResponse { item: other }))
-                    .await
-                    .is_ok(),
-            };
-            if !go_on {
-                return false;
-            }
-        }
-        true
-    }
-
-    async fn send_event(
-        &mut self,
-        tx: &mpsc::Sender<Result<v1::TailEventsResponse, Status>>,
-        e: v1::TailedEvent,
-    ) -> bool {
-        if !self.seen.contains_key(&e.gateway_id) {
-            self.seen.insert(e.gateway_id.clone(), Default::default());
-        }
-        let Some(epochs) = self.seen.get_mut(&e.gateway_id) else {
-            return true;
-        };
-        let last = epochs.entry(e.epoch).or_default();
-        if e.seq <= *last {
-            return true;
-        }
-        *last = e.seq;
-        self.last_at = self.last_at.max(e.stored_at_unix_ms);
-        if tx
-            .send(Ok(v1::TailEventsResponse {
-                item: Some(v1::tail_events_response::Item::Event(e)),
-            }))
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        self.sent += 1;
-        self.limit == 0 || self.sent < self.limit
-    }
-}
 
 impl OperatorApi {
     /// The fleet's gateways, or a group's.
@@ -550,69 +490,27 @@ impl OperatorService for OperatorApi {
         authorize(&request, &self.trust_domain, Role::Operator)?;
         let request = request.into_inner();
         let filter = self.event_filter(request.filter).await?;
-        let replay_filter = filter.clone();
-        // Subscribe before reading history, so nothing falls between the two.
-        let mut live = if request.no_follow {
-            None
-        } else {
-            Some(
-                self.bus
-                    .subscribe(filter.clone())
-                    .await
-                    .ok_or_else(|| ApiError::Internal("event bus stopped".into()))?,
-            )
-        };
-        let history = if request.since_unix_ms > 0 || request.no_follow {
-            self.events
-                .query(filter, request.since_unix_ms, request.limit)
-                .await
-        } else {
-            Vec::new()
-        };
-        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-        let cancel = self.cancel.clone();
-        let store = self.events.clone();
-        let mut tail = Tail {
-            filter: replay_filter,
+        let tail = TailRequest {
+            filter,
+            since: request.since_unix_ms,
             limit: request.limit,
-            sent: 0,
-            seen: Default::default(),
-            last_at: if request.since_unix_ms > 0 {
-                request.since_unix_ms
-            } else {
-                kt_daemon::unix_ms_now()
-            },
+            follow: !request.no_follow,
         };
-        if let Some(replica) = &self.replica {
-            // Until events travel between replicas (NATS JetStream), say what this tail shows.
-            let scope = format!(
-                "replica {} shows the events of the agents connected to it only; tail every replica for the whole fleet (ktctl cluster status lists them)",
-                replica.name
-            );
+        let mut items = self
+            .tails
+            .tail(tail)
+            .await
+            .map_err(|why| ApiError::Degraded(format!("cannot tail events: {why}")))?;
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        if let Some(scope) = &self.tail_scope {
             let first = v1::TailEventsResponse {
-                item: Some(v1::tail_events_response::Item::Scope(scope)),
+                item: Some(v1::tail_events_response::Item::Scope(scope.clone())),
             };
             let _ = tx.send(Ok(first)).await;
         }
-        spawn_until_cancelled(cancel, async move {
-            if !tail.send_all(&tx, &history).await {
-                return;
-            }
-            let Some(live) = live.as_mut() else { return };
-            while let Some(item) = live.recv().await {
-                let go_on = match item.item {
-                    // This tail fell behind the bus: what it missed is stored, so read it back.
-                    Some(v1::tail_events_response::Item::Missed(_)) => {
-                        let recovered = store.query(tail.filter.clone(), tail.last_at, 0).await;
-                        tail.send_all(&tx, &recovered).await
-                    }
-                    Some(v1::tail_events_response::Item::Event(e)) => tail.send_event(&tx, e).await,
-                    other => tx
-                        .send(Ok(v1::TailEventsResponse { item: other }))
-                        .await
-                        .is_ok(),
-                };
-                if !go_on {
+        spawn_until_cancelled(self.cancel.clone(), async move {
+            while let Some(item) = items.recv().await {
+                if tx.send(item).await.is_err() {
                     return;
                 }
             }
