@@ -191,3 +191,209 @@ async fn a_tail_on_every_replica_receives_every_agents_events_once() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Decision events appended to every gateway's file in rounds, beside the test (bounded: it
+/// stops by itself after `rounds`).
+struct Traffic {
+    thread: Option<std::thread::JoinHandle<()>>,
+    per_gateway: u64,
+}
+
+impl Traffic {
+    fn start(fleet: &HaFleet, rounds: u64, chunk: u64, pause: Duration) -> Self {
+        let files: Vec<(PathBuf, String)> = fleet
+            .gateways
+            .iter()
+            .map(|g| (g.events.clone(), g.id.clone()))
+            .collect();
+        let thread = std::thread::spawn(move || {
+            for round in 0..rounds {
+                for (file, id) in &files {
+                    append_events(file, id, round * chunk + 1, chunk);
+                }
+                std::thread::sleep(pause);
+            }
+        });
+        Traffic {
+            thread: Some(thread),
+            per_gateway: rounds * chunk,
+        }
+    }
+
+    fn finish(&mut self) -> u64 {
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("traffic");
+        }
+        self.per_gateway
+    }
+}
+
+/// The replica leading now, once one does, by index.
+async fn leader_index(fleet: &HaFleet, not: Option<&str>) -> (usize, String) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some((name, _)) = fleet.leader().await
+            && Some(name.as_str()) != not
+        {
+            return (fleet.index_of(&name), name);
+        }
+        assert!(std::time::Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Per gateway: (requests, blocks), from `events stats --all-time` on replica `i`.
+fn counters(fleet: &HaFleet, i: usize) -> BTreeMap<String, (u64, u64)> {
+    let out = fleet.ktctl(i, &["events", "stats", "--all-time", "-o", "json"]);
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    rows.iter()
+        .map(|r| {
+            let key = r["gateway"].as_str().unwrap_or_default().to_owned();
+            (
+                key,
+                (
+                    r["total"].as_u64().unwrap_or(0),
+                    r["block"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Per gateway: (requests, blocks), counted from scratch from everything the stream holds,
+/// read through replica `i`.
+fn counted_from_the_stream(
+    fleet: &HaFleet,
+    i: usize,
+    events: usize,
+) -> BTreeMap<String, (u64, u64)> {
+    let limit = events.to_string();
+    let out = fleet.ktctl(
+        i,
+        &[
+            "events",
+            "tail",
+            "--json",
+            "--all-gateways",
+            "--since",
+            "1h",
+            "--limit",
+            &limit,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut counted: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(e) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let entry = counted
+            .entry(e["gateway_id"].as_str().unwrap_or_default().to_owned())
+            .or_default();
+        entry.0 += 1;
+        entry.1 += u64::from(e["verdict"] == "block");
+    }
+    counted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_while_their_replica_is_killed_arrive_once() {
+    let n = 6;
+    let mut fleet = HaFleet::with_nats(3, n);
+    all_connected(&fleet, 0, n).await;
+    let (_, rows) = fleet.health(0);
+    let holder = rows
+        .iter()
+        .find(|r| r["gateway"] == "gw-test-01")
+        .and_then(|r| r["replica"].as_str())
+        .map(|name| fleet.index_of(name))
+        .expect("gw-test-01's replica");
+    let watcher = (holder + 1) % 3;
+    let tail = Tail::start(
+        &fleet,
+        watcher,
+        "tail",
+        &["--all-gateways", "--since", "1m"],
+    );
+    let mut traffic = Traffic::start(&fleet, 40, 25, Duration::from_millis(100));
+    // Mid-stream, the replica holding gw-test-01's session dies without a word.
+    let first = wait_for(PATIENCE, || tail.ids().len() >= 100).await;
+    assert!(first, "events flow before the kill");
+    fleet.coordinators[holder].kill();
+    let per = traffic.finish();
+    let want = expected(&fleet.ids(), per);
+    receives_each_once(&tail, &want, "tail after the kill").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_after_the_leader_is_killed_equal_a_count_of_the_stream() {
+    let n = 6;
+    let mut fleet = HaFleet::with_nats(3, n);
+    all_connected(&fleet, 0, n).await;
+    let (leader, name) = leader_index(&fleet, None).await;
+    let mut traffic = Traffic::start(&fleet, 40, 25, Duration::from_millis(100));
+    // The leader dies while it counts: some batches are counted past its last checkpoint.
+    let counting = wait_for(PATIENCE, || {
+        counters(&fleet, leader).values().map(|c| c.0).sum::<u64>() >= 300
+    })
+    .await;
+    assert!(
+        counting,
+        "the leader counts: {:?}",
+        counters(&fleet, leader)
+    );
+    fleet.coordinators[leader].kill();
+    let (successor, _) = leader_index(&fleet, Some(&name)).await;
+    let per = traffic.finish();
+    let total = per as usize * n;
+    let want: BTreeMap<String, (u64, u64)> = fleet
+        .ids()
+        .into_iter()
+        .map(|g| (g, (per, per / 10)))
+        .collect();
+    let mut last = BTreeMap::new();
+    let settled = wait_for(PATIENCE, || {
+        last = counters(&fleet, successor);
+        last == want
+    })
+    .await;
+    let from_scratch = counted_from_the_stream(&fleet, successor, total);
+    assert_eq!(from_scratch, want, "the stream holds every event once");
+    assert!(
+        settled,
+        "counters after the takeover {last:?}, counted from the stream {from_scratch:?}"
+    );
+    // Every replica shows the same counters (followers take the leader's checkpoints).
+    for i in (0..3).filter(|i| *i != leader) {
+        let same = wait_for(PATIENCE, || counters(&fleet, i) == want).await;
+        assert!(same, "replica {}: {:?}", i + 1, counters(&fleet, i));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_nats_restarts_under_traffic() {
+    let n = 3;
+    let mut fleet = HaFleet::with_nats(2, n);
+    all_connected(&fleet, 0, n).await;
+    let mut traffic = Traffic::start(&fleet, 60, 20, Duration::from_millis(100));
+    let tail = Tail::start(&fleet, 0, "tail", &["--all-gateways", "--since", "1m"]);
+    let flowing = wait_for(PATIENCE, || tail.ids().len() >= 60).await;
+    assert!(flowing, "events flow before the restart");
+    // SIGKILL, then the same server on the same store: what JetStream acknowledged is there.
+    fleet.nats = None;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.start_nats();
+    let per = traffic.finish();
+    // The tail broke with the server; a new one reads everything from the stream.
+    let after = Tail::start(&fleet, 1, "after", &["--all-gateways", "--since", "10m"]);
+    receives_each_once(
+        &after,
+        &expected(&fleet.ids(), per),
+        "tail after the restart",
+    )
+    .await;
+}
