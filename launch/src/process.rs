@@ -12,8 +12,38 @@ use nix::unistd::Pid;
 
 /// A free loopback address, chosen up front so that a dev process keeps its address when it
 /// is restarted with its own command line (port 0 would bind a new one each time).
+///
+/// Chosen below the kernel's ephemeral range: while a process is down, an outgoing connection
+/// of any other process may be given a port of that range, and the restart could not bind it.
 pub fn free_loopback_addr() -> std::io::Result<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // One sequence per process, started at a place of its own, so that concurrent callers (in
+    // this process or another) rarely try the same port.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = outside_ephemeral_range();
+    let span = high - low;
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..span.min(2000) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(seed);
+        let port = u16::try_from(low + n % span).unwrap_or(u16::MAX);
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr();
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// Ports to choose daemons' addresses from: the 10,000 below the ephemeral range.
+fn outside_ephemeral_range() -> (u32, u32) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral_low.clamp(12_000, 65_535);
+    (high - 10_000, high)
 }
 
 /// A kt binary: next to the running executable if there, else looked up on `PATH`.
