@@ -27,6 +27,9 @@ pub struct NatsSpec {
     pub leaf: SocketAddr,
     /// Other regions' leaf ports this server links to.
     pub remotes: Vec<SocketAddr>,
+    /// The leaf address told to linked servers for reconnecting, when not `leaf` itself (a
+    /// proxy in front of it).
+    pub leaf_advertise: Option<SocketAddr>,
     pub tls: TlsFiles,
 }
 
@@ -54,6 +57,7 @@ impl NatsSpec {
             client: crate::process::free_loopback_addr()?,
             leaf: crate::process::free_loopback_addr()?,
             remotes: Vec::new(),
+            leaf_advertise: None,
             tls: TlsFiles {
                 ca: pki_dir.join(pki::CA_CERT),
                 cert: leaf.cert,
@@ -70,6 +74,8 @@ impl NatsSpec {
         Ok(path)
     }
 
+    /// The server's config. A linked server reconnects to the address a server advertises,
+    /// not necessarily the one in its `remotes`: with a proxy in front, the proxy is advertised.
     fn config_text(&self) -> String {
         let tls = format!(
             "{{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true, timeout: 5 }}",
@@ -88,11 +94,12 @@ impl NatsSpec {
              max_payload: {MAX_PAYLOAD}\n\
              tls: {tls}\n\
              jetstream {{\n  store_dir: {store:?}\n  domain: {region}\n  max_memory_store: 64MB\n  max_file_store: 2GB\n}}\n\
-             leafnodes {{\n  listen: {leaf}\n  tls: {tls}\n  remotes: [{remotes}]\n}}\n",
+             leafnodes {{\n  listen: {leaf}\n  advertise: {advertise}\n  tls: {tls}\n  remotes: [{remotes}]\n}}\n",
             region = self.region,
             client = self.client,
             store = self.dir.join("jetstream").display().to_string(),
             leaf = self.leaf,
+            advertise = self.leaf_advertise.unwrap_or(self.leaf),
             remotes = remotes.join(", "),
         )
     }

@@ -21,6 +21,35 @@ use crate::{
 /// How long a replica's lease lives in these tests: a killed leader's term ends this long after.
 pub const LEASE_TTL: Duration = Duration::from_secs(4);
 
+/// How a fleet's NATS server takes part in a set of regions.
+#[derive(Clone, Debug)]
+pub struct NatsRegion {
+    pub name: String,
+    /// The NATS CA shared by the regions (their leaf links verify each other); none: one of
+    /// the fleet's own.
+    pub pki: Option<PathBuf>,
+    /// Other regions whose streams this one sources.
+    pub others: Vec<String>,
+    /// Leaf ports of other regions' servers this one links to.
+    pub remotes: Vec<SocketAddr>,
+    /// This server's leaf port, chosen beforehand, and the address it advertises for it (a
+    /// proxy in front of it).
+    pub leaf: Option<(SocketAddr, SocketAddr)>,
+}
+
+impl NatsRegion {
+    /// The one region of a fleet that has no other.
+    pub fn local() -> Self {
+        NatsRegion {
+            name: "local".into(),
+            pki: None,
+            others: Vec::new(),
+            remotes: Vec::new(),
+            leaf: None,
+        }
+    }
+}
+
 pub struct HaFleet {
     pub dir: tempfile::TempDir,
     pub pki: Pki,
@@ -40,15 +69,21 @@ pub struct HaFleet {
 impl HaFleet {
     /// etcd, `replicas` coordinators on it, and `n` gateways (`gw-test-01`...).
     pub fn start(replicas: usize, n: usize) -> Self {
-        Self::start_with(replicas, n, false)
+        Self::start_with(replicas, n, None)
     }
 
     /// As [`HaFleet::start`], with the events of every replica on one NATS JetStream server.
     pub fn with_nats(replicas: usize, n: usize) -> Self {
-        Self::start_with(replicas, n, true)
+        Self::start_with(replicas, n, Some(NatsRegion::local()))
     }
 
-    fn start_with(replicas: usize, n: usize, nats: bool) -> Self {
+    /// One region of several: its own etcd, replicas and NATS server (JetStream domain
+    /// `region.name`), its gateways named `gw-<region>-NN`.
+    pub fn in_region(replicas: usize, n: usize, region: NatsRegion) -> Self {
+        Self::start_with(replicas, n, Some(region))
+    }
+
+    fn start_with(replicas: usize, n: usize, nats: Option<NatsRegion>) -> Self {
         kt_daemon::install_crypto_provider();
         let mut dir = tempfile::tempdir().expect("tempdir");
         // KT_E2E_KEEP=1 keeps the logs of a run to read after it.
@@ -60,15 +95,32 @@ impl HaFleet {
         // etcd's own CA: no agent certificate of the deployment is signed by it, so no agent
         // can reach etcd.
         let etcd_spec = EtcdSpec::with_own_ca(&dir.path().join("etcd"), "kt-test").expect("etcd");
-        let ids: Vec<String> = (1..=n).map(|i| format!("gw-test-{i:02}")).collect();
+        let prefix = match &nats {
+            Some(region) if region.name != "local" => format!("gw-{}", region.name),
+            _ => "gw-test".to_owned(),
+        };
+        let ids: Vec<String> = (1..=n).map(|i| format!("{prefix}-{i:02}")).collect();
         let etcd_proxies: Vec<CutProxy> = (0..replicas)
             .map(|_| CutProxy::start(etcd_spec.client))
             .collect();
         let storage = Storage::Etcd(etcd_spec.storage(LEASE_TTL, Duration::from_millis(1500)));
-        let nats_spec = nats.then(|| {
+        let nats_spec = nats.as_ref().map(|region| {
             let nats_dir = dir.path().join("nats");
-            NatsSpec::new(&nats_dir, &nats_dir.join("pki"), "local").expect("nats")
+            let pki_dir = region.pki.clone().unwrap_or_else(|| nats_dir.join("pki"));
+            let mut spec = NatsSpec::new(&nats_dir, &pki_dir, &region.name).expect("nats");
+            spec.remotes = region.remotes.clone();
+            if let Some((listen, advertise)) = region.leaf {
+                spec.leaf = listen;
+                spec.leaf_advertise = Some(advertise);
+            }
+            spec
         });
+        // Agents of a region say so in their labels; otherwise half are `us`, half `eu`.
+        let label = nats
+            .as_ref()
+            .map(|region| region.name.clone())
+            .filter(|name| name != "local");
+        let others = nats.map(|region| region.others).unwrap_or_default();
         let mut coordinators: Vec<CoordinatorNode> = (0..replicas)
             .map(|i| {
                 let mut storage = storage.clone();
@@ -82,7 +134,7 @@ impl HaFleet {
                     &ids,
                     storage,
                 );
-                node.events = nats_spec.as_ref().map(|spec| spec.events(&[]));
+                node.events = nats_spec.as_ref().map(|spec| spec.events(&others));
                 node
             })
             .collect();
@@ -121,7 +173,11 @@ impl HaFleet {
                 .take(addrs.len() - 1)
                 .copied()
                 .collect();
-            let region = if i % 2 == 0 { "us" } else { "eu" };
+            let region = match &label {
+                Some(name) => name.as_str(),
+                None if i % 2 == 0 => "us",
+                None => "eu",
+            };
             let agent = AgentNode::start(
                 &gw_dir,
                 &AgentSpec {

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kt_e2e::ha::HaFleet;
+use kt_e2e::ha::{HaFleet, NatsRegion};
+use kt_e2e::proxy::CutProxy;
 use kt_e2e::{Proc, bin, wait_for};
 use serde_json::{Value, json};
 
@@ -396,4 +397,101 @@ async fn nothing_acknowledged_is_lost_when_nats_restarts_under_traffic() {
         "tail after the restart",
     )
     .await;
+}
+
+/// The event ids in `tail` of gateways whose id starts with `prefix`.
+fn ids_of(tail: &Tail, prefix: &str) -> usize {
+    tail.ids()
+        .iter()
+        .filter(|id| id.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_cut_apart_keep_their_own_events_and_catch_up_on_the_others() {
+    let n = 2;
+    let shared = tempfile::tempdir().expect("tempdir");
+    let pki = shared.path().join("nats-pki");
+    // us links to eu through a proxy: the link between the regions, cut at will. eu
+    // advertises the proxy, so a reconnecting link goes through it too.
+    let eu_leaf = kt_launch::process::free_loopback_addr().expect("port");
+    let link = CutProxy::start(eu_leaf);
+    let eu = HaFleet::in_region(
+        1,
+        n,
+        NatsRegion {
+            name: "eu".into(),
+            pki: Some(pki.clone()),
+            others: vec!["us".into()],
+            remotes: Vec::new(),
+            leaf: Some((eu_leaf, link.addr)),
+        },
+    );
+    let us = HaFleet::in_region(
+        1,
+        n,
+        NatsRegion {
+            name: "us".into(),
+            pki: Some(pki),
+            others: vec!["eu".into()],
+            remotes: vec![link.addr],
+            leaf: None,
+        },
+    );
+    all_connected(&eu, 0, n).await;
+    all_connected(&us, 0, n).await;
+    let eu_tail = Tail::start(&eu, 0, "tail-eu", &["--all-gateways", "--since", "1m"]);
+    let us_tail = Tail::start(&us, 0, "tail-us", &["--all-gateways", "--since", "1m"]);
+
+    let mut eu_traffic = Traffic::start(&eu, 30, 10, Duration::from_millis(1000));
+    let mut us_traffic = Traffic::start(&us, 30, 10, Duration::from_millis(1000));
+    // Both regions' events reach both tails while the link is up.
+    let crossing = wait_for(PATIENCE, || {
+        ids_of(&eu_tail, "gw-us-") > 0 && ids_of(&us_tail, "gw-eu-") > 0
+    })
+    .await;
+    assert!(
+        crossing,
+        "events cross the link: eu sees {} of us, us sees {} of eu",
+        ids_of(&eu_tail, "gw-us-"),
+        ids_of(&us_tail, "gw-eu-")
+    );
+
+    // The link goes down for 20 s under traffic: each region goes on with its own events.
+    link.block();
+    let cut_at = std::time::Instant::now();
+    let (eu_own, us_own) = (ids_of(&eu_tail, "gw-eu-"), ids_of(&us_tail, "gw-us-"));
+    let own_go_on = wait_for(Duration::from_secs(20), || {
+        ids_of(&eu_tail, "gw-eu-") >= eu_own + 50 && ids_of(&us_tail, "gw-us-") >= us_own + 50
+    })
+    .await;
+    assert!(
+        own_go_on,
+        "each region ingests and tails its own events while cut off"
+    );
+    // What was on the way at the cut has landed by now; from here nothing crosses.
+    let (eu_seen_us, us_seen_eu) = (ids_of(&eu_tail, "gw-us-"), ids_of(&us_tail, "gw-eu-"));
+    let (us_own, eu_own) = (ids_of(&us_tail, "gw-us-"), ids_of(&eu_tail, "gw-eu-"));
+    while cut_at.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        (ids_of(&eu_tail, "gw-us-"), ids_of(&us_tail, "gw-eu-")),
+        (eu_seen_us, us_seen_eu),
+        "nothing crosses a cut link"
+    );
+    assert!(
+        ids_of(&us_tail, "gw-us-") > us_own && ids_of(&eu_tail, "gw-eu-") > eu_own,
+        "while each region's own events went on"
+    );
+    link.unblock();
+
+    // After the link returns, each tail catches up: every event of both regions, once.
+    let per = eu_traffic.finish();
+    assert_eq!(us_traffic.finish(), per);
+    let mut all = eu.ids();
+    all.extend(us.ids());
+    let want = expected(&all, per);
+    receives_each_once(&eu_tail, &want, "eu's tail").await;
+    receives_each_once(&us_tail, &want, "us's tail").await;
 }
