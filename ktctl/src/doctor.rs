@@ -83,6 +83,10 @@ pub const PROVIDER_LATENCY_WARN_MS: f64 = 2_000.0;
 pub const EVENT_LAG_WARN: Duration = Duration::from_secs(10);
 pub const EVENT_LAG_FAIL: Duration = Duration::from_secs(60);
 pub const ETCD_LATENCY_WARN: Duration = Duration::from_millis(100);
+/// Batches the leader's count of the event stream may lag before doctor warns.
+pub const BUS_COUNT_LAG_WARN: u64 = 10_000;
+/// How long a link from another region may be silent before doctor warns.
+pub const BUS_LINK_SILENT_WARN: Duration = Duration::from_secs(60);
 
 /// A certificate whose expiry was read.
 #[derive(Clone, Debug)]
@@ -126,6 +130,7 @@ pub fn check(inputs: &Inputs, sections: &[Section]) -> Vec<Check> {
             Section::Connectivity => {
                 connectivity(inputs, &mut checks);
                 control_plane(inputs, &mut checks);
+                event_bus(inputs, &mut checks);
             }
             Section::Certs => certs(inputs, &mut checks),
             Section::Agents => agents(inputs, &mut checks),
@@ -262,6 +267,79 @@ fn control_plane(inputs: &Inputs, checks: &mut Vec<Check>) {
             Mark::Warn,
             value,
             Some("etcd answers slowly: check its disk (fsync latency) and the network to it"),
+        )
+    } else {
+        report(Mark::Pass, value, None)
+    }
+}
+
+/// The event stream between replicas and regions (`events.nats`), when there is one: reachable,
+/// the leader's count keeping up, each region link active.
+fn event_bus(inputs: &Inputs, checks: &mut Vec<Check>) {
+    let Some(Ok(status)) = &inputs.cluster else {
+        return;
+    };
+    let Some(bus) = &status.bus else {
+        return;
+    };
+    let threshold = format!(
+        "stream reachable; warn: leader's count {BUS_COUNT_LAG_WARN}+ batches behind, a region link silent {}s+",
+        BUS_LINK_SILENT_WARN.as_secs()
+    );
+    let mut report = |mark, value: String, hint: Option<&str>| {
+        push(
+            checks,
+            Section::Connectivity,
+            mark,
+            "event bus",
+            value,
+            threshold.clone(),
+            hint.map(str::to_owned),
+        )
+    };
+    if !bus.reachable {
+        return report(
+            Mark::Fail,
+            format!(
+                "stream {} unreachable from {}: {}",
+                bus.stream, status.answered_by, bus.error
+            ),
+            Some(
+                "check nats-server (systemctl status nats-server), its JetStream store and the replica's NATS certificate; agents buffer their events meanwhile",
+            ),
+        );
+    }
+    let lag = crate::commands::cluster::status::counting_lag(bus);
+    let silent: Vec<String> = bus
+        .links
+        .iter()
+        .filter(|l| {
+            l.active_ms_ago < 0 || l.active_ms_ago as u128 > BUS_LINK_SILENT_WARN.as_millis()
+        })
+        .map(|l| l.region.clone())
+        .collect();
+    let value = format!(
+        "stream {} (region {}), {} batches; leader's count {lag} behind; {} region link(s)",
+        bus.stream,
+        bus.region,
+        bus.messages,
+        bus.links.len()
+    );
+    if !silent.is_empty() {
+        report(
+            Mark::Warn,
+            format!("{value}; silent: {}", silent.join(", ")),
+            Some(
+                "the link between regions is down or slow: each region keeps its own events and catches up when it returns; check the leaf node connection in nats-server's log",
+            ),
+        )
+    } else if lag >= BUS_COUNT_LAG_WARN {
+        report(
+            Mark::Warn,
+            value,
+            Some(
+                "the leader counts the stream slowly: rollout gates see decisions late; check the leader's CPU and its log",
+            ),
         )
     } else {
         report(Mark::Pass, value, None)
@@ -987,6 +1065,65 @@ mod tests {
     }
 
     #[test]
+    fn the_event_bus_passes_only_reachable_counted_and_linked() {
+        use kt_proto::v1::{ClusterStatusResponse, EventBusStatus, RegionLink};
+        let bus = |change: &dyn Fn(&mut EventBusStatus)| {
+            let mut bus = EventBusStatus {
+                reachable: true,
+                stream: "KT_EVENTS".into(),
+                region: "eu".into(),
+                last_seq: 500,
+                counted_through_seq: 490,
+                links: vec![RegionLink {
+                    region: "us".into(),
+                    lag: 0,
+                    active_ms_ago: 800,
+                }],
+                ..Default::default()
+            };
+            change(&mut bus);
+            bus
+        };
+        let mark = |bus: Option<EventBusStatus>| {
+            let inputs = Inputs {
+                cluster: Some(Ok(ClusterStatusResponse {
+                    storage: "etcd".into(),
+                    bus,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            };
+            check(&inputs, &[Section::Connectivity])
+                .into_iter()
+                .find(|c| c.subject == "event bus")
+                .map(|c| c.mark)
+        };
+        assert_eq!(mark(Some(bus(&|_| {}))), Some(Mark::Pass));
+        assert_eq!(mark(None), None, "no bus, no check");
+        assert_eq!(mark(Some(bus(&|b| b.reachable = false))), Some(Mark::Fail));
+        assert_eq!(
+            mark(Some(bus(&|b| b.links[0].active_ms_ago = 120_000))),
+            Some(Mark::Warn),
+            "a silent link between regions"
+        );
+        assert_eq!(
+            mark(Some(bus(&|b| b.links[0].active_ms_ago = -1))),
+            Some(Mark::Warn),
+            "a link never active is no evidence of one"
+        );
+        assert_eq!(
+            mark(Some(bus(&|b| b.counted_through_seq = 0))),
+            Some(Mark::Pass),
+            "500 behind is under the threshold"
+        );
+        assert_eq!(
+            mark(Some(bus(&|b| b.last_seq = 20_000))),
+            Some(Mark::Warn),
+            "the leader's count far behind"
+        );
+    }
+
+    #[test]
     fn the_control_plane_passes_only_with_etcd_answering_and_a_leader() {
         use kt_proto::v1::{ClusterStatusResponse, EtcdStatus, ReplicaStatus};
         let replica = |name: &str| ReplicaStatus {
@@ -1004,6 +1141,7 @@ mod tests {
                 latency_us: 1_500,
                 ..Default::default()
             }),
+            bus: None,
         };
         let mark = |status: ClusterStatusResponse| {
             let inputs = Inputs {

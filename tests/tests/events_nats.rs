@@ -191,6 +191,36 @@ async fn a_tail_on_every_replica_receives_every_agents_events_once() {
         "counters: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // cluster status and doctor show the bus: the stream, and the leader's count caught up.
+    let mut status = Value::Null;
+    let caught_up = wait_for(PATIENCE, || {
+        status = cluster_status(&fleet, 1);
+        status["bus"]["reachable"] == true
+            && status["bus"]["counting_lag"] == 0
+            && status["bus"]["last_seq"].as_u64() > Some(0)
+    })
+    .await;
+    assert!(caught_up, "cluster status: {status:#}");
+    assert_eq!(doctor_mark(&fleet, 1, "event bus"), "pass");
+}
+
+fn cluster_status(fleet: &HaFleet, i: usize) -> Value {
+    let out = fleet.ktctl(i, &["cluster", "status", "-o", "json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// The mark of doctor's connectivity check `subject`, asked of replica `i`.
+fn doctor_mark(fleet: &HaFleet, i: usize, subject: &str) -> String {
+    let out = fleet.ktctl(i, &["doctor", "--checks", "connectivity", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    report["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["subject"] == subject)
+        .map(|c| c["mark"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_else(|| format!("no {subject} check in {report}"))
 }
 
 /// Decision events appended to every gateway's file in rounds, beside the test (bounded: it
@@ -494,4 +524,8 @@ async fn two_regions_cut_apart_keep_their_own_events_and_catch_up_on_the_others(
     let want = expected(&all, per);
     receives_each_once(&eu_tail, &want, "eu's tail").await;
     receives_each_once(&us_tail, &want, "us's tail").await;
+    // cluster status shows the link from the other region, caught up.
+    let status = cluster_status(&eu, 0);
+    assert_eq!(status["bus"]["links"][0]["region"], "us", "{status:#}");
+    assert_eq!(status["bus"]["links"][0]["lag"], 0, "{status:#}");
 }

@@ -124,6 +124,10 @@ pub async fn cluster_status(replica: &Replica, fleet: &[GatewayState]) -> Cluste
         r.agents = agents_of(fleet, &r.name);
     }
     answer.etcd = Some(etcd);
+    if let Some(stream) = &replica.events {
+        let bus = crate::events::nats::status::bus_status(stream, &replica.store, timeout);
+        answer.bus = Some(bus.await);
+    }
     answer
 }
 

@@ -9,6 +9,7 @@
 pub mod counting;
 pub mod log;
 pub mod read;
+pub mod status;
 pub mod tail;
 pub mod wire;
 

@@ -1,8 +1,9 @@
 //! `ktctl cluster status [-o table|json|yaml]`: the coordinator replicas, the leader and its
-//! epoch, each replica's lease and agents, and etcd's health as the answering replica sees it.
-//! Exits 1 when the control plane cannot act: etcd unreachable or alarmed, or no leader.
+//! epoch, each replica's lease and agents, etcd's health and the event stream (with
+//! `events.nats`) as the answering replica sees them. Exits 1 when the control plane cannot
+//! act: etcd unreachable or alarmed, no leader, or the event stream unreachable.
 
-use kt_proto::v1::{ClusterStatusRequest, ClusterStatusResponse};
+use kt_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, EventBusStatus};
 
 use crate::Session;
 use crate::view::{Output, print_structured, table};
@@ -55,7 +56,76 @@ pub fn problems(status: &ClusterStatusResponse) -> Vec<String> {
         Some(_) => {}
         None => problems.push("the replica said nothing of etcd".into()),
     }
+    if let Some(bus) = &status.bus
+        && !bus.reachable
+    {
+        problems.push(format!(
+            "the event stream {} ({}) is unreachable from {}: {}; agents keep their events buffered until it answers",
+            bus.stream,
+            bus.urls.join(","),
+            status.answered_by,
+            bus.error
+        ));
+    }
     problems
+}
+
+/// Messages the leader has not counted yet, as of its last checkpoint.
+pub fn counting_lag(bus: &EventBusStatus) -> u64 {
+    bus.last_seq.saturating_sub(bus.counted_through_seq)
+}
+
+fn bus_json(bus: &EventBusStatus) -> serde_json::Value {
+    let links: Vec<_> = bus
+        .links
+        .iter()
+        .map(|l| {
+            serde_json::json!({ "region": l.region, "lag": l.lag,
+                "active_ms_ago": (l.active_ms_ago >= 0).then_some(l.active_ms_ago) })
+        })
+        .collect();
+    serde_json::json!({
+        "stream": bus.stream, "region": bus.region, "urls": bus.urls,
+        "reachable": bus.reachable, "error": Some(&bus.error).filter(|s| !s.is_empty()),
+        "latency_ms": bus.latency_us as f64 / 1000.0, "messages": bus.messages, "bytes": bus.bytes,
+        "last_seq": bus.last_seq, "counted_through_seq": bus.counted_through_seq,
+        "counting_lag": counting_lag(bus),
+        "checkpoint": (bus.checkpoint_unix_ms > 0).then(|| kt_daemon::clock::rfc3339(bus.checkpoint_unix_ms)),
+        "links": links,
+    })
+}
+
+fn print_bus(bus: &EventBusStatus) {
+    if !bus.reachable {
+        println!(
+            "events: NATS stream {} UNREACHABLE ({}): {}",
+            bus.stream,
+            bus.urls.join(","),
+            bus.error
+        );
+        return;
+    }
+    println!(
+        "events: NATS stream {} (region {}), {} batches, {:.1} MiB; the leader counted through {} of {} (lag {})",
+        bus.stream,
+        bus.region,
+        bus.messages,
+        bus.bytes as f64 / (1024.0 * 1024.0),
+        bus.counted_through_seq,
+        bus.last_seq,
+        counting_lag(bus)
+    );
+    for link in &bus.links {
+        let active = if link.active_ms_ago >= 0 {
+            format!("{:.1}s ago", link.active_ms_ago as f64 / 1000.0)
+        } else {
+            "never".into()
+        };
+        println!(
+            "  link from region {}: lag {} batches, last active {active}",
+            link.region, link.lag
+        );
+    }
 }
 
 fn json(status: &ClusterStatusResponse, problems: &[String]) -> serde_json::Value {
@@ -86,6 +156,7 @@ fn json(status: &ClusterStatusResponse, problems: &[String]) -> serde_json::Valu
         "epoch": status.epoch,
         "replicas": replicas,
         "etcd": etcd,
+        "bus": status.bus.as_ref().map(bus_json),
         "problems": problems,
     })
 }
@@ -161,5 +232,8 @@ fn print_table(status: &ClusterStatusResponse) {
                 etcd.error
             );
         }
+    }
+    if let Some(bus) = &status.bus {
+        print_bus(bus);
     }
 }
