@@ -172,14 +172,18 @@ async fn connect(
 ) -> anyhow::Result<OpenSession> {
     use anyhow::Context;
     let server_name = settings.config.server_name(endpoint);
-    let channel = Endpoint::from_shared(endpoint.to_owned())
+    let endpoint_settings = Endpoint::from_shared(endpoint.to_owned())
         .with_context(|| format!("bad endpoint {endpoint}"))?
         .tls_config(settings.tls.client_config(&server_name))?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
+        .keep_alive_timeout(Duration::from_secs(10));
+    // `connect_timeout` bounds only the TCP connect: a listener whose process never answers the
+    // TLS handshake (one still starting, or stuck) must not hold the agent on this endpoint.
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint_settings.connect())
         .await
+        .map_err(|_| anyhow::anyhow!("no TLS handshake within {CONNECT_TIMEOUT:?}"))
+        .and_then(|connected| connected.map_err(anyhow::Error::from))
         .with_context(|| format!("cannot connect to {endpoint}"))?;
 
     let (outbound, rx) = mpsc::channel(OUTBOUND_QUEUE);

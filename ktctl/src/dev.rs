@@ -11,8 +11,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 pub use kt_launch::configs::{
-    AgentSpec, EXAMPLE_POLICY, EtcdStorage, Liveness, MOCK_PROVIDER_SECRET, Storage, agent_config,
-    coordinator, coordinator_config, example_policy, groups_file, to_yaml,
+    AgentSpec, EXAMPLE_POLICY, EtcdStorage, Liveness, MOCK_PROVIDER_SECRET, NatsEvents, Storage,
+    agent_config, coordinator, coordinator_config, example_policy, groups_file, to_yaml,
 };
 pub use kt_launch::process::{
     find_binary, free_loopback_addr, is_running, log_tail, spawn, stop, wait_ready,
@@ -70,6 +70,8 @@ pub fn clear_current(dir: &Path) {
 pub enum Role {
     /// Debian's etcd, for `dev up --ha`.
     Etcd,
+    /// Debian's nats-server, one per region, for `dev up --ha`.
+    Nats,
     Coordinator,
     /// The mock LLM provider (`kt-gateway mock-provider`).
     Provider,
@@ -81,6 +83,7 @@ impl Role {
     pub fn binary(self) -> &'static str {
         match self {
             Role::Etcd => "etcd",
+            Role::Nats => "nats-server",
             Role::Coordinator => "kt-coordinator",
             Role::Provider | Role::Gateway => "kt-gateway",
             Role::Agent => "kt-agent",
@@ -90,6 +93,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Etcd => "etcd",
+            Role::Nats => "nats",
             Role::Coordinator => "coordinator",
             Role::Provider => "provider",
             Role::Gateway => "gateway",

@@ -13,7 +13,7 @@ use kt_agent::config::{
 use kt_coordinator::config::{
     CoordinatorConfig, EventsConfig, GroupSpec, GroupsFile, LivenessConfig,
 };
-pub use kt_coordinator::config::{EtcdStorage, Storage};
+pub use kt_coordinator::config::{EtcdStorage, NatsEvents, Storage};
 use kt_proto::tls::TlsFiles;
 
 /// Liveness settings written into a coordinator config.

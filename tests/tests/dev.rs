@@ -385,6 +385,7 @@ async fn dev_up_ha_runs_etcd_and_three_coordinators() {
     let state = dev::DevState::load(&dir).expect("state").expect("a fleet");
     let roles: Vec<dev::Role> = state.processes.iter().map(|p| p.role).collect();
     assert_eq!(roles.iter().filter(|r| **r == dev::Role::Etcd).count(), 1);
+    assert_eq!(roles.iter().filter(|r| **r == dev::Role::Nats).count(), 1);
     assert_eq!(
         roles
             .iter()
@@ -409,6 +410,7 @@ async fn dev_up_ha_runs_etcd_and_three_coordinators() {
         "{status:#}"
     );
     assert_eq!(status["etcd"]["reachable"], true);
+    assert_eq!(status["bus"]["reachable"], true, "{status:#}");
 
     let pids: Vec<(u32, std::path::PathBuf)> = state
         .processes
@@ -427,4 +429,87 @@ async fn dev_up_ha_runs_etcd_and_three_coordinators() {
     })
     .await;
     assert!(all_gone, "processes survived dev down");
+}
+
+#[tokio::test]
+async fn dev_up_with_two_regions_shows_each_region_the_others_events() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let home = tmp.path();
+    let dir = tmp.path().join("fleet");
+    let dir_arg = dir.to_str().expect("utf-8 path");
+    let _guard = DevFleetGuard(dir.clone());
+    let up = ktctl(
+        home,
+        &[
+            "dev",
+            "up",
+            "--ha",
+            "--regions",
+            "2",
+            "--gateways",
+            "2",
+            "--dir",
+            dir_arg,
+        ],
+    );
+    assert!(
+        up.status.success(),
+        "dev up --ha --regions 2 failed: {}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let state = dev::DevState::load(&dir).expect("state").expect("a fleet");
+    let count = |role| state.processes.iter().filter(|p| p.role == role).count();
+    assert_eq!(
+        (
+            count(dev::Role::Etcd),
+            count(dev::Role::Nats),
+            count(dev::Role::Coordinator)
+        ),
+        (1, 2, 6)
+    );
+    // gw-dev-01 is in eu, gw-dev-02 in us; one event each, tailed in the other region.
+    for (id, n) in [("gw-dev-01", 1), ("gw-dev-02", 2)] {
+        let line = serde_json::json!({ "id": format!("probe-{n}"), "verdict": "allow", "reason_code": "",
+            "config_version": "1.0.0", "policies_evaluated": [] });
+        let path = dir.join(id).join("events.jsonl");
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.push_str(&format!("{line}\n"));
+        std::fs::write(&path, text).expect("append");
+    }
+    for context in ["dev-eu", "dev-us"] {
+        let mut seen = String::new();
+        let both = wait_for(Duration::from_secs(60), || {
+            let out = ktctl(
+                home,
+                &[
+                    "--context",
+                    context,
+                    "events",
+                    "tail",
+                    "--all-gateways",
+                    "--json",
+                    "--since",
+                    "10m",
+                    "--no-follow",
+                ],
+            );
+            seen = String::from_utf8_lossy(&out.stdout).into_owned();
+            seen.contains("probe-1") && seen.contains("probe-2")
+        })
+        .await;
+        assert!(both, "{context} tails both regions' events: {seen}");
+    }
+    let out = ktctl(
+        home,
+        &["--context", "dev-us", "cluster", "status", "-o", "json"],
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(status["bus"]["links"][0]["region"], "eu", "{status:#}");
+    let down = ktctl(home, &["dev", "down", "--dir", dir_arg]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
 }

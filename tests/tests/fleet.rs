@@ -215,3 +215,48 @@ async fn fleet_watch_streams_a_snapshot_then_changes() {
     .expect("a change for the stopped gateway");
     assert!(!change.health.expect("health").reachable);
 }
+
+#[tokio::test]
+async fn an_agent_passes_over_an_endpoint_that_accepts_but_never_answers() {
+    let mut fleet = TestFleet::start(1);
+    fleet
+        .wait_for_health("1 healthy gateway", PATIENCE, all_healthy(1))
+        .await;
+    // A listener that takes connections and never says a word, as a coordinator still starting.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("address");
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            connections.push(stream);
+        }
+    });
+    let config = fleet.dir.path().join("gw-test-01").join("agent.yaml");
+    let text = std::fs::read_to_string(&config).expect("agent config");
+    let endpoints = "endpoints:\n";
+    assert!(text.contains(endpoints), "{text}");
+    let text = text.replacen(
+        endpoints,
+        &format!("{endpoints}  - https://{silent_addr}\n"),
+        1,
+    );
+    std::fs::write(&config, text).expect("agent config");
+
+    fleet.agents[0].kill();
+    fleet
+        .wait_for_health("gw-test-01 unreachable", PATIENCE, |_, rows| {
+            row(rows, "gw-test-01").is_some_and(|r| r["agent"] != "connected")
+        })
+        .await;
+    fleet.agents[0].start_again();
+    fleet
+        .wait_for_health(
+            "the agent connected past the silent endpoint",
+            Duration::from_secs(60),
+            all_healthy(1),
+        )
+        .await;
+    held.abort();
+}

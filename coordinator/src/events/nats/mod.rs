@@ -122,17 +122,17 @@ impl EventStream {
                 let info = existing.info().await.map_err(|e| failed(e.to_string()))?;
                 let current = &info.config;
                 if current.subjects != wanted.subjects
-                    || current.sources.clone().unwrap_or_default()
-                        != wanted.sources.clone().unwrap_or_default()
+                    || !same_sources(current, &wanted)
                     || current.max_age != wanted.max_age
                     || current.max_bytes != wanted.max_bytes
                     || current.num_replicas != wanted.num_replicas
                 {
                     tracing::info!(stream = %wanted.name, "bringing the event stream to this replica's settings");
-                    self.js
-                        .update_stream(&wanted)
-                        .await
-                        .map_err(|e| failed(e.to_string()))?;
+                    // The stream works as it is: a refused change is reported, not fatal.
+                    if let Err(error) = self.js.update_stream(&wanted).await {
+                        tracing::warn!(stream = %wanted.name, %error,
+                            "the event stream keeps its current settings: NATS refused the change");
+                    }
                 }
                 Ok(existing)
             }
@@ -160,6 +160,28 @@ impl EventStream {
     pub fn subject(&self, gateway: &str) -> String {
         subject(&self.settings.region, gateway)
     }
+}
+
+/// Whether the stream sources the same streams as wanted, compared on the fields we set (the
+/// server fills in others, such as start sequences, when it stores a source).
+fn same_sources(current: &stream::Config, wanted: &stream::Config) -> bool {
+    let key = |config: &stream::Config| -> Vec<(String, Option<String>, Option<String>)> {
+        let mut keys: Vec<_> = config
+            .sources
+            .iter()
+            .flatten()
+            .map(|source| {
+                (
+                    source.name.clone(),
+                    source.filter_subject.clone(),
+                    source.external.as_ref().map(|e| e.api_prefix.clone()),
+                )
+            })
+            .collect();
+        keys.sort();
+        keys
+    };
+    key(current) == key(wanted)
 }
 
 /// `kt.events.<region>.<gateway>`; a gateway id's dots become `~` (ids have no `~`), since a

@@ -20,9 +20,13 @@ pub struct Args {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=99))]
     pub gateways: u8,
     /// A replicated control plane: etcd (Debian's etcd-server) and three coordinators on it,
-    /// each agent knowing all three.
+    /// each agent knowing all three, and their events on NATS JetStream (Debian's nats-server).
     #[arg(long)]
     pub ha: bool,
+    /// With --ha: regions, each with its own NATS server and coordinators, joined by a leaf
+    /// node link so a tail in one shows the other's events (1 or 2).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2), requires = "ha")]
+    pub regions: u8,
     #[command(flatten)]
     pub dir: DirArg,
 }
@@ -68,10 +72,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     // Before anything is written: name the missing package rather than fail half-way.
-    let etcd_binary = if args.ha {
-        Some(kt_launch::etcd::find_etcd()?)
+    let ha_binaries = if args.ha {
+        Some((kt_launch::etcd::find_etcd()?, kt_launch::nats::find_nats()?))
     } else {
         None
+    };
+    let regions: Vec<String> = match (args.ha, args.regions) {
+        (false, _) => Vec::new(),
+        (true, 1) => vec!["local".into()],
+        (true, _) => vec!["eu".into(), "us".into()],
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = std::fs::canonicalize(&dir)?;
@@ -118,53 +127,102 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let run_dir = dir.join("run");
     std::fs::create_dir_all(&run_dir)?;
 
-    // etcd, then the coordinators: agents need their addresses.
-    let storage = match &etcd_binary {
-        Some(etcd) => Some(start_etcd(&mut rollback, etcd, &dir)?),
-        None => None,
-    };
-    let replicas = if storage.is_some() { HA_REPLICAS } else { 1 };
-    let mut coordinators = Vec::new();
-    for i in 1..=replicas {
-        let name = if storage.is_some() {
-            format!("coordinator-{i}")
-        } else {
-            "coordinator".to_owned()
-        };
-        let coordinator_dir = dir.join(&name);
-        std::fs::create_dir_all(&coordinator_dir)?;
-        let groups_path = coordinator_dir.join("groups.yaml");
-        std::fs::write(&groups_path, dev::groups_file(dev::DEV_GROUP, &ids))?;
-        let config_path = coordinator_dir.join("coordinator.yaml");
-        // Concrete ports, not 0: a process restarted with its own command line keeps its address.
-        let listen: SocketAddr = dev::free_loopback_addr()?;
-        let mut config = dev::coordinator(
-            listen,
-            &pki_dir,
-            &coordinator_dir.join("data"),
-            &groups_path,
-            Liveness::DEV,
-        );
-        if let Some(storage) = &storage {
-            let mut storage = storage.clone();
-            storage.replica = Some(format!("replica-{i}"));
-            config.storage = dev::Storage::Etcd(storage);
+    // etcd, NATS, then the coordinators: agents need their addresses.
+    let control = match &ha_binaries {
+        Some((etcd, nats)) => {
+            let storage = start_etcd(&mut rollback, etcd, &dir)?;
+            let mut per_region = Vec::new();
+            let mut first_leaf = None;
+            for region in &regions {
+                let mut spec = kt_launch::nats::NatsSpec::new(
+                    &dir.join(format!("nats-{region}")),
+                    &dir.join("nats-pki"),
+                    region,
+                )?;
+                // Every other region links to the first one.
+                spec.remotes = first_leaf.into_iter().collect();
+                first_leaf.get_or_insert(spec.leaf);
+                start_nats(&mut rollback, nats, &spec)?;
+                let others: Vec<String> =
+                    regions.iter().filter(|r| *r != region).cloned().collect();
+                per_region.push(RegionPlan {
+                    name: region.clone(),
+                    storage: Some(storage.clone()),
+                    events: Some(spec.events(&others)),
+                });
+            }
+            per_region
         }
-        std::fs::write(&config_path, dev::to_yaml(&config))?;
-        let coordinator = start(
-            &mut rollback,
-            Role::Coordinator,
-            None,
-            vec!["--config".into(), path_arg(&config_path)],
-            &[],
-            &coordinator_dir,
-            Some(&run_dir.join(format!("{name}.addr"))),
-        )?
-        .context("the coordinator reported no address")?;
-        println!("{name} listening on {coordinator}");
-        coordinators.push(coordinator);
+        None => vec![RegionPlan {
+            name: String::new(),
+            storage: None,
+            events: None,
+        }],
+    };
+    let several = control.len() > 1;
+    let mut coordinators_of: Vec<Vec<SocketAddr>> = Vec::new();
+    for plan in &control {
+        let replicas = if plan.storage.is_some() {
+            HA_REPLICAS
+        } else {
+            1
+        };
+        let mut coordinators = Vec::new();
+        for i in 1..=replicas {
+            let name = match (plan.storage.is_some(), several) {
+                (false, _) => "coordinator".to_owned(),
+                (true, false) => format!("coordinator-{i}"),
+                (true, true) => format!("coordinator-{}-{i}", plan.name),
+            };
+            let coordinator_dir = dir.join(&name);
+            std::fs::create_dir_all(&coordinator_dir)?;
+            let groups_path = coordinator_dir.join("groups.yaml");
+            let members: Vec<String> = ids
+                .iter()
+                .enumerate()
+                .filter(|(g, _)| g % control.len() == coordinators_of.len())
+                .map(|(_, id)| id.clone())
+                .collect();
+            std::fs::write(&groups_path, dev::groups_file(dev::DEV_GROUP, &members))?;
+            let config_path = coordinator_dir.join("coordinator.yaml");
+            // Concrete ports, not 0: a process restarted with its own command line keeps its address.
+            let listen: SocketAddr = dev::free_loopback_addr()?;
+            let mut config = dev::coordinator(
+                listen,
+                &pki_dir,
+                &coordinator_dir.join("data"),
+                &groups_path,
+                Liveness::DEV,
+            );
+            if let Some(storage) = &plan.storage {
+                let mut storage = storage.clone();
+                if several {
+                    // One etcd, a control plane per region.
+                    storage.prefix = format!("{}-{}", storage.prefix, plan.name);
+                    storage.replica = Some(format!("replica-{}-{i}", plan.name));
+                } else {
+                    storage.replica = Some(format!("replica-{i}"));
+                }
+                config.storage = dev::Storage::Etcd(storage);
+            }
+            config.events.nats = plan.events.clone();
+            std::fs::write(&config_path, dev::to_yaml(&config))?;
+            let coordinator = start(
+                &mut rollback,
+                Role::Coordinator,
+                None,
+                vec!["--config".into(), path_arg(&config_path)],
+                &[],
+                &coordinator_dir,
+                Some(&run_dir.join(format!("{name}.addr"))),
+            )?
+            .context("the coordinator reported no address")?;
+            println!("{name} listening on {coordinator}");
+            coordinators.push(coordinator);
+        }
+        coordinators_of.push(coordinators);
     }
-    let coordinator = coordinators[0];
+    let coordinator = coordinators_of[0][0];
 
     // One mock LLM provider serves every gateway: no network is needed.
     let provider_dir = dir.join("provider");
@@ -215,7 +273,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )?
         .context("the gateway reported no address")?;
 
-        let region = if i % 2 == 0 { "us" } else { "eu" };
+        // With regions, gateway i belongs to region i mod regions; else half us, half eu.
+        let coordinators = &coordinators_of[i % coordinators_of.len()];
+        let region = match &control[i % control.len()].name {
+            name if several => name.as_str(),
+            _ if i % 2 == 0 => "us",
+            _ => "eu",
+        };
         // Each agent starts with another replica, then tries the others in turn.
         let first = coordinators[i % coordinators.len()];
         let others: Vec<SocketAddr> = coordinators
@@ -261,20 +325,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let ktctl_path = dir.join(dev::KTCTL_CONFIG_FILE);
+    let context = |name: String, coordinator: SocketAddr| ktconfig::Context {
+        name,
+        coordinator: format!("https://{coordinator}"),
+        server_name: None,
+        ca: pki_dir.join(pki::CA_CERT),
+        cert: pki_dir.join(format!("operator-{}.crt", dev::DEV_OPERATOR)),
+        key: pki_dir.join(format!("operator-{}.key", dev::DEV_OPERATOR)),
+    };
+    let mut contexts = vec![context("dev".into(), coordinator)];
+    if several {
+        // A context per region, each reaching that region's first replica.
+        for (plan, coordinators) in control.iter().zip(&coordinators_of) {
+            contexts.push(context(format!("dev-{}", plan.name), coordinators[0]));
+        }
+    }
     let config = KtctlConfig {
         current_context: Some("dev".into()),
-        contexts: vec![ktconfig::Context {
-            name: "dev".into(),
-            coordinator: format!("https://{coordinator}"),
-            server_name: None,
-            ca: pki_dir.join(pki::CA_CERT),
-            cert: pki_dir.join(format!("operator-{}.crt", dev::DEV_OPERATOR)),
-            key: pki_dir.join(format!("operator-{}.key", dev::DEV_OPERATOR)),
-        }],
+        contexts,
     };
     config.save(&ktctl_path)?;
 
-    wait_until_connected(&config, &ktctl_path, ids.len()).await?;
+    // Each region's control plane knows its own gateways.
+    let in_first_region = ids.iter().step_by(control.len()).count();
+    wait_until_connected(&config, &ktctl_path, in_first_region).await?;
     rollback.armed = false;
     // Plain `ktctl` (and `dev status`, `dev down`) find this fleet from now on.
     if let Err(error) = dev::set_current(&dir) {
@@ -285,10 +359,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     println!();
-    let control_plane = if storage.is_some() {
-        format!("etcd and {replicas} coordinator replicas")
-    } else {
-        "1 coordinator".to_owned()
+    let control_plane = match control.len() {
+        _ if ha_binaries.is_none() => "1 coordinator".to_owned(),
+        1 => format!("etcd, NATS and {HA_REPLICAS} coordinator replicas"),
+        n => format!(
+            "{n} regions ({}), each with NATS and {HA_REPLICAS} coordinator replicas, on one etcd",
+            regions.join(", ")
+        ),
     };
     println!(
         "dev fleet is up: {control_plane}, {} gateways, all connected and healthy",
@@ -324,6 +401,40 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "  ktctl config push --file {} --group dev --batch-size 1 --rollback-on-error",
         shared_policy.display()
+    );
+    Ok(())
+}
+
+/// What one region's coordinators run on: etcd and NATS with `--ha`, else nothing but their
+/// embedded stores.
+struct RegionPlan {
+    name: String,
+    storage: Option<dev::EtcdStorage>,
+    events: Option<dev::NatsEvents>,
+}
+
+/// Starts one region's nats-server (JetStream, mutual TLS with a CA of its own).
+fn start_nats(
+    rollback: &mut Rollback<'_>,
+    binary: &Path,
+    spec: &kt_launch::nats::NatsSpec,
+) -> anyhow::Result<()> {
+    let config = spec.write_config()?;
+    let log = spec.dir.join("nats.log");
+    let mut child = dev::spawn(binary, &["-c".into(), path_arg(&config)], &[], &log)?;
+    rollback.state.processes.push(DevProcess {
+        role: Role::Nats,
+        id: Some(spec.region.clone()),
+        pid: child.id(),
+        address: Some(spec.client.to_string()),
+        binary: binary.to_owned(),
+        log: log.clone(),
+    });
+    rollback.state.save(rollback.dir)?;
+    kt_launch::nats::wait_listening(&mut child, spec, &log, READY_TIMEOUT)?;
+    println!(
+        "nats-server ({}) listening on tls://{}",
+        spec.region, spec.client
     );
     Ok(())
 }

@@ -37,6 +37,9 @@ pub struct Args {
     /// Print this many events, then stop.
     #[arg(long)]
     pub limit: Option<u64>,
+    /// Print the stored events (from --since, else all kept) and stop, without following.
+    #[arg(long)]
+    pub no_follow: bool,
     /// One JSON object per line (the event as the gateway wrote it, plus its gateway and region).
     #[arg(long)]
     pub json: bool,
@@ -62,7 +65,7 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
             filter: Some(filter),
             since_unix_ms,
             limit: args.limit.unwrap_or(0),
-            no_follow: false,
+            no_follow: args.no_follow,
         })
         .await
         .map_err(crate::status_error)?
