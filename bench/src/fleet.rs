@@ -93,6 +93,8 @@ pub struct CoordinatorSettings {
     /// Its directory under the work directory (and its replica name on etcd).
     pub name: String,
     pub storage: configs::Storage,
+    /// Events on NATS JetStream (`events.nats`) instead of the embedded store.
+    pub events_nats: Option<kt_coordinator::config::NatsEvents>,
 }
 
 impl Coordinator {
@@ -120,6 +122,7 @@ impl Coordinator {
         config.liveness.reconnect_spread = settings.reconnect_spread;
         config.metrics_listen = Some(metrics_addr);
         config.storage = settings.storage.clone();
+        config.events.nats = settings.events_nats.clone();
         let text = configs::to_yaml(&config);
         let config = dir.join("coordinator.yaml");
         std::fs::write(&config, text)?;
@@ -265,6 +268,38 @@ impl Etcd {
 }
 
 impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Debian's nats-server with JetStream on loopback, mutual TLS with a CA of its own, for the
+/// `events --bus nats` scenario; killed on drop.
+pub struct Nats {
+    child: Child,
+    pub spec: kt_launch::nats::NatsSpec,
+}
+
+impl Nats {
+    pub fn start(work: &Path) -> anyhow::Result<Self> {
+        let binary = kt_launch::nats::find_nats()?;
+        let spec =
+            kt_launch::nats::NatsSpec::new(&work.join("nats"), &work.join("nats-pki"), "bench")?;
+        let config = spec.write_config()?;
+        let log = work.join("nats.log");
+        let mut child = dev::spawn(
+            &binary,
+            &["-c".into(), config.display().to_string()],
+            &[],
+            &log,
+        )?;
+        kt_launch::nats::wait_listening(&mut child, &spec, &log, Duration::from_secs(30))?;
+        Ok(Nats { child, spec })
+    }
+}
+
+impl Drop for Nats {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -31,6 +31,7 @@ pub async fn ha(run: &Run<'_>) -> anyhow::Result<Outcome> {
                 reconnect_spread: run.reconnect_spread,
                 name: format!("replica-{i}"),
                 storage: kt_launch::configs::Storage::Etcd(storage),
+                events_nats: None,
             },
         )?);
     }

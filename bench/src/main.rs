@@ -8,7 +8,7 @@
 //! kt-bench steady  --agents 10000 --heartbeat 15s --duration 60s
 //! kt-bench rollout --agents 10000
 //! kt-bench storm   --agents 10000 --reconnect-spread 30s
-//! kt-bench events  --senders 3 --subscribers 2 --rate 100000 --duration 10s
+//! kt-bench events  --senders 3 --subscribers 2 --rate 100000 --duration 10s [--bus nats]
 //! kt-bench watch   --agents 2000 --watchers 10 --changes-per-second 200 --duration 10s
 //! ```
 
@@ -77,6 +77,9 @@ enum Scenario {
         /// Events per second offered, over all senders.
         #[arg(long, default_value_t = 50_000)]
         rate: u64,
+        /// The coordinator's event path.
+        #[arg(long, value_enum, default_value = "embedded")]
+        bus: scenarios::Bus,
     },
     /// Operators watching the fleet while agents change health: update latency.
     Watch {
@@ -153,11 +156,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             senders,
             subscribers,
             rate,
+            bus,
         } => {
             let settings = scenarios::EventsSettings {
                 senders,
                 subscribers,
                 rate,
+                bus,
             };
             scenarios::events(&run, &settings).await?
         }

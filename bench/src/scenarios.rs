@@ -61,6 +61,7 @@ impl Run<'_> {
                 reconnect_spread: self.reconnect_spread,
                 name: "coordinator".into(),
                 storage: Default::default(),
+                events_nats: None,
             },
         )
     }
@@ -424,10 +425,40 @@ pub struct EventsSettings {
     pub senders: usize,
     pub subscribers: usize,
     pub rate: u64,
+    pub bus: Bus,
+}
+
+/// Where the coordinator keeps and fans out events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Bus {
+    /// The embedded store and bus of one coordinator.
+    Embedded,
+    /// One coordinator on etcd with `events.nats`: batches published to JetStream, tails read
+    /// from it.
+    Nats,
 }
 
 pub async fn events(run: &Run<'_>, settings: &EventsSettings) -> anyhow::Result<Outcome> {
-    let coordinator = run.coordinator()?;
+    // Kept to the end of the run; dropped (killed) after the coordinator.
+    let (_etcd, _nats, coordinator) = match settings.bus {
+        Bus::Embedded => (None, None, run.coordinator()?),
+        Bus::Nats => {
+            let etcd = fleet::Etcd::start(run.work)?;
+            let nats = fleet::Nats::start(run.work)?;
+            let coordinator = Coordinator::start(
+                run.work,
+                run.pki,
+                &CoordinatorSettings {
+                    heartbeat_interval: run.heartbeat,
+                    reconnect_spread: run.reconnect_spread,
+                    name: "coordinator".into(),
+                    storage: kt_launch::configs::Storage::Etcd(etcd.storage.clone()),
+                    events_nats: Some(nats.spec.events(&[])),
+                },
+            )?;
+            (Some(etcd), Some(nats), coordinator)
+        }
+    };
     let mut tails = Vec::new();
     for _ in 0..settings.subscribers {
         let mut operator = fleet::operator(run.pki, coordinator.addr).await?;
@@ -478,13 +509,14 @@ pub async fn events(run: &Run<'_>, settings: &EventsSettings) -> anyhow::Result<
     let rate = received.iter().copied().min().unwrap_or(0) as f64 / wall.as_secs_f64();
     Ok(Outcome {
         json: json!({
-            "scenario": "events", "senders": settings.senders, "subscribers": settings.subscribers,
+            "scenario": "events", "bus": format!("{:?}", settings.bus).to_lowercase(), "senders": settings.senders, "subscribers": settings.subscribers,
             "offered_rate": settings.rate, "planned": total, "sent": sent, "received_per_subscriber": received,
             "missed": missed, "events_per_second": rate, "latency_ms": { "p50": p50, "p99": p99 },
         }),
         summary: format!(
-            "events: {} senders offering {}/s for {:.0} s, {} subscribers: {sent} sent, each subscriber got \
+            "events ({:?} bus): {} senders offering {}/s for {:.0} s, {} subscribers: {sent} sent, each subscriber got \
              {received:?} ({missed} missed); {rate:.0} events/s end to end, latency p50 {p50:.1} ms, p99 {p99:.1} ms",
+            settings.bus,
             settings.senders,
             settings.rate,
             run.duration.as_secs_f64(),

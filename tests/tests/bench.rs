@@ -116,12 +116,23 @@ fn storm_recovers_every_agent() {
 
 #[test]
 fn events_and_watch() {
-    let events = bench(&["events", "--duration", "2s", "--rate", "10000"]);
-    assert_eq!(events["sent"], events["planned"], "{events}");
-    assert_eq!(
-        events["received_per_subscriber"][0], events["planned"],
-        "{events}"
-    );
+    for bus in ["embedded", "nats"] {
+        let events = bench(&[
+            "events",
+            "--duration",
+            "2s",
+            "--rate",
+            "10000",
+            "--bus",
+            bus,
+        ]);
+        assert_eq!(events["bus"], bus, "{events}");
+        assert_eq!(events["sent"], events["planned"], "{events}");
+        assert_eq!(
+            events["received_per_subscriber"][0], events["planned"],
+            "{events}"
+        );
+    }
 
     let watch = bench(&[
         "watch",
