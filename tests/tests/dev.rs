@@ -500,6 +500,28 @@ async fn dev_up_with_two_regions_shows_each_region_the_others_events() {
         .await;
         assert!(both, "{context} tails both regions' events: {seen}");
     }
+    // A gateway of the other region, named: its events alone.
+    let out = ktctl(
+        home,
+        &[
+            "--context",
+            "dev-us",
+            "events",
+            "tail",
+            "--gateway",
+            "gw-dev-01",
+            "--json",
+            "--since",
+            "10m",
+            "--no-follow",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("probe-1") && !text.contains("probe-2"),
+        "{}",
+        kt_e2e::output_text(&out)
+    );
     let out = ktctl(
         home,
         &["--context", "dev-us", "cluster", "status", "-o", "json"],

@@ -79,18 +79,24 @@ impl OperatorApi {
             return Err(ApiError::from(UnknownGroup(filter.group.clone())).into());
         }
         let gateways = self.gateways(None).await?;
-        // Like an unknown group, an unknown gateway is an error now, not a tail that waits for
-        // events that will never come.
-        if let Some(unknown) = filter
+        let unknown: Vec<String> = filter
             .gateways
             .iter()
-            .find(|id| !gateways.iter().any(|g| &g.gateway_id == *id))
-        {
+            .filter(|id| !gateways.iter().any(|g| &g.gateway_id == *id))
+            .cloned()
+            .collect();
+        // Like an unknown group, an unknown gateway is an error now, not a tail that waits for
+        // events that will never come; unless other regions' events are here too, since this
+        // region's fleet does not know their gateways.
+        if let Some(unknown) = unknown.first().filter(|_| !self.sees_other_regions()) {
             return Err(ApiError::Missing(format!(
                 "no gateway named {unknown:?} (the coordinator knows the gateways whose agents connected and those its groups name)"
             ))
             .into());
         }
+        let other_regions = unknown
+            .into_iter()
+            .filter(|_| filter.group.is_empty() && filter.selector.is_empty());
         let set = gateways
             .iter()
             .filter(|g| filter.gateways.is_empty() || filter.gateways.contains(&g.gateway_id))
@@ -102,8 +108,17 @@ impl OperatorApi {
                     .all(|(k, v)| g.labels.get(k) == Some(v))
             })
             .map(|g| g.gateway_id.clone())
+            .chain(other_regions)
             .collect();
         Ok(Filter::new(&filter, Some(set)))
+    }
+
+    /// Whether this replica's events include other regions' (sourced into its NATS stream).
+    fn sees_other_regions(&self) -> bool {
+        self.replica
+            .as_ref()
+            .and_then(|r| r.events.as_ref())
+            .is_some_and(|events| !events.settings.regions.is_empty())
     }
 
     async fn group_infos(&self) -> Result<v1::ListGroupsResponse, Status> {
