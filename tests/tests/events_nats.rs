@@ -146,26 +146,8 @@ async fn a_tail_on_every_replica_receives_every_agents_events_once() {
         receives_each_once(tail, &want, &format!("live tail on replica {}", i + 1)).await;
     }
     // History reads the same stream: a tail that starts now gets it all.
-    let out = fleet.ktctl(
-        2,
-        &[
-            "events",
-            "tail",
-            "--json",
-            "--all-gateways",
-            "--since",
-            "10m",
-            "--no-follow",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let history: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    let history: Vec<String> = stored_events(&fleet, 2, "10m")
+        .iter()
         .filter_map(|e| e["id"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(history.len(), want.len(), "history holds each event once");
@@ -289,9 +271,8 @@ fn counters(fleet: &HaFleet, i: usize) -> BTreeMap<String, (u64, u64)> {
         .collect()
 }
 
-/// Per gateway: (requests, blocks), counted from scratch from everything the stream holds,
-/// read through replica `i`.
-fn counted_from_the_stream(fleet: &HaFleet, i: usize) -> BTreeMap<String, (u64, u64)> {
+/// Every event the stream holds from `since` ago, read through replica `i` (`--no-follow`).
+fn stored_events(fleet: &HaFleet, i: usize, since: &str) -> Vec<Value> {
     let out = fleet.ktctl(
         i,
         &[
@@ -300,7 +281,7 @@ fn counted_from_the_stream(fleet: &HaFleet, i: usize) -> BTreeMap<String, (u64, 
             "--json",
             "--all-gateways",
             "--since",
-            "1h",
+            since,
             "--no-follow",
         ],
     );
@@ -309,11 +290,17 @@ fn counted_from_the_stream(fleet: &HaFleet, i: usize) -> BTreeMap<String, (u64, 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// Per gateway: (requests, blocks), counted from scratch from everything the stream holds,
+/// read through replica `i`.
+fn counted_from_the_stream(fleet: &HaFleet, i: usize) -> BTreeMap<String, (u64, u64)> {
     let mut counted: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(e) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
+    for e in stored_events(fleet, i, "1h") {
         let entry = counted
             .entry(e["gateway_id"].as_str().unwrap_or_default().to_owned())
             .or_default();
