@@ -346,9 +346,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     config.save(&ktctl_path)?;
 
-    // Each region's control plane knows its own gateways.
-    let in_first_region = ids.iter().step_by(control.len()).count();
-    wait_until_connected(&config, &ktctl_path, in_first_region).await?;
+    if several {
+        // Each region's control plane knows its own gateways: gateway i is in region i mod n.
+        for (r, plan) in control.iter().enumerate() {
+            let in_region = ids.iter().skip(r).step_by(control.len()).count();
+            let context = format!("dev-{}", plan.name);
+            wait_until_connected(&config, &ktctl_path, Some(&context), in_region).await?;
+        }
+    } else {
+        wait_until_connected(&config, &ktctl_path, None, ids.len()).await?;
+    }
     rollback.armed = false;
     // Plain `ktctl` (and `dev status`, `dev down`) find this fleet from now on.
     if let Err(error) = dev::set_current(&dir) {
@@ -524,9 +531,10 @@ fn start(
 async fn wait_until_connected(
     config: &KtctlConfig,
     path: &Path,
+    context: Option<&str>,
     expected: usize,
 ) -> anyhow::Result<()> {
-    let context = config.context(None, path)?;
+    let context = config.context(context, path)?;
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     let mut last = String::from("no answer yet");
     while tokio::time::Instant::now() < deadline {
@@ -550,5 +558,8 @@ async fn wait_until_connected(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    bail!("the fleet did not come up within {READY_TIMEOUT:?}: {last}")
+    bail!(
+        "the fleet (context {}) did not come up within {READY_TIMEOUT:?}: {last}",
+        context.name
+    )
 }
