@@ -23,7 +23,7 @@ pub fn agent_id(i: usize) -> String {
 pub fn ensure_certs(dir: &Path, agents: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     if !dir.join(pki::CA_CERT).is_file() {
-        pki::init_ca(dir, pki::DEFAULT_TRUST_DOMAIN, false)?;
+        pki::init(dir, pki::DEFAULT_TRUST_DOMAIN, false)?;
     }
     let leaves = [
         (

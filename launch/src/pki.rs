@@ -1,9 +1,16 @@
-//! A deployment's certificate authority and the leaf certificates it issues.
+//! A deployment's certificate authorities and the leaf certificates they issue.
 //!
-//! One CA per deployment; leaves carry a SPIFFE-style URI SAN naming their role
-//! (`spiffe://<trust-domain>/agent/<gateway-id>` and so on). The trust domain is kept in the
-//! CA certificate itself (as the URI SAN `spiffe://<trust-domain>`), so issuing needs nothing
-//! but the CA's two files. Private keys are written with mode 0600.
+//! `ktctl pki init` makes two: a root (`ca.crt`, the trust anchor every party pins, and
+//! `root-ca.key`, to be kept offline) and an issuing CA under it (`issuing-ca.crt`,
+//! `issuing-ca.key`: what signs leaves, and all a coordinator will hold). A leaf's file holds
+//! the leaf then the issuing CA, so peers that pin only the root can build the chain. A
+//! directory with a single CA (`ca.crt` and `ca.key`, as made before, and still for etcd's and
+//! NATS' own CAs) keeps issuing directly.
+//!
+//! Leaves carry a SPIFFE-style URI SAN naming their role
+//! (`spiffe://<trust-domain>/agent/<gateway-id>` and so on). The trust domain is kept in each CA
+//! certificate itself (as the URI SAN `spiffe://<trust-domain>`), so issuing needs nothing but
+//! the signing CA's two files. Private keys are written with mode 0600.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -21,7 +28,14 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 pub const CA_CERT: &str = "ca.crt";
+/// The key of a single CA (no issuing CA under it).
 pub const CA_KEY: &str = "ca.key";
+/// The root's key in a two-tier PKI: needed only to make a new issuing CA; keep it offline.
+pub const ROOT_KEY: &str = "root-ca.key";
+pub const ISSUING_CERT: &str = "issuing-ca.crt";
+pub const ISSUING_KEY: &str = "issuing-ca.key";
+/// How long an issuing CA is valid: renewed (from the offline root) well before the root.
+const ISSUING_DAYS: i64 = 1825;
 pub const DEFAULT_TRUST_DOMAIN: &str = "kt-fleet.local";
 const CA_DAYS: i64 = 3650;
 
@@ -41,40 +55,131 @@ pub struct IssuedFiles {
     pub identity: Identity,
 }
 
-/// Creates `dir/ca.crt` and `dir/ca.key`; refuses to replace an existing CA unless `force`.
+/// The files `init` wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitFiles {
+    /// The root certificate: the trust anchor every party pins.
+    pub root_cert: PathBuf,
+    /// The root's key, to be moved offline.
+    pub root_key: PathBuf,
+    pub issuing_cert: PathBuf,
+    pub issuing_key: PathBuf,
+}
+
+/// Creates a two-tier PKI in `dir`: the root (`ca.crt`, `root-ca.key`; it may sign one issuing
+/// CA level below it) and an issuing CA (`issuing-ca.crt`, `issuing-ca.key`; it signs leaves
+/// only). Refuses to replace an existing CA unless `force`.
+pub fn init(dir: &Path, trust_domain: &str, force: bool) -> anyhow::Result<InitFiles> {
+    let files = InitFiles {
+        root_cert: dir.join(CA_CERT),
+        root_key: dir.join(ROOT_KEY),
+        issuing_cert: dir.join(ISSUING_CERT),
+        issuing_key: dir.join(ISSUING_KEY),
+    };
+    prepare_ca_dir(
+        dir,
+        trust_domain,
+        force,
+        &[
+            &files.root_cert,
+            &files.root_key,
+            &files.issuing_cert,
+            &files.issuing_key,
+            &dir.join(CA_KEY),
+        ],
+    )?;
+    let now = OffsetDateTime::now_utc();
+    let root_params = ca_params(
+        &format!("kt-fleet root CA ({trust_domain})"),
+        trust_domain,
+        1,
+        now + Duration::days(CA_DAYS),
+    )?;
+    let root_key = KeyPair::generate()?;
+    let root_cert = root_params.self_signed(&root_key)?;
+    let mut issuing_params = ca_params(
+        &format!("kt-fleet issuing CA ({trust_domain})"),
+        trust_domain,
+        0,
+        now + Duration::days(ISSUING_DAYS),
+    )?;
+    issuing_params.use_authority_key_identifier_extension = true;
+    let issuing_key = KeyPair::generate()?;
+    let root = Issuer::new(root_params, root_key);
+    let issuing_cert = issuing_params.signed_by(&issuing_key, &root)?;
+
+    // A single CA's key left from before would keep signing beside the new issuing CA.
+    let _ = std::fs::remove_file(dir.join(CA_KEY));
+    write_private(&files.root_key, root.key().serialize_pem().as_bytes(), true)?;
+    write_private(
+        &files.issuing_key,
+        issuing_key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    write_public(&files.issuing_cert, issuing_cert.pem().as_bytes())?;
+    write_public(&files.root_cert, root_cert.pem().as_bytes())?;
+    Ok(files)
+}
+
+/// Creates a single CA, `dir/ca.crt` and `dir/ca.key`, that signs leaves directly: for the
+/// private CAs of etcd and NATS. Refuses to replace an existing CA unless `force`.
 pub fn init_ca(dir: &Path, trust_domain: &str, force: bool) -> anyhow::Result<PathBuf> {
-    validate_trust_domain(trust_domain)
-        .map_err(|why| anyhow::anyhow!("invalid trust domain {trust_domain:?}: {why}"))?;
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
-    if !force && (cert_path.exists() || key_path.exists()) {
-        bail!(
-            "{} already holds a CA; replacing it would invalidate every certificate it issued (use --force to replace it)",
-            dir.display()
-        );
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-
-    let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("kt-fleet CA ({trust_domain})"));
-    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    prepare_ca_dir(dir, trust_domain, force, &[&cert_path, &key_path])?;
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::minutes(5);
-    params.not_after = now + Duration::days(CA_DAYS);
+    let params = ca_params(
+        &format!("kt-fleet CA ({trust_domain})"),
+        trust_domain,
+        0,
+        now + Duration::days(CA_DAYS),
+    )?;
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
 
     write_private(&key_path, key.serialize_pem().as_bytes(), true)?;
     write_public(&cert_path, cert.pem().as_bytes())?;
     Ok(cert_path)
+}
+
+/// Checks the trust domain and that no CA would be replaced without `force`; makes `dir`.
+fn prepare_ca_dir(
+    dir: &Path,
+    trust_domain: &str,
+    force: bool,
+    files: &[&Path],
+) -> anyhow::Result<()> {
+    validate_trust_domain(trust_domain)
+        .map_err(|why| anyhow::anyhow!("invalid trust domain {trust_domain:?}: {why}"))?;
+    if !force && files.iter().any(|f| f.exists()) {
+        bail!(
+            "{} already holds a CA; replacing it would invalidate every certificate it issued (use --force to replace it)",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// A CA certificate's parameters: the trust domain as its URI SAN, `path_len` CA levels
+/// allowed below it.
+fn ca_params(
+    name: &str,
+    trust_domain: &str,
+    path_len: u8,
+    not_after: OffsetDateTime,
+) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = OffsetDateTime::now_utc() - Duration::minutes(5);
+    params.not_after = not_after;
+    Ok(params)
 }
 
 /// Reads the trust domain from a CA certificate's `spiffe://<trust-domain>` URI SAN.
@@ -101,8 +206,13 @@ pub fn issue(dir: &Path, role: &LeafRole, days: i64, force: bool) -> anyhow::Res
     if days <= 0 {
         bail!("--days must be positive");
     }
-    let ca_cert_path = dir.join(CA_CERT);
-    let ca_key_path = dir.join(CA_KEY);
+    // The issuing CA when there is one; a single CA signs directly.
+    let two_tier = dir.join(ISSUING_KEY).exists();
+    let (ca_cert_path, ca_key_path) = if two_tier {
+        (dir.join(ISSUING_CERT), dir.join(ISSUING_KEY))
+    } else {
+        (dir.join(CA_CERT), dir.join(CA_KEY))
+    };
     let ca_pem = std::fs::read_to_string(&ca_cert_path).with_context(|| {
         format!(
             "cannot read {} (run `ktctl pki init --dir {}` first)",
@@ -189,7 +299,13 @@ pub fn issue(dir: &Path, role: &LeafRole, days: i64, force: bool) -> anyhow::Res
     let cert = params.signed_by(&key, &issuer)?;
 
     write_private(&key_path, key.serialize_pem().as_bytes(), force)?;
-    write_public(&cert_path, cert.pem().as_bytes())?;
+    // The chain up to (not including) the root every peer pins.
+    let chain = if two_tier {
+        format!("{}{ca_pem}", cert.pem())
+    } else {
+        cert.pem()
+    };
+    write_public(&cert_path, chain.as_bytes())?;
     Ok(IssuedFiles {
         cert: cert_path,
         key: key_path,
@@ -266,6 +382,63 @@ mod tests {
             let mode = std::fs::metadata(&key).expect("meta").permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
         }
+    }
+
+    #[test]
+    fn two_tier_issues_leaves_through_the_issuing_ca_with_the_chain_in_the_file() {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = init(dir.path(), "example.org", false).expect("init");
+        assert!(
+            !dir.path().join(CA_KEY).exists(),
+            "no key signs beside the issuing CA"
+        );
+        let agent = issue(
+            dir.path(),
+            &LeafRole::Agent {
+                gateway: GatewayId::new("gw-1").expect("id"),
+            },
+            1,
+            false,
+        )
+        .expect("agent");
+        assert_eq!(
+            identity_of_cert_file(&agent.cert).expect("read back").uri(),
+            "spiffe://example.org/agent/gw-1"
+        );
+        let der = |path: &Path| -> Vec<CertificateDer<'static>> {
+            CertificateDer::pem_file_iter(path)
+                .expect("pem")
+                .collect::<Result<_, _>>()
+                .expect("certs")
+        };
+        let chain = der(&agent.cert);
+        assert_eq!(chain.len(), 2, "leaf, then the issuing CA");
+        let root = der(&files.root_cert);
+        assert_eq!(root.len(), 1);
+        let parse = |d: &CertificateDer<'static>| {
+            let (_, c) = X509Certificate::from_der(d).expect("parse");
+            (
+                c.subject().as_raw().to_vec(),
+                c.issuer().as_raw().to_vec(),
+                c.basic_constraints()
+                    .ok()
+                    .flatten()
+                    .and_then(|b| b.value.path_len_constraint),
+            )
+        };
+        let (leaf, issuing, root) = (parse(&chain[0]), parse(&chain[1]), parse(&root[0]));
+        assert_eq!(leaf.1, issuing.0, "the leaf is signed by the issuing CA");
+        assert_eq!(issuing.1, root.0, "the issuing CA is signed by the root");
+        assert_eq!((issuing.2, root.2), (Some(0), Some(1)));
+        for key in [files.root_key, files.issuing_key, agent.key] {
+            let mode = std::fs::metadata(&key).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        // A directory holding either shape refuses the other without --force.
+        assert!(init_ca(dir.path(), "example.org", false).is_err());
+        assert!(init(dir.path(), "example.org", false).is_err());
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: PathBuf) -> Self {
-        pki::init_ca(&dir, pki::DEFAULT_TRUST_DOMAIN, false).expect("CA");
+        pki::init(&dir, pki::DEFAULT_TRUST_DOMAIN, false).expect("CA");
         let pki = Pki { dir };
         pki.issue(&LeafRole::Coordinator {
             dns: vec!["localhost".into()],

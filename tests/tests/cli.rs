@@ -113,3 +113,41 @@ async fn fleet_watch_lines_up_and_does_not_repeat_unchanged_rows() {
         }
     }
 }
+
+#[test]
+fn pki_init_makes_a_root_and_an_issuing_ca_and_says_to_keep_the_root_key_offline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let pki_arg = pki.to_str().expect("utf-8");
+    let run = |args: &[&str]| {
+        Command::new(bin("ktctl"))
+            .args(args)
+            .output()
+            .expect("ktctl")
+    };
+    let init = run(&["pki", "init", "--dir", pki_arg]);
+    assert!(init.status.success(), "{}", kt_e2e::output_text(&init));
+    let said = String::from_utf8_lossy(&init.stdout);
+    assert!(
+        said.contains("root-ca.key") && said.contains("offline"),
+        "{said}"
+    );
+    for file in ["ca.crt", "root-ca.key", "issuing-ca.crt", "issuing-ca.key"] {
+        assert!(pki.join(file).is_file(), "{file}");
+    }
+    let again = run(&["pki", "init", "--dir", pki_arg]);
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "{}",
+        kt_e2e::output_text(&again)
+    );
+    let issue = run(&[
+        "pki", "issue", "--dir", pki_arg, "--role", "operator", "--id", "alice",
+    ]);
+    assert!(issue.status.success(), "{}", kt_e2e::output_text(&issue));
+    let chain = std::fs::read_to_string(pki.join("operator-alice.crt")).expect("cert");
+    let issuing = std::fs::read_to_string(pki.join("issuing-ca.crt")).expect("issuing");
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+    assert!(chain.ends_with(&issuing), "the issuing CA follows the leaf");
+}

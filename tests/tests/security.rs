@@ -16,7 +16,14 @@ async fn channel(
     fleet: &TestFleet,
     tls: ClientTlsConfig,
 ) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(format!("https://{}", fleet.coordinator.addr))
+    channel_to(fleet.coordinator.addr, tls).await
+}
+
+async fn channel_to(
+    coordinator: std::net::SocketAddr,
+    tls: ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("https://{coordinator}"))
         .expect("endpoint")
         .tls_config(tls)
         .expect("tls")
@@ -158,12 +165,16 @@ async fn a_certificate_through_an_intermediate_the_ca_does_not_allow_is_refused(
         KeyPair, KeyUsagePurpose, SanType,
     };
     let fleet = TestFleet::start(0);
-    // Someone with the CA's key makes an intermediate; the CA says pathlen:0.
+    // Someone with the issuing CA's key makes an intermediate under it; the issuing CA says
+    // pathlen:0 and the root pathlen:1.
     let ca_pem = std::fs::read_to_string(fleet.pki.dir.join("ca.crt")).expect("ca");
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(fleet.pki.dir.join("ca.key")).expect("key"))
-            .expect("ca key");
-    let ca = Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let issuing_pem =
+        std::fs::read_to_string(fleet.pki.dir.join("issuing-ca.crt")).expect("issuing");
+    let issuing_key = KeyPair::from_pem(
+        &std::fs::read_to_string(fleet.pki.dir.join("issuing-ca.key")).expect("key"),
+    )
+    .expect("issuing key");
+    let ca = Issuer::from_ca_cert_pem(&issuing_pem, issuing_key).expect("issuer");
     let mut params = CertificateParams::default();
     params
         .distinguished_name
@@ -187,7 +198,7 @@ async fn a_certificate_through_an_intermediate_the_ca_does_not_allow_is_refused(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let leaf_key = KeyPair::generate().expect("key");
     let leaf = params.signed_by(&leaf_key, &rogue).expect("leaf");
-    let chain = format!("{}{}", leaf.pem(), intermediate.pem());
+    let chain = format!("{}{}{issuing_pem}", leaf.pem(), intermediate.pem());
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&ca_pem))
         .identity(tonic::transport::Identity::from_pem(
@@ -200,4 +211,41 @@ async fn a_certificate_through_an_intermediate_the_ca_does_not_allow_is_refused(
         refused,
         "a leaf issued through an intermediate was accepted"
     );
+    // The same call with a leaf of the issuing CA itself goes through.
+    let tester = files(&fleet.pki.dir, "operator-tester")
+        .load(Role::Operator)
+        .expect("load");
+    assert!(!is_refused(&fleet, tester.client_config("127.0.0.1")).await);
+}
+
+#[tokio::test]
+async fn a_deployment_with_a_single_ca_keeps_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    // The shape `ktctl pki init` made before the issuing CA: ca.crt and ca.key, leaves below.
+    kt_launch::pki::init_ca(&pki_dir, kt_launch::pki::DEFAULT_TRUST_DOMAIN, false).expect("CA");
+    let pki = Pki { dir: pki_dir };
+    for role in [
+        LeafRole::Coordinator {
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse().expect("ip")],
+        },
+        LeafRole::Operator {
+            name: "tester".into(),
+        },
+    ] {
+        pki.issue(&role);
+    }
+    let operator = files(&pki.dir, "operator-tester");
+    let one_cert = std::fs::read_to_string(&operator.cert).expect("cert");
+    assert_eq!(one_cert.matches("BEGIN CERTIFICATE").count(), 1);
+    let coordinator = kt_e2e::CoordinatorNode::start(dir.path().join("coordinator"), &pki, &[]);
+    let tls = operator.load(Role::Operator).expect("load");
+    let channel = channel_to(coordinator.addr, tls.client_config("127.0.0.1"))
+        .await
+        .expect("connect");
+    OperatorServiceClient::new(channel)
+        .list_gateways(ListGatewaysRequest::default())
+        .await
+        .expect("an operator of a single-CA deployment is served");
 }

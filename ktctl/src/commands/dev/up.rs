@@ -90,7 +90,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     println!("creating a PKI in {}", dir.join("pki").display());
     let pki_dir = dir.join("pki");
-    pki::init_ca(&pki_dir, pki::DEFAULT_TRUST_DOMAIN, true)?;
+    pki::init(&pki_dir, pki::DEFAULT_TRUST_DOMAIN, true)?;
     pki::issue(
         &pki_dir,
         &LeafRole::Coordinator {

@@ -1,4 +1,4 @@
-//! `ktctl pki init --dir DIR [--trust-domain NAME] [--force]`
+//! `ktctl pki init --dir DIR [--trust-domain NAME] [--force]`: a root and an issuing CA.
 
 use std::path::PathBuf;
 
@@ -6,7 +6,8 @@ use crate::pki;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Directory for ca.crt and ca.key.
+    /// Directory for the root (ca.crt, root-ca.key) and the issuing CA (issuing-ca.crt,
+    /// issuing-ca.key).
     #[arg(long)]
     pub dir: PathBuf,
     /// The SPIFFE trust domain every identity of this deployment lives in.
@@ -18,11 +19,17 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let cert = pki::init_ca(&args.dir, &args.trust_domain, args.force)?;
+    let files = pki::init(&args.dir, &args.trust_domain, args.force)?;
     println!(
-        "created CA for trust domain {} in {}",
-        args.trust_domain,
-        cert.display()
+        "created a root CA ({}) and an issuing CA ({}) for trust domain {}",
+        files.root_cert.display(),
+        files.issuing_cert.display(),
+        args.trust_domain
+    );
+    println!(
+        "keep {} offline: it is needed only to make a new issuing CA; coordinators and `pki issue` use {}",
+        files.root_key.display(),
+        files.issuing_key.display()
     );
     println!(
         "next: ktctl pki issue --dir {} --role coordinator --dns localhost --ip 127.0.0.1",
