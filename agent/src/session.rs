@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use backon::Retryable;
 use kt_daemon::unix_ms_now;
-use kt_proto::identity::GatewayId;
+use kt_proto::identity::{GatewayId, Role};
 use kt_proto::tls::PeerTls;
 use kt_proto::v1::agent_message::Body as AgentBody;
 use kt_proto::v1::agent_service_client::AgentServiceClient;
@@ -51,6 +51,43 @@ impl SessionSettings {
     pub fn endpoint(&self, attempt: u64) -> &str {
         let endpoints = &self.config.coordinator.endpoints;
         &endpoints[usize::try_from(attempt % endpoints.len().max(1) as u64).unwrap_or(0)]
+    }
+
+    /// The TLS files as they are now, so a renewed certificate or CA bundle is used from the
+    /// next connection on; the ones loaded at start when the files do not load now (a renewal
+    /// half-written) or name another gateway.
+    pub fn current_tls(&self) -> PeerTls {
+        match self.config.tls.load(Role::Agent) {
+            Ok(tls) if tls.identity == self.tls.identity => tls,
+            Ok(tls) => {
+                tracing::warn!(found = %tls.identity.uri(), expected = %self.tls.identity.uri(),
+                    "the certificate file now names another identity; connecting with the one loaded at start");
+                self.tls.clone()
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot load the TLS files; connecting with the ones loaded at start");
+                self.tls.clone()
+            }
+        }
+    }
+
+    /// A channel to `endpoint`, the TLS handshake included within [`CONNECT_TIMEOUT`].
+    pub async fn channel(&self, endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+        use anyhow::Context;
+        let server_name = self.config.server_name(endpoint);
+        let endpoint_settings = Endpoint::from_shared(endpoint.to_owned())
+            .with_context(|| format!("bad endpoint {endpoint}"))?
+            .tls_config(self.current_tls().client_config(&server_name))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        // `connect_timeout` bounds only the TCP connect: a listener whose process never answers
+        // the TLS handshake (one still starting, or stuck) must not hold the agent on it.
+        tokio::time::timeout(CONNECT_TIMEOUT, endpoint_settings.connect())
+            .await
+            .map_err(|_| anyhow::anyhow!("no TLS handshake within {CONNECT_TIMEOUT:?}"))
+            .and_then(|connected| connected.map_err(anyhow::Error::from))
+            .with_context(|| format!("cannot connect to {endpoint}"))
     }
 
     /// A fresh reconnect schedule.
@@ -171,20 +208,7 @@ async fn connect(
     health: v1::GatewayHealth,
 ) -> anyhow::Result<OpenSession> {
     use anyhow::Context;
-    let server_name = settings.config.server_name(endpoint);
-    let endpoint_settings = Endpoint::from_shared(endpoint.to_owned())
-        .with_context(|| format!("bad endpoint {endpoint}"))?
-        .tls_config(settings.tls.client_config(&server_name))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10));
-    // `connect_timeout` bounds only the TCP connect: a listener whose process never answers the
-    // TLS handshake (one still starting, or stuck) must not hold the agent on this endpoint.
-    let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint_settings.connect())
-        .await
-        .map_err(|_| anyhow::anyhow!("no TLS handshake within {CONNECT_TIMEOUT:?}"))
-        .and_then(|connected| connected.map_err(anyhow::Error::from))
-        .with_context(|| format!("cannot connect to {endpoint}"))?;
+    let channel = settings.channel(endpoint).await?;
 
     let (outbound, rx) = mpsc::channel(OUTBOUND_QUEUE);
     let hello = Hello {

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod probes;
 pub mod reconcile;
 pub mod rollout;
+pub mod server_tls;
 pub mod sources;
 pub mod store;
 
@@ -305,14 +306,24 @@ impl Coordinator {
             cancel: cancel.clone(),
             replica,
         };
-        let tls = self
-            .tls
-            .rustls_server_config()
-            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let tls = server_tls::ServerTls::new(
+            self.tls
+                .rustls_server_config()
+                .map_err(|e| anyhow::anyhow!("TLS: {e}"))?,
+        );
+        // Installed before serving, so an early SIGHUP cannot take its default action (exit).
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tasks.spawn(server_tls::reload_on_change(
+            self.config.tls.clone(),
+            self.trust_domain().to_owned(),
+            tls.clone(),
+            hangup,
+            cancel.child_token(),
+        ));
         let admission = kt_daemon::conn::Admission::new(self.config.connections.clone());
         let incoming = listener::incoming(
             listener,
-            Arc::new(tls),
+            tls,
             admission,
             metrics.clone(),
             cancel.child_token(),

@@ -82,13 +82,12 @@ pub type Incoming = ReceiverStream<std::io::Result<TlsStream<AdmittedTcp>>>;
 /// Accepts on `listener` until `cancel` fires; yields connections whose handshake finished.
 pub fn incoming(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::server_tls::ServerTls>,
     admission: Admission,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(256);
-    let acceptor = TlsAcceptor::from(tls);
     tokio::spawn(async move {
         let refuse = |peer, why| refused(&metrics.connections_refused, peer, why);
         loop {
@@ -107,8 +106,9 @@ pub fn incoming(
                 _permit: open,
                 _open: OpenGauge(metrics.clone()),
             };
+            // The certificate as it is now: a reload applies to the next connection.
             let (acceptor, tx, metrics, admission) = (
-                acceptor.clone(),
+                TlsAcceptor::from(tls.current()),
                 tx.clone(),
                 metrics.clone(),
                 admission.clone(),

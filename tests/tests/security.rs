@@ -249,3 +249,102 @@ async fn a_deployment_with_a_single_ca_keeps_working() {
         .await
         .expect("an operator of a single-CA deployment is served");
 }
+
+/// The first certificate the coordinator at `coordinator` presents to a new connection.
+async fn served_certificate(coordinator: std::net::SocketAddr, pki: &Pki) -> Option<Vec<u8>> {
+    let config = files(&pki.dir, "operator-tester")
+        .rustls_client_config()
+        .expect("client config");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(coordinator).await.ok()?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .ok()?
+        .ok()?;
+    Some(tls.get_ref().1.peer_certificates()?.first()?.to_vec())
+}
+
+fn first_certificate_in(path: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_file_iter(path)
+        .expect("pem")
+        .next()
+        .expect("a certificate")
+        .expect("pem")
+        .to_vec()
+}
+
+#[tokio::test]
+async fn the_coordinators_certificate_is_replaced_without_dropping_sessions() {
+    use kt_e2e::{all_healthy, wait_for};
+    let fleet = TestFleet::start(1);
+    fleet
+        .wait_for_health("1 healthy gateway", Duration::from_secs(30), all_healthy(1))
+        .await;
+    let cert_file = fleet.pki.dir.join("coordinator.crt");
+    let addr = fleet.coordinator.addr;
+    assert_eq!(
+        served_certificate(addr, &fleet.pki).await,
+        Some(first_certificate_in(&cert_file))
+    );
+    let role = LeafRole::Coordinator {
+        dns: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".parse().expect("ip")],
+    };
+
+    // Renewed on disk: new connections get the new certificate, without a signal.
+    kt_launch::pki::issue(&fleet.pki.dir, &role, 2, true).expect("renew");
+    let renewed = first_certificate_in(&cert_file);
+    let mut served = None;
+    for _ in 0..60 {
+        served = served_certificate(addr, &fleet.pki).await;
+        if served.as_ref() == Some(&renewed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        served,
+        Some(renewed.clone()),
+        "the renewed certificate is served"
+    );
+
+    // A broken file is not taken: the running certificate stays, and says why on SIGHUP.
+    std::fs::write(&cert_file, "not a certificate").expect("break");
+    let coordinator = fleet.coordinator.proc.as_ref().expect("running");
+    coordinator.signal(nix::sys::signal::Signal::SIGHUP);
+    let said = wait_for(Duration::from_secs(30), || {
+        coordinator.log_text().contains("certificate not reloaded")
+    })
+    .await;
+    assert!(said, "{}", coordinator.log_text());
+    assert_eq!(served_certificate(addr, &fleet.pki).await, Some(renewed));
+
+    // SIGHUP with good files reloads at once.
+    kt_launch::pki::issue(&fleet.pki.dir, &role, 2, true).expect("renew again");
+    coordinator.signal(nix::sys::signal::Signal::SIGHUP);
+    let reloaded = wait_for(Duration::from_secs(30), || {
+        coordinator
+            .log_text()
+            .lines()
+            .any(|l| l.contains("certificate reloaded") && l.contains("SIGHUP"))
+    })
+    .await;
+    assert!(reloaded, "{}", coordinator.log_text());
+    assert_eq!(
+        served_certificate(addr, &fleet.pki).await,
+        Some(first_certificate_in(&cert_file))
+    );
+
+    // The agent's session lived through all of it.
+    let agent_log = std::fs::read_to_string(fleet.dir.path().join("gw-test-01").join("agent.log"))
+        .expect("agent log");
+    assert_eq!(agent_log.matches("session open").count(), 1, "{agent_log}");
+    let (_, rows) = fleet.health();
+    assert_eq!(
+        kt_e2e::row(&rows, "gw-test-01").map(|r| r["agent"].clone()),
+        Some("connected".into())
+    );
+}

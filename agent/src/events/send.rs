@@ -12,7 +12,6 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use tonic::transport::Endpoint;
 
 use super::spool::Item;
 use super::{ForwardingReport, SharedSpool, lock};
@@ -61,18 +60,7 @@ async fn open(
     settings: &SessionSettings,
     endpoint: &str,
 ) -> anyhow::Result<(mpsc::Sender<EventBatch>, Streaming<EventAck>)> {
-    use anyhow::Context;
-    let channel = Endpoint::from_shared(endpoint.to_owned())?
-        .tls_config(
-            settings
-                .tls
-                .client_config(&settings.config.server_name(endpoint)),
-        )?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {endpoint}"))?;
+    let channel = settings.channel(endpoint).await?;
     let (tx, rx) = mpsc::channel(INITIAL_CREDIT as usize * 2);
     let acks = AgentServiceClient::new(channel)
         .events(ReceiverStream::new(rx))
