@@ -49,6 +49,7 @@ impl Agent {
                 config,
                 tls,
                 boot_id: format!("{:016x}", rand::random::<u64>()),
+                last_good_tls: Default::default(),
             },
         })
     }

@@ -44,6 +44,8 @@ pub struct SessionSettings {
     pub config: AgentConfig,
     pub tls: PeerTls,
     pub boot_id: String,
+    /// The TLS files as last loaded well, used while the files do not load.
+    pub last_good_tls: std::sync::Mutex<Option<PeerTls>>,
 }
 
 impl SessionSettings {
@@ -54,21 +56,27 @@ impl SessionSettings {
     }
 
     /// The TLS files as they are now, so a renewed certificate or CA bundle is used from the
-    /// next connection on; the ones loaded at start when the files do not load now (a renewal
-    /// half-written) or name another gateway.
+    /// next connection on; the last ones that loaded well when the files do not load now (a
+    /// renewal half-written) or name another gateway.
     pub fn current_tls(&self) -> PeerTls {
+        let mut last_good = match self.last_good_tls.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
         match self.config.tls.load(Role::Agent) {
-            Ok(tls) if tls.identity == self.tls.identity => tls,
+            Ok(tls) if tls.identity == self.tls.identity => {
+                *last_good = Some(tls.clone());
+                return tls;
+            }
             Ok(tls) => {
                 tracing::warn!(found = %tls.identity.uri(), expected = %self.tls.identity.uri(),
-                    "the certificate file now names another identity; connecting with the one loaded at start");
-                self.tls.clone()
+                    "the certificate file now names another identity; connecting with the last good one");
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot load the TLS files; connecting with the ones loaded at start");
-                self.tls.clone()
+                tracing::warn!(%error, "cannot load the TLS files; connecting with the last good ones");
             }
         }
+        last_good.clone().unwrap_or_else(|| self.tls.clone())
     }
 
     /// A channel to `endpoint`, the TLS handshake included within [`CONNECT_TIMEOUT`].

@@ -51,6 +51,8 @@ pub struct GatewayRow {
     /// Set when sessions of two agent processes keep replacing each other: two agents use
     /// this gateway's certificate.
     pub duplicate_agent: Option<String>,
+    /// RFC 3339 expiry of the certificate the agent connected with last, when known.
+    pub agent_cert_not_after: Option<String>,
 }
 
 impl GatewayRow {
@@ -90,6 +92,9 @@ impl GatewayRow {
             providers_total: health.map_or(0, |h| h.providers.len()),
             requests_processed: health.map_or(0, |h| h.requests_processed),
             last_seen: last_seen_ms.map(kt_daemon::clock::rfc3339),
+            agent_cert_not_after: Some(state.agent_cert_not_after_unix_ms)
+                .filter(|ms| *ms > 0)
+                .map(kt_daemon::clock::rfc3339),
             last_seen_seconds_ago: last_seen_ms.map(|ms| now_unix_ms.saturating_sub(ms) / 1000),
             agent_version: state.agent_version.clone(),
             error: health.and_then(|h| non_empty(&h.error)),

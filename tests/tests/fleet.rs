@@ -260,3 +260,51 @@ async fn an_agent_passes_over_an_endpoint_that_accepts_but_never_answers() {
         .await;
     held.abort();
 }
+
+#[tokio::test]
+async fn an_agent_connects_with_its_renewed_certificate_and_keeps_the_last_good_one() {
+    let mut fleet = TestFleet::start(1);
+    fleet
+        .wait_for_health("1 healthy gateway", PATIENCE, all_healthy(1))
+        .await;
+    let not_after = |fleet: &TestFleet| {
+        let (_, rows) = fleet.health();
+        row(&rows, "gw-test-01")
+            .filter(|r| r["agent"] == "connected")
+            .and_then(|r| r["agent_cert_not_after"].as_str().map(str::to_owned))
+    };
+    let first = not_after(&fleet).expect("the certificate's expiry is known");
+
+    // Renewed on disk (1 day instead of 2); the next session is opened with it.
+    kt_launch::pki::issue(
+        &fleet.pki.dir,
+        &kt_launch::pki::LeafRole::Agent {
+            gateway: kt_proto::identity::GatewayId::new("gw-test-01").expect("id"),
+        },
+        1,
+        true,
+    )
+    .expect("renew");
+    let cert_file = fleet.pki.dir.join("agent-gw-test-01.crt");
+    let renewed = std::fs::read(&cert_file).expect("renewed");
+    fleet.coordinator.stop();
+    fleet.coordinator.start_again();
+    let mut seen = None;
+    let renewed_in_use = kt_e2e::wait_for(Duration::from_secs(60), || {
+        seen = not_after(&fleet);
+        seen.as_ref().is_some_and(|s| *s < first)
+    })
+    .await;
+    assert!(renewed_in_use, "expiry {seen:?}, before {first}");
+    let second = seen.expect("seen");
+
+    // A half-written renewal: the agent goes on with the last good certificate.
+    std::fs::write(&cert_file, "-----BEGIN CERTIFICATE-----\n").expect("break");
+    fleet.coordinator.stop();
+    fleet.coordinator.start_again();
+    fleet
+        .wait_for_health("reconnected", Duration::from_secs(60), all_healthy(1))
+        .await;
+    assert_eq!(not_after(&fleet), Some(second));
+    std::fs::write(&cert_file, renewed).expect("restore");
+}
