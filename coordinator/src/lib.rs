@@ -19,6 +19,7 @@ pub mod rollout;
 pub mod server_tls;
 pub mod sources;
 pub mod store;
+pub mod tokens;
 
 use std::time::Duration;
 

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::config::Group;
 use crate::intent::{Desired, DesiredChange, GroupIntent, Intent};
 use crate::rollout::model::RolloutRecord;
+use crate::tokens::JoinToken;
 
 /// A stored config version, content-addressed by its hash.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +102,10 @@ pub trait Store: Send + Sync {
     /// Adds or replaces groups by name.
     async fn put_groups(&self, groups: &[Group]) -> Result<(), StoreError>;
     async fn list_groups(&self) -> Result<Vec<Group>, StoreError>;
+    /// Adds or replaces a join token by id (created, revoked).
+    async fn put_token(&self, token: &JoinToken) -> Result<(), StoreError>;
+    /// Every join token, by id.
+    async fn list_tokens(&self) -> Result<Vec<JoinToken>, StoreError>;
 }
 
 /// SQLite in the coordinator's data directory (`coordinator.db`, WAL journal), owned by a
@@ -138,7 +143,8 @@ impl SqliteStore {
                  PRIMARY KEY (hash, gateway)) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS desired (gateway TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS pins (gateway TEXT PRIMARY KEY, record TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS group_intent (name TEXT PRIMARY KEY, record TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS group_intent (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS join_tokens (id TEXT PRIMARY KEY, record TEXT NOT NULL);",
         )?;
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -384,6 +390,23 @@ impl Store for SqliteStore {
 
     async fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
         self.run(|conn| json_records(conn, "SELECT definition FROM groups ORDER BY name"))
+            .await
+    }
+
+    async fn put_token(&self, token: &JoinToken) -> Result<(), StoreError> {
+        let (id, record) = (token.id.clone(), serde_json::to_string(token)?);
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO join_tokens (id, record) VALUES (?1, ?2)",
+                params![id, record],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+        self.run(|conn| json_records(conn, "SELECT record FROM join_tokens ORDER BY id"))
             .await
     }
 

@@ -65,6 +65,9 @@ pub enum Noun {
     /// The control plane itself: coordinator replicas, the leader, etcd.
     #[command(subcommand)]
     Cluster(ClusterVerb),
+    /// Join tokens: what new agents enroll with.
+    #[command(subcommand)]
+    Token(TokenVerb),
     /// Config versions: push one to a group, read the stored ones.
     #[command(subcommand)]
     Config(ConfigVerb),
@@ -101,6 +104,16 @@ pub enum ClusterVerb {
     /// Replicas, the leader and its epoch, leases, agents per replica, etcd's health; exits 1
     /// when the control plane cannot act.
     Status(commands::cluster::status::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenVerb {
+    /// A new join token (printed once): one use and one hour unless asked otherwise.
+    Create(commands::token::CreateArgs),
+    /// Every join token with its scope, state and uses left; never the secrets.
+    List(commands::token::ListArgs),
+    /// Make a token unusable at once.
+    Revoke(commands::token::RevokeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -282,6 +295,15 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Noun::Cluster(ClusterVerb::Status(args)) => {
             commands::cluster::status::run(&session, args).await
+        }
+        Noun::Token(TokenVerb::Create(args)) => {
+            commands::token::create(&session, args).await.map(|()| true)
+        }
+        Noun::Token(TokenVerb::List(args)) => {
+            commands::token::list(&session, args).await.map(|()| true)
+        }
+        Noun::Token(TokenVerb::Revoke(args)) => {
+            commands::token::revoke(&session, args).await.map(|()| true)
         }
         Noun::Groups(GroupsVerb::Apply(args)) => {
             groups::apply::run(&session, args).await.map(|()| true)

@@ -610,3 +610,27 @@ async fn a_leader_stopped_gracefully_hands_over_at_once() {
         kt_e2e::ha::LEASE_TTL
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_are_kept_in_etcd_and_the_same_on_every_replica() {
+    let fleet = HaFleet::start(3, 0);
+    let created = fleet.ktctl(
+        0,
+        &["token", "create", "--gateway-id", "gw-new-01", "-o", "json"],
+    );
+    assert!(created.status.success(), "{}", output_text(&created));
+    let created: Value = serde_json::from_slice(&created.stdout).expect("json");
+    let id = created["id"].as_str().expect("id").to_owned();
+    let revoked = fleet.ktctl(1, &["token", "revoke", &id]);
+    assert!(revoked.status.success(), "{}", output_text(&revoked));
+    for replica in 0..3 {
+        let out = fleet.ktctl(replica, &["token", "list", "-o", "json"]);
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert!(
+            rows.iter()
+                .any(|r| r["id"] == id.as_str() && r["state"] == "revoked"),
+            "replica {replica}: {}",
+            output_text(&out)
+        );
+    }
+}

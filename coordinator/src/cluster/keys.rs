@@ -56,6 +56,8 @@ pub mod kind {
     pub const AUDIT: &str = "audit";
     /// Versions a gateway refused: `<hash>/<gateway>`; any replica.
     pub const REJECTION: &str = "rejection";
+    /// Join tokens (JSON, the secret's hash only), by id; any replica.
+    pub const JOIN_TOKEN: &str = "join-token";
     /// Live replicas, under each one's lease; each replica its own.
     pub const REPLICA: &str = "replica";
     /// Fleet records per gateway, under the lease of the replica holding its session.

@@ -27,6 +27,7 @@ use crate::config::Group;
 use crate::intent::{Desired, DesiredChange, GroupIntent, Intent};
 use crate::rollout::model::RolloutRecord;
 use crate::store::{Store, StoreError, StoredConfig};
+use crate::tokens::JoinToken;
 
 /// The largest message to or from etcd: above etcd's own request limit (which deployments set
 /// with `--max-request-bytes`), so etcd is the one that says no.
@@ -544,5 +545,15 @@ impl Store for EtcdStore {
     async fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
         let groups: BTreeMap<String, Group> = self.decoded(kind::GROUP).await?;
         Ok(groups.into_values().collect())
+    }
+
+    async fn put_token(&self, token: &JoinToken) -> Result<(), StoreError> {
+        let op = self.json_put(kind::JOIN_TOKEN, &token.id, token)?;
+        self.write(vec![op], false).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+        let tokens: BTreeMap<String, JoinToken> = self.decoded(kind::JOIN_TOKEN).await?;
+        Ok(tokens.into_values().collect())
     }
 }

@@ -627,6 +627,78 @@ impl OperatorService for OperatorApi {
         }
     }
 
+    async fn create_join_token(
+        &self,
+        request: Request<v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<v1::CreateJoinTokenResponse>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let new = crate::tokens::NewToken::from_request(request.get_ref())
+            .map_err(ApiError::InvalidArgument)?;
+        if let crate::tokens::Scope::Group(group) = &new.scope
+            && !self.fleet.group_exists(group)
+        {
+            return Err(ApiError::from(UnknownGroup(group.clone())).into());
+        }
+        let now = kt_daemon::unix_ms_now();
+        let (record, token) = new.issue(&identity.uri(), now);
+        self.store
+            .put_token(&record)
+            .await
+            .map_err(ApiError::from)?;
+        let scope = serde_json::to_string(&record.scope).unwrap_or_default();
+        self.store
+            .audit(now, &identity.uri(), "token create", &record.id, &scope)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(v1::CreateJoinTokenResponse {
+            token,
+            info: Some(record.to_proto(now)),
+        }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        request: Request<v1::ListJoinTokensRequest>,
+    ) -> Result<Response<v1::ListJoinTokensResponse>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let now = kt_daemon::unix_ms_now();
+        let tokens = self.store.list_tokens().await.map_err(ApiError::from)?;
+        Ok(Response::new(v1::ListJoinTokensResponse {
+            tokens: tokens.iter().map(|t| t.to_proto(now)).collect(),
+        }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        request: Request<v1::RevokeJoinTokenRequest>,
+    ) -> Result<Response<v1::JoinToken>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        let mut reason = request.reason;
+        kt_proto::bounds::clamp_text(&mut reason, 1024);
+        let tokens = self.store.list_tokens().await.map_err(ApiError::from)?;
+        let Some(mut token) = tokens.into_iter().find(|t| t.id == request.id) else {
+            return Err(
+                ApiError::Missing(format!("no join token with id {:?}", request.id)).into(),
+            );
+        };
+        let now = kt_daemon::unix_ms_now();
+        // Revoking twice keeps the first revocation's time and author.
+        if token.revoked.is_none() {
+            token.revoked = Some(crate::tokens::Revocation {
+                at_unix_ms: now,
+                by: identity.uri(),
+                reason: reason.clone(),
+            });
+            self.store.put_token(&token).await.map_err(ApiError::from)?;
+            self.store
+                .audit(now, &identity.uri(), "token revoke", &token.id, &reason)
+                .await
+                .map_err(ApiError::from)?;
+        }
+        Ok(Response::new(token.to_proto(now)))
+    }
+
     async fn cluster_status(
         &self,
         request: Request<ClusterStatusRequest>,

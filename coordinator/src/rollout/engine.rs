@@ -1042,6 +1042,12 @@ mod tests {
         async fn list_groups(&self) -> Result<Vec<Group>, StoreError> {
             self.inner.list_groups().await
         }
+        async fn put_token(&self, token: &crate::tokens::JoinToken) -> Result<(), StoreError> {
+            self.inner.put_token(token).await
+        }
+        async fn list_tokens(&self) -> Result<Vec<crate::tokens::JoinToken>, StoreError> {
+            self.inner.list_tokens().await
+        }
     }
 
     /// A fleet task with one connected gateway `gw-1` in group `g`; offers to it arrive on the

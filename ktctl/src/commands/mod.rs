@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod groups;
 pub mod pki;
 pub mod rollout;
+pub mod token;
 
 use std::collections::HashMap;
 
