@@ -37,6 +37,10 @@ const OUTBOUND_QUEUE: usize = 16;
 const MAX_RUNNING_CONFIG_BYTES: usize = 1024 * 1024;
 /// How long connecting, and waiting for the welcome, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP connect and TLS handshake together: as long as a coordinator gives a handshake (its
+/// `connections.handshake_timeout` default), so a loaded but live coordinator is not given up
+/// on, while a silent listener is.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything a session needs, fixed for the agent's life.
 pub struct SessionSettings {
@@ -79,7 +83,7 @@ impl SessionSettings {
         last_good.clone().unwrap_or_else(|| self.tls.clone())
     }
 
-    /// A channel to `endpoint`, the TLS handshake included within [`CONNECT_TIMEOUT`].
+    /// A channel to `endpoint`, the TLS handshake included, within [`HANDSHAKE_TIMEOUT`].
     pub async fn channel(&self, endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
         use anyhow::Context;
         let server_name = self.config.server_name(endpoint);
@@ -91,9 +95,9 @@ impl SessionSettings {
             .keep_alive_timeout(Duration::from_secs(10));
         // `connect_timeout` bounds only the TCP connect: a listener whose process never answers
         // the TLS handshake (one still starting, or stuck) must not hold the agent on it.
-        tokio::time::timeout(CONNECT_TIMEOUT, endpoint_settings.connect())
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, endpoint_settings.connect())
             .await
-            .map_err(|_| anyhow::anyhow!("no TLS handshake within {CONNECT_TIMEOUT:?}"))
+            .map_err(|_| anyhow::anyhow!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))
             .and_then(|connected| connected.map_err(anyhow::Error::from))
             .with_context(|| format!("cannot connect to {endpoint}"))
     }

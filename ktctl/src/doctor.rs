@@ -87,6 +87,8 @@ pub const ETCD_LATENCY_WARN: Duration = Duration::from_millis(100);
 pub const BUS_COUNT_LAG_WARN: u64 = 10_000;
 /// How long a link from another region may be silent before doctor warns.
 pub const BUS_LINK_SILENT_WARN: Duration = Duration::from_secs(60);
+/// Valid join tokens ending within this are counted as about to expire.
+pub const TOKEN_EXPIRY_SOON: Duration = Duration::from_secs(24 * 3600);
 
 /// A certificate whose expiry was read.
 #[derive(Clone, Debug)]
@@ -111,6 +113,8 @@ pub struct Inputs {
     pub groups: Option<Result<Vec<kt_proto::v1::GroupInfo>, String>>,
     /// The control plane (storage, replicas, leader, etcd), with the connectivity checks.
     pub cluster: Option<Result<kt_proto::v1::ClusterStatusResponse, String>>,
+    /// The join tokens, with the certificate checks.
+    pub tokens: Option<Result<Vec<kt_proto::v1::JoinToken>, String>>,
 }
 
 /// The prompts of the policy probe: one every policy chain must block, one it must let through.
@@ -132,7 +136,10 @@ pub fn check(inputs: &Inputs, sections: &[Section]) -> Vec<Check> {
                 control_plane(inputs, &mut checks);
                 event_bus(inputs, &mut checks);
             }
-            Section::Certs => certs(inputs, &mut checks),
+            Section::Certs => {
+                certs(inputs, &mut checks);
+                join_tokens(inputs, &mut checks);
+            }
             Section::Agents => agents(inputs, &mut checks),
             Section::Gateways => gateways(inputs, &mut checks),
             Section::Providers => providers(inputs, &mut checks),
@@ -424,6 +431,70 @@ fn certs(inputs: &Inputs, checks: &mut Vec<Check>) {
             ),
         );
     }
+}
+
+/// The usable join tokens: how many, how many end soon, and any that never ends (a standing
+/// way into the fleet, to be revoked once its bootstrap is done).
+fn join_tokens(inputs: &Inputs, checks: &mut Vec<Check>) {
+    let tokens = match &inputs.tokens {
+        None => return,
+        Some(Err(error)) => {
+            push(
+                checks,
+                Section::Certs,
+                Mark::Warn,
+                "join tokens",
+                format!("cannot list them: {error}"),
+                "listed",
+                Some(
+                    "a coordinator older than join tokens does not list them; else see its log"
+                        .into(),
+                ),
+            );
+            return;
+        }
+        Some(Ok(tokens)) => tokens,
+    };
+    let valid: Vec<&kt_proto::v1::JoinToken> =
+        tokens.iter().filter(|t| t.state == "valid").collect();
+    let soon_ms = inputs
+        .now_ms
+        .saturating_add(u64::try_from(TOKEN_EXPIRY_SOON.as_millis()).unwrap_or(u64::MAX));
+    let soon = valid
+        .iter()
+        .filter(|t| t.expires_unix_ms != 0 && t.expires_unix_ms <= soon_ms)
+        .count();
+    let endless: Vec<&str> = valid
+        .iter()
+        .filter(|t| t.expires_unix_ms == 0)
+        .map(|t| t.id.as_str())
+        .collect();
+    let value = format!(
+        "{} valid, {soon} ending within {} h, {} never ending",
+        valid.len(),
+        TOKEN_EXPIRY_SOON.as_secs() / 3600,
+        endless.len()
+    );
+    let (mark, hint) = if endless.is_empty() {
+        (Mark::Pass, None)
+    } else {
+        (
+            Mark::Warn,
+            Some(format!(
+                "a token that never expires lets anyone holding it enroll until revoked: `ktctl token revoke {}` once the hosts it was for have enrolled",
+                endless.join(" ")
+            )),
+        )
+    };
+    push(
+        checks,
+        Section::Certs,
+        mark,
+        "join tokens",
+        value,
+        "no valid token without an end",
+        hint,
+    );
 }
 
 fn connected(g: &GatewayState) -> bool {
@@ -1221,6 +1292,45 @@ mod tests {
                 .iter()
                 .all(|c| c.mark == Mark::Pass || c.hint.is_some())
         );
+    }
+
+    #[test]
+    fn join_tokens_warn_only_for_a_valid_token_without_an_end() {
+        let token = |id: &str, state: &str, expires: u64| kt_proto::v1::JoinToken {
+            id: id.into(),
+            state: state.into(),
+            expires_unix_ms: expires,
+            ..Default::default()
+        };
+        let run = |tokens: Vec<kt_proto::v1::JoinToken>| {
+            let i = Inputs {
+                now_ms: NOW,
+                tokens: Some(Ok(tokens)),
+                ..Default::default()
+            };
+            check(&i, &[Section::Certs]).remove(0)
+        };
+        let fine = run(vec![
+            token("a", "valid", NOW + 3_600_000),
+            token("b", "valid", NOW + 30 * DAY),
+            token("c", "revoked", 0),
+        ]);
+        assert_eq!(fine.mark, Mark::Pass);
+        assert_eq!(fine.value, "2 valid, 1 ending within 24 h, 0 never ending");
+        let endless = run(vec![token("d", "valid", 0), token("e", "expired", NOW - 1)]);
+        assert_eq!(endless.mark, Mark::Warn);
+        assert!(
+            endless
+                .hint
+                .as_deref()
+                .is_some_and(|h| h.contains("ktctl token revoke d"))
+        );
+        // Not listed is not a pass.
+        let i = Inputs {
+            tokens: Some(Err("unimplemented".into())),
+            ..Default::default()
+        };
+        assert_eq!(check(&i, &[Section::Certs])[0].mark, Mark::Warn);
     }
 
     #[test]

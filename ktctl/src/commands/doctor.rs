@@ -106,6 +106,13 @@ async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow:
             .map_err(|status| status.message().to_owned());
         inputs.groups = Some(groups.map(|r| r.into_inner().groups));
     }
+    if sections.contains(&Section::Certs) {
+        let tokens = client
+            .list_join_tokens(kt_proto::v1::ListJoinTokensRequest {})
+            .await
+            .map_err(|status| status.message().to_owned());
+        inputs.tokens = Some(tokens.map(|r| r.into_inner().tokens));
+    }
     if sections.contains(&Section::Connectivity) {
         let cluster = client
             .cluster_status(kt_proto::v1::ClusterStatusRequest {})
