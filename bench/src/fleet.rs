@@ -28,10 +28,7 @@ pub fn ensure_certs(dir: &Path, agents: usize) -> anyhow::Result<()> {
     let leaves = [
         (
             "coordinator.crt".to_owned(),
-            LeafRole::Coordinator {
-                dns: vec!["localhost".into()],
-                ips: vec!["127.0.0.1".parse()?],
-            },
+            LeafRole::loopback_coordinator(),
         ),
         (
             "operator-bench.crt".to_owned(),

@@ -32,15 +32,7 @@ impl EtcdSpec {
         use crate::pki::{self, LeafRole};
         let pki_dir = dir.join("pki");
         pki::init_ca(&pki_dir, ETCD_TRUST_DOMAIN, true)?;
-        let leaf = pki::issue(
-            &pki_dir,
-            &LeafRole::Coordinator {
-                dns: vec!["localhost".into()],
-                ips: vec!["127.0.0.1".parse()?],
-            },
-            30,
-            true,
-        )?;
+        let leaf = pki::issue(&pki_dir, &LeafRole::loopback_coordinator(), 30, true)?;
         Ok(EtcdSpec {
             name: name.to_owned(),
             data_dir: dir.join("data"),

@@ -41,15 +41,7 @@ impl NatsSpec {
         if !pki_dir.join(pki::CA_CERT).exists() {
             pki::init_ca(pki_dir, NATS_TRUST_DOMAIN, true)?;
         }
-        let leaf = pki::issue(
-            pki_dir,
-            &LeafRole::Coordinator {
-                dns: vec!["localhost".into()],
-                ips: vec!["127.0.0.1".parse()?],
-            },
-            30,
-            true,
-        )?;
+        let leaf = pki::issue(pki_dir, &LeafRole::loopback_coordinator(), 30, true)?;
         std::fs::create_dir_all(dir)?;
         Ok(NatsSpec {
             region: region.to_owned(),

@@ -47,6 +47,17 @@ pub enum LeafRole {
     Operator { name: String },
 }
 
+impl LeafRole {
+    /// A server on this machine: `localhost` and `127.0.0.1`, as every local launch (dev fleets,
+    /// tests, benchmarks, their etcd and NATS) reaches it.
+    pub fn loopback_coordinator() -> Self {
+        LeafRole::Coordinator {
+            dns: vec!["localhost".into()],
+            ips: vec![IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)],
+        }
+    }
+}
+
 /// The files a leaf was written to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IssuedFiles {
@@ -363,16 +374,8 @@ mod tests {
             agent.identity
         );
 
-        let coord = issue(
-            dir.path(),
-            &LeafRole::Coordinator {
-                dns: vec!["localhost".into()],
-                ips: vec!["127.0.0.1".parse().expect("ip")],
-            },
-            30,
-            false,
-        )
-        .expect("coordinator");
+        let coord =
+            issue(dir.path(), &LeafRole::loopback_coordinator(), 30, false).expect("coordinator");
         assert_eq!(
             identity_of_cert_file(&coord.cert).expect("read back").uri(),
             "spiffe://example.org/coordinator"

@@ -164,10 +164,7 @@ impl Pki {
     pub fn new(dir: PathBuf) -> Self {
         pki::init(&dir, pki::DEFAULT_TRUST_DOMAIN, false).expect("CA");
         let pki = Pki { dir };
-        pki.issue(&LeafRole::Coordinator {
-            dns: vec!["localhost".into()],
-            ips: vec!["127.0.0.1".parse().expect("ip")],
-        });
+        pki.issue(&LeafRole::loopback_coordinator());
         pki.issue(&LeafRole::Operator {
             name: "tester".into(),
         });

@@ -226,10 +226,7 @@ async fn a_deployment_with_a_single_ca_keeps_working() {
     kt_launch::pki::init_ca(&pki_dir, kt_launch::pki::DEFAULT_TRUST_DOMAIN, false).expect("CA");
     let pki = Pki { dir: pki_dir };
     for role in [
-        LeafRole::Coordinator {
-            dns: vec!["localhost".into()],
-            ips: vec!["127.0.0.1".parse().expect("ip")],
-        },
+        LeafRole::loopback_coordinator(),
         LeafRole::Operator {
             name: "tester".into(),
         },
@@ -289,10 +286,7 @@ async fn the_coordinators_certificate_is_replaced_without_dropping_sessions() {
         served_certificate(addr, &fleet.pki).await,
         Some(first_certificate_in(&cert_file))
     );
-    let role = LeafRole::Coordinator {
-        dns: vec!["localhost".into()],
-        ips: vec!["127.0.0.1".parse().expect("ip")],
-    };
+    let role = LeafRole::loopback_coordinator();
 
     // Renewed on disk: new connections get the new certificate, without a signal.
     kt_launch::pki::issue(&fleet.pki.dir, &role, 2, true).expect("renew");

@@ -91,15 +91,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("creating a PKI in {}", dir.join("pki").display());
     let pki_dir = dir.join("pki");
     pki::init(&pki_dir, pki::DEFAULT_TRUST_DOMAIN, true)?;
-    pki::issue(
-        &pki_dir,
-        &LeafRole::Coordinator {
-            dns: vec!["localhost".into()],
-            ips: vec!["127.0.0.1".parse()?],
-        },
-        30,
-        true,
-    )?;
+    pki::issue(&pki_dir, &LeafRole::loopback_coordinator(), 30, true)?;
     pki::issue(
         &pki_dir,
         &LeafRole::Operator {
