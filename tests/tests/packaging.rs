@@ -397,10 +397,12 @@ async fn coordinator_and_agent_metrics_count_sessions_heartbeats_and_events() {
     }
 }
 
-/// Starts a coordinator with `env`, waits until it listens, stops it; returns its log.
+/// Starts a coordinator with `env`, waits until it says READY (sent after it logged that it
+/// listens; the ready file is written before), stops it; returns its log.
 fn coordinator_log(dir: &Path, env: &[(&str, &str)]) -> String {
     std::fs::create_dir_all(dir).expect("dir");
     let c = start_coordinator(dir, None, env);
+    assert_eq!(next_notification(&c.notify), "READY=1");
     let log = c.proc.log_text();
     c.proc.terminate();
     log
