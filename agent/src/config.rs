@@ -27,6 +27,24 @@ pub struct AgentConfig {
     /// Where Prometheus scrapes `GET /metrics` (plain HTTP, read-only); none when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The agent gets its certificate with a join token, writes it to `tls`, and renews it
+    /// itself; none when certificates are issued by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment: Option<EnrollmentSettings>,
+}
+
+/// `enrollment:`: what a first boot needs to get an identity.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentSettings {
+    /// The join token (`ktctl token create`), e.g. from systemd's `LoadCredential=`.
+    pub token_file: PathBuf,
+    /// `sha256:<hex>` of the deployment's root CA certificate (`ktctl pki fingerprint`): the
+    /// only coordinator the token is sent to is one whose chain ends in it.
+    pub ca_fingerprint: String,
+    /// The gateway id to ask for; may be left out with a token for one gateway id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_id: Option<String>,
 }
 
 /// The smallest event buffer: one event of the largest size the coordinator takes fits.
@@ -183,6 +201,7 @@ impl AgentConfig {
             config.gateway.config_path.as_mut(),
             config.gateway.events_file.as_mut(),
             config.gateway.probe_token_file.as_mut(),
+            config.enrollment.as_mut().map(|e| &mut e.token_file),
         ];
         for p in optional.into_iter().flatten() {
             *p = base.join(&*p);
@@ -276,6 +295,15 @@ impl AgentConfig {
                 "must be at least 64KiB (one event can be as large)",
             ));
         }
+        if let Some(enrollment) = &self.enrollment {
+            kt_proto::leaf::parse_fingerprint(&enrollment.ca_fingerprint)
+                .map_err(|why| ConfigFileError::invalid(path, "enrollment.ca_fingerprint", why))?;
+            if let Some(id) = &enrollment.gateway_id {
+                kt_proto::identity::GatewayId::new(id).map_err(|why| {
+                    ConfigFileError::invalid(path, "enrollment.gateway_id", why.to_string())
+                })?;
+            }
+        }
         let r = &self.reconnect;
         if r.min_delay.is_zero() || r.max_delay < r.min_delay {
             return Err(ConfigFileError::invalid(
@@ -317,7 +345,7 @@ impl AgentConfig {
 }
 
 /// The host part of `https://host:port/...` (IPv6 literals lose their brackets).
-fn host_of(url: &str) -> Option<String> {
+pub fn host_of(url: &str) -> Option<String> {
     let rest = url.split_once("://")?.1;
     let authority = rest.split('/').next()?;
     let host = if let Some(v6) = authority.strip_prefix('[') {

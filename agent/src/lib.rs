@@ -5,12 +5,15 @@
 
 pub mod apply;
 pub mod backoff;
+pub mod certs;
 pub mod config;
+pub mod enroll;
 pub mod epoch;
 pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod probe;
+pub mod renewal;
 pub mod session;
 
 use kt_proto::identity::{Identity, Role};
@@ -39,10 +42,26 @@ pub enum StartError {
 
 impl Agent {
     pub fn new(config: AgentConfig) -> Result<Self, StartError> {
-        let tls = config.tls.load(Role::Agent)?;
+        // An agent that manages its certificate finishes (or drops) a renewal cut short, and
+        // leaves judging the certificate's validity period to the coordinator's clock.
+        let tls = if config.enrollment.is_some() {
+            certs::recover(&config.tls).map_err(|e| {
+                StartError::Tls(TlsError::Invalid {
+                    path: config.tls.cert.clone(),
+                    what: format!("cannot finish a renewal: {e}"),
+                })
+            })?;
+            config.tls.load_ignoring_clock(Role::Agent)?
+        } else {
+            config.tls.load(Role::Agent)?
+        };
         let Identity::Agent { gateway, .. } = tls.identity.clone() else {
             return Err(StartError::NotAnAgent(tls.identity));
         };
+        let renewal = config
+            .enrollment
+            .is_some()
+            .then(|| renewal::Renewal::from_current(config.tls.clone(), &tls));
         Ok(Agent {
             settings: SessionSettings {
                 gateway,
@@ -50,6 +69,7 @@ impl Agent {
                 tls,
                 boot_id: format!("{:016x}", rand::random::<u64>()),
                 last_good_tls: Default::default(),
+                renewal,
             },
         })
     }

@@ -27,6 +27,12 @@ pub struct Metrics {
     /// Set at each scrape.
     pub events_backlog: Gauge,
     pub events_lag_ms: Gauge,
+    /// Certificate renewals by result: renewed (promoted after a session with it), fell_back
+    /// (the new certificate's session failed), failed (no new certificate).
+    pub certificate_renewals: Family<ResultLabels, Counter>,
+    /// 1 while the agent's certificate has expired and it could not enroll again: an operator
+    /// must give it a new join token.
+    pub certificate_expired: Gauge,
 }
 
 impl Default for Metrics {
@@ -99,8 +105,22 @@ impl Default for Metrics {
             "Age of the oldest buffered event, in milliseconds",
             events_lag_ms.clone(),
         );
+        let certificate_renewals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "certificate_renewals",
+            "Certificate renewals by result (renewed, fell_back, failed)",
+            certificate_renewals.clone(),
+        );
+        let certificate_expired = Gauge::default();
+        registry.register(
+            "certificate_expired",
+            "1 while the certificate has expired and enrolling again failed (a new join token is needed)",
+            certificate_expired.clone(),
+        );
         Metrics {
             registry,
+            certificate_renewals,
+            certificate_expired,
             connected,
             sessions_opened,
             connect_failures,

@@ -50,6 +50,8 @@ pub struct SessionSettings {
     pub boot_id: String,
     /// The TLS files as last loaded well, used while the files do not load.
     pub last_good_tls: std::sync::Mutex<Option<PeerTls>>,
+    /// Set when the agent manages its own certificate (`enrollment:`): it renews it.
+    pub renewal: Option<crate::renewal::Renewal>,
 }
 
 impl SessionSettings {
@@ -63,11 +65,20 @@ impl SessionSettings {
     /// next connection on; the last ones that loaded well when the files do not load now (a
     /// renewal half-written) or name another gateway.
     pub fn current_tls(&self) -> PeerTls {
+        if let Some(candidate) = self.renewal.as_ref().and_then(|r| r.candidate()) {
+            return candidate;
+        }
         let mut last_good = match self.last_good_tls.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        match self.config.tls.load(Role::Agent) {
+        // A certificate the coordinator issued is judged by the coordinator's clock, not ours.
+        let loaded = if self.renewal.is_some() {
+            self.config.tls.load_ignoring_clock(Role::Agent)
+        } else {
+            self.config.tls.load(Role::Agent)
+        };
+        match loaded {
             Ok(tls) if tls.identity == self.tls.identity => {
                 *last_good = Some(tls.clone());
                 return tls;
@@ -119,6 +130,8 @@ struct OpenSession {
     seq: u64,
     /// The health the coordinator last heard from us: status updates are sent against it.
     reported: v1::GatewayHealth,
+    /// The session's connection, which renewals are asked over.
+    channel: tonic::transport::Channel,
 }
 
 impl OpenSession {
@@ -174,7 +187,12 @@ pub async fn run(
             // The first attempt goes to the first endpoint; each retry to the next one.
             let endpoint = settings.endpoint(attempt);
             attempt += 1;
-            connect(&settings, endpoint, health.borrow().clone())
+            connect(
+                &settings,
+                endpoint,
+                health.borrow().clone(),
+                &observers.metrics,
+            )
         };
         let opened = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -195,10 +213,22 @@ pub async fn run(
         // One gauge may count many agents (the fleet simulator shares it): up and down, not set.
         observers.metrics.connected.inc();
         observers.metrics.sessions_opened.inc();
-        let served = serve(session, health.clone(), &mut link, &observers, &cancel).await;
+        let served = serve(
+            session,
+            &settings,
+            health.clone(),
+            &mut link,
+            &observers,
+            &cancel,
+        )
+        .await;
         observers.metrics.connected.dec();
         match served {
-            Ok(()) => return,
+            Ok(Ended::Cancelled) => return,
+            Ok(Ended::Renewed) => {
+                tracing::info!("certificate renewed; reconnecting with it");
+                attempt = 0; // the same endpoint first
+            }
             Err(lost) => {
                 // Every agent lost its session at the same moment when the coordinator went
                 // away: spread the returns over the window it announced.
@@ -213,8 +243,85 @@ pub async fn run(
     }
 }
 
-/// One connection attempt: channel, session stream, hello, welcome.
+/// One connection attempt. With a renewed certificate waiting as the candidate, the attempt
+/// uses it: a session opened promotes it, a failure falls back to the current one.
 async fn connect(
+    settings: &SessionSettings,
+    endpoint: &str,
+    health: v1::GatewayHealth,
+    metrics: &Metrics,
+) -> anyhow::Result<OpenSession> {
+    let Some(renewal) = &settings.renewal else {
+        return open(settings, endpoint, health).await;
+    };
+    if renewal.expired() {
+        enroll_again(settings, renewal, metrics).await;
+    }
+    let with_candidate = renewal.candidate().is_some();
+    let opened = open(settings, endpoint, health).await;
+    match (&opened, with_candidate) {
+        (Ok(_), true) => match renewal.promote() {
+            Ok(()) => {
+                metrics
+                    .certificate_renewals
+                    .get_or_create(&ResultLabels { result: "renewed" })
+                    .inc();
+                tracing::info!("renewed certificate in use; the previous one is dropped");
+            }
+            Err(error) => {
+                tracing::error!(%error, "the renewed certificate works but cannot be written; keeping the previous files");
+                renewal.fall_back();
+            }
+        },
+        (Err(error), true) => {
+            metrics
+                .certificate_renewals
+                .get_or_create(&ResultLabels {
+                    result: "fell_back",
+                })
+                .inc();
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "no session with the renewed certificate; falling back to the previous one and renewing again soon"
+            );
+            renewal.fall_back();
+        }
+        _ => {}
+    }
+    opened
+}
+
+/// The certificate expired before it could be renewed (the agent was stopped, or cut off from
+/// every coordinator): enroll again with the join token if it is still good, else say what an
+/// operator must do.
+async fn enroll_again(
+    settings: &SessionSettings,
+    renewal: &crate::renewal::Renewal,
+    metrics: &Metrics,
+) {
+    let Some(enrollment) = &settings.config.enrollment else {
+        return;
+    };
+    match crate::enroll::enroll(&settings.config, enrollment).await {
+        Ok(enrolled) => {
+            metrics.certificate_expired.set(0);
+            renewal.enrolled(enrolled.lifetime);
+            tracing::info!(gateway_id = %enrolled.gateway_id, "certificate had expired; enrolled again with the join token");
+        }
+        Err(crate::enroll::EnrollError::Unreachable(why)) => {
+            tracing::warn!(%why, "certificate has expired and no coordinator can be reached to enroll again");
+        }
+        Err(error) => {
+            metrics.certificate_expired.set(1);
+            tracing::error!(%error, token_file = %enrollment.token_file.display(),
+                "certificate has expired and enrolling again failed: an operator must put a new join token (ktctl token create --gateway-id {}) in the token file; the agent keeps trying",
+                settings.gateway);
+        }
+    }
+}
+
+/// Opens a session: channel, session stream, hello, welcome.
+async fn open(
     settings: &SessionSettings,
     endpoint: &str,
     health: v1::GatewayHealth,
@@ -249,7 +356,7 @@ async fn connect(
         .await
         .context("session stream closed before the hello")?;
 
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = AgentServiceClient::new(channel.clone());
     let opened = async {
         let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
         match inbound.message().await? {
@@ -274,17 +381,27 @@ async fn connect(
         welcome,
         seq: 1,
         reported: health,
+        channel,
     })
 }
 
-/// Runs an open session: `Ok` when cancelled (after a goodbye), `Err` when it is lost.
+/// How a session ended on the agent's own terms.
+enum Ended {
+    /// Shutting down, after a goodbye.
+    Cancelled,
+    /// A renewed certificate waits to be used: reconnect with it.
+    Renewed,
+}
+
+/// Runs an open session: `Ok` when it ends on our terms (after a goodbye), `Err` when it is lost.
 async fn serve(
     mut session: OpenSession,
+    settings: &SessionSettings,
     mut health: watch::Receiver<v1::GatewayHealth>,
     link: &mut ConfigLink,
     observers: &Observers,
     cancel: &CancellationToken,
-) -> Result<(), SessionLost> {
+) -> Result<Ended, SessionLost> {
     // Probe results of this session; a probe still running when it ends answers nobody.
     let (probe_results, mut probes_done) = mpsc::channel::<ProbeResult>(4);
     let interval = Duration::from_millis(session.welcome.heartbeat_interval_ms.max(50))
@@ -295,12 +412,34 @@ async fn serve(
     // Anything observed since the hello is reported at once, and so is every undelivered answer.
     health.mark_changed();
     flush(&mut session, &mut link.unsent).await?;
+    // A renewal in flight, asked over this session's connection.
+    let mut renewing: Option<tokio::task::JoinHandle<Result<Renewed, String>>> = None;
 
     loop {
+        let renew_at = settings.renewal.as_ref().map(|r| r.renew_at());
         tokio::select! {
             _ = cancel.cancelled() => {
                 goodbye(session, "agent shutting down").await;
-                return Ok(());
+                return Ok(Ended::Cancelled);
+            }
+            _ = sleep_until_some(renew_at), if renewing.is_none() => {
+                renewing = Some(tokio::spawn(ask_renewal(session.channel.clone())));
+            }
+            asked = join_some(&mut renewing), if renewing.is_some() => {
+                renewing = None;
+                let Some(renewal) = &settings.renewal else { continue };
+                let staged = asked.and_then(|renewed| renewal.stage(renewed.key_pem.as_bytes(), &renewed.issued));
+                match staged {
+                    Ok(()) => {
+                        goodbye(session, "reconnecting with a renewed certificate").await;
+                        return Ok(Ended::Renewed);
+                    }
+                    Err(error) => {
+                        observers.metrics.certificate_renewals.get_or_create(&ResultLabels { result: "failed" }).inc();
+                        tracing::warn!(%error, "certificate renewal failed; trying again soon");
+                        renewal.failed();
+                    }
+                }
             }
             _ = heartbeat.tick() => {
                 let (requests_processed, verdicts, errors) = {
@@ -316,7 +455,7 @@ async fn serve(
                 if changed.is_err() {
                     // The poller stopped: the agent is shutting down.
                     goodbye(session, "agent shutting down").await;
-                    return Ok(());
+                    return Ok(Ended::Cancelled);
                 }
                 let current = health.borrow_and_update().clone();
                 if materially_different(&session.reported, &current) {
@@ -338,7 +477,7 @@ async fn serve(
                     match &link.offers {
                         Some(offers) => {
                             if offers.send(offer).await.is_err() {
-                                return Ok(()); // the applier stopped: shutting down
+                                return Ok(Ended::Cancelled); // the applier stopped: shutting down
                             }
                         }
                         None => {
@@ -376,6 +515,49 @@ async fn serve(
                 Err(status) => return Err(SessionLost(status.to_string())),
             },
         }
+    }
+}
+
+/// A renewed certificate and the fresh key it is for.
+struct Renewed {
+    key_pem: String,
+    issued: v1::IssuedCertificate,
+}
+
+/// How long a renewal may take to be answered.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks the coordinator for a certificate for a fresh key, over the session's connection.
+async fn ask_renewal(channel: tonic::transport::Channel) -> Result<Renewed, String> {
+    let (key_pem, csr_pem) =
+        kt_proto::leaf::key_and_csr().map_err(|e| format!("cannot make a key: {e}"))?;
+    let request = v1::CertificateRequest {
+        csr_pem: csr_pem.into_bytes(),
+    };
+    let mut client = AgentServiceClient::new(channel);
+    match tokio::time::timeout(RENEW_TIMEOUT, client.renew(request)).await {
+        Ok(Ok(answer)) => Ok(Renewed {
+            key_pem,
+            issued: answer.into_inner(),
+        }),
+        Ok(Err(status)) => Err(format!("the coordinator refused: {}", status.message())),
+        Err(_) => Err(format!("no answer within {RENEW_TIMEOUT:?}")),
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join_some<T>(
+    task: &mut Option<tokio::task::JoinHandle<Result<T, String>>>,
+) -> Result<T, String> {
+    match task {
+        Some(task) => task.await.map_err(|e| format!("renewal task: {e}"))?,
+        None => std::future::pending().await,
     }
 }
 

@@ -159,6 +159,7 @@ fn start_agent(
         tls,
         boot_id: format!("{:016x}", rand::random::<u64>()),
         last_good_tls: Default::default(),
+        renewal: None,
     });
     let (health_tx, health_rx) = watch::channel(healthy(INITIAL_HASH));
     let (offer_tx, offers) = mpsc::channel(16);

@@ -37,7 +37,39 @@ pub struct CoordinatorConfig {
     /// (several replicas, one leader).
     #[serde(default, skip_serializing_if = "Storage::is_embedded")]
     pub storage: Storage,
+    /// Agents enroll with join tokens and renew their certificates here; none when unset
+    /// (agent certificates are then issued by hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment: Option<EnrollmentConfig>,
 }
+
+/// `enrollment:`: the issuing CA that signs agent certificates, and how long they live.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    /// The issuing CA (`issuing-ca.crt`, `issuing-ca.key` from `ktctl pki init`), under the
+    /// root in `tls.ca`. Never the root's own key.
+    pub issuing_ca: IssuingCaFiles,
+    /// How long an agent certificate lives; agents renew at 70 to 90% of it.
+    #[serde(default = "default_agent_cert_ttl", with = "humantime_serde")]
+    pub agent_cert_ttl: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuingCaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_agent_cert_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// Agent certificates shorter than this would be renewed faster than a loaded coordinator
+/// answers; longer than this defeats short-lived certificates.
+pub const MIN_AGENT_CERT_TTL: Duration = Duration::from_secs(10);
+pub const MAX_AGENT_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// `storage:`: absent for SQLite in `data_dir` (one coordinator), `{etcd: {...}}` for replicas.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -375,6 +407,14 @@ impl CoordinatorConfig {
                 *p = base.join(&*p);
             }
         }
+        if let Some(enrollment) = &mut self.enrollment {
+            for p in [
+                &mut enrollment.issuing_ca.cert,
+                &mut enrollment.issuing_ca.key,
+            ] {
+                *p = base.join(&*p);
+            }
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
@@ -389,6 +429,20 @@ impl CoordinatorConfig {
                     path,
                     "events.nats",
                     "needs storage.etcd: the leader keeps the stream's decision counters and their position there",
+                ));
+            }
+        }
+        if let Some(enrollment) = &self.enrollment {
+            let ttl = enrollment.agent_cert_ttl;
+            if !(MIN_AGENT_CERT_TTL..=MAX_AGENT_CERT_TTL).contains(&ttl) {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    "enrollment.agent_cert_ttl",
+                    format!(
+                        "must be between {} and {}",
+                        humantime_serde::re::humantime::format_duration(MIN_AGENT_CERT_TTL),
+                        humantime_serde::re::humantime::format_duration(MAX_AGENT_CERT_TTL)
+                    ),
                 ));
             }
         }

@@ -36,6 +36,8 @@ pub struct HelloInfo {
     pub peer_address: String,
     /// When the agent's verified certificate expires (Unix ms; 0 when unreadable).
     pub cert_not_after_unix_ms: u64,
+    /// When it became valid (Unix ms; 0 when unreadable): with the expiry, its lifetime.
+    pub cert_not_before_unix_ms: u64,
 }
 
 /// Requests to the fleet task.
@@ -320,6 +322,7 @@ struct Record {
     drifted_since_unix_ms: u64,
     events: Option<EventForwarding>,
     cert_not_after_unix_ms: u64,
+    cert_not_before_unix_ms: u64,
     /// The open session's agent process, and how to end that session when another replaces it.
     boot_id: String,
     replaced: Option<CancellationToken>,
@@ -363,6 +366,7 @@ impl Record {
             drifted_since_unix_ms: 0,
             events: None,
             cert_not_after_unix_ms: 0,
+            cert_not_before_unix_ms: 0,
             boot_id: String::new(),
             replaced: None,
             replacements: VecDeque::new(),
@@ -382,6 +386,7 @@ impl Record {
         self.last_heartbeat_unix_ms = state.last_heartbeat_unix_ms;
         self.events = state.events;
         self.cert_not_after_unix_ms = state.agent_cert_not_after_unix_ms;
+        self.cert_not_before_unix_ms = state.agent_cert_not_before_unix_ms;
         self.held_here = false;
         self.remote = Some(RemoteSession {
             replica: state.replica,
@@ -611,6 +616,7 @@ impl Fleet {
                 record.agent_version = hello.agent_version;
                 record.peer_address = hello.peer_address;
                 record.cert_not_after_unix_ms = hello.cert_not_after_unix_ms;
+                record.cert_not_before_unix_ms = hello.cert_not_before_unix_ms;
                 if hello.health.is_some() {
                     record.health = hello.health;
                 }
@@ -878,6 +884,10 @@ impl Fleet {
             desired: record.desired.clone(),
             events: record.events,
             agent_cert_not_after_unix_ms: record.cert_not_after_unix_ms,
+            agent_cert_not_before_unix_ms: record.cert_not_before_unix_ms,
+            revoked: None,
+            renewal_refused: String::new(),
+            renewal_refused_unix_ms: 0,
             session_replacements: record.replacements.len() as u32,
             replacement_peers: record.replacement_peers(),
             sync: record.sync as i32,
@@ -938,6 +948,7 @@ mod tests {
             health: None,
             peer_address: "127.0.0.1:1".into(),
             cert_not_after_unix_ms: 0,
+            cert_not_before_unix_ms: 0,
         }
     }
 

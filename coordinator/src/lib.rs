@@ -11,10 +11,12 @@ pub mod events;
 pub mod fleet;
 pub mod grpc;
 pub mod intent;
+pub mod issuer;
 pub mod listener;
 pub mod metrics;
 pub mod probes;
 pub mod reconcile;
+pub mod revocations;
 pub mod rollout;
 pub mod server_tls;
 pub mod sources;
@@ -27,6 +29,7 @@ use kt_daemon::yaml::ConfigFileError;
 use kt_proto::identity::Role;
 use kt_proto::tls::{PeerTls, TlsError};
 use kt_proto::v1::agent_service_server::AgentServiceServer;
+use kt_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use kt_proto::v1::operator_service_server::OperatorServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +38,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{CoordinatorConfig, Group, Storage, load_groups};
 use crate::fleet::Fleet;
 use crate::grpc::agent::AgentApi;
+use crate::grpc::enrollment::EnrollmentApi;
 use crate::grpc::operator::OperatorApi;
 use crate::rollout::engine::Engine;
 use crate::store::{SqliteStore, Store};
@@ -54,6 +58,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("enrollment.issuing_ca: {0}")]
+    Issuer(String),
     #[error("data directory {}: {source}", path.display())]
     DataDir {
         path: std::path::PathBuf,
@@ -65,6 +71,8 @@ pub enum StartError {
 pub struct Coordinator {
     config: CoordinatorConfig,
     tls: PeerTls,
+    /// Signs agent certificates when `enrollment:` is set.
+    issuer: Option<Arc<issuer::AgentIssuer>>,
     groups: Vec<Group>,
     /// The embedded store; none with `storage: etcd`, which is reached once running.
     embedded: Option<Arc<dyn Store>>,
@@ -84,6 +92,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 impl Coordinator {
     pub fn new(config: CoordinatorConfig) -> Result<Self, StartError> {
         let tls = config.tls.load(Role::Coordinator)?;
+        let issuer = match &config.enrollment {
+            Some(enrollment) => Some(Arc::new(
+                issuer::AgentIssuer::load(enrollment, &tls).map_err(StartError::Issuer)?,
+            )),
+            None => None,
+        };
         let groups = match &config.groups_file {
             Some(path) => load_groups(path)?,
             None => Vec::new(),
@@ -108,6 +122,7 @@ impl Coordinator {
         Ok(Coordinator {
             config,
             tls,
+            issuer,
             groups,
             embedded,
         })
@@ -259,7 +274,34 @@ impl Coordinator {
             }
         };
 
+        let revocations = match &replica {
+            None => revocations::Revocations::load(store.as_ref()).await?,
+            Some(_) => {
+                let load = || revocations::Revocations::load(store.as_ref());
+                match until_answered("read the agent revocations", load, &cancel).await {
+                    Some(revocations) => revocations,
+                    None => return Ok(()),
+                }
+            }
+        };
+        if replica.is_some() {
+            // Another replica may revoke: follow the store.
+            tasks.spawn(revocations::follow(
+                revocations.clone(),
+                store.clone(),
+                cancel.child_token(),
+            ));
+        }
+        let renewal_refusals = issuer::RenewalRefusals::default();
         let probes = probes::Probes::default();
+        let enrollment = EnrollmentApi {
+            issuer: self.issuer.clone(),
+            store: store.clone(),
+            fleet: handle.clone(),
+            revocations: revocations.clone(),
+            ca_file: self.config.tls.ca.clone(),
+            binding: Default::default(),
+        };
         let agents = AgentApi {
             fleet: handle.clone(),
             engine: engine_handle.clone(),
@@ -272,6 +314,10 @@ impl Coordinator {
             cancel: cancel.clone(),
             next_session: Arc::new(1.into()),
             known_configs: Arc::default(),
+            issuer: self.issuer.clone(),
+            revocations: revocations.clone(),
+            renewal_refusals: renewal_refusals.clone(),
+            ca_file: self.config.tls.ca.clone(),
         };
         let fleet_for_reload = handle.clone();
         if let Some(addr) = self.config.metrics_listen {
@@ -306,6 +352,8 @@ impl Coordinator {
             trust_domain,
             cancel: cancel.clone(),
             replica,
+            revocations,
+            renewal_refusals,
         };
         let tls = server_tls::ServerTls::new(
             self.tls
@@ -334,6 +382,7 @@ impl Coordinator {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(AgentServiceServer::new(agents))
             .add_service(OperatorServiceServer::new(operators))
+            .add_service(EnrollmentServiceServer::new(enrollment))
             .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
 
         if let Some(path) = self.config.groups_file.clone() {

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub connections_refused: Family<ReasonLabels, Counter>,
     /// Open connections (TLS established or in handshake).
     pub connections_open: Gauge,
+    /// Agent certificate renewals, by result (renewed, refused).
+    pub certificate_renewals: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -134,12 +136,19 @@ impl Default for Metrics {
             "Open connections, in TLS handshake or established",
             connections_open.clone(),
         );
+        let certificate_renewals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "certificate_renewals",
+            "Agent certificate renewals, by result (renewed, refused)",
+            certificate_renewals.clone(),
+        );
         kt_daemon::metrics_http::register_log_repeats(&mut registry);
         Metrics {
             registry,
             agent_messages_refused,
             connections_refused,
             connections_open,
+            certificate_renewals,
             agents,
             heartbeats,
             heartbeat_processing,

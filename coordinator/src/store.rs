@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 
 use crate::config::Group;
 use crate::intent::{Desired, DesiredChange, GroupIntent, Intent};
+use crate::revocations::AgentRevocation;
 use crate::rollout::model::RolloutRecord;
 use crate::tokens::JoinToken;
 
@@ -106,6 +107,19 @@ pub trait Store: Send + Sync {
     async fn put_token(&self, token: &JoinToken) -> Result<(), StoreError>;
     /// Every join token, by id.
     async fn list_tokens(&self) -> Result<Vec<JoinToken>, StoreError>;
+    /// Replaces a join token only while it is stored exactly as `current` (compare and set), so
+    /// two enrollments never both take its last use; false when it changed meanwhile.
+    async fn replace_token(
+        &self,
+        current: &JoinToken,
+        next: &JoinToken,
+    ) -> Result<bool, StoreError>;
+    /// Adds or replaces a gateway's revocation.
+    async fn put_revocation(&self, revocation: &AgentRevocation) -> Result<(), StoreError>;
+    /// Lifts a gateway's revocation; nothing when there is none.
+    async fn delete_revocation(&self, gateway: &str) -> Result<(), StoreError>;
+    /// Every revoked gateway, by id.
+    async fn list_revocations(&self) -> Result<Vec<AgentRevocation>, StoreError>;
 }
 
 /// SQLite in the coordinator's data directory (`coordinator.db`, WAL journal), owned by a
@@ -144,7 +158,9 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS desired (gateway TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS pins (gateway TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS group_intent (name TEXT PRIMARY KEY, record TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS join_tokens (id TEXT PRIMARY KEY, record TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS join_tokens (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS agent_revocations (
+                 gateway TEXT PRIMARY KEY, record TEXT NOT NULL);",
         )?;
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -408,6 +424,63 @@ impl Store for SqliteStore {
     async fn list_tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
         self.run(|conn| json_records(conn, "SELECT record FROM join_tokens ORDER BY id"))
             .await
+    }
+
+    async fn replace_token(
+        &self,
+        current: &JoinToken,
+        next: &JoinToken,
+    ) -> Result<bool, StoreError> {
+        let (id, current, next) = (
+            next.id.clone(),
+            serde_json::to_string(current)?,
+            serde_json::to_string(next)?,
+        );
+        self.run(move |conn| {
+            let changed = conn.execute(
+                "UPDATE join_tokens SET record = ?1 WHERE id = ?2 AND record = ?3",
+                params![next, id, current],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn put_revocation(&self, revocation: &AgentRevocation) -> Result<(), StoreError> {
+        let (gateway, record) = (
+            revocation.gateway_id.clone(),
+            serde_json::to_string(revocation)?,
+        );
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO agent_revocations (gateway, record) VALUES (?1, ?2)",
+                params![gateway, record],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_revocation(&self, gateway: &str) -> Result<(), StoreError> {
+        let gateway = gateway.to_owned();
+        self.run(move |conn| {
+            conn.execute(
+                "DELETE FROM agent_revocations WHERE gateway = ?1",
+                params![gateway],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_revocations(&self) -> Result<Vec<AgentRevocation>, StoreError> {
+        self.run(|conn| {
+            json_records(
+                conn,
+                "SELECT record FROM agent_revocations ORDER BY gateway",
+            )
+        })
+        .await
     }
 
     async fn mark_rejected(

@@ -161,6 +161,19 @@ impl NewToken {
     }
 }
 
+/// The refusal for a token that does not exist or whose secret does not match: the same words
+/// for both, so a caller learns nothing about which ids exist.
+pub const WRONG_TOKEN: &str =
+    "the join token is wrong (no token has this id and secret); check the token file";
+
+fn selector_text(selector: &BTreeMap<String, String>) -> String {
+    selector
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn sha256_hex(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
@@ -183,7 +196,113 @@ pub fn parse(token: &str) -> Result<(&str, &str), &'static str> {
     }
 }
 
+/// What a token admits: the gateway id the certificate will name, and the group to bind it to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub gateway: GatewayId,
+    pub group: Option<String>,
+}
+
 impl JoinToken {
+    /// Whether this token (already found by its id) lets an agent with `secret`, asking for
+    /// `asked` (empty: the token's own gateway id) with `labels`, enroll now; if not, why, in
+    /// words the agent's operator can act on.
+    pub fn admit(
+        &self,
+        secret: &str,
+        asked: &str,
+        labels: &BTreeMap<String, String>,
+        now_unix_ms: u64,
+    ) -> Result<Admitted, String> {
+        if !self.secret_matches(secret) {
+            return Err(WRONG_TOKEN.into());
+        }
+        match self.state(now_unix_ms) {
+            TokenState::Valid => {}
+            TokenState::Expired => {
+                return Err(format!(
+                    "join token {} expired at {}; ask an operator for a new one (ktctl token create)",
+                    self.id,
+                    kt_daemon::clock::rfc3339(self.expires_unix_ms.unwrap_or(0))
+                ));
+            }
+            TokenState::UsedUp => {
+                return Err(format!(
+                    "join token {} is used up (it allowed {} enrollment{}); ask an operator for a new one (ktctl token create)",
+                    self.id,
+                    self.uses,
+                    if self.uses == 1 { "" } else { "s" }
+                ));
+            }
+            TokenState::Revoked => {
+                let revoked = self.revoked.clone().unwrap_or(Revocation {
+                    at_unix_ms: 0,
+                    by: String::new(),
+                    reason: String::new(),
+                });
+                return Err(format!(
+                    "join token {} was revoked at {} by {} ({})",
+                    self.id,
+                    kt_daemon::clock::rfc3339(revoked.at_unix_ms),
+                    revoked.by,
+                    if revoked.reason.is_empty() {
+                        "no reason given"
+                    } else {
+                        &revoked.reason
+                    }
+                ));
+            }
+        }
+        let gateway =
+            |id: &str| GatewayId::new(id).map_err(|why| format!("gateway id {id:?}: {why}"));
+        match &self.scope {
+            Scope::Gateway(id) if asked.is_empty() || asked == id => Ok(Admitted {
+                gateway: gateway(id)?,
+                group: None,
+            }),
+            Scope::Gateway(id) => Err(format!(
+                "join token {} is for gateway {id}, not {asked}",
+                self.id
+            )),
+            Scope::Group(_) | Scope::Selector(_) if asked.is_empty() => Err(format!(
+                "join token {} is not for one gateway: say which gateway id to enroll (--gateway-id, or enrollment.gateway_id)",
+                self.id
+            )),
+            Scope::Group(group) => Ok(Admitted {
+                gateway: gateway(asked)?,
+                group: Some(group.clone()),
+            }),
+            Scope::Selector(selector) => {
+                let missing: Vec<String> = selector
+                    .iter()
+                    .filter(|(key, value)| labels.get(*key) != Some(*value))
+                    .map(|(key, value)| format!("{key}={value}"))
+                    .collect();
+                if missing.is_empty() {
+                    Ok(Admitted {
+                        gateway: gateway(asked)?,
+                        group: None,
+                    })
+                } else {
+                    Err(format!(
+                        "join token {} is for gateways labelled {}; this agent's labels lack {}",
+                        self.id,
+                        selector_text(selector),
+                        missing.join(",")
+                    ))
+                }
+            }
+        }
+    }
+
+    /// This token with one use taken.
+    pub fn used_once(&self) -> JoinToken {
+        JoinToken {
+            uses_left: self.uses_left.saturating_sub(1),
+            ..self.clone()
+        }
+    }
+
     pub fn state(&self, now_unix_ms: u64) -> TokenState {
         if self.revoked.is_some() {
             TokenState::Revoked
@@ -336,6 +455,76 @@ mod tests {
         let never =
             NewToken::from_request(&request(gateway("gw-1"), 0, true, 1)).expect("asked for");
         assert_eq!(never.ttl, None);
+    }
+
+    #[test]
+    fn admission_says_which_check_failed() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let issue = |scope| {
+            let (record, token) = NewToken::from_request(&request(scope, 1_000, false, 1))
+                .expect("ok")
+                .issue("x", 0);
+            let secret = parse(&token).expect("token").1.to_owned();
+            (record, secret)
+        };
+        let none = labels(&[]);
+        let (one, secret) = issue(gateway("gw-1"));
+        let admitted = one.admit(&secret, "", &none, 10).expect("own id");
+        assert_eq!((admitted.gateway.as_str(), admitted.group), ("gw-1", None));
+        assert!(one.admit(&secret, "gw-1", &none, 10).is_ok());
+        let wrong = one
+            .admit(&"0".repeat(64), "gw-1", &none, 10)
+            .expect_err("secret");
+        assert_eq!(wrong, WRONG_TOKEN);
+        assert!(
+            one.admit(&secret, "gw-2", &none, 10)
+                .expect_err("scope")
+                .contains("is for gateway gw-1, not gw-2")
+        );
+        assert!(
+            one.admit(&secret, "", &none, 1_000)
+                .expect_err("expiry")
+                .contains("expired at 1970-01-01T00:00:01Z")
+        );
+        assert!(
+            one.used_once()
+                .admit(&secret, "", &none, 10)
+                .expect_err("uses")
+                .contains("used up")
+        );
+
+        let (group, secret) = issue(v1::JoinTokenScope {
+            group: "prod".into(),
+            ..Default::default()
+        });
+        assert!(
+            group
+                .admit(&secret, "", &none, 10)
+                .expect_err("no id")
+                .contains("say which gateway id")
+        );
+        let admitted = group.admit(&secret, "gw-9", &none, 10).expect("bound");
+        assert_eq!(admitted.group.as_deref(), Some("prod"));
+        assert!(group.admit(&secret, "Not An Id", &none, 10).is_err());
+
+        let (selector, secret) = issue(v1::JoinTokenScope {
+            selector: [("region".to_owned(), "eu".to_owned())].into(),
+            ..Default::default()
+        });
+        assert!(
+            selector
+                .admit(&secret, "gw-3", &labels(&[("region", "eu")]), 10)
+                .is_ok()
+        );
+        let lacks = selector
+            .admit(&secret, "gw-3", &labels(&[("region", "us")]), 10)
+            .expect_err("labels");
+        assert!(lacks.contains("lack region=eu"), "{lacks}");
     }
 
     #[test]

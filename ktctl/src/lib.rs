@@ -68,6 +68,9 @@ pub enum Noun {
     /// Join tokens: what new agents enroll with.
     #[command(subcommand)]
     Token(TokenVerb),
+    /// Agent identities: revoke one (its sessions close at once) or reinstate it.
+    #[command(subcommand)]
+    Agent(AgentVerb),
     /// Config versions: push one to a group, read the stored ones.
     #[command(subcommand)]
     Config(ConfigVerb),
@@ -114,6 +117,16 @@ pub enum TokenVerb {
     List(commands::token::ListArgs),
     /// Make a token unusable at once.
     Revoke(commands::token::RevokeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentVerb {
+    /// Cut a gateway's agent off: sessions closed, renewals, sessions and enrollments refused.
+    Revoke(commands::agent::RevokeArgs),
+    /// Lift a revocation.
+    Reinstate(commands::agent::ReinstateArgs),
+    /// The revoked gateways.
+    Revocations(commands::agent::ListArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +179,8 @@ pub enum PkiVerb {
     Init(pki_cmd::init::Args),
     /// Issue a certificate for an agent, the coordinator or an operator.
     Issue(pki_cmd::issue::Args),
+    /// The SHA-256 fingerprint of a CA certificate, which new agents pin when they enroll.
+    Fingerprint(pki_cmd::fingerprint::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,6 +286,16 @@ pub async fn run(cli: Cli) -> u8 {
     let result = match cli.command {
         Noun::Pki(PkiVerb::Init(args)) => pki_cmd::init::run(args).map(|()| true),
         Noun::Pki(PkiVerb::Issue(args)) => pki_cmd::issue::run(args).map(|()| true),
+        Noun::Pki(PkiVerb::Fingerprint(args)) => pki_cmd::fingerprint::run(args).map(|()| true),
+        Noun::Agent(AgentVerb::Revoke(args)) => {
+            commands::agent::revoke(&session, args).await.map(|()| true)
+        }
+        Noun::Agent(AgentVerb::Reinstate(args)) => commands::agent::reinstate(&session, args)
+            .await
+            .map(|()| true),
+        Noun::Agent(AgentVerb::Revocations(args)) => {
+            commands::agent::list(&session, args).await.map(|()| true)
+        }
         Noun::Gateway(GatewayVerb::Health(args)) => gateway::health::run(&session, args).await,
         Noun::Gateway(GatewayVerb::List(args)) => {
             gateway::list::run(&session, args).await.map(|()| true)

@@ -53,6 +53,20 @@ pub struct GatewayRow {
     pub duplicate_agent: Option<String>,
     /// RFC 3339 expiry of the certificate the agent connected with last, when known.
     pub agent_cert_not_after: Option<String>,
+    /// RFC 3339 start of that certificate's validity, when known.
+    pub agent_cert_not_before: Option<String>,
+    /// The coordinator's last refusal of a renewal, since the last renewal.
+    pub renewal_refused: Option<String>,
+    /// Set when the agent identity is revoked (`ktctl agent revoke`); `agent` then says
+    /// `revoked`.
+    pub revoked: Option<RevokedView>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RevokedView {
+    pub at: String,
+    pub by: String,
+    pub reason: String,
 }
 
 impl GatewayRow {
@@ -73,7 +87,11 @@ impl GatewayRow {
             groups: state.groups.clone(),
             region: state.labels.get("region").cloned(),
             labels: state.labels.clone().into_iter().collect(),
-            agent: agent.label(),
+            agent: if state.revoked.is_some() {
+                "revoked"
+            } else {
+                agent.label()
+            },
             status,
             config_version: config.and_then(|c| non_empty(&c.version)),
             config_hash: config.and_then(|c| non_empty(&c.hash)),
@@ -95,6 +113,15 @@ impl GatewayRow {
             agent_cert_not_after: Some(state.agent_cert_not_after_unix_ms)
                 .filter(|ms| *ms > 0)
                 .map(kt_daemon::clock::rfc3339),
+            agent_cert_not_before: Some(state.agent_cert_not_before_unix_ms)
+                .filter(|ms| *ms > 0)
+                .map(kt_daemon::clock::rfc3339),
+            renewal_refused: non_empty(&state.renewal_refused),
+            revoked: state.revoked.as_ref().map(|r| RevokedView {
+                at: kt_daemon::clock::rfc3339(r.revoked_unix_ms),
+                by: r.revoked_by.clone(),
+                reason: r.reason.clone(),
+            }),
             last_seen_seconds_ago: last_seen_ms.map(|ms| now_unix_ms.saturating_sub(ms) / 1000),
             agent_version: state.agent_version.clone(),
             error: health.and_then(|h| non_empty(&h.error)),

@@ -11,7 +11,8 @@ use kt_agent::config::{
     ReloadSettings,
 };
 use kt_coordinator::config::{
-    CoordinatorConfig, EventsConfig, GroupSpec, GroupsFile, LivenessConfig,
+    CoordinatorConfig, EnrollmentConfig, EventsConfig, GroupSpec, GroupsFile, IssuingCaFiles,
+    LivenessConfig,
 };
 pub use kt_coordinator::config::{EtcdStorage, NatsEvents, Storage};
 use kt_proto::tls::TlsFiles;
@@ -71,7 +72,20 @@ pub fn coordinator(
         metrics_listen: None,
         connections: Default::default(),
         storage: Default::default(),
+        enrollment: enrollment(pki),
     }
+}
+
+/// Enrollment by the issuing CA of a two-tier PKI (`pki::init`); none with a single CA.
+fn enrollment(pki: &Path) -> Option<EnrollmentConfig> {
+    let (cert, key) = (
+        pki.join(crate::pki::ISSUING_CERT),
+        pki.join(crate::pki::ISSUING_KEY),
+    );
+    key.exists().then(|| EnrollmentConfig {
+        issuing_ca: IssuingCaFiles { cert, key },
+        agent_cert_ttl: Duration::from_secs(24 * 3600),
+    })
 }
 
 /// `coordinator.yaml` text.
@@ -176,6 +190,7 @@ pub fn agent(spec: &AgentSpec<'_>) -> AgentConfig {
             ..EventsSettings::default()
         },
         metrics_listen: spec.metrics_listen,
+        enrollment: None,
     }
 }
 

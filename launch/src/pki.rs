@@ -24,8 +24,6 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 pub const CA_CERT: &str = "ca.crt";
 /// The key of a single CA (no issuing CA under it).
@@ -195,21 +193,7 @@ fn ca_params(
 
 /// Reads the trust domain from a CA certificate's `spiffe://<trust-domain>` URI SAN.
 pub fn trust_domain_of_ca(ca_pem: &str) -> anyhow::Result<String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let der =
-        CertificateDer::from_pem_slice(ca_pem.as_bytes()).context("CA certificate is not PEM")?;
-    let (_, cert) = X509Certificate::from_der(&der).context("CA certificate cannot be parsed")?;
-    let san = cert
-        .subject_alternative_name()
-        .context("CA certificate SAN")?;
-    san.into_iter()
-        .flat_map(|ext| ext.value.general_names.iter())
-        .find_map(|name| match name {
-            GeneralName::URI(uri) => uri.strip_prefix("spiffe://").filter(|td| !td.contains('/')).map(str::to_owned),
-            _ => None,
-        })
-        .context("CA certificate carries no spiffe://<trust-domain> URI SAN (was it made by `ktctl pki init`?)")
+    kt_proto::leaf::trust_domain_of_ca(ca_pem).map_err(|e| anyhow::anyhow!("CA certificate: {e}"))
 }
 
 /// Issues a leaf certificate signed by the CA in `dir`, written next to it.
@@ -239,7 +223,7 @@ pub fn issue(dir: &Path, role: &LeafRole, days: i64, force: bool) -> anyhow::Res
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
         .with_context(|| format!("{}: not a usable CA", ca_cert_path.display()))?;
 
-    let (identity, stem, mut sans, usages) = match role {
+    let (identity, stem, sans, usages) = match role {
         LeafRole::Agent { gateway } => (
             Identity::agent(&trust_domain, gateway.clone()),
             format!("agent-{gateway}"),
@@ -293,19 +277,8 @@ pub fn issue(dir: &Path, role: &LeafRole, days: i64, force: bool) -> anyhow::Res
         );
     }
 
-    sans.push(SanType::URI(identity.uri().try_into()?));
-    let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, identity.uri());
-    params.subject_alt_names = sans;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = usages;
-    params.use_authority_key_identifier_extension = true;
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::minutes(5);
-    params.not_after = now + Duration::days(days);
+    let params = kt_proto::leaf::params(&identity, sans, usages, now, now + Duration::days(days))?;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
 
@@ -421,7 +394,8 @@ mod tests {
         let root = der(&files.root_cert);
         assert_eq!(root.len(), 1);
         let parse = |d: &CertificateDer<'static>| {
-            let (_, c) = X509Certificate::from_der(d).expect("parse");
+            use x509_parser::prelude::FromDer;
+            let (_, c) = x509_parser::prelude::X509Certificate::from_der(d).expect("parse");
             (
                 c.subject().as_raw().to_vec(),
                 c.issuer().as_raw().to_vec(),

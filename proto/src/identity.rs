@@ -218,9 +218,18 @@ impl Identity {
 
 /// When a DER certificate stops being valid, in Unix ms; `None` when it cannot be read.
 pub fn not_after_unix_ms(der: &[u8]) -> Option<u64> {
+    validity_unix_ms(der).map(|(_, not_after)| not_after)
+}
+
+/// A certificate's validity period (not before, not after) in Unix milliseconds.
+pub fn validity_unix_ms(der: &[u8]) -> Option<(u64, u64)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let seconds = cert.validity().not_after.timestamp();
-    u64::try_from(seconds).ok().map(|s| s.saturating_mul(1000))
+    let ms = |seconds: i64| u64::try_from(seconds).ok().map(|s| s.saturating_mul(1000));
+    let validity = cert.validity();
+    Some((
+        ms(validity.not_before.timestamp())?,
+        ms(validity.not_after.timestamp())?,
+    ))
 }
 
 impl fmt::Display for Identity {

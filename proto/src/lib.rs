@@ -7,6 +7,7 @@
 pub mod bounds;
 pub mod identity;
 pub mod labels;
+pub mod leaf;
 pub mod tls;
 
 /// Generated code for package `kt.fleet.v1`.

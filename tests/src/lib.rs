@@ -181,6 +181,14 @@ impl Pki {
         })
     }
 
+    /// `sha256:...` of the root CA: what enrolling agents pin.
+    pub fn root_fingerprint(&self) -> String {
+        use rustls_pki_types::pem::PemObject;
+        let pem = std::fs::read(self.dir.join(pki::CA_CERT)).expect("ca.crt");
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).expect("PEM");
+        kt_proto::leaf::fingerprint(&der)
+    }
+
     /// A ktctl context for operator `name` (issued beforehand) against `coordinator`.
     pub fn context(&self, coordinator: SocketAddr, name: &str) -> Context {
         Context {
@@ -208,14 +216,23 @@ pub struct CoordinatorNode {
     pub storage: kt_coordinator::config::Storage,
     /// `events.nats`, written into its config at each start.
     pub events: Option<kt_coordinator::config::NatsEvents>,
+    /// `enrollment.agent_cert_ttl`, written into its config at each start (24 h when `None`).
+    pub agent_cert_ttl: Option<Duration>,
 }
 
 impl CoordinatorNode {
     pub fn start(dir: PathBuf, pki: &Pki, gateways: &[String]) -> Self {
+        let mut node = Self::new(dir, pki, gateways);
+        node.start_again();
+        node
+    }
+
+    /// A coordinator not started yet, to be set up first: `start_again` starts it.
+    pub fn new(dir: PathBuf, pki: &Pki, gateways: &[String]) -> Self {
         std::fs::create_dir_all(&dir).expect("dir");
         let groups = dir.join("groups.yaml");
         std::fs::write(&groups, dev::groups_file(GROUP, gateways)).expect("groups");
-        let mut node = CoordinatorNode {
+        CoordinatorNode {
             proc: None,
             addr: "127.0.0.1:0".parse().expect("addr"),
             dir,
@@ -224,9 +241,8 @@ impl CoordinatorNode {
             connections: None,
             storage: Default::default(),
             events: None,
-        };
-        node.start_again();
-        node
+            agent_cert_ttl: None,
+        }
     }
 
     /// A replica on etcd (`storage`), not started yet: `start_again` starts it.
@@ -248,6 +264,7 @@ impl CoordinatorNode {
             connections: None,
             storage,
             events: None,
+            agent_cert_ttl: None,
         }
     }
 
@@ -272,6 +289,9 @@ impl CoordinatorNode {
         }
         typed.storage = self.storage.clone();
         typed.events.nats = self.events.clone();
+        if let (Some(enrollment), Some(ttl)) = (&mut typed.enrollment, self.agent_cert_ttl) {
+            enrollment.agent_cert_ttl = ttl;
+        }
         std::fs::write(&config, dev::to_yaml(&typed)).expect("config");
         let ready = self.dir.join("coordinator.addr");
         let _ = std::fs::remove_file(&ready);
@@ -413,31 +433,112 @@ pub struct AgentNode {
     pub proc: Option<Proc>,
     config: PathBuf,
     log: PathBuf,
+    /// Added to the process's environment at each start.
+    env: Vec<(String, String)>,
 }
 
 impl AgentNode {
     pub fn start(dir: &Path, spec: &AgentSpec<'_>) -> Self {
-        let config = dir.join("agent.yaml");
-        std::fs::write(&config, dev::agent_config(spec)).expect("agent config");
+        Self::start_with(dir, &dev::agent(spec))
+    }
+
+    /// Starts an agent with `config` (written to `dir/agent.yaml`).
+    pub fn start_with(dir: &Path, config: &kt_agent::config::AgentConfig) -> Self {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// As [`Self::start_with`], with `env` added to the process's environment.
+    pub fn start_with_env(
+        dir: &Path,
+        config: &kt_agent::config::AgentConfig,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let path = dir.join("agent.yaml");
+        std::fs::write(&path, dev::to_yaml(config)).expect("agent config");
         let mut node = AgentNode {
             proc: None,
-            config,
+            config: path,
             log: dir.join("agent.log"),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         node.start_again();
         node
     }
 
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn start_again(&mut self) {
         assert!(self.proc.is_none(), "agent already running");
         let args = vec!["--config".into(), self.config.display().to_string()];
-        self.proc = Some(Proc::spawn("kt-agent", &args, self.log.clone()));
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.proc = Some(Proc::spawn_with_env(
+            "kt-agent",
+            &args,
+            &env,
+            self.log.clone(),
+        ));
     }
 
     /// SIGKILL: no goodbye, as when a host dies.
     pub fn kill(&mut self) {
         self.proc = None;
     }
+}
+
+/// How a [`TestFleet`] is built.
+#[derive(Clone, Debug, Default)]
+pub struct FleetOptions {
+    /// Agents reach the coordinator through a [`proxy::CutProxy`].
+    pub proxy: bool,
+    /// The agents' event buffer bound (their default when `None`).
+    pub max_buffered_events: Option<u64>,
+    /// Agents get their certificates by enrolling with a join token at first boot (and renew
+    /// them), instead of hand-issued ones; the coordinator issues them for this long.
+    pub enroll_with_ttl: Option<Duration>,
+}
+
+/// Makes `config` an enrolling agent's: a join token for `id` (3 uses: the first boot, and
+/// enrolling again should its certificate expire) in `dir/join-token`, the root's fingerprint
+/// pinned, and its certificate files in `dir/tls/`, not there yet.
+pub fn enroll_on_first_boot(
+    config: &mut kt_agent::config::AgentConfig,
+    ktctl_config: &Path,
+    pki: &Pki,
+    id: &str,
+    dir: &Path,
+) {
+    let token_file = dir.join("join-token");
+    std::fs::create_dir_all(dir).expect("dir");
+    let token = create_token(ktctl_config, &["--gateway-id", id, "--uses", "3"]);
+    kt_daemon::fs::write_private(&token_file, token.as_bytes()).expect("token file");
+    config.tls = kt_proto::tls::TlsFiles {
+        ca: dir.join("tls/ca.crt"),
+        cert: dir.join("tls/agent.crt"),
+        key: dir.join("tls/agent.key"),
+    };
+    config.enrollment = Some(kt_agent::config::EnrollmentSettings {
+        token_file,
+        ca_fingerprint: pki.root_fingerprint(),
+        gateway_id: None,
+    });
+}
+
+/// `ktctl token create ARGS`: the token it printed.
+pub fn create_token(ktctl_config: &Path, args: &[&str]) -> String {
+    let mut all = vec!["token", "create"];
+    all.extend_from_slice(args);
+    let out = ktctl(ktctl_config, &all);
+    assert!(out.status.success(), "token create: {}", output_text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A coordinator and N gateway+agent pairs (`gw-test-01`..., regions alternating us/eu).
@@ -453,58 +554,30 @@ pub struct TestFleet {
 
 impl TestFleet {
     pub fn start(n: usize) -> Self {
-        Self::start_inner(n, false, None).0
+        Self::start_with(n, &FleetOptions::default()).0
     }
 
     /// Like `start`, with every agent reaching the coordinator through a [`proxy::CutProxy`],
     /// and, when given, a small event buffer.
     pub fn start_with_proxy(n: usize, max_buffered_events: Option<u64>) -> (Self, proxy::CutProxy) {
-        let (fleet, proxy) = Self::start_inner(n, true, max_buffered_events);
+        let options = FleetOptions {
+            proxy: true,
+            max_buffered_events,
+            ..FleetOptions::default()
+        };
+        let (fleet, proxy) = Self::start_with(n, &options);
         (fleet, proxy.expect("proxy"))
     }
 
-    fn start_inner(
-        n: usize,
-        with_proxy: bool,
-        max_buffered_events: Option<u64>,
-    ) -> (Self, Option<proxy::CutProxy>) {
+    /// A fleet built as `options` say; the proxy when asked for.
+    pub fn start_with(n: usize, options: &FleetOptions) -> (Self, Option<proxy::CutProxy>) {
         kt_daemon::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = Pki::new(dir.path().join("pki"));
         let ids: Vec<String> = (1..=n).map(|i| format!("gw-test-{i:02}")).collect();
-        let coordinator = CoordinatorNode::start(dir.path().join("coordinator"), &pki, &ids);
-        let provider = MockProvider::start(&dir.path().join("provider"), &[]);
-        let proxy = with_proxy.then(|| proxy::CutProxy::start(coordinator.addr));
-        let agents_reach = proxy.as_ref().map_or(coordinator.addr, |p| p.addr);
-        let mut gateways = Vec::new();
-        let mut agents = Vec::new();
-        for (i, id) in ids.iter().enumerate() {
-            pki.issue_agent(id);
-            let gw_dir = dir.path().join(id);
-            let gateway = GatewayNode::start(gw_dir.clone(), id, provider.addr);
-            let region = if i % 2 == 0 { "us" } else { "eu" };
-            let agent = AgentNode::start(
-                &gw_dir,
-                &AgentSpec {
-                    gateway_id: id,
-                    more_coordinators: &[],
-                    coordinator: agents_reach,
-                    pki: &pki.dir,
-                    gateway: gateway.addr,
-                    health_interval: HEALTH_INTERVAL,
-                    labels: &[("region", region), ("env", "test")],
-                    config_path: Some(&gateway.policy),
-                    validator: &bin("kt-gateway"),
-                    events_file: Some(&gateway.events),
-                    probe_token_file: Some(&gateway.probe_token()),
-                    max_buffered_events,
-                    state_dir: &gw_dir.join("agent-state"),
-                    metrics_listen: None,
-                },
-            );
-            gateways.push(gateway);
-            agents.push(agent);
-        }
+        let mut coordinator = CoordinatorNode::new(dir.path().join("coordinator"), &pki, &ids);
+        coordinator.agent_cert_ttl = options.enroll_with_ttl;
+        coordinator.start_again();
         let ktctl_config = dir.path().join("ktctl.yaml");
         KtctlConfig {
             current_context: Some("test".into()),
@@ -512,6 +585,43 @@ impl TestFleet {
         }
         .save(&ktctl_config)
         .expect("ktctl config");
+        let provider = MockProvider::start(&dir.path().join("provider"), &[]);
+        let proxy = options
+            .proxy
+            .then(|| proxy::CutProxy::start(coordinator.addr));
+        let agents_reach = proxy.as_ref().map_or(coordinator.addr, |p| p.addr);
+        let max_buffered_events = options.max_buffered_events;
+        let mut gateways = Vec::new();
+        let mut agents = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let gw_dir = dir.path().join(id);
+            let gateway = GatewayNode::start(gw_dir.clone(), id, provider.addr);
+            let region = if i % 2 == 0 { "us" } else { "eu" };
+            let mut config = dev::agent(&AgentSpec {
+                gateway_id: id,
+                more_coordinators: &[],
+                coordinator: agents_reach,
+                pki: &pki.dir,
+                gateway: gateway.addr,
+                health_interval: HEALTH_INTERVAL,
+                labels: &[("region", region), ("env", "test")],
+                config_path: Some(&gateway.policy),
+                validator: &bin("kt-gateway"),
+                events_file: Some(&gateway.events),
+                probe_token_file: Some(&gateway.probe_token()),
+                max_buffered_events,
+                state_dir: &gw_dir.join("agent-state"),
+                metrics_listen: None,
+            });
+            if options.enroll_with_ttl.is_some() {
+                enroll_on_first_boot(&mut config, &ktctl_config, &pki, id, &gw_dir);
+            } else {
+                pki.issue_agent(id);
+            }
+            let agent = AgentNode::start_with(&gw_dir, &config);
+            gateways.push(gateway);
+            agents.push(agent);
+        }
         let fleet = TestFleet {
             dir,
             pki,

@@ -58,6 +58,8 @@ pub mod kind {
     pub const REJECTION: &str = "rejection";
     /// Join tokens (JSON, the secret's hash only), by id; any replica.
     pub const JOIN_TOKEN: &str = "join-token";
+    /// Revoked agent identities (JSON), by gateway id; any replica.
+    pub const REVOCATION: &str = "agent-revocation";
     /// Live replicas, under each one's lease; each replica its own.
     pub const REPLICA: &str = "replica";
     /// Fleet records per gateway, under the lease of the replica holding its session.

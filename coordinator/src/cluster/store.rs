@@ -25,6 +25,7 @@ use super::election::Leadership;
 use super::keys::{Keys, kind};
 use crate::config::Group;
 use crate::intent::{Desired, DesiredChange, GroupIntent, Intent};
+use crate::revocations::AgentRevocation;
 use crate::rollout::model::RolloutRecord;
 use crate::store::{Store, StoreError, StoredConfig};
 use crate::tokens::JoinToken;
@@ -555,5 +556,38 @@ impl Store for EtcdStore {
     async fn list_tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
         let tokens: BTreeMap<String, JoinToken> = self.decoded(kind::JOIN_TOKEN).await?;
         Ok(tokens.into_values().collect())
+    }
+
+    async fn replace_token(
+        &self,
+        current: &JoinToken,
+        next: &JoinToken,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys.one(kind::JOIN_TOKEN, &next.id);
+        let txn = Txn::new()
+            .when(vec![Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                serde_json::to_vec(current)?,
+            )])
+            .and_then(vec![TxnOp::put(key, serde_json::to_vec(next)?, None)]);
+        let mut kv = self.kv();
+        let answer = self.call(kv.txn(txn)).await?;
+        Ok(answer.succeeded())
+    }
+
+    async fn put_revocation(&self, revocation: &AgentRevocation) -> Result<(), StoreError> {
+        let op = self.json_put(kind::REVOCATION, &revocation.gateway_id, revocation)?;
+        self.write(vec![op], false).await
+    }
+
+    async fn delete_revocation(&self, gateway: &str) -> Result<(), StoreError> {
+        let key = self.keys.one(kind::REVOCATION, gateway);
+        self.write(vec![TxnOp::delete(key, None)], false).await
+    }
+
+    async fn list_revocations(&self) -> Result<Vec<AgentRevocation>, StoreError> {
+        let all: BTreeMap<String, AgentRevocation> = self.decoded(kind::REVOCATION).await?;
+        Ok(all.into_values().collect())
     }
 }

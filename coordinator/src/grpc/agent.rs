@@ -17,7 +17,7 @@ use kt_proto::identity::{GatewayId, Identity, Role};
 use kt_proto::v1::agent_message::Body as AgentBody;
 use kt_proto::v1::agent_service_server::AgentService;
 use kt_proto::v1::coordinator_message::Body as CoordinatorBody;
-use kt_proto::v1::{AgentMessage, ConfigPhase, CoordinatorMessage, Welcome};
+use kt_proto::v1::{self, AgentMessage, ConfigPhase, CoordinatorMessage, Welcome};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,6 +33,7 @@ use crate::events::store::Batch;
 use crate::fleet::{Command, FleetHandle, HelloInfo, SessionId};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::probes::Probes;
+use crate::revocations::Revocations;
 use crate::rollout::engine::EngineHandle;
 use crate::rollout::plan::{MAX_CONFIG_BYTES, content_hash, version_label};
 use crate::store::{Store, StoredConfig};
@@ -58,6 +59,12 @@ pub struct AgentApi {
     /// Hashes of running configs already stored (or being stored): a hello with one of them
     /// writes nothing.
     pub known_configs: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Signs renewals; none when this coordinator has no `enrollment:`.
+    pub issuer: Option<Arc<crate::issuer::AgentIssuer>>,
+    pub revocations: Revocations,
+    pub renewal_refusals: crate::issuer::RenewalRefusals,
+    /// The CA bundle sent with a renewed certificate (the coordinator's `tls.ca`).
+    pub ca_file: std::path::PathBuf,
 }
 
 /// Running-config hashes remembered at most; past this the set starts over (a store write with
@@ -193,7 +200,11 @@ impl AgentService for AgentApi {
         let Identity::Agent { gateway, .. } = identity else {
             return Err(ApiError::PermissionDenied("not an agent".into()).into());
         };
+        if let Some(revoked) = self.revocations.get(gateway.as_str()) {
+            return Err(ApiError::PermissionDenied(revoked.refusal()).into());
+        }
         let fleet = self.fleet.clone();
+        let revocations = self.revocations.clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(EVENT_CREDIT as usize);
         let store = self.events.clone();
@@ -209,7 +220,14 @@ impl AgentService for AgentApi {
                 // The region comes from the agent's hello, which may arrive after this stream opens.
                 let mut region = String::new();
                 loop {
-                    let batch = match inbound.message().await {
+                    let next = tokio::select! {
+                        next = inbound.message() => next,
+                        revoked = revocations.revoked(gateway.as_str()) => {
+                            let _ = tx.try_send(Err(Status::permission_denied(revoked.refusal())));
+                            return;
+                        }
+                    };
+                    let batch = match next {
                         Ok(Some(batch)) => batch,
                         Ok(None) => return,
                         Err(status) => {
@@ -258,6 +276,35 @@ impl AgentService for AgentApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn renew(
+        &self,
+        request: Request<v1::CertificateRequest>,
+    ) -> Result<Response<v1::IssuedCertificate>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Agent)?;
+        let Identity::Agent { gateway, .. } = identity else {
+            return Err(ApiError::PermissionDenied("not an agent".into()).into());
+        };
+        let result = self.renew_for(&gateway, &request.into_inner().csr_pem);
+        let label = if result.is_ok() { "renewed" } else { "refused" };
+        self.metrics
+            .certificate_renewals
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        match result {
+            Ok(issued) => {
+                self.renewal_refusals.renewed(gateway.as_str());
+                tracing::info!(gateway_id = %gateway, lifetime_ms = issued.lifetime_ms, "agent certificate renewed");
+                Ok(Response::new(issued))
+            }
+            Err(error) => {
+                tracing::warn!(gateway_id = %gateway, %error, "agent certificate renewal refused");
+                self.renewal_refusals
+                    .refused(gateway.as_str(), unix_ms_now(), error.to_string());
+                Err(error.into())
+            }
+        }
+    }
+
     async fn session(
         &self,
         request: Request<Streaming<AgentMessage>>,
@@ -266,14 +313,18 @@ impl AgentService for AgentApi {
         let Identity::Agent { gateway, .. } = identity.clone() else {
             return Err(ApiError::PermissionDenied("not an agent".into()).into());
         };
-        let cert_not_after_unix_ms = request
+        if let Some(revoked) = self.revocations.get(gateway.as_str()) {
+            tracing::warn!(gateway_id = %gateway, "session refused: the gateway is revoked");
+            return Err(ApiError::PermissionDenied(revoked.refusal()).into());
+        }
+        let (cert_not_before_unix_ms, cert_not_after_unix_ms) = request
             .peer_certs()
             .and_then(|certs| {
                 certs
                     .first()
-                    .and_then(|leaf| kt_proto::identity::not_after_unix_ms(leaf))
+                    .and_then(|leaf| kt_proto::identity::validity_unix_ms(leaf))
             })
-            .unwrap_or(0);
+            .unwrap_or((0, 0));
         let peer_address = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -330,6 +381,7 @@ impl AgentService for AgentApi {
                     health: hello.health,
                     peer_address: peer_address.clone(),
                     cert_not_after_unix_ms,
+                    cert_not_before_unix_ms,
                 },
                 outbound: outbound.clone(),
                 replaced: replaced.clone(),
@@ -342,12 +394,14 @@ impl AgentService for AgentApi {
         let probes = self.probes.clone();
         let cancel = self.cancel.clone();
         let api = self.refusals();
+        let revocations = self.revocations.clone();
         let span = tracing::info_span!("agent_session", gateway_id = %gateway, session);
         tokio::spawn(
             async move {
                 let end = tokio::select! {
                     end = read_session(&fleet, &engine, &probes, &api.metrics, &gateway, session, &mut inbound) => end,
                     _ = replaced.cancelled() => SessionEnd::Replaced,
+                    revoked = revocations.revoked(gateway.as_str()) => SessionEnd::Revoked(revoked),
                     _ = cancel.cancelled() => SessionEnd::Broke,
                 };
                 match &end {
@@ -364,6 +418,10 @@ impl AgentService for AgentApi {
                             "replaced by a newer session for gateway {gateway}; if another agent uses this certificate, stop one of them"
                         ));
                         let _ = outbound.try_send(Err(status));
+                    }
+                    SessionEnd::Revoked(revoked) => {
+                        tracing::warn!(%peer_address, by = %revoked.by, "session closed: the gateway was revoked");
+                        let _ = outbound.try_send(Err(Status::permission_denied(revoked.refusal())));
                     }
                     SessionEnd::Goodbye | SessionEnd::Broke => {}
                 }
@@ -384,12 +442,48 @@ impl AgentService for AgentApi {
     }
 }
 
+impl AgentApi {
+    /// A new certificate for `gateway`, unless it is revoked or nothing here signs.
+    fn renew_for(
+        &self,
+        gateway: &GatewayId,
+        csr_pem: &[u8],
+    ) -> Result<v1::IssuedCertificate, ApiError> {
+        if let Some(revoked) = self.revocations.get(gateway.as_str()) {
+            return Err(ApiError::PermissionDenied(revoked.refusal()));
+        }
+        let issuer = self.issuer.as_ref().ok_or_else(|| {
+            ApiError::Missing(
+                "this coordinator does not renew agent certificates (its config has no enrollment: section)".into(),
+            )
+        })?;
+        let issued = issuer
+            .sign(gateway, csr_pem)
+            .map_err(ApiError::InvalidArgument)?;
+        let ca_pem = std::fs::read(&self.ca_file).map_err(|e| {
+            ApiError::Internal(format!(
+                "cannot read the CA bundle {}: {e}",
+                self.ca_file.display()
+            ))
+        })?;
+        Ok(v1::IssuedCertificate {
+            cert_chain_pem: issued.chain_pem.into_bytes(),
+            ca_pem,
+            gateway_id: gateway.to_string(),
+            lifetime_ms: u64::try_from(issued.lifetime.as_millis()).unwrap_or(u64::MAX),
+            group: String::new(),
+        })
+    }
+}
+
 /// How a session's inbound stream ended.
 enum SessionEnd {
     Goodbye,
     Broke,
     /// A newer session of the same gateway took over.
     Replaced,
+    /// An operator revoked the gateway.
+    Revoked(crate::revocations::AgentRevocation),
     /// A message out of bounds: the session is ended with its reason.
     Refused(bounds::OutOfBounds),
 }

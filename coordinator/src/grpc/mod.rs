@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod enrollment;
 pub mod operator;
 pub mod paging;
 pub mod rollout_view;

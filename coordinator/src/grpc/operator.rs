@@ -50,6 +50,8 @@ pub struct OperatorApi {
     pub cancel: CancellationToken,
     /// This replica's way to etcd, when the state is there.
     pub replica: Option<crate::cluster::replica::Replica>,
+    pub revocations: crate::revocations::Revocations,
+    pub renewal_refusals: crate::issuer::RenewalRefusals,
 }
 
 /// Bounds of one synthetic probe.
@@ -66,7 +68,18 @@ const MAX_PUSH_BYTES: usize = crate::rollout::plan::MAX_CONFIG_BYTES;
 impl OperatorApi {
     /// The fleet's gateways, or a group's.
     async fn gateways(&self, group: Option<String>) -> Result<Vec<GatewayState>, ApiError> {
-        Ok(self.fleet.list(group).await??)
+        let mut gateways = self.fleet.list(group).await??;
+        for gateway in &mut gateways {
+            gateway.revoked = self
+                .revocations
+                .get(&gateway.gateway_id)
+                .map(|r| r.to_proto());
+            if let Some((at, why)) = self.renewal_refusals.get(&gateway.gateway_id) {
+                gateway.renewal_refused = why;
+                gateway.renewal_refused_unix_ms = at;
+            }
+        }
+        Ok(gateways)
     }
 
     /// Resolves the gateways a filter names (ids, a group, a selector); `None` means all.
@@ -697,6 +710,101 @@ impl OperatorService for OperatorApi {
                 .map_err(ApiError::from)?;
         }
         Ok(Response::new(token.to_proto(now)))
+    }
+
+    async fn revoke_agent(
+        &self,
+        request: Request<v1::RevokeAgentRequest>,
+    ) -> Result<Response<v1::AgentRevocation>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        let gateway = GatewayId::new(&request.gateway_id).map_err(|why| {
+            ApiError::InvalidArgument(format!("gateway id {:?}: {why}", request.gateway_id))
+        })?;
+        // Revoking twice keeps the first revocation's time and author.
+        if let Some(already) = self.revocations.get(gateway.as_str()) {
+            return Ok(Response::new(already.to_proto()));
+        }
+        let mut reason = request.reason;
+        kt_proto::bounds::clamp_text(&mut reason, 1024);
+        let revocation = crate::revocations::AgentRevocation {
+            gateway_id: gateway.to_string(),
+            at_unix_ms: kt_daemon::unix_ms_now(),
+            by: identity.uri(),
+            reason,
+        };
+        self.store
+            .put_revocation(&revocation)
+            .await
+            .map_err(ApiError::from)?;
+        // This replica's sessions of the gateway close now; the others' at their next read.
+        self.revocations
+            .refresh(self.store.as_ref())
+            .await
+            .map_err(ApiError::from)?;
+        self.store
+            .audit(
+                revocation.at_unix_ms,
+                &identity.uri(),
+                "agent revoke",
+                gateway.as_str(),
+                &revocation.reason,
+            )
+            .await
+            .map_err(ApiError::from)?;
+        tracing::warn!(gateway_id = %gateway, by = %identity, reason = %revocation.reason, "agent revoked");
+        Ok(Response::new(revocation.to_proto()))
+    }
+
+    async fn reinstate_agent(
+        &self,
+        request: Request<v1::ReinstateAgentRequest>,
+    ) -> Result<Response<v1::AgentRevocation>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let request = request.into_inner();
+        let Some(revocation) = self.revocations.get(&request.gateway_id) else {
+            return Err(ApiError::Missing(format!(
+                "gateway {:?} is not revoked",
+                request.gateway_id
+            ))
+            .into());
+        };
+        self.store
+            .delete_revocation(&revocation.gateway_id)
+            .await
+            .map_err(ApiError::from)?;
+        self.revocations
+            .refresh(self.store.as_ref())
+            .await
+            .map_err(ApiError::from)?;
+        let mut reason = request.reason;
+        kt_proto::bounds::clamp_text(&mut reason, 1024);
+        self.store
+            .audit(
+                kt_daemon::unix_ms_now(),
+                &identity.uri(),
+                "agent reinstate",
+                &revocation.gateway_id,
+                &reason,
+            )
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(revocation.to_proto()))
+    }
+
+    async fn list_agent_revocations(
+        &self,
+        request: Request<v1::ListAgentRevocationsRequest>,
+    ) -> Result<Response<v1::ListAgentRevocationsResponse>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        Ok(Response::new(v1::ListAgentRevocationsResponse {
+            revocations: self
+                .revocations
+                .all()
+                .iter()
+                .map(|r| r.to_proto())
+                .collect(),
+        }))
     }
 
     async fn cluster_status(

@@ -1048,6 +1048,27 @@ mod tests {
         async fn list_tokens(&self) -> Result<Vec<crate::tokens::JoinToken>, StoreError> {
             self.inner.list_tokens().await
         }
+        async fn replace_token(
+            &self,
+            current: &crate::tokens::JoinToken,
+            next: &crate::tokens::JoinToken,
+        ) -> Result<bool, StoreError> {
+            self.inner.replace_token(current, next).await
+        }
+        async fn put_revocation(
+            &self,
+            revocation: &crate::revocations::AgentRevocation,
+        ) -> Result<(), StoreError> {
+            self.inner.put_revocation(revocation).await
+        }
+        async fn delete_revocation(&self, gateway: &str) -> Result<(), StoreError> {
+            self.inner.delete_revocation(gateway).await
+        }
+        async fn list_revocations(
+            &self,
+        ) -> Result<Vec<crate::revocations::AgentRevocation>, StoreError> {
+            self.inner.list_revocations().await
+        }
     }
 
     /// A fleet task with one connected gateway `gw-1` in group `g`; offers to it arrive on the
@@ -1080,6 +1101,7 @@ mod tests {
             health: Some(health),
             peer_address: "127.0.0.1:1".into(),
             cert_not_after_unix_ms: 0,
+            cert_not_before_unix_ms: 0,
         };
         handle
             .send(FleetCommand::Connected {

@@ -1,5 +1,6 @@
 //! One module per noun, one file per verb.
 
+pub mod agent;
 pub mod cluster;
 pub mod completion;
 pub mod config;

@@ -32,6 +32,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         files.issuing_key.display()
     );
     println!(
+        "root fingerprint (new agents pin it: kt-agent enroll --ca-fingerprint): {}",
+        super::fingerprint::of_file(&files.root_cert)?
+    );
+    println!(
         "next: ktctl pki issue --dir {} --role coordinator --dns localhost --ip 127.0.0.1",
         args.dir.display()
     );

@@ -1,4 +1,5 @@
 //! `ktctl pki`: the deployment's CA and leaf certificates.
 
+pub mod fingerprint;
 pub mod init;
 pub mod issue;

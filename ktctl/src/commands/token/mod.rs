@@ -52,6 +52,7 @@ pub struct RevokeArgs {
 }
 
 pub async fn create(session: &Session, args: CreateArgs) -> anyhow::Result<()> {
+    let scope_is_one_gateway = args.gateway_id.is_some();
     let scope = JoinTokenScope {
         gateway_id: args.gateway_id.unwrap_or_default(),
         group: args.group.unwrap_or_default(),
@@ -92,9 +93,23 @@ pub async fn create(session: &Session, args: CreateArgs) -> anyhow::Result<()> {
     println!("{}", created.token);
     let row = TokenRow::from(&info);
     eprintln!(
-        "token {} for {}: {} use(s), expires {}; shown once, keep it secret (kt-agent enroll --token-file)",
+        "token {} for {}: {} use(s), expires {}; shown once, keep it secret",
         row.id, row.scope, row.uses, row.expires
     );
+    // What the new host runs, with the root this context trusts as the pin.
+    if let Ok(context) = session.context()
+        && let Ok(fingerprint) = crate::commands::pki::fingerprint::of_file(&context.ca)
+    {
+        let id = if scope_is_one_gateway {
+            String::new()
+        } else {
+            " --gateway-id ID".to_owned()
+        };
+        eprintln!(
+            "on the new host: kt-agent enroll --coordinator {} --token-file TOKEN_FILE --ca-fingerprint {fingerprint}{id}",
+            context.coordinator
+        );
+    }
     Ok(())
 }
 
