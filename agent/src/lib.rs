@@ -74,6 +74,15 @@ impl Agent {
         })
     }
 
+    /// The certificate was just obtained by enrolling and lives `lifetime` from now: its
+    /// renewal is scheduled from that, not from the certificate's dates against this host's
+    /// clock.
+    pub fn enrolled_now(&self, lifetime: std::time::Duration) {
+        if let Some(renewal) = &self.settings.renewal {
+            renewal.enrolled(lifetime);
+        }
+    }
+
     pub fn gateway_id(&self) -> &kt_proto::identity::GatewayId {
         &self.settings.gateway
     }

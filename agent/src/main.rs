@@ -83,6 +83,7 @@ fn main() -> ExitCode {
     let cancel = CancellationToken::new();
     // First boot: no certificate yet, and a join token to get one with.
     let validate_only = matches!(cli.command, Some(Command::Validate));
+    let mut first_boot = None;
     if let (Some(enrollment), false) = (&config.enrollment, validate_only)
         && !config.tls.cert.exists()
     {
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
             enroll_until_answered(&target, enrollment, &cancel).await
         });
         match enrolled {
-            Some(Ok(())) => {}
+            Some(Ok(lifetime)) => first_boot = Some(lifetime),
             Some(Err(code)) => return code,
             None => return ExitCode::SUCCESS, // stopped while waiting
         }
@@ -104,6 +105,9 @@ fn main() -> ExitCode {
             return ExitCode::from(daemon::EXIT_CONFIG as u8);
         }
     };
+    if let Some(lifetime) = first_boot {
+        agent.enrolled_now(lifetime);
+    }
     if validate_only {
         println!(
             "{}: ok (gateway {})",
@@ -137,14 +141,14 @@ async fn enroll_until_answered(
     target: &Target,
     enrollment: &EnrollmentSettings,
     cancel: &CancellationToken,
-) -> Option<Result<(), ExitCode>> {
+) -> Option<Result<std::time::Duration, ExitCode>> {
     let mut delay = std::time::Duration::from_millis(500);
     loop {
         match enroll::enroll_at(target, enrollment).await {
             Ok(enrolled) => {
                 tracing::info!(gateway_id = %enrolled.gateway_id, group = %enrolled.group,
                     cert = %target.files.cert.display(), "enrolled");
-                return Some(Ok(()));
+                return Some(Ok(enrolled.lifetime));
             }
             Err(EnrollError::Unreachable(why)) => {
                 tracing::warn!(%why, retry_in_ms = delay.as_millis() as u64, "cannot enroll yet");

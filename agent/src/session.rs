@@ -254,11 +254,13 @@ async fn connect(
     let Some(renewal) = &settings.renewal else {
         return open(settings, endpoint, health).await;
     };
-    if renewal.expired() {
-        enroll_again(settings, renewal, metrics).await;
-    }
     let with_candidate = renewal.candidate().is_some();
     let opened = open(settings, endpoint, health).await;
+    // Refused, and by our clock the certificate has expired: enroll again (the next attempt
+    // uses what that gives). The clock alone is no proof; the refusal with it is.
+    if opened.is_err() && !with_candidate && renewal.expired() {
+        enroll_again(settings, renewal, metrics).await;
+    }
     match (&opened, with_candidate) {
         (Ok(_), true) => match renewal.promote() {
             Ok(()) => {

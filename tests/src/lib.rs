@@ -504,6 +504,8 @@ pub struct FleetOptions {
     /// Agents get their certificates by enrolling with a join token at first boot (and renew
     /// them), instead of hand-issued ones; the coordinator issues them for this long.
     pub enroll_with_ttl: Option<Duration>,
+    /// Added to the environment of agent `i` (none past the end).
+    pub agent_env: Vec<Vec<(String, String)>>,
 }
 
 /// Makes `config` an enrolling agent's: a join token for `id` (3 uses: the first boot, and
@@ -618,7 +620,14 @@ impl TestFleet {
             } else {
                 pki.issue_agent(id);
             }
-            let agent = AgentNode::start_with(&gw_dir, &config);
+            let env: Vec<(&str, &str)> = options
+                .agent_env
+                .get(i)
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let agent = AgentNode::start_with_env(&gw_dir, &config, &env);
             gateways.push(gateway);
             agents.push(agent);
         }
@@ -780,4 +789,23 @@ pub fn assert_valid_policy(path: &Path) {
         path.display(),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Appends `count` synthetic decision events numbered from `from` to a gateway's events file.
+pub fn append_events(path: &Path, gateway: &str, from: u64, count: u64) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("events file");
+    let mut text = String::new();
+    for n in from..from + count {
+        let verdict = if n % 10 == 0 { "block" } else { "allow" };
+        let line = serde_json::json!({ "id": format!("{gateway}-{n}"), "n": n, "gateway_id": gateway, "verdict": verdict,
+            "reason_code": "", "config_version": "1.0.0", "policies_evaluated": [] });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    file.write_all(text.as_bytes()).expect("append");
 }

@@ -73,6 +73,13 @@ impl CutProxy {
         self.cut();
     }
 
+    /// Refuses new connections until `unblock`, leaving open ones alone: a network path that
+    /// breaks for new flows only (a firewall reload, a load balancer draining).
+    pub fn refuse_new(&self) {
+        self.blocked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn unblock(&self) {
         self.blocked
             .store(false, std::sync::atomic::Ordering::SeqCst);

@@ -126,3 +126,21 @@ pub async fn open_events(
         .map(tonic::Response::into_inner);
     (tx, acks)
 }
+
+/// `AgentService.Renew` with the certificate `agent-<stem>`, for the key of `csr_pem`.
+pub async fn renew(
+    coordinator: SocketAddr,
+    pki_dir: &Path,
+    stem: &str,
+    csr_pem: &str,
+) -> Result<kt_proto::v1::IssuedCertificate, tonic::Status> {
+    let channel = agent_channel(coordinator, pki_dir, stem)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    AgentServiceClient::new(channel)
+        .renew(kt_proto::v1::CertificateRequest {
+            csr_pem: csr_pem.as_bytes().to_vec(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}

@@ -1,7 +1,7 @@
 //! Agents getting and keeping an identity: enrollment with join tokens (and every refusal
 //! named), the pinned root CA, revocation. Real processes, real mutual TLS.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -332,8 +332,267 @@ async fn agents_enroll_at_first_boot_and_revocation_cuts_one_off_for_good() {
         .await;
 }
 
-/// Where the enrolled agent of `id` keeps its certificate.
-#[allow(dead_code)]
-fn agent_cert(fleet: &TestFleet, id: &str) -> PathBuf {
-    fleet.dir.path().join(id).join("tls/agent.crt")
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_session_ends_within_a_second_and_renewals_are_refused() {
+    use kt_e2e::raw;
+    let fleet = TestFleet::start(1);
+    fleet.pki.issue_agent("gw-raw");
+    let addr = fleet.coordinator.addr;
+    let hello = kt_proto::v1::Hello {
+        gateway_id: "gw-raw".into(),
+        boot_id: "raw".into(),
+        ..Default::default()
+    };
+    let mut session = raw::open(addr, &fleet.pki.dir, "gw-raw", hello.clone())
+        .await
+        .expect("a session before the revocation");
+    let (_, csr) = kt_proto::leaf::key_and_csr().expect("csr");
+    // The test PKI has an issuing CA, so this coordinator renews: it does, before the revocation.
+    raw::renew(addr, &fleet.pki.dir, "gw-raw", &csr)
+        .await
+        .expect("a renewal before the revocation");
+
+    let mut operator = fleet.operator().await;
+    operator
+        .revoke_agent(kt_proto::v1::RevokeAgentRequest {
+            gateway_id: "gw-raw".into(),
+            reason: "key found on a pastebin".into(),
+        })
+        .await
+        .expect("revoke");
+    let revoked_at = std::time::Instant::now();
+    let ended = session.ended(Duration::from_secs(10)).await;
+    let took = revoked_at.elapsed();
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+    assert!(
+        ended.message().contains("key found on a pastebin"),
+        "{ended:?}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the session ended {took:?} after the revocation"
+    );
+
+    // No way back with the same certificate: not a session, not a renewal, not an event stream.
+    let again = raw::open(addr, &fleet.pki.dir, "gw-raw", hello).await;
+    assert_eq!(
+        again.err().map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+    let renewal = raw::renew(addr, &fleet.pki.dir, "gw-raw", &csr).await;
+    assert_eq!(
+        renewal.err().map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+    let (_, events) = raw::open_events(addr, &fleet.pki.dir, "gw-raw").await;
+    assert_eq!(
+        events.err().map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+}
+
+/// Enrollment lets callers without a client certificate finish the TLS handshake: every other
+/// RPC must still refuse them.
+#[tokio::test]
+async fn a_caller_without_a_certificate_gets_nothing_but_enrollment() {
+    use kt_proto::v1::agent_service_client::AgentServiceClient;
+    use kt_proto::v1::operator_service_client::OperatorServiceClient;
+    use kt_proto::v1::*;
+    let fleet = TestFleet::start(1);
+    let channel = kt_agent::enroll::pinned_channel(
+        &format!("https://{}", fleet.coordinator.addr),
+        "127.0.0.1",
+        &fleet.pki.root_fingerprint(),
+    )
+    .await
+    .expect("a TLS connection without a client certificate");
+    let mut agent = AgentServiceClient::new(channel.clone());
+    let mut op = OperatorServiceClient::new(channel);
+    let codes: Vec<(&str, Option<tonic::Code>)> = vec![
+        (
+            "Session",
+            agent
+                .session(tokio_stream::iter(Vec::<AgentMessage>::new()))
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "Events",
+            agent
+                .events(tokio_stream::iter(Vec::<EventBatch>::new()))
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "Renew",
+            agent
+                .renew(CertificateRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ListGateways",
+            op.list_gateways(ListGatewaysRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "WatchFleet",
+            op.watch_fleet(WatchFleetRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "PushConfig",
+            op.push_config(PushConfigRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ListRollouts",
+            op.list_rollouts(ListRolloutsRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "GetRollout",
+            op.get_rollout(RolloutRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "WatchRollout",
+            op.watch_rollout(RolloutRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ControlRollout",
+            op.control_rollout(ControlRolloutRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ListConfigVersions",
+            op.list_config_versions(ListConfigVersionsRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "GetConfigVersion",
+            op.get_config_version(GetConfigVersionRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ApplyGroups",
+            op.apply_groups(ApplyGroupsRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ListGroups",
+            op.list_groups(ListGroupsRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "PinConfig",
+            op.pin_config(PinConfigRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "TailEvents",
+            op.tail_events(TailEventsRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "EventStats",
+            op.event_stats(EventStatsRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ProbeGateway",
+            op.probe_gateway(ProbeGatewayRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ClusterStatus",
+            op.cluster_status(ClusterStatusRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "CreateJoinToken",
+            op.create_join_token(CreateJoinTokenRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ListJoinTokens",
+            op.list_join_tokens(ListJoinTokensRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "RevokeJoinToken",
+            op.revoke_join_token(RevokeJoinTokenRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "RevokeAgent",
+            op.revoke_agent(RevokeAgentRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ReinstateAgent",
+            op.reinstate_agent(ReinstateAgentRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+        (
+            "ListAgentRevocations",
+            op.list_agent_revocations(ListAgentRevocationsRequest::default())
+                .await
+                .err()
+                .map(|s| s.code()),
+        ),
+    ];
+    for (rpc, code) in codes {
+        assert_eq!(
+            code,
+            Some(tonic::Code::Unauthenticated),
+            "{rpc} without a certificate"
+        );
+    }
 }

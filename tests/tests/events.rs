@@ -2,10 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
-use kt_e2e::{TestFleet, wait_for};
+use kt_e2e::{TestFleet, append_events, wait_for};
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -16,24 +15,6 @@ async fn healthy(fleet: &TestFleet, n: usize) {
             code == 0 && rows.len() == n && rows.iter().all(|r| r["agent"] == "connected")
         })
         .await;
-}
-
-/// Appends `count` synthetic decision events numbered from `from` to a gateway's events file.
-fn append_events(path: &Path, gateway: &str, from: u64, count: u64) {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("events file");
-    let mut text = String::new();
-    for n in from..from + count {
-        let verdict = if n % 10 == 0 { "block" } else { "allow" };
-        let line = json!({ "id": format!("{gateway}-{n}"), "n": n, "gateway_id": gateway, "verdict": verdict,
-            "reason_code": "", "config_version": "1.0.0", "policies_evaluated": [] });
-        text.push_str(&line.to_string());
-        text.push('\n');
-    }
-    file.write_all(text.as_bytes()).expect("append");
 }
 
 fn tail_json(fleet: &TestFleet, args: &[&str]) -> Vec<Value> {
