@@ -416,19 +416,135 @@ fn certs(inputs: &Inputs, checks: &mut Vec<Check>) {
             "issue a new operator certificate with `ktctl pki issue operator NAME` and point your ktctl context at it",
         );
     }
-    for g in &inputs.gateways {
-        if g.agent_cert_not_after_unix_ms == 0 {
-            continue; // never connected: nothing verified to read
-        }
-        cert_check(
-            checks,
-            inputs.now_ms,
-            format!("agent {}", g.gateway_id),
-            Ok(g.agent_cert_not_after_unix_ms),
-            &format!(
-                "issue a new certificate with `ktctl pki issue agent {}`, install it and restart the agent",
-                g.gateway_id
+    agent_cert_forecast(inputs, checks);
+}
+
+/// Where an agent's certificate stands, as its coordinator last verified it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AgentCert {
+    Fine,
+    /// Past 90% of its lifetime: an agent that renews would have renewed by now.
+    PastRenewalWindow,
+    /// The coordinator refused its last renewal.
+    RenewalRefused,
+    /// Within two weeks of its end, lifetime unknown (a coordinator older than this field).
+    EndingSoon,
+    Expired,
+}
+
+fn agent_cert(g: &GatewayState, now_ms: u64) -> AgentCert {
+    let not_after = g.agent_cert_not_after_unix_ms;
+    if not_after <= now_ms {
+        return AgentCert::Expired;
+    }
+    if !g.renewal_refused.is_empty() {
+        return AgentCert::RenewalRefused;
+    }
+    let not_before = g.agent_cert_not_before_unix_ms;
+    if not_before > 0 && not_before < not_after {
+        // Validity starts 5 minutes before the issue (kt_proto::leaf::BACKDATE).
+        let backdate = 5 * 60 * 1000;
+        let issued = (not_before + backdate).min(not_after);
+        let window_end = issued + (not_after - issued) / 10 * 9;
+        return if now_ms > window_end {
+            AgentCert::PastRenewalWindow
+        } else {
+            AgentCert::Fine
+        };
+    }
+    if days_left(now_ms, not_after) < CERT_WARN_DAYS as i64 {
+        AgentCert::EndingSoon
+    } else {
+        AgentCert::Fine
+    }
+}
+
+/// The fleet's agent certificates at a glance (the earliest expiry, agents past their renewal
+/// window, refused renewals), then one line for each agent that needs attention.
+fn agent_cert_forecast(inputs: &Inputs, checks: &mut Vec<Check>) {
+    let now = inputs.now_ms;
+    // Never connected: nothing verified to read.
+    let known: Vec<&GatewayState> = inputs
+        .gateways
+        .iter()
+        .filter(|g| g.agent_cert_not_after_unix_ms > 0)
+        .collect();
+    let Some(earliest) = known.iter().min_by_key(|g| g.agent_cert_not_after_unix_ms) else {
+        return;
+    };
+    let states: Vec<(&GatewayState, AgentCert)> =
+        known.iter().map(|g| (*g, agent_cert(g, now))).collect();
+    let count = |wanted: AgentCert| states.iter().filter(|(_, s)| *s == wanted).count();
+    let (expired, past, refused, soon) = (
+        count(AgentCert::Expired),
+        count(AgentCert::PastRenewalWindow),
+        count(AgentCert::RenewalRefused),
+        count(AgentCert::EndingSoon),
+    );
+    let mark = if expired > 0 {
+        Mark::Fail
+    } else if past + refused + soon > 0 {
+        Mark::Warn
+    } else {
+        Mark::Pass
+    };
+    push(
+        checks,
+        Section::Certs,
+        mark,
+        "agent certificates",
+        format!(
+            "{} known; earliest ends {} ({}); {expired} expired, {past} past their renewal window, {refused} renewals refused",
+            known.len(),
+            kt_daemon::clock::rfc3339(earliest.agent_cert_not_after_unix_ms),
+            earliest.gateway_id
+        ),
+        "renewed by 90% of their lifetime, none expired",
+        (mark != Mark::Pass).then(|| "see the lines for each agent below".to_owned()),
+    );
+    for (g, state) in states {
+        let subject = format!("agent {}", g.gateway_id);
+        let ends = kt_daemon::clock::rfc3339(g.agent_cert_not_after_unix_ms);
+        let (mark, value, hint) = match state {
+            AgentCert::Fine => continue,
+            AgentCert::Expired => (
+                Mark::Fail,
+                format!("expired {} days ago ({ends})", -days_left(now, g.agent_cert_not_after_unix_ms)),
+                format!(
+                    "an enrolled agent enrolls again if its join token is still good; else create one (`ktctl token create --gateway-id {0}`) and put it in the agent's token file, or issue a certificate (`ktctl pki issue agent {0}`) and restart the agent",
+                    g.gateway_id
+                ),
             ),
+            AgentCert::RenewalRefused => (
+                Mark::Warn,
+                format!("renewal refused: {}; ends {ends}", g.renewal_refused),
+                "the coordinator's log says why; a revoked gateway is reinstated with `ktctl agent reinstate`".to_owned(),
+            ),
+            AgentCert::PastRenewalWindow => (
+                Mark::Warn,
+                format!("past its renewal window; ends {ends}"),
+                format!(
+                    "an agent without `enrollment:` does not renew: issue a new certificate (`ktctl pki issue agent {}`); an enrolled one cannot reach a coordinator that renews (see its log and kt_agent_certificate_renewals_total)",
+                    g.gateway_id
+                ),
+            ),
+            AgentCert::EndingSoon => (
+                Mark::Warn,
+                format!("expires in {} days", days_left(now, g.agent_cert_not_after_unix_ms)),
+                format!(
+                    "issue a new certificate with `ktctl pki issue agent {}`, install it and restart the agent",
+                    g.gateway_id
+                ),
+            ),
+        };
+        push(
+            checks,
+            Section::Certs,
+            mark,
+            subject,
+            value,
+            format!("warn < {CERT_WARN_DAYS} days or past 90% of its lifetime"),
+            Some(hint),
         );
     }
 }
@@ -1283,15 +1399,66 @@ mod tests {
             marks,
             [
                 ("operator".to_owned(), Mark::Pass),
+                ("agent certificates".to_owned(), Mark::Fail),
                 ("agent a".to_owned(), Mark::Warn),
                 ("agent b".to_owned(), Mark::Fail),
             ]
         );
         assert!(
+            checks[1].value.contains("earliest ends"),
+            "{}",
+            checks[1].value
+        );
+        assert!(checks[1].value.contains("(b)"), "{}", checks[1].value);
+        assert!(
             checks
                 .iter()
                 .all(|c| c.mark == Mark::Pass || c.hint.is_some())
         );
+    }
+
+    #[test]
+    fn renewing_agents_are_judged_by_their_renewal_window_not_by_days() {
+        const HOUR: u64 = 3_600_000;
+        const BACKDATE: u64 = 5 * 60 * 1000;
+        // 24-hour certificates: issued 1 h ago (fine), 23 h ago (past 90%), refused.
+        let cert = |id: &str, issued_hours_ago: u64| {
+            let mut g = gateway(id, "us", "h1", &[]);
+            let issued = NOW - issued_hours_ago * HOUR;
+            g.agent_cert_not_before_unix_ms = issued - BACKDATE;
+            g.agent_cert_not_after_unix_ms = issued + 24 * HOUR;
+            g
+        };
+        let fresh = cert("fresh", 1);
+        let stale = cert("stale", 23);
+        let mut refused = cert("refused", 2);
+        refused.renewal_refused = "gateway refused is revoked".into();
+        let checks = check(&inputs(vec![fresh, stale, refused]), &[Section::Certs]);
+        let marks: Vec<(String, Mark)> =
+            checks.iter().map(|c| (c.subject.clone(), c.mark)).collect();
+        assert_eq!(
+            marks,
+            [
+                ("agent certificates".to_owned(), Mark::Warn),
+                ("agent stale".to_owned(), Mark::Warn),
+                ("agent refused".to_owned(), Mark::Warn),
+            ],
+            "a fresh 24-hour certificate is no warning, though it ends within two weeks"
+        );
+        assert!(
+            checks[0]
+                .value
+                .contains("1 past their renewal window, 1 renewals refused"),
+            "{}",
+            checks[0].value
+        );
+        assert!(
+            checks[0].value.contains("(stale)"),
+            "the earliest: {}",
+            checks[0].value
+        );
+        assert!(checks[1].value.contains("past its renewal window"));
+        assert!(checks[2].value.contains("is revoked"));
     }
 
     #[test]

@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use kt_agent::config::AgentConfig;
+pub use kt_agent::config::EnrollmentSettings;
 use kt_agent::config::{
-    AgentConfig, CoordinatorSettings, EventsSettings, GatewaySettings, ReconnectSettings,
-    ReloadSettings,
+    CoordinatorSettings, EventsSettings, GatewaySettings, ReconnectSettings, ReloadSettings,
 };
 use kt_coordinator::config::{
     CoordinatorConfig, EnrollmentConfig, EventsConfig, GroupSpec, GroupsFile, IssuingCaFiles,

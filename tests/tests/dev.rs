@@ -54,6 +54,16 @@ async fn dev_up_status_and_down() {
         rows.iter()
             .all(|r| r["groups"] == serde_json::json!(["dev"]))
     );
+    // The agents enrolled with join tokens, as production hosts do: no agent certificate was
+    // issued by hand, each wrote its own, and each token is used up.
+    assert!(!dir.join("pki/agent-gw-dev-01.crt").exists());
+    for id in ["gw-dev-01", "gw-dev-02"] {
+        assert!(dir.join(id).join("tls/agent.crt").exists(), "{id} enrolled");
+    }
+    let tokens = ktctl(home, &["--config", config_arg, "token", "list", "-o", "json"]);
+    let tokens: Vec<serde_json::Value> = serde_json::from_slice(&tokens.stdout).expect("json");
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    assert!(tokens.iter().all(|t| t["state"] == "used_up"), "{tokens:?}");
 
     // A second `up` is refused while the first fleet runs.
     let again = ktctl(home, &["dev", "up", "--dir", dir_arg]);

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use kt_proto::identity::GatewayId;
 
 use super::DirArg;
 use crate::dev::{self, AgentSpec, DevProcess, DevState, Liveness, Role};
@@ -100,16 +99,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         30,
         true,
     )?;
-    for id in &ids {
-        pki::issue(
-            &pki_dir,
-            &LeafRole::Agent {
-                gateway: GatewayId::new(id)?,
-            },
-            30,
-            true,
-        )?;
-    }
+    // Agents get their certificates the way production hosts do: a join token each, and the
+    // root's fingerprint pinned (see `enroll_with_token` below).
+    let root_fingerprint = crate::commands::pki::fingerprint::of_file(&pki_dir.join(pki::CA_CERT))?;
 
     let mut rollback = Rollback {
         dir: &dir,
@@ -282,25 +274,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .copied()
             .collect();
         let agent_path = gw_dir.join("agent.yaml");
-        std::fs::write(
-            &agent_path,
-            dev::agent_config(&AgentSpec {
-                gateway_id: id,
-                more_coordinators: &others,
-                coordinator: first,
-                pki: &pki_dir,
-                gateway,
-                health_interval: Duration::from_secs(1),
-                labels: &[("region", region), ("env", "dev")],
-                config_path: Some(&policy),
-                validator: &dev::find_binary("kt-gateway"),
-                events_file: Some(&gw_dir.join("events.jsonl")),
-                probe_token_file: Some(&gw_dir.join("probe-token")),
-                max_buffered_events: None,
-                state_dir: &gw_dir.join("agent-state"),
-                metrics_listen: None,
-            }),
-        )?;
+        let mut agent_config = dev::agent(&AgentSpec {
+            gateway_id: id,
+            more_coordinators: &others,
+            coordinator: first,
+            pki: &pki_dir,
+            gateway,
+            health_interval: Duration::from_secs(1),
+            labels: &[("region", region), ("env", "dev")],
+            config_path: Some(&policy),
+            validator: &dev::find_binary("kt-gateway"),
+            events_file: Some(&gw_dir.join("events.jsonl")),
+            probe_token_file: Some(&gw_dir.join("probe-token")),
+            max_buffered_events: None,
+            state_dir: &gw_dir.join("agent-state"),
+            metrics_listen: None,
+        });
+        let operator = operator_context(&pki_dir, coordinators[0]);
+        enroll_with_token(&mut agent_config, &operator, id, &gw_dir, &root_fingerprint).await?;
+        std::fs::write(&agent_path, dev::to_yaml(&agent_config))?;
         start(
             &mut rollback,
             Role::Agent,
@@ -319,11 +311,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let ktctl_path = dir.join(dev::KTCTL_CONFIG_FILE);
     let context = |name: String, coordinator: SocketAddr| ktconfig::Context {
         name,
-        coordinator: format!("https://{coordinator}"),
-        server_name: None,
-        ca: pki_dir.join(pki::CA_CERT),
-        cert: pki_dir.join(format!("operator-{}.crt", dev::DEV_OPERATOR)),
-        key: pki_dir.join(format!("operator-{}.key", dev::DEV_OPERATOR)),
+        ..operator_context(&pki_dir, coordinator)
     };
     let mut contexts = vec![context("dev".into(), coordinator)];
     if several {
@@ -401,6 +389,74 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "  ktctl config push --file {} --group dev --batch-size 1 --rollback-on-error",
         shared_policy.display()
     );
+    Ok(())
+}
+
+/// The dev operator's context against `coordinator`.
+fn operator_context(pki_dir: &Path, coordinator: SocketAddr) -> ktconfig::Context {
+    ktconfig::Context {
+        name: "dev".into(),
+        coordinator: format!("https://{coordinator}"),
+        server_name: None,
+        ca: pki_dir.join(pki::CA_CERT),
+        cert: pki_dir.join(format!("operator-{}.crt", dev::DEV_OPERATOR)),
+        key: pki_dir.join(format!("operator-{}.key", dev::DEV_OPERATOR)),
+    }
+}
+
+/// How long a coordinator just started may take to answer (etcd connected, replicas up).
+const COORDINATOR_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Makes `config` the config of an agent that enrolls at its first start: a one-use join token
+/// for `id` in `dir/join-token`, the root's fingerprint pinned, its certificate to come in
+/// `dir/tls/`.
+async fn enroll_with_token(
+    config: &mut dev::AgentConfig,
+    operator: &ktconfig::Context,
+    id: &str,
+    dir: &Path,
+    root_fingerprint: &str,
+) -> anyhow::Result<()> {
+    let request = kt_proto::v1::CreateJoinTokenRequest {
+        scope: Some(kt_proto::v1::JoinTokenScope {
+            gateway_id: id.to_owned(),
+            ..Default::default()
+        }),
+        ttl_ms: 3_600_000,
+        never_expires: false,
+        uses: 1,
+    };
+    let deadline = tokio::time::Instant::now() + COORDINATOR_ANSWER_TIMEOUT;
+    let token = loop {
+        let created = async {
+            let mut client = crate::client::connect(operator).await?;
+            let created = client
+                .create_join_token(request.clone())
+                .await
+                .map_err(crate::status_error)?;
+            anyhow::Ok(created.into_inner().token)
+        };
+        match created.await {
+            Ok(token) => break token,
+            Err(error) if tokio::time::Instant::now() >= deadline => {
+                return Err(error.context(format!("cannot create a join token for {id}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    };
+    let token_file = dir.join("join-token");
+    kt_daemon::fs::write_private(&token_file, token.as_bytes())
+        .with_context(|| format!("cannot write {}", token_file.display()))?;
+    config.tls = kt_proto::tls::TlsFiles {
+        ca: dir.join("tls/ca.crt"),
+        cert: dir.join("tls/agent.crt"),
+        key: dir.join("tls/agent.key"),
+    };
+    config.enrollment = Some(dev::EnrollmentSettings {
+        token_file,
+        ca_fingerprint: root_fingerprint.to_owned(),
+        gateway_id: None,
+    });
     Ok(())
 }
 
