@@ -21,6 +21,9 @@ struct Cli {
     config: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "KT_LOG_FORMAT")]
     log_format: LogFormat,
+    /// The gateway id to enroll as, over the config's `enrollment.gateway_id` (a pod's name).
+    #[arg(long = "enroll-as", env = "KT_AGENT_GATEWAY_ID", global = true)]
+    enroll_as: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -60,13 +63,16 @@ fn main() -> ExitCode {
     kt_daemon::install_crypto_provider();
 
     if let Some(Command::Enroll(args)) = &cli.command {
-        return enroll_command(cli.config.as_deref(), args);
+        return enroll_command(cli.config.as_deref(), cli.enroll_as.as_deref(), args);
     }
     let Some(config_path) = cli.config else {
         eprintln!("kt-agent: --config FILE is required");
         return ExitCode::from(daemon::EXIT_CONFIG as u8);
     };
-    let config = match AgentConfig::load(&config_path) {
+    let config = match AgentConfig::load(&config_path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| with_enroll_as(config, cli.enroll_as.as_deref()))
+    {
         Ok(config) => config,
         Err(e) => {
             eprintln!("kt-agent: {e}");
@@ -83,6 +89,25 @@ fn main() -> ExitCode {
     let cancel = CancellationToken::new();
     // First boot: no certificate yet, and a join token to get one with.
     let validate_only = matches!(cli.command, Some(Command::Validate));
+    if let (Some(enrollment), true) = (&config.enrollment, validate_only)
+        && !config.tls.cert.exists()
+    {
+        // `ExecStartPre=kt-agent validate` on a first boot: the config is fine; the token is
+        // checked when used, the certificate does not exist yet.
+        if let Err(error) = std::fs::metadata(&enrollment.token_file) {
+            eprintln!(
+                "kt-agent: enrollment.token_file {}: {error}",
+                enrollment.token_file.display()
+            );
+            return ExitCode::from(daemon::EXIT_CONFIG as u8);
+        }
+        println!(
+            "{}: ok (no certificate yet: enrolls at start with {})",
+            config_path.display(),
+            enrollment.token_file.display()
+        );
+        return ExitCode::SUCCESS;
+    }
     let mut first_boot = None;
     if let (Some(enrollment), false) = (&config.enrollment, validate_only)
         && !config.tls.cert.exists()
@@ -135,6 +160,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--enroll-as` (`KT_AGENT_GATEWAY_ID`) over `enrollment.gateway_id`.
+fn with_enroll_as(mut config: AgentConfig, enroll_as: Option<&str>) -> Result<AgentConfig, String> {
+    if let (Some(id), Some(enrollment)) = (enroll_as, config.enrollment.as_mut()) {
+        kt_proto::identity::GatewayId::new(id)
+            .map_err(|why| format!("--enroll-as / KT_AGENT_GATEWAY_ID {id:?}: {why}"))?;
+        enrollment.gateway_id = Some(id.to_owned());
+    }
+    Ok(config)
+}
+
 /// Enrolls, retrying while no coordinator answers; a refusal ends it (the token will not get
 /// better by itself). `None` when cancelled.
 async fn enroll_until_answered(
@@ -168,7 +203,11 @@ async fn enroll_until_answered(
 }
 
 /// `kt-agent enroll`: one attempt per coordinator, then exit.
-fn enroll_command(config_path: Option<&std::path::Path>, args: &EnrollArgs) -> ExitCode {
+fn enroll_command(
+    config_path: Option<&std::path::Path>,
+    enroll_as: Option<&str>,
+    args: &EnrollArgs,
+) -> ExitCode {
     let usage = |why: String| {
         eprintln!("kt-agent enroll: {why}");
         ExitCode::from(daemon::EXIT_CONFIG as u8)
@@ -221,6 +260,7 @@ fn enroll_command(config_path: Option<&std::path::Path>, args: &EnrollArgs) -> E
         gateway_id: args
             .gateway_id
             .clone()
+            .or_else(|| enroll_as.map(str::to_owned))
             .or_else(|| from_config.and_then(|e| e.gateway_id)),
     };
     if target.files.cert.exists() && !args.force {

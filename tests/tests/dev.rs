@@ -60,7 +60,10 @@ async fn dev_up_status_and_down() {
     for id in ["gw-dev-01", "gw-dev-02"] {
         assert!(dir.join(id).join("tls/agent.crt").exists(), "{id} enrolled");
     }
-    let tokens = ktctl(home, &["--config", config_arg, "token", "list", "-o", "json"]);
+    let tokens = ktctl(
+        home,
+        &["--config", config_arg, "token", "list", "-o", "json"],
+    );
     let tokens: Vec<serde_json::Value> = serde_json::from_slice(&tokens.stdout).expect("json");
     assert_eq!(tokens.len(), 2, "{tokens:?}");
     assert!(tokens.iter().all(|t| t["state"] == "used_up"), "{tokens:?}");

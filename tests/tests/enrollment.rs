@@ -596,3 +596,71 @@ async fn a_caller_without_a_certificate_gets_nothing_but_enrollment() {
         );
     }
 }
+
+/// A first boot as systemd and Kubernetes run it: `kt-agent validate` passes before any
+/// certificate exists, and the gateway id comes from the environment (a pod's name).
+#[tokio::test]
+async fn a_first_boot_validates_and_enrolls_as_the_id_its_environment_names() {
+    let fleet = TestFleet::start(1);
+    let host = fleet.dir.path().join("pod");
+    let mut config = kt_launch::configs::agent(&kt_launch::configs::AgentSpec {
+        gateway_id: "unused",
+        coordinator: fleet.coordinator.addr,
+        more_coordinators: &[],
+        pki: &fleet.pki.dir,
+        gateway: fleet.gateways[0].addr,
+        health_interval: Duration::from_secs(1),
+        labels: &[],
+        config_path: None,
+        validator: &bin("kt-gateway"),
+        events_file: None,
+        probe_token_file: None,
+        max_buffered_events: None,
+        state_dir: &host.join("state"),
+        metrics_listen: None,
+    });
+    kt_e2e::enroll_on_first_boot(
+        &mut config,
+        &fleet.ktctl_config,
+        &fleet.pki,
+        "unused",
+        &host,
+    );
+    // A token for the group: the id is the agent's to name, here from KT_AGENT_GATEWAY_ID.
+    let group = create_token(&fleet.ktctl_config, &["--group", kt_e2e::GROUP]);
+    let enrollment = config.enrollment.as_mut().expect("enrollment");
+    std::fs::write(&enrollment.token_file, &group).expect("token");
+    let path = host.join("agent.yaml");
+    std::fs::write(&path, kt_launch::configs::to_yaml(&config)).expect("config");
+    let agent = |args: &[&str]| {
+        std::process::Command::new(bin("kt-agent"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .env("KT_AGENT_GATEWAY_ID", "kt-gateway-7d9f-x2")
+            .output()
+            .expect("kt-agent")
+    };
+    let validated = agent(&["validate"]);
+    assert!(validated.status.success(), "{}", output_text(&validated));
+    assert!(
+        output_text(&validated).contains("enrolls at start"),
+        "{}",
+        output_text(&validated)
+    );
+    let enrolled = agent(&["enroll"]);
+    assert!(enrolled.status.success(), "{}", output_text(&enrolled));
+    let identity = kt_proto::tls::identity_of_cert_file(&config.tls.cert).expect("certificate");
+    assert_eq!(
+        identity.uri(),
+        "spiffe://kt-fleet.local/agent/kt-gateway-7d9f-x2"
+    );
+    // Enrolling again over a certificate needs --force.
+    let again = agent(&["enroll"]);
+    assert!(!again.status.success());
+    assert!(
+        output_text(&again).contains("--force"),
+        "{}",
+        output_text(&again)
+    );
+}

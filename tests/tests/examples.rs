@@ -42,6 +42,21 @@ fn example_configs_parse() {
     );
     assert!(agent.gateway.events_file.is_some() && agent.metrics_listen.is_some());
 
+    // A host that enrolls itself: token from systemd's credentials, certificate files where
+    // the hardened unit lets the agent write (its StateDirectory=).
+    let enrolling = kt_agent::config::AgentConfig::load(&example("agent-enroll.yaml"))
+        .expect("agent-enroll.yaml");
+    let enrollment = enrolling.enrollment.as_ref().expect("enrollment:");
+    assert!(enrollment.token_file.starts_with("/run/credentials/"));
+    for path in [&enrolling.tls.ca, &enrolling.tls.cert, &enrolling.tls.key] {
+        assert!(path.starts_with("/var/lib/kt-fleet/"), "{}", path.display());
+    }
+    let issuing = coordinator
+        .enrollment
+        .as_ref()
+        .expect("the coordinator enrolls");
+    assert!(issuing.issuing_ca.key.ends_with("issuing-ca.key"));
+
     // The unit's environment file: KEY=value lines, and the secret the example policy names.
     let env = std::fs::read_to_string(example("gateway.env")).expect("gateway.env");
     let keys: Vec<&str> = env

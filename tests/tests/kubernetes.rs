@@ -308,3 +308,89 @@ fn the_ha_overlay_runs_three_coordinators_on_a_three_member_etcd() {
         .expect("etcd-tls volume");
     assert_eq!(secret, "kt-etcd-tls");
 }
+
+#[test]
+fn the_enroll_overlay_has_agents_enroll_as_their_pod_with_a_token_from_a_secret() {
+    let overlay = dir().join("enroll");
+    let objects = objects_in(&overlay);
+    let kustomization = get(&objects, "Kustomization", "kustomization.yaml");
+    for file in seq(&kustomization["resources"])
+        .iter()
+        .chain(seq(&kustomization["patches"]).iter().map(|p| &p["path"]))
+        .filter_map(Value::as_str)
+    {
+        assert!(overlay.join(file).is_file(), "{file} exists");
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    unpack(&objects, "kt-agent-config", tmp.path());
+    unpack(&objects, "kt-coordinator-config", tmp.path());
+    let agent =
+        kt_agent::config::AgentConfig::load(&tmp.path().join("agent.yaml")).expect("agent.yaml");
+    let enrollment = agent.enrollment.as_ref().expect("the agent enrolls");
+    let coordinator =
+        kt_coordinator::config::CoordinatorConfig::load(&tmp.path().join("coordinator.yaml"))
+            .expect("coordinator.yaml");
+    let issuing = coordinator
+        .enrollment
+        .as_ref()
+        .expect("the coordinator enrolls");
+
+    // The agent: the pod's name as its gateway id, the token from its Secret, its certificate
+    // written to the pod's writable state volume (the root filesystem is read-only).
+    let deployment = &get(&objects, "Deployment", "kt-gateway")["spec"];
+    let pod = &deployment["template"]["spec"];
+    let containers = seq(&pod["containers"]);
+    let container = containers
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .expect("agent container");
+    let env = seq(&container["env"]);
+    let enroll_as = env
+        .iter()
+        .find(|e| e["name"] == "KT_AGENT_GATEWAY_ID")
+        .expect("KT_AGENT_GATEWAY_ID");
+    assert_eq!(
+        enroll_as["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    let mount_of = |container: &Value, volume: &str| -> PathBuf {
+        seq(&container["volumeMounts"])
+            .iter()
+            .find(|m| m["name"] == volume)
+            .and_then(|m| m["mountPath"].as_str())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("{volume} mounted"))
+    };
+    assert!(
+        enrollment
+            .token_file
+            .starts_with(mount_of(container, "join-token"))
+    );
+    assert!(agent.tls.cert.starts_with(mount_of(container, "state")));
+    let volumes = seq(&pod["volumes"]);
+    let token = volumes
+        .iter()
+        .find(|v| v["name"] == "join-token")
+        .expect("join-token volume");
+    assert_eq!(token["secret"]["secretName"], "kt-join-token");
+    assert!(
+        volumes.iter().all(|v| v["csi"].is_null()),
+        "no cert-manager"
+    );
+
+    // The coordinator: the issuing CA mounted where its config says, from its own Secret.
+    let statefulset = &get(&objects, "StatefulSet", "kt-coordinator")["spec"]["template"]["spec"];
+    let coordinator_container = &seq(&statefulset["containers"])[0];
+    assert!(
+        issuing
+            .issuing_ca
+            .key
+            .starts_with(mount_of(coordinator_container, "issuing-ca"))
+    );
+    let secret = seq(&statefulset["volumes"])
+        .iter()
+        .find(|v| v["name"] == "issuing-ca")
+        .map(|v| v["secret"]["secretName"].clone())
+        .expect("issuing-ca volume");
+    assert_eq!(secret, "kt-fleet-issuing-ca");
+}

@@ -84,6 +84,10 @@ fn systemd_analyze_verifies_the_units_installed_in_a_temporary_root() {
     for unit in UNITS {
         std::fs::copy(deploy().join("systemd").join(unit), units.join(unit)).expect("copy unit");
     }
+    // With the enrollment drop-in, as a host that enrolls itself installs it.
+    let drop_in = "kt-agent@.service.d/enroll.conf";
+    std::fs::create_dir_all(units.join("kt-agent@.service.d")).expect("drop-in dir");
+    std::fs::copy(deploy().join("systemd").join(drop_in), units.join(drop_in)).expect("copy");
     // The binaries the units run, and the system's own units they refer to (targets).
     std::fs::create_dir_all(root.join("usr/bin")).expect("bin dir");
     for binary in ["kt-coordinator", "kt-gateway", "kt-agent"] {
