@@ -634,3 +634,66 @@ async fn join_tokens_are_kept_in_etcd_and_the_same_on_every_replica() {
         );
     }
 }
+
+/// Enrollment and revocation with the state in etcd: a one-use token raced on two replicas
+/// enrolls exactly one agent (the use is taken with a compare-and-set in etcd), and an agent
+/// revoked on one replica loses its session on another within the time replicas take to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_enrolls_once_across_replicas_and_a_revocation_reaches_every_replica() {
+    use kt_e2e::raw;
+    let fleet = HaFleet::start(2, 0);
+    let token = kt_e2e::create_token(&fleet.ktctl_config(0), &["--gateway-id", "gw-new-01"]);
+    let fingerprint = fleet.pki.root_fingerprint();
+    let racers: Vec<std::thread::JoinHandle<std::process::Output>> = (0..2)
+        .map(|i| {
+            let host = fleet.dir.path().join(format!("host-{i}"));
+            std::fs::create_dir_all(&host).expect("dir");
+            std::fs::write(host.join("join-token"), &token).expect("token");
+            let coordinator = format!("https://{}", fleet.coordinators[i].addr);
+            let fingerprint = fingerprint.clone();
+            std::thread::spawn(move || {
+                std::process::Command::new(kt_e2e::bin("kt-agent"))
+                    .args(["enroll", "--coordinator", &coordinator, "--ca-fingerprint"])
+                    .arg(&fingerprint)
+                    .arg("--token-file")
+                    .arg(host.join("join-token"))
+                    .arg("--dir")
+                    .arg(&host)
+                    .output()
+                    .expect("kt-agent enroll")
+            })
+        })
+        .collect();
+    let outcomes: Vec<std::process::Output> = racers
+        .into_iter()
+        .map(|racer| racer.join().expect("racer"))
+        .collect();
+    let enrolled = outcomes.iter().filter(|o| o.status.success()).count();
+    assert_eq!(
+        enrolled,
+        1,
+        "exactly one enrollment: {:?}",
+        outcomes.iter().map(output_text).collect::<Vec<_>>()
+    );
+    let loser = outcomes.iter().find(|o| !o.status.success()).expect("loser");
+    assert!(output_text(loser).contains("used up"), "{}", output_text(loser));
+
+    // A session on replica 2, revoked through replica 1.
+    fleet.pki.issue_agent("gw-raw");
+    let hello = kt_proto::v1::Hello {
+        gateway_id: "gw-raw".into(),
+        boot_id: "raw".into(),
+        ..Default::default()
+    };
+    let mut session = raw::open(fleet.coordinators[1].addr, &fleet.pki.dir, "gw-raw", hello)
+        .await
+        .expect("a session on replica 2");
+    let revoked = fleet.ktctl(0, &["agent", "revoke", "gw-raw", "--reason", "decommissioned"]);
+    assert!(revoked.status.success(), "{}", output_text(&revoked));
+    let at = Instant::now();
+    let ended = session.ended(Duration::from_secs(20)).await;
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+    assert!(ended.message().contains("decommissioned"), "{ended:?}");
+    // Replicas read revocations every 300 ms; a loaded machine gets slack, not a free pass.
+    assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
+}
