@@ -301,6 +301,10 @@ impl Coordinator {
             revocations: revocations.clone(),
             ca_file: self.config.tls.ca.clone(),
             binding: Default::default(),
+            metrics: metrics.clone(),
+            audited_refusals: std::sync::Mutex::new(grpc::enrollment::AuditWindow::new(
+                std::time::Instant::now(),
+            )),
         };
         let agents = AgentApi {
             fleet: handle.clone(),

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Agent certificate renewals, by result (renewed, refused).
     pub certificate_renewals: Family<ResultLabels, Counter>,
+    /// Enrollments, by result (enrolled, refused, refused_unaudited: past the audit's rate).
+    pub enrollments: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -142,8 +144,15 @@ impl Default for Metrics {
             "Agent certificate renewals, by result (renewed, refused)",
             certificate_renewals.clone(),
         );
+        let enrollments = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "enrollments",
+            "Agent enrollments by result (enrolled, refused, refused_unaudited)",
+            enrollments.clone(),
+        );
         kt_daemon::metrics_http::register_log_repeats(&mut registry);
         Metrics {
+            enrollments,
             registry,
             agent_messages_refused,
             connections_refused,

@@ -675,8 +675,15 @@ async fn a_token_enrolls_once_across_replicas_and_a_revocation_reaches_every_rep
         "exactly one enrollment: {:?}",
         outcomes.iter().map(output_text).collect::<Vec<_>>()
     );
-    let loser = outcomes.iter().find(|o| !o.status.success()).expect("loser");
-    assert!(output_text(loser).contains("used up"), "{}", output_text(loser));
+    let loser = outcomes
+        .iter()
+        .find(|o| !o.status.success())
+        .expect("loser");
+    assert!(
+        output_text(loser).contains("used up"),
+        "{}",
+        output_text(loser)
+    );
 
     // A session on replica 2, revoked through replica 1.
     fleet.pki.issue_agent("gw-raw");
@@ -688,7 +695,10 @@ async fn a_token_enrolls_once_across_replicas_and_a_revocation_reaches_every_rep
     let mut session = raw::open(fleet.coordinators[1].addr, &fleet.pki.dir, "gw-raw", hello)
         .await
         .expect("a session on replica 2");
-    let revoked = fleet.ktctl(0, &["agent", "revoke", "gw-raw", "--reason", "decommissioned"]);
+    let revoked = fleet.ktctl(
+        0,
+        &["agent", "revoke", "gw-raw", "--reason", "decommissioned"],
+    );
     assert!(revoked.status.success(), "{}", output_text(&revoked));
     let at = Instant::now();
     let ended = session.ended(Duration::from_secs(20)).await;

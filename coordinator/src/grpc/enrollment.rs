@@ -20,6 +20,10 @@ use crate::tokens::{self, WRONG_TOKEN};
 
 /// How often a token taken by a concurrent enrollment is read again before giving up.
 const TOKEN_RACE_RETRIES: usize = 8;
+/// Refusals audited per window at most: anyone can ask to enroll, so a flood of bad tokens
+/// must not grow the audit log without bound. The rest are logged (rate-limited) and counted.
+const AUDITED_REFUSALS: u32 = 20;
+const AUDIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct EnrollmentApi {
     /// None: this coordinator has no `enrollment:` and enrolls nobody.
@@ -32,6 +36,34 @@ pub struct EnrollmentApi {
     pub ca_file: PathBuf,
     /// Binding a gateway to a group rewrites the group's list: one at a time.
     pub binding: tokio::sync::Mutex<()>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Refusals audited in the current window.
+    pub audited_refusals: std::sync::Mutex<AuditWindow>,
+}
+
+/// At most [`AUDITED_REFUSALS`] per [`AUDIT_WINDOW`].
+#[derive(Debug)]
+pub struct AuditWindow {
+    start: std::time::Instant,
+    used: u32,
+}
+
+impl AuditWindow {
+    pub fn new(now: std::time::Instant) -> Self {
+        AuditWindow {
+            start: now,
+            used: 0,
+        }
+    }
+
+    /// Whether one more fits at `now`.
+    fn admit(&mut self, now: std::time::Instant) -> bool {
+        if now.duration_since(self.start) >= AUDIT_WINDOW {
+            *self = AuditWindow::new(now);
+        }
+        self.used += 1;
+        self.used <= AUDITED_REFUSALS
+    }
 }
 
 /// A refusal: the gRPC code and what the agent is told (and the audit records).
@@ -69,13 +101,19 @@ impl EnrollmentService for EnrollmentApi {
                         .unwrap_or_default()
                 );
                 tracing::info!(gateway_id = %target, %peer, token = %token_id, "agent enrolled");
+                self.count("enrolled");
                 self.audit("agent enroll", &target, &detail).await;
                 Ok(Response::new(issued))
             }
             Err(Refused(code, why)) => {
                 tracing::warn!(gateway_id = %asked, %peer, token = %token_id, %why, "enrollment refused");
                 let detail = format!("from {peer} with join token {token_id:?}: {why}");
-                self.audit("agent enroll refused", &asked, &detail).await;
+                if self.may_audit_refusal() {
+                    self.count("refused");
+                    self.audit("agent enroll refused", &asked, &detail).await;
+                } else {
+                    self.count("refused_unaudited");
+                }
                 Err(Refused(code, why).into())
             }
         }
@@ -193,6 +231,21 @@ impl EnrollmentApi {
         Ok(())
     }
 
+    fn count(&self, result: &'static str) {
+        self.metrics
+            .enrollments
+            .get_or_create(&crate::metrics::ResultLabels { result })
+            .inc();
+    }
+
+    /// Whether this refusal fits in the audit's window.
+    fn may_audit_refusal(&self) -> bool {
+        self.audited_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(std::time::Instant::now())
+    }
+
     async fn audit(&self, action: &str, target: &str, detail: &str) {
         let audited = self
             .store
@@ -200,5 +253,19 @@ impl EnrollmentApi {
         if let Err(error) = audited.await {
             tracing::warn!(%error, action, "cannot audit an enrollment");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_audited_up_to_a_rate_then_again_in_the_next_window() {
+        let start = std::time::Instant::now();
+        let mut window = AuditWindow::new(start);
+        let admitted = (0..100).filter(|_| window.admit(start)).count();
+        assert_eq!(admitted, AUDITED_REFUSALS as usize);
+        assert!(window.admit(start + AUDIT_WINDOW));
     }
 }
