@@ -82,10 +82,16 @@ async fn certificates_of_30_s_renew_five_times_while_events_flow_and_the_coordin
             (None, None) => away_since = Some(tokio::time::Instant::now()),
             (None, Some(_)) => {}
         }
-        // Once rotations are under way, the coordinator is killed and started again: the agent
-        // is then within (or close to) a renewal, which must survive it.
+        // Once rotations are under way, the coordinator is killed and started again inside the
+        // renewal window of the certificate in use (at 75% of its life; renewals come between
+        // 70 and 90%): the renewal is due, or under way, while the coordinator is away.
         if seen.len() == 3 && !restarted {
             restarted = true;
+            let (not_before, not_after) = validity(&agent_cert(&fleet, 0));
+            let issued = not_before + 5 * 60 * 1000;
+            let in_window = issued + (not_after - issued) * 3 / 4;
+            let now = kt_daemon::unix_ms_now();
+            tokio::time::sleep(Duration::from_millis(in_window.saturating_sub(now))).await;
             fleet.coordinator.kill();
             fleet.coordinator.start_again();
             away_since = None;
