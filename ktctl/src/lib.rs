@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod console;
 pub mod dev;
 pub mod doctor;
 pub mod ktconfig;
@@ -80,6 +81,9 @@ pub enum Noun {
     /// Decision events of every gateway: live tail and counts.
     #[command(subcommand)]
     Events(EventsVerb),
+    /// The fleet in a browser: gateways, rollouts (with their buttons), decisions, doctor;
+    /// served on loopback with your own certificate.
+    Console(console::Args),
     /// Check the whole path (coordinator, certificates, agents, gateways, providers, config,
     /// events, policy) and say what is wrong and what to do; exits 1 when a check failed.
     Doctor(commands::doctor::Args),
@@ -284,6 +288,7 @@ pub fn error_line(error: &anyhow::Error) -> String {
 pub async fn run(cli: Cli) -> u8 {
     let session = Session::new(cli.config, cli.context);
     let result = match cli.command {
+        Noun::Console(args) => console::run(session, args).await.map(|()| true),
         Noun::Pki(PkiVerb::Init(args)) => pki_cmd::init::run(args).map(|()| true),
         Noun::Pki(PkiVerb::Issue(args)) => pki_cmd::issue::run(args).map(|()| true),
         Noun::Pki(PkiVerb::Fingerprint(args)) => pki_cmd::fingerprint::run(args).map(|()| true),

@@ -36,28 +36,53 @@ pub struct Args {
     pub probe_timeout: Duration,
 }
 
+impl Args {
+    /// Every section of every gateway, as `ktctl doctor --json` (what the console runs).
+    pub fn everything() -> Self {
+        Args {
+            gateway: Vec::new(),
+            group: None,
+            all: true,
+            checks: Vec::new(),
+            json: true,
+            probe_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Returns whether no check failed.
 pub async fn run(session: &Session, args: Args) -> anyhow::Result<bool> {
-    let sections = if args.checks.is_empty() {
-        Section::ALL.to_vec()
-    } else {
-        args.checks.clone()
-    };
-    let inputs = gather(session, &args, &sections).await?;
-    let checks = doctor::check(&inputs, &sections);
+    let (checks, coordinator) = judge(session, &args).await?;
     let (errors, warnings) = doctor::summary(&checks);
     if args.json {
-        let document = serde_json::json!({
-            "coordinator": inputs.coordinator,
-            "checks": checks,
-            "summary": { "errors": errors, "warnings": warnings },
-            "ok": errors == 0,
-        });
+        let document = document(&checks, &coordinator);
         println!("{}", serde_json::to_string_pretty(&document)?);
     } else {
         print_text(&checks, errors, warnings);
     }
     Ok(errors == 0)
+}
+
+/// The checks as one JSON document (`--json`): the checks, a summary, whether all is well.
+pub fn document(checks: &[Check], coordinator: &str) -> serde_json::Value {
+    let (errors, warnings) = doctor::summary(checks);
+    serde_json::json!({
+        "coordinator": coordinator,
+        "checks": checks,
+        "summary": { "errors": errors, "warnings": warnings },
+        "ok": errors == 0,
+    })
+}
+
+/// Gathers and judges: the checks, and the coordinator they were made against.
+pub async fn judge(session: &Session, args: &Args) -> anyhow::Result<(Vec<Check>, String)> {
+    let sections = if args.checks.is_empty() {
+        Section::ALL.to_vec()
+    } else {
+        args.checks.clone()
+    };
+    let inputs = gather(session, args, &sections).await?;
+    Ok((doctor::check(&inputs, &sections), inputs.coordinator))
 }
 
 async fn gather(session: &Session, args: &Args, sections: &[Section]) -> anyhow::Result<Inputs> {

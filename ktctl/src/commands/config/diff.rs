@@ -23,6 +23,12 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     };
     let from = fetch(args.from).await?;
     let to = fetch(args.to).await?;
+    print!("{}", unified(&from, &to));
+    Ok(())
+}
+
+/// A unified diff of two stored versions, or a line saying there is none.
+pub fn unified(from: &kt_proto::v1::ConfigVersion, to: &kt_proto::v1::ConfigVersion) -> String {
     let name = |v: &kt_proto::v1::ConfigVersion| {
         v.config
             .as_ref()
@@ -34,15 +40,11 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<()> {
     let diff = similar::TextDiff::from_lines(old.as_ref(), new.as_ref())
         .unified_diff()
         .context_radius(3)
-        .header(&name(&from), &name(&to))
+        .header(&name(from), &name(to))
         .to_string();
-    print!(
-        "{}",
-        if diff.is_empty() {
-            "(no difference)\n".to_owned()
-        } else {
-            diff
-        }
-    );
-    Ok(())
+    if diff.is_empty() {
+        "(no difference)\n".to_owned()
+    } else {
+        diff
+    }
 }

@@ -28,29 +28,56 @@ pub struct Args {
 }
 
 pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
-    let wanted = match args.to_version {
+    let undo = plan(
+        session,
+        &args.group,
+        args.to_version.clone(),
+        args.min_healthy_time,
+        &args.reason,
+    )
+    .await?;
+    if let Some(what) = &undo.what {
+        println!("{what}");
+    }
+    crate::commands::config::push::send(session, undo.request, args.detach, args.output).await
+}
+
+/// An undo ready to send: the push, and what it undoes when it was found by looking back.
+pub struct Undo {
+    pub request: PushConfigRequest,
+    pub what: Option<String>,
+}
+
+/// Finds what `group` returns to (`to_version`, else what ran before its last successful
+/// rollout) and makes the push that returns it there, all at once, as a rollback.
+pub async fn plan(
+    session: &Session,
+    group: &str,
+    to_version: Option<String>,
+    min_healthy_time: std::time::Duration,
+    reason: &str,
+) -> anyhow::Result<Undo> {
+    let mut what = None;
+    let wanted = match to_version {
         Some(version) => version,
         None => {
-            let rollouts = super::history::rollouts(session, Some(args.group.clone())).await?;
+            let rollouts = super::history::rollouts(session, Some(group.to_owned())).await?;
             let last = rollouts
                 .iter()
                 .find(|r| {
                     r.state() == kt_proto::v1::RolloutState::Succeeded && !r.batches.is_empty()
                 })
                 .with_context(|| {
-                    format!(
-                        "group {} has no successful rollout to undo; give --to-version",
-                        args.group
-                    )
+                    format!("group {group} has no successful rollout to undo; give --to-version")
                 })?;
             let baseline = super::history::baseline(last)
                 .with_context(|| format!("rollout {} recorded no previous version", last.id))?;
-            println!(
+            what = Some(format!(
                 "undoing {}: back to {} ({})",
                 last.id,
                 baseline.version,
                 crate::view::short_hash(&baseline.hash)
-            );
+            ));
             baseline.hash
         }
     };
@@ -61,18 +88,18 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         .map_err(crate::status_error)?
         .into_inner();
     let spec = RolloutSpec {
-        group: args.group,
+        group: group.to_owned(),
         strategy: Strategy::AllAtOnce as i32,
         size: 1,
-        min_healthy_time_ms: u64::try_from(args.min_healthy_time.as_millis()).unwrap_or(u64::MAX),
+        min_healthy_time_ms: u64::try_from(min_healthy_time.as_millis()).unwrap_or(u64::MAX),
         max_block_rate_delta: -1.0,
         max_error_rate: -1.0,
         ..Default::default()
     };
-    let reason = if args.reason.is_empty() {
+    let reason = if reason.is_empty() {
         "undo".to_owned()
     } else {
-        format!("undo: {}", args.reason)
+        format!("undo: {reason}")
     };
     let request = PushConfigRequest {
         content: version.content,
@@ -82,5 +109,5 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         supersede: false,
         rollback: true,
     };
-    crate::commands::config::push::send(session, request, args.detach, args.output).await
+    Ok(Undo { request, what })
 }
