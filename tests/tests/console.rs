@@ -377,6 +377,44 @@ async fn a_rollout_moves_on_screen_its_buttons_steer_it_and_decisions_show_live(
     .await;
     assert!(resumed, "{}", status(&fleet));
 
+    // Once it succeeded: its group's history, a diff between the versions, and undo.
+    let succeeded = wait_for(PATIENCE, || status(&fleet)["state"] == "succeeded").await;
+    assert!(succeeded, "{}", status(&fleet));
+    browser
+        .until(
+            "the group in the history's choice",
+            PATIENCE,
+            &format!("return [...document.getElementById('history-group').options].some(o => o.value === '{}')", kt_e2e::GROUP),
+        )
+        .await;
+    browser
+        .eval(&format!(
+            "const s = document.getElementById('history-group'); s.value = '{}'; s.dispatchEvent(new Event('change')); return true",
+            kt_e2e::GROUP
+        ))
+        .await;
+    let history_row = format!("#rollouts-history tr[data-rollout=\"{id}\"] button");
+    browser.click(&history_row).await;
+    browser
+        .until(
+            "the diff of the two versions",
+            PATIENCE,
+            "const d = document.getElementById('diff'); return !d.hidden && d.textContent.includes('+  version: 1.1.0') && d.textContent.includes('-  version: 1.0.0')",
+        )
+        .await;
+    browser.click("#undo-button").await;
+    confirm(&browser, "back to 1.0.0").await;
+    let undone = wait_for(PATIENCE, || {
+        let out = fleet.ktctl(&["rollout", "list", "-o", "json"]);
+        output_text(&out).contains("undo: back to 1.0.0")
+    })
+    .await;
+    assert!(
+        undone,
+        "{}",
+        output_text(&fleet.ktctl(&["rollout", "list", "-o", "json"]))
+    );
+
     // Decisions: a blocked request shows in the live tail, and in the chart.
     browser.click("#nav-decisions").await;
     browser

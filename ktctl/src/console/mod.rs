@@ -92,11 +92,12 @@ pub async fn run(session: Session, args: Args) -> anyhow::Result<()> {
         }
     }
     let app = router(console);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    // Ctrl-C ends it at once: the pages' event streams never end by themselves, so waiting
+    // for connections to close would wait forever.
+    tokio::select! {
+        served = axum::serve(listener, app) => served?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
     Ok(())
 }
 
