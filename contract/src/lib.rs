@@ -91,6 +91,22 @@ pub struct HealthDoc {
     pub errors: u64,
     pub verdicts: VerdictsDoc,
     pub cache: CacheDoc,
+    /// The shadow config evaluated beside the active one, deciding nothing; absent when none
+    /// is loaded (and none was refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowDoc>,
+}
+
+/// A shadow config as `/health` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ShadowDoc {
+    pub version: String,
+    /// Empty when none is loaded (the last one offered was refused).
+    pub hash: String,
+    /// Since when, RFC 3339, UTC.
+    pub loaded_at: String,
+    pub last_reload_error: Option<String>,
 }
 
 fn enabled_by_default() -> bool {

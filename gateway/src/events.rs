@@ -42,6 +42,9 @@ pub struct DecisionEvent {
     /// A synthetic probe, not a user's request; written only when true.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub synthetic: bool,
+    /// What the shadow config would have decided on the same input; only with a shadow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::shadow::ShadowOutcome>,
 }
 
 /// Where events go and when the file rotates.
@@ -215,6 +218,7 @@ mod tests {
             total_tokens: None,
             error: None,
             synthetic: false,
+            shadow: None,
         }
     }
 

@@ -82,6 +82,8 @@ struct Shared {
     http: reqwest::Client,
     /// Marks the agent's synthetic probes; without one, no request is synthetic.
     probe_token: Option<ProbeToken>,
+    /// The shadow config, when `--shadow-config` names one.
+    shadow: crate::shadow::ShadowSlot,
 }
 
 impl Gateway {
@@ -122,8 +124,20 @@ impl Gateway {
                 events,
                 http,
                 probe_token,
+                shadow: Default::default(),
             }),
         })
+    }
+
+    /// Evaluates the shadow config at `path` beside the active one from now on (absent: none
+    /// yet). A shadow that does not validate is refused, and never stops the gateway.
+    pub fn set_shadow_path(&self, path: PathBuf) -> Result<(), String> {
+        self.shared.shadow.set_path(path)
+    }
+
+    /// The shadow config in force now, if any.
+    pub fn shadow(&self) -> Option<Arc<crate::shadow::ShadowConfig>> {
+        self.shared.shadow.current()
     }
 
     /// Whether a request is the agent's synthetic probe: its `x-kt-synthetic` header must carry
@@ -174,7 +188,9 @@ impl Gateway {
     }
 
     /// Re-reads the config file: validates first, then swaps; keeps the old config if invalid.
+    /// The shadow config is read again too (its refusal is its own, in `/health`).
     pub fn reload(&self) -> Result<(), ConfigErrors> {
+        let _ = self.shared.shadow.reload();
         let result = PolicyConfig::load(&self.shared.config_path);
         let mut last_error = self
             .shared
@@ -326,6 +342,7 @@ impl Gateway {
                 entries,
                 hit_rate_pct,
             },
+            shadow: self.shared.shadow.doc(),
         }
     }
 }

@@ -18,3 +18,4 @@ pub mod probe_token;
 pub mod providers;
 pub mod proxy;
 pub mod sections;
+pub mod shadow;

@@ -67,6 +67,11 @@ struct ServeArgs {
     /// request timeout.
     #[arg(long, env = "KT_GATEWAY_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     idle_timeout: std::time::Duration,
+    /// A second policy config evaluated beside the active one on every request, deciding
+    /// nothing (its verdict goes into the decision event's `shadow`); read again on reload,
+    /// and none while the file is absent.
+    #[arg(long, env = "KT_GATEWAY_SHADOW_CONFIG")]
+    shadow_config: Option<PathBuf>,
     /// Write the bound address to this file once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -155,6 +160,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     limits.idle_timeout = args.idle_timeout;
     block_on(run(
         config_path,
+        args.shadow_config,
         gateway_id,
         events,
         args.probe_token_file,
@@ -194,6 +200,7 @@ fn host_name() -> String {
 
 async fn run(
     config_path: PathBuf,
+    shadow_path: Option<PathBuf>,
     gateway_id: String,
     events: EventsSettings,
     probe_token_file: Option<PathBuf>,
@@ -213,6 +220,10 @@ async fn run(
     // Loaded once more here: the file may have changed since the check in `serve`.
     let gateway = Gateway::load(config_path, gateway_id, sink, secrets, probe_token)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(path) = shadow_path {
+        // A shadow that does not validate is refused (and shown in /health); serving goes on.
+        let _ = gateway.set_shadow_path(path);
+    }
     let listener = daemon::listen(listen.addr, listen.ready_file.as_deref()).await?;
     let addr = listener.local_addr()?;
     let current = gateway.current();

@@ -94,6 +94,9 @@ struct Exchange {
     /// A synthetic probe (`x-kt-synthetic` with the gateway's probe token, sent by `ktctl doctor`
     /// through the agent): marked in its decision event and left out of the verdict counters.
     synthetic: bool,
+    /// The shadow config as the request started, and what it decided.
+    shadow: Option<Arc<crate::shadow::ShadowConfig>>,
+    shadow_outcome: Option<crate::shadow::ShadowOutcome>,
 }
 
 /// The request header that marks a synthetic probe.
@@ -124,6 +127,8 @@ pub async fn chat_completions(
         cached: false,
         usage: None,
         synthetic: gateway.is_synthetic(headers.get(SYNTHETIC_HEADER).map(|v| v.as_bytes())),
+        shadow: gateway.shadow(),
+        shadow_outcome: None,
     };
     let result = handle(&gateway, &mut exchange, &headers, body).await;
     let (status, error, response) = match result {
@@ -186,11 +191,24 @@ async fn handle(
     // Recorded even when a policy stops the request: the event says where it would have gone.
     exchange.target = target.cloned();
 
+    let provider = target
+        .or(candidates.first().copied())
+        .map(|t| t.target.provider.as_str());
+    // The shadow sees the request as the active chain does, before any redaction, on its own
+    // copy: it decides nothing.
+    let shadow_outcome = exchange.shadow.clone().map(|shadow| {
+        let mut input = Input {
+            model: &exchange.model,
+            provider,
+            max_tokens,
+            messages: texts.clone(),
+        };
+        crate::shadow::evaluate(&shadow, &mut input)
+    });
+    exchange.shadow_outcome = shadow_outcome;
     let mut input = Input {
         model: &exchange.model,
-        provider: target
-            .or(candidates.first().copied())
-            .map(|t| t.target.provider.as_str()),
+        provider,
         max_tokens,
         messages: texts.clone(),
     };
@@ -676,6 +694,7 @@ async fn finish(
         total_tokens: token("total_tokens"),
         error: error.map(|e| e.message),
         synthetic: exchange.synthetic,
+        shadow: exchange.shadow_outcome,
     };
     gateway.events().record(event).await;
     if let Ok(value) = HeaderValue::from_str(&exchange.request_id) {
