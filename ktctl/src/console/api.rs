@@ -88,7 +88,8 @@ pub async fn fleet_stream(State(console): State<Console>) -> Result<EventStream,
         .into_inner();
     let stream = async_stream(move |tx| async move {
         let mut parts = Vec::new();
-        while let Ok(Some(update)) = updates.message().await {
+        // Ends as soon as the page goes away, not at the next change of a quiet fleet.
+        while let Some(Ok(Some(update))) = until_closed(&tx, updates.message()).await {
             let now = kt_daemon::unix_ms_now();
             let sent = match update.update {
                 Some(Update::Snapshot(part)) => {
@@ -120,6 +121,17 @@ pub async fn fleet_stream(State(console): State<Console>) -> Result<EventStream,
             .await;
     });
     Ok(sse(stream))
+}
+
+/// `next`, or `None` once the page reading `tx`'s events has gone away.
+async fn until_closed<T>(
+    tx: &tokio::sync::mpsc::Sender<Event>,
+    next: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        _ = tx.closed() => None,
+        value = next => Some(value),
+    }
 }
 
 /// A stream fed by a task: `produce` sends events until it returns or the page goes away.
@@ -292,7 +304,7 @@ pub async fn events_stream(
         .map_err(from_status)?
         .into_inner();
     let stream = async_stream(move |tx| async move {
-        while let Ok(Some(response)) = tail.message().await {
+        while let Some(Ok(Some(response))) = until_closed(&tx, tail.message()).await {
             let data = match response.item {
                 Some(Item::Event(e)) => {
                     let mut body: Value = serde_json::from_slice(&e.event).unwrap_or_default();
