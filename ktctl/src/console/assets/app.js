@@ -177,10 +177,18 @@ function rolloutCard(r) {
     actionsFor(r));
 }
 let rolloutTimer = null;
+let rolloutsShown = "";
 async function refreshRollouts() {
   clearTimeout(rolloutTimer);
   try {
     const { rollouts } = await getJson("/api/rollouts");
+    // Re-rendered only when something changed, so a button is not replaced under the pointer.
+    const shown = JSON.stringify([rollouts, $("history-group").value]);
+    if (shown === rolloutsShown) {
+      if (current === "rollouts") rolloutTimer = setTimeout(refreshRollouts, 1000);
+      return;
+    }
+    rolloutsShown = shown;
     const waiting = rollouts.filter((r) => WAITING.includes(r.state));
     const active = rollouts.filter((r) => ACTIVE.includes(r.state));
     const place = (id, list) => $(id).replaceChildren(...(list.length ? list.map(rolloutCard) : [el("p", { class: "muted" }, "none")]));
