@@ -442,8 +442,8 @@ fn agent_cert(g: &GatewayState, now_ms: u64) -> AgentCert {
     }
     let not_before = g.agent_cert_not_before_unix_ms;
     if not_before > 0 && not_before < not_after {
-        // Validity starts 5 minutes before the issue (kt_proto::leaf::BACKDATE).
-        let backdate = 5 * 60 * 1000;
+        // Validity starts before the issue by the signer's backdate.
+        let backdate = u64::try_from(kt_proto::leaf::BACKDATE.as_millis()).unwrap_or(0);
         let issued = (not_before + backdate).min(not_after);
         let window_end = issued + (not_after - issued) / 10 * 9;
         return if now_ms > window_end {
