@@ -5,6 +5,9 @@
 //! so a crash at any point (the agent's or the machine's) leaves a valid config in place. The
 //! state dir keeps `previous.yaml` (what ran before the last apply) and `last-known-good.yaml`
 //! (the last config verified healthy).
+//!
+//! A shadow offer (`ConfigOffer.shadow`) goes the same way to the gateway's shadow config file,
+//! verified against the shadow hash in `/health`; one without a config removes the shadow.
 
 use std::path::Path;
 use std::time::Duration;
@@ -23,6 +26,7 @@ const DEFAULT_APPLY_DEADLINE: Duration = Duration::from_secs(30);
 const PREVIOUS: &str = "previous.yaml";
 const LAST_KNOWN_GOOD: &str = "last-known-good.yaml";
 const STAGED: &str = "staged.yaml";
+const SHADOW_STAGED: &str = "shadow-staged.yaml";
 
 pub struct Applier {
     settings: ApplySettings,
@@ -74,56 +78,167 @@ impl Applier {
     ) {
         let mut fence = EpochFence::load(&self.settings.state_dir);
         loop {
-            let mut offer = tokio::select! {
+            let first = tokio::select! {
                 _ = cancel.cancelled() => return,
                 offer = offers.recv() => match offer { Some(offer) => offer, None => return },
             };
-            // Only the newest waiting offer matters: the older ones are superseded.
+            let mut waiting = vec![first];
             while let Ok(newer) = offers.try_recv() {
-                let running = running_of(&health.borrow());
-                let _ = statuses
-                    .send(status(
-                        &offer,
-                        ConfigPhase::Superseded,
-                        running,
-                        "a newer offer arrived".into(),
-                    ))
-                    .await;
-                offer = newer;
+                waiting.push(newer);
             }
-            if let Err(stale) = fence.admit(&offer.epoch_cluster, offer.epoch) {
-                tracing::warn!(offer_id = %offer.offer_id, %stale, "config offer refused");
-                let running = running_of(&health.borrow());
-                let answer = status(&offer, ConfigPhase::StaleEpoch, running, stale.to_string());
+            // Only the newest waiting offer of each kind (config, shadow) matters: the older
+            // ones are superseded.
+            let mut newest: Vec<ConfigOffer> = Vec::new();
+            for offer in waiting.into_iter().rev() {
+                if newest.iter().any(|n| n.shadow == offer.shadow) {
+                    let running = running_of(&health.borrow(), offer.shadow);
+                    let reason = "a newer offer arrived".to_owned();
+                    let answer = status(&offer, ConfigPhase::Superseded, running, reason);
+                    if statuses.send(answer).await.is_err() {
+                        return;
+                    }
+                } else {
+                    newest.push(offer);
+                }
+            }
+            for offer in newest.into_iter().rev() {
+                let answer = self.handle(&offer, &mut fence, &health).await;
                 if statuses.send(answer).await.is_err() {
                     return;
                 }
-                continue;
-            }
-            let outcome = self.apply(&offer, &health).await;
-            if let Some(poll) = &self.poll_health {
-                poll.notify_one();
-            }
-            let running = self
-                .observed_running()
-                .await
-                .unwrap_or_else(|| running_of(&health.borrow()));
-            let answer = match outcome {
-                Outcome::Applied => status(&offer, ConfigPhase::Applied, running, String::new()),
-                Outcome::Rejected(why) => status(&offer, ConfigPhase::Rejected, running, why),
-                Outcome::Failed(why) => status(&offer, ConfigPhase::Failed, running, why),
-            };
-            tracing::info!(
-                offer_id = %offer.offer_id,
-                version = %offer.config.as_ref().map(|c| c.version.as_str()).unwrap_or(""),
-                phase = ConfigPhase::try_from(answer.phase).map(|p| p.as_str_name()).unwrap_or("?"),
-                error = %answer.error,
-                "config offer answered"
-            );
-            if statuses.send(answer).await.is_err() {
-                return;
             }
         }
+    }
+
+    /// Applies one offer and says how it ended.
+    async fn handle(
+        &self,
+        offer: &ConfigOffer,
+        fence: &mut EpochFence,
+        health: &watch::Receiver<v1::GatewayHealth>,
+    ) -> ConfigStatus {
+        if let Err(stale) = fence.admit(&offer.epoch_cluster, offer.epoch) {
+            tracing::warn!(offer_id = %offer.offer_id, %stale, "config offer refused");
+            let running = running_of(&health.borrow(), offer.shadow);
+            return status(offer, ConfigPhase::StaleEpoch, running, stale.to_string());
+        }
+        let outcome = if offer.shadow {
+            self.apply_shadow(offer).await
+        } else {
+            self.apply(offer, health).await
+        };
+        if let Some(poll) = &self.poll_health {
+            poll.notify_one();
+        }
+        let observed = match self.read_health().await {
+            Ok(doc) if offer.shadow => Some(shadow_of(&doc)),
+            Ok(doc) => Some(ConfigRef {
+                version: doc.config.version,
+                hash: doc.config.hash,
+            }),
+            Err(_) => None,
+        };
+        let running = observed.unwrap_or_else(|| running_of(&health.borrow(), offer.shadow));
+        let answer = match outcome {
+            Outcome::Applied => status(offer, ConfigPhase::Applied, running, String::new()),
+            Outcome::Rejected(why) => status(offer, ConfigPhase::Rejected, running, why),
+            Outcome::Failed(why) => status(offer, ConfigPhase::Failed, running, why),
+        };
+        tracing::info!(
+            offer_id = %offer.offer_id,
+            shadow = offer.shadow,
+            version = %offer.config.as_ref().map(|c| c.version.as_str()).unwrap_or(""),
+            phase = ConfigPhase::try_from(answer.phase).map(|p| p.as_str_name()).unwrap_or("?"),
+            error = %answer.error,
+            "config offer answered"
+        );
+        answer
+    }
+
+    /// Puts a shadow config in place (or removes it, for an offer without one): validated,
+    /// written atomically, reloaded, verified in `/health`; a failure puts back what was there.
+    async fn apply_shadow(&self, offer: &ConfigOffer) -> Outcome {
+        let Some(path) = &self.settings.shadow_path else {
+            return Outcome::Rejected(
+                "this agent manages no shadow config (no gateway.shadow_config_path)".into(),
+            );
+        };
+        let deadline = apply_deadline(offer);
+        let wanted = offer.config.clone().filter(|c| !c.hash.is_empty());
+        let Some(wanted) = wanted else {
+            if let Err(e) = remove_if_present(path) {
+                return Outcome::Failed(format!("cannot remove {}: {e}", path.display()));
+            }
+            return match self.reload().await {
+                Ok(()) => match self.verify_shadow(None, deadline).await {
+                    Ok(()) => Outcome::Applied,
+                    Err(why) => Outcome::Failed(why),
+                },
+                Err(e) => Outcome::Failed(format!("reload failed: {e}")),
+            };
+        };
+        if let Ok(doc) = self.read_health().await
+            && shadow_of(&doc).hash == wanted.hash
+        {
+            return Outcome::Applied;
+        }
+        if content_hash(&offer.content) != wanted.hash {
+            return Outcome::Rejected(format!("content does not match its hash {}", wanted.hash));
+        }
+        let staged = self.settings.state_dir.join(SHADOW_STAGED);
+        if let Err(e) = write_atomic(&staged, &offer.content) {
+            return Outcome::Rejected(format!("cannot stage the shadow config: {e}"));
+        }
+        if let Err(why) = self.validate(&staged).await {
+            return Outcome::Rejected(why);
+        }
+        let previous = std::fs::read(path).ok();
+        if let Err(e) = write_atomic(path, &offer.content) {
+            return Outcome::Rejected(format!("cannot write {}: {e}", path.display()));
+        }
+        let result = match self.reload().await {
+            Ok(()) => self.verify_shadow(Some(&wanted.hash), deadline).await,
+            Err(e) => Err(format!("reload failed: {e}")),
+        };
+        let Err(why) = result else {
+            return Outcome::Applied;
+        };
+        let put_back = match previous {
+            Some(bytes) => write_atomic(path, &bytes).map_err(|e| e.to_string()),
+            None => remove_if_present(path).map_err(|e| e.to_string()),
+        };
+        let reverted = match put_back {
+            Ok(()) => match self.reload().await {
+                Ok(()) => "put back the previous shadow".to_owned(),
+                Err(e) => format!("put back the previous shadow file, but {e}"),
+            },
+            Err(e) => format!("cannot put back the previous shadow: {e}"),
+        };
+        Outcome::Failed(format!("{why}; {reverted}"))
+    }
+
+    /// Waits until `/health` shows the shadow `hash` (`None`: no shadow).
+    async fn verify_shadow(&self, hash: Option<&str>, deadline: Duration) -> Result<(), String> {
+        let until = tokio::time::Instant::now() + deadline;
+        let mut last = String::from("no health answer");
+        while tokio::time::Instant::now() < until {
+            match self.read_health().await {
+                Ok(doc) => {
+                    let shadow = doc.shadow.unwrap_or_default();
+                    if shadow.hash == hash.unwrap_or_default() {
+                        return Ok(());
+                    }
+                    last = match (hash, shadow.last_reload_error) {
+                        (Some(_), Some(error)) => format!("the gateway refused it: {error}"),
+                        _ if shadow.hash.is_empty() => "the gateway runs no shadow".into(),
+                        _ => format!("the gateway's shadow is still {}", shadow.hash),
+                    };
+                }
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("not verified within {deadline:?}: {last}"))
     }
 
     async fn apply(
@@ -134,7 +249,7 @@ impl Applier {
         let wanted = offer.config.clone().unwrap_or_default();
         let running = match self.observed_running().await {
             Some(running) => running,
-            None => running_of(&health.borrow()),
+            None => running_of(&health.borrow(), false),
         };
         if !running.hash.is_empty() && running.hash == wanted.hash {
             return Outcome::Applied;
@@ -175,12 +290,7 @@ impl Applier {
                 self.settings.config_path.display()
             ));
         }
-        let deadline = Duration::from_millis(offer.apply_deadline_ms).max(Duration::from_secs(1));
-        let deadline = if offer.apply_deadline_ms == 0 {
-            DEFAULT_APPLY_DEADLINE
-        } else {
-            deadline
-        };
+        let deadline = apply_deadline(offer);
         let result = match self.reload().await {
             Ok(()) => self.verify(&wanted.hash, deadline).await,
             Err(e) => Err(format!("reload failed: {e}")),
@@ -358,13 +468,45 @@ fn status(
         phase: phase as i32,
         running: Some(running),
         error,
+        shadow: offer.shadow,
     }
 }
 
-fn running_of(health: &v1::GatewayHealth) -> ConfigRef {
-    health
-        .config
+/// How long an offer may take to apply and verify.
+fn apply_deadline(offer: &ConfigOffer) -> Duration {
+    if offer.apply_deadline_ms == 0 {
+        DEFAULT_APPLY_DEADLINE
+    } else {
+        Duration::from_millis(offer.apply_deadline_ms).max(Duration::from_secs(1))
+    }
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The shadow a health document shows (empty when none is loaded).
+fn shadow_of(doc: &HealthDoc) -> ConfigRef {
+    doc.shadow
         .as_ref()
+        .map(|s| ConfigRef {
+            version: s.version.clone(),
+            hash: s.hash.clone(),
+        })
+        .unwrap_or_default()
+}
+
+/// The config (or shadow) the last health reading showed.
+fn running_of(health: &v1::GatewayHealth, shadow: bool) -> ConfigRef {
+    let info = if shadow {
+        &health.shadow
+    } else {
+        &health.config
+    };
+    info.as_ref()
         .map(|c| ConfigRef {
             version: c.version.clone(),
             hash: c.hash.clone(),

@@ -99,6 +99,10 @@ pub struct GatewaySettings {
     /// The gateway's config file. Without it the agent only reports, and refuses config offers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_path: Option<PathBuf>,
+    /// The gateway's shadow config file (`kt-gateway --shadow-config`): shadow offers are
+    /// written there. Without it the agent refuses shadow offers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_config_path: Option<PathBuf>,
     /// The gateway's own validation, `{file}` standing for the offered config,
     /// e.g. `[kt-gateway, validate, "{file}"]`.
     #[serde(default)]
@@ -152,6 +156,8 @@ pub enum Reload {
 #[derive(Clone, Debug)]
 pub struct ApplySettings {
     pub config_path: PathBuf,
+    /// Where shadow offers go; `None`: they are refused.
+    pub shadow_path: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub validate_command: Vec<String>,
     pub reload: Reload,
@@ -199,6 +205,7 @@ impl AgentConfig {
         let optional = [
             config.state_dir.as_mut(),
             config.gateway.config_path.as_mut(),
+            config.gateway.shadow_config_path.as_mut(),
             config.gateway.events_file.as_mut(),
             config.gateway.probe_token_file.as_mut(),
             config.enrollment.as_mut().map(|e| &mut e.token_file),
@@ -328,6 +335,7 @@ impl AgentConfig {
         };
         Some(ApplySettings {
             config_path: self.gateway.config_path.clone()?,
+            shadow_path: self.gateway.shadow_config_path.clone(),
             state_dir: self.state_dir.clone()?,
             validate_command: self.gateway.validate_command.clone(),
             reload,

@@ -176,6 +176,12 @@ pub fn from_doc(doc: HealthDoc) -> v1::GatewayHealth {
             hit_rate_pct: doc.cache.hit_rate_pct,
         }),
         observed_at_unix_ms: unix_ms_now(),
+        shadow: doc.shadow.map(|s| v1::ConfigInfo {
+            version: s.version,
+            hash: s.hash,
+            loaded_at: s.loaded_at,
+            last_reload_error: s.last_reload_error.unwrap_or_default(),
+        }),
     }
 }
 

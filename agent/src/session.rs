@@ -54,7 +54,22 @@ pub struct SessionSettings {
     pub renewal: Option<crate::renewal::Renewal>,
 }
 
+/// Hello capability of an agent that applies shadow offers.
+pub const SHADOW_CAPABILITY: &str = "shadow-config";
+
 impl SessionSettings {
+    /// What this agent can do beyond the base protocol, for the hello.
+    fn capabilities(&self) -> Vec<String> {
+        let shadows = self
+            .config
+            .apply_settings()
+            .is_some_and(|apply| apply.shadow_path.is_some());
+        shadows
+            .then(|| SHADOW_CAPABILITY.to_owned())
+            .into_iter()
+            .collect()
+    }
+
     /// The endpoint for connection attempt `attempt`: the configured ones in turn.
     pub fn endpoint(&self, attempt: u64) -> &str {
         let endpoints = &self.config.coordinator.endpoints;
@@ -337,7 +352,7 @@ async fn open(
         boot_id: settings.boot_id.clone(),
         labels: settings.config.labels.clone().into_iter().collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        capabilities: Vec::new(),
+        capabilities: settings.capabilities(),
         health: Some(health.clone()),
         running_config: settings
             .config
@@ -489,6 +504,7 @@ async fn serve(
                                 phase: ConfigPhase::Rejected as i32,
                                 running: session.reported.config.as_ref().map(|c| ConfigRef { version: c.version.clone(), hash: c.hash.clone() }),
                                 error: "this agent does not manage its gateway's config (no gateway.config_path)".into(),
+                                shadow: offer.shadow,
                             };
                             count_answer(&observers.metrics, &refused);
                             link.unsent.push_back(refused);

@@ -230,6 +230,7 @@ async fn apply_offers(
                 hash: config.hash,
             }),
             error: String::new(),
+            shadow: offer.shadow,
         };
         if statuses.send(status).await.is_err() {
             return;

@@ -31,6 +31,7 @@ pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
 pub struct HelloInfo {
     pub labels: BTreeMap<String, String>,
     pub agent_version: String,
+    pub capabilities: Vec<String>,
     pub boot_id: String,
     pub health: Option<GatewayHealth>,
     pub peer_address: String,
@@ -311,6 +312,7 @@ struct Record {
     last_heartbeat_unix_ms: u64,
     health: Option<GatewayHealth>,
     agent_version: String,
+    capabilities: Vec<String>,
     peer_address: String,
     connected_since_unix_ms: u64,
     /// The open session's sending half.
@@ -356,6 +358,7 @@ impl Record {
             last_heartbeat_unix_ms: 0,
             health: None,
             agent_version: String::new(),
+            capabilities: Vec::new(),
             peer_address: String::new(),
             connected_since_unix_ms: 0,
             outbound: None,
@@ -381,6 +384,7 @@ impl Record {
         self.labels = state.labels.into_iter().collect();
         self.health = state.health;
         self.agent_version = state.agent_version;
+        self.capabilities = state.agent_capabilities;
         self.peer_address = state.peer_address;
         self.connected_since_unix_ms = state.connected_since_unix_ms;
         self.last_heartbeat_unix_ms = state.last_heartbeat_unix_ms;
@@ -614,6 +618,7 @@ impl Fleet {
                 record.replaced = Some(replaced);
                 record.labels = hello.labels;
                 record.agent_version = hello.agent_version;
+                record.capabilities = hello.capabilities;
                 record.peer_address = hello.peer_address;
                 record.cert_not_after_unix_ms = hello.cert_not_after_unix_ms;
                 record.cert_not_before_unix_ms = hello.cert_not_before_unix_ms;
@@ -879,6 +884,7 @@ impl Fleet {
             last_heartbeat_unix_ms: record.last_heartbeat_unix_ms,
             health: record.health.clone(),
             agent_version: record.agent_version.clone(),
+            agent_capabilities: record.capabilities.clone(),
             peer_address: record.peer_address.clone(),
             connected_since_unix_ms: record.connected_since_unix_ms,
             desired: record.desired.clone(),
@@ -944,6 +950,7 @@ mod tests {
         HelloInfo {
             labels: BTreeMap::from([("region".into(), "eu".into())]),
             agent_version: "0.1.0".into(),
+            capabilities: Vec::new(),
             boot_id: "b".into(),
             health: None,
             peer_address: "127.0.0.1:1".into(),

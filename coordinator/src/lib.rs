@@ -19,6 +19,7 @@ pub mod reconcile;
 pub mod revocations;
 pub mod rollout;
 pub mod server_tls;
+pub mod shadow;
 pub mod sources;
 pub mod store;
 pub mod tokens;
@@ -244,6 +245,7 @@ impl Coordinator {
                 handle.clone(),
                 decisions.clone(),
                 metrics.clone(),
+                events_handle.clone(),
                 self.config.liveness.heartbeat_interval,
                 &cancel,
             ),
@@ -255,6 +257,7 @@ impl Coordinator {
                     metrics.clone(),
                 )
                 .await?;
+                let engine = engine.reading_events(events_handle.clone(), &engine_handle);
                 tasks.spawn(engine.run(cancel.child_token()));
                 // Installed before serving, so an early SIGHUP cannot take its default action.
                 let source_hangup = if self.config.groups_file.is_some() {

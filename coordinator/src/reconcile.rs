@@ -264,6 +264,7 @@ impl Engine {
             apply_deadline_ms: 60_000,
             epoch: self.epoch.number,
             epoch_cluster: self.epoch.cluster.clone(),
+            shadow: false,
         };
         if self.offers.send(gateway.clone(), offer).await {
             entry.in_flight = Some((offer_id, now));

@@ -9,6 +9,9 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::de::DeserializeOwned;
 
+use kt_proto::v1::ShadowRun;
+use prost::Message;
+
 use crate::config::Group;
 use crate::intent::{Desired, DesiredChange, GroupIntent, Intent};
 use crate::revocations::AgentRevocation;
@@ -120,6 +123,10 @@ pub trait Store: Send + Sync {
     async fn delete_revocation(&self, gateway: &str) -> Result<(), StoreError>;
     /// Every revoked gateway, by id.
     async fn list_revocations(&self) -> Result<Vec<AgentRevocation>, StoreError>;
+    /// Writes a shadow run's whole record (with its report once it ended).
+    async fn put_shadow_run(&self, run: &ShadowRun) -> Result<(), StoreError>;
+    /// Every shadow run, in no particular order.
+    async fn list_shadow_runs(&self) -> Result<Vec<ShadowRun>, StoreError>;
 }
 
 /// SQLite in the coordinator's data directory (`coordinator.db`, WAL journal), owned by a
@@ -160,7 +167,8 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS group_intent (name TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS join_tokens (id TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS agent_revocations (
-                 gateway TEXT PRIMARY KEY, record TEXT NOT NULL);",
+                 gateway TEXT PRIMARY KEY, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS shadow_runs (id TEXT PRIMARY KEY, record BLOB NOT NULL);",
         )?;
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -479,6 +487,35 @@ impl Store for SqliteStore {
                 conn,
                 "SELECT record FROM agent_revocations ORDER BY gateway",
             )
+        })
+        .await
+    }
+
+    async fn put_shadow_run(&self, run: &ShadowRun) -> Result<(), StoreError> {
+        let (id, record) = (run.id.clone(), run.encode_to_vec());
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO shadow_runs (id, record) VALUES (?1, ?2)",
+                params![id, record],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_shadow_runs(&self) -> Result<Vec<ShadowRun>, StoreError> {
+        self.run(|conn| {
+            let mut stmt = conn.prepare("SELECT id, record FROM shadow_runs")?;
+            let mut rows = stmt.query([])?;
+            let mut runs = Vec::new();
+            while let Some(row) = rows.next()? {
+                let (id, record): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
+                let run = ShadowRun::decode(record.as_slice()).map_err(|e| {
+                    StoreError::Failed(format!("corrupt shadow run {id}: {e}"))
+                })?;
+                runs.push(run);
+            }
+            Ok(runs)
         })
         .await
     }

@@ -138,6 +138,11 @@ pub struct AgentSpec<'a> {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+/// Where a launched gateway reads its shadow config (`--shadow-config`): beside its config.
+pub fn shadow_config_path(config_path: &Path) -> PathBuf {
+    config_path.with_file_name("shadow-config.yaml")
+}
+
 /// An agent's config. It reaches the coordinator by IP and checks its IP SAN.
 pub fn agent(spec: &AgentSpec<'_>) -> AgentConfig {
     let validator: PathBuf =
@@ -158,6 +163,7 @@ pub fn agent(spec: &AgentSpec<'_>) -> AgentConfig {
             health_timeout: Duration::from_secs(2),
             events_file: spec.events_file.map(Path::to_owned),
             config_path: spec.config_path.map(Path::to_owned),
+            shadow_config_path: spec.config_path.map(shadow_config_path),
             validate_command: if managed {
                 vec![
                     validator.display().to_string(),

@@ -407,6 +407,10 @@ impl GatewayNode {
             self.events.display().to_string(),
             "--probe-token-file".into(),
             self.probe_token().display().to_string(),
+            "--shadow-config".into(),
+            kt_launch::configs::shadow_config_path(&self.policy)
+                .display()
+                .to_string(),
             "--ready-file".into(),
             ready.display().to_string(),
         ];

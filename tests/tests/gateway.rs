@@ -635,19 +635,16 @@ async fn a_shadow_config_is_evaluated_beside_the_active_one_and_decides_nothing(
     let dir = tempfile::tempdir().expect("tempdir");
     let provider = MockProvider::start(&dir.path().join("provider"), &[]);
     let active = dev::example_policy(provider.addr);
-    let shadow_path = dir.path().join("shadow.yaml");
+    let gw_dir = dir.path().join("gw");
+    let shadow_path = kt_launch::configs::shadow_config_path(&gw_dir.join("policy-config.yaml"));
     let shadow = active.replace("version: 1.0.0", "version: 1.1.0").replace(
         "      - ignore all previous instructions\n",
         "      - ignore all previous instructions\n      - the weather\n",
     );
-    std::fs::write(&shadow_path, &shadow).expect("shadow");
-    let gw_dir = dir.path().join("gw");
     std::fs::create_dir_all(&gw_dir).expect("dir");
-    std::fs::write(gw_dir.join("policy-config.yaml"), &active).expect("policy");
-    let mut gateway = GatewayNode::start_with_policy(gw_dir, "gw-shadow", &active);
-    gateway.stop();
-    gateway.extra_args = vec!["--shadow-config".into(), shadow_path.display().to_string()];
-    gateway.start_again();
+    std::fs::write(&shadow_path, &shadow).expect("shadow");
+    // Launched gateways read their shadow beside their config.
+    let gateway = GatewayNode::start_with_policy(gw_dir, "gw-shadow", &active);
     let s = Setup {
         _dir: dir,
         _provider: provider,

@@ -350,6 +350,7 @@ async fn a_leader_cut_off_from_etcd_stops_before_its_lease_ends_and_its_epoch_is
         apply_deadline_ms: 10_000,
         epoch: u64::try_from(epoch).expect("epoch"),
         epoch_cluster: cluster,
+        shadow: false,
     };
     assert!(new_epoch > epoch);
     etcd.put(

@@ -60,6 +60,8 @@ pub mod kind {
     pub const JOIN_TOKEN: &str = "join-token";
     /// Revoked agent identities (JSON), by gateway id; any replica.
     pub const REVOCATION: &str = "agent-revocation";
+    /// Shadow runs (protobuf `ShadowRun`), by id; the leader, fenced.
+    pub const SHADOW_RUN: &str = "shadow-run";
     /// Live replicas, under each one's lease; each replica its own.
     pub const REPLICA: &str = "replica";
     /// Fleet records per gateway, under the lease of the replica holding its session.

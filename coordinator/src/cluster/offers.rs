@@ -41,6 +41,24 @@ impl OfferRoute {
     }
 }
 
+/// A gateway's shadow offers have a key of their own (gateway ids hold no ':'), so a config
+/// offer and a shadow offer written together both stand.
+const SHADOW_OFFER: &str = ":shadow";
+
+/// The name under `offer/` of a gateway's offer.
+pub fn offer_key(gateway: &str, shadow: bool) -> String {
+    if shadow {
+        format!("{gateway}{SHADOW_OFFER}")
+    } else {
+        gateway.to_owned()
+    }
+}
+
+/// The gateway an offer (or answer) key names.
+pub fn gateway_of(name: &str) -> &str {
+    name.strip_suffix(SHADOW_OFFER).unwrap_or(name)
+}
+
 /// Offers queued at most before the engine waits.
 const OFFER_QUEUE: usize = 16_384;
 
@@ -91,9 +109,10 @@ pub async fn deliver(
     let mut watch = PrefixWatch::new(&client, keys.all(kind::OFFER), None);
     while let Some(puts) = watch.next_puts(&cancel).await {
         for kv in &puts {
-            let Some(gateway) = keys.name_in(kind::OFFER, kv.key()) else {
+            let Some(name) = keys.name_in(kind::OFFER, kv.key()) else {
                 continue;
             };
+            let gateway = gateway_of(name);
             let mut offer = match ConfigOffer::decode(kv.value()) {
                 Ok(offer) => offer,
                 Err(e) => {
@@ -107,6 +126,8 @@ pub async fn deliver(
                 .map(|c| c.hash.clone())
                 .unwrap_or_default();
             let content = match contents.get(&hash) {
+                // A shadow offer without a config removes the shadow: no bytes to find.
+                _ if hash.is_empty() && offer.shadow => Arc::new(Vec::new()),
                 Some(content) => content.clone(),
                 None => match store.get_config(&hash).await {
                     Ok(Some(config)) => {

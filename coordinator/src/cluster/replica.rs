@@ -73,6 +73,7 @@ impl Replica {
         fleet: FleetHandle,
         decisions: DecisionCounters,
         metrics: Arc<Metrics>,
+        event_log: Arc<dyn crate::events::EventLog>,
         heartbeat_interval: Duration,
         cancel: &CancellationToken,
     ) -> EngineHandle {
@@ -159,6 +160,7 @@ impl Replica {
                     fleet.clone(),
                     decisions.clone(),
                     metrics.clone(),
+                    event_log.clone(),
                 )
             },
             cancel.child_token(),
@@ -173,6 +175,7 @@ impl Replica {
         fleet: FleetHandle,
         decisions: DecisionCounters,
         metrics: Arc<Metrics>,
+        event_log: Arc<dyn crate::events::EventLog>,
     ) {
         let term = leadership.lost.clone();
         // Answers to this term's offers are followed from before its first offer.
@@ -203,7 +206,7 @@ impl Replica {
             ));
         }
         let (offers, queued) = offers::offer_queue();
-        let engine = engine.leading(
+        let engine = engine.reading_events(event_log, &engine_handle).leading(
             leadership.epoch.clone(),
             OfferRoute::Etcd(offers),
             &self.name,

@@ -26,6 +26,8 @@ use super::watch::{PrefixWatch, Watched, list};
 use crate::reconcile::GroupStatus;
 use crate::rollout::engine::{Action, Command, EngineError, EngineHandle, Push};
 use crate::rollout::model::RolloutRecord;
+use crate::shadow::runs::{ShadowCommand, StartShadow};
+use kt_proto::v1::ShadowRun;
 
 /// Agents' answers queued at most before sessions wait.
 const ANSWER_QUEUE: usize = 16_384;
@@ -57,6 +59,18 @@ enum Request {
         reason: String,
     },
     Groups,
+    StartShadow {
+        start: StartShadow,
+        identity: String,
+    },
+    StopShadow {
+        id: String,
+        identity: String,
+    },
+    GetShadow {
+        id: String,
+    },
+    ListShadows,
 }
 
 /// The leader's reply.
@@ -67,6 +81,9 @@ enum Reply {
     Rollouts(Vec<RolloutRecord>),
     Pinned,
     Groups(BTreeMap<String, GroupStatus>),
+    /// A shadow run, protobuf-encoded.
+    Shadow(Vec<u8>),
+    Shadows(Vec<Vec<u8>>),
     Failed(Failure),
 }
 
@@ -229,14 +246,72 @@ impl Forwarder {
             Command::Watch { id, reply } => {
                 let _ = reply.send(self.watch(id).await);
             }
+            Command::Shadow(command) => self.handle_shadow(command).await,
             // Answers are written by `write_answers`; config sources are read by the leader, for
             // its own engine.
             Command::Answer { .. } | Command::Source { .. } => {}
         }
     }
 
+    async fn handle_shadow(&self, command: ShadowCommand) {
+        let one = |reply: Result<Reply, EngineError>| {
+            reply.and_then(|r| match r {
+                Reply::Shadow(bytes) => ShadowRun::decode(bytes.as_slice())
+                    .map_err(|e| EngineError::NoLeader(format!("unreadable shadow run: {e}"))),
+                other => Err(unexpected(other)),
+            })
+        };
+        match command {
+            ShadowCommand::Start {
+                mut start,
+                identity,
+                reply,
+            } => {
+                let content = std::mem::take(&mut start.content);
+                let request = Request::StartShadow { start, identity };
+                let _ = reply.send(one(self.ask_with(request, content).await));
+            }
+            ShadowCommand::Stop {
+                id,
+                identity,
+                reply,
+            } => {
+                let _ = reply.send(one(self.ask(Request::StopShadow { id, identity }).await));
+            }
+            ShadowCommand::Get { id, reply } => {
+                let _ = reply.send(one(self.ask(Request::GetShadow { id }).await));
+            }
+            ShadowCommand::List { reply } => {
+                let answer = self.ask(Request::ListShadows).await;
+                let _ = reply.send(answer.and_then(|r| match r {
+                    Reply::Shadows(all) => all
+                        .iter()
+                        .map(|bytes| ShadowRun::decode(bytes.as_slice()))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| EngineError::NoLeader(format!("unreadable shadow run: {e}"))),
+                    other => Err(unexpected(other)),
+                }));
+            }
+            // The leader's own readers report to its own engine.
+            ShadowCommand::Compared { .. } | ShadowCommand::Report { .. } => {}
+        }
+    }
+
     /// Writes `request` and waits for the leader's reply.
     async fn ask(&self, request: Request) -> Result<Reply, EngineError> {
+        let (request, content) = match request {
+            Request::Push { mut push, identity } => {
+                let content = std::mem::take(&mut push.content);
+                (Request::Push { push, identity }, content)
+            }
+            other => (other, Vec::new()),
+        };
+        self.ask_with(request, content).await
+    }
+
+    /// Writes `request` with `content` (config bytes travel raw, beside it) and waits for the
+    /// leader's reply.
+    async fn ask_with(&self, request: Request, content: Vec<u8>) -> Result<Reply, EngineError> {
         let lease = self.grants.borrow().as_ref().map(|g| g.id).ok_or_else(|| {
             EngineError::NoLeader(
                 "this replica has no etcd lease now (is etcd reachable?); try again".into(),
@@ -248,13 +323,6 @@ impl Forwarder {
             self.seq.fetch_add(1, Ordering::Relaxed),
             rand::random::<u32>()
         );
-        let (request, content) = match request {
-            Request::Push { mut push, identity } => {
-                let content = std::mem::take(&mut push.content);
-                (Request::Push { push, identity }, content)
-            }
-            other => (other, Vec::new()),
-        };
         let envelope = Envelope {
             request,
             lease,
@@ -385,28 +453,36 @@ impl Forwarder {
             {
                 answers.push(next);
             }
-            let ops: Vec<TxnOp> = answers
-                .iter()
-                .flat_map(|(gateway, status)| {
-                    [
-                        TxnOp::put(
-                            self.keys.one(kind::ANSWER, gateway),
-                            status.encode_to_vec(),
-                            None,
-                        ),
-                        TxnOp::delete(self.keys.one(kind::OFFER, gateway), None),
-                    ]
-                })
-                .collect();
+            // etcd refuses a transaction that names a key twice: two answers for one offer key
+            // (a superseded offer and the next) go in transactions one after the other.
+            let mut transactions: Vec<(Vec<TxnOp>, std::collections::HashSet<String>)> =
+                vec![Default::default()];
+            for (gateway, status) in &answers {
+                let name = super::offers::offer_key(gateway, status.shadow);
+                if transactions.last().is_some_and(|(_, keys)| keys.contains(&name)) {
+                    transactions.push(Default::default());
+                }
+                if let Some((ops, keys)) = transactions.last_mut() {
+                    ops.push(TxnOp::put(
+                        self.keys.one(kind::ANSWER, &name),
+                        status.encode_to_vec(),
+                        None,
+                    ));
+                    ops.push(TxnOp::delete(self.keys.one(kind::OFFER, &name), None));
+                    keys.insert(name);
+                }
+            }
             let mut kv = super::kv(&self.client);
-            let written =
-                match tokio::time::timeout(self.timeout, kv.txn(Txn::new().and_then(ops))).await {
+            for (ops, _) in transactions {
+                let txn = Txn::new().and_then(ops);
+                let written = match tokio::time::timeout(self.timeout, kv.txn(txn)).await {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err("etcd did not answer".to_owned()),
                 };
-            if let Err(error) = written {
-                tracing::warn!(answers = answers.len(), %error, "cannot hand agents' answers to the leader; it offers again");
+                if let Err(error) = written {
+                    tracing::warn!(answers = answers.len(), %error, "cannot hand agents' answers to the leader; it offers again");
+                }
             }
         }
     }
@@ -570,6 +646,28 @@ async fn run(engine: &EngineHandle, request: Request, content: Vec<u8>) -> Reply
             Ok(groups) => Reply::Groups(groups),
             Err(e) => failed(e),
         },
+        Request::StartShadow {
+            mut start,
+            identity,
+        } => {
+            start.content = content;
+            match engine.start_shadow(start, identity).await {
+                Ok(run) => Reply::Shadow(run.encode_to_vec()),
+                Err(e) => failed(e),
+            }
+        }
+        Request::StopShadow { id, identity } => match engine.stop_shadow(id, identity).await {
+            Ok(run) => Reply::Shadow(run.encode_to_vec()),
+            Err(e) => failed(e),
+        },
+        Request::GetShadow { id } => match engine.get_shadow(id).await {
+            Ok(run) => Reply::Shadow(run.encode_to_vec()),
+            Err(e) => failed(e),
+        },
+        Request::ListShadows => match engine.list_shadows().await {
+            Ok(all) => Reply::Shadows(all.iter().map(|r| r.encode_to_vec()).collect()),
+            Err(e) => failed(e),
+        },
     }
 }
 
@@ -589,9 +687,10 @@ pub async fn follow_answers(
     let mut watch = PrefixWatch::new(&client, keys.all(kind::ANSWER), Some(from));
     while let Some(puts) = watch.next_puts(&term).await {
         for kv in &puts {
-            let Some(gateway) = keys.name_in(kind::ANSWER, kv.key()) else {
+            let Some(name) = keys.name_in(kind::ANSWER, kv.key()) else {
                 continue;
             };
+            let gateway = super::offers::gateway_of(name);
             match ConfigStatus::decode(kv.value()) {
                 Ok(status) => engine.answer(gateway.to_owned(), status).await,
                 Err(e) => tracing::warn!(gateway, error = %e, "malformed answer skipped"),

@@ -15,7 +15,7 @@ use std::time::Duration;
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
 };
-use kt_proto::v1::ConfigOffer;
+use kt_proto::v1::{ConfigOffer, ShadowRun};
 use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -253,12 +253,13 @@ impl EtcdStore {
             .map(|(gateway, offer)| {
                 let mut offer = offer.clone();
                 offer.content.clear();
-                TxnOp::put(
-                    self.keys.one(kind::OFFER, gateway),
-                    offer.encode_to_vec(),
-                    None,
-                )
+                let name = super::offers::offer_key(gateway, offer.shadow);
+                (name, offer.encode_to_vec())
             })
+            // One put per key in a transaction (etcd refuses two): the newest offer wins.
+            .collect::<BTreeMap<String, Vec<u8>>>()
+            .into_iter()
+            .map(|(name, offer)| TxnOp::put(self.keys.one(kind::OFFER, &name), offer, None))
             .collect();
         self.write(ops, true).await
     }
@@ -589,5 +590,25 @@ impl Store for EtcdStore {
     async fn list_revocations(&self) -> Result<Vec<AgentRevocation>, StoreError> {
         let all: BTreeMap<String, AgentRevocation> = self.decoded(kind::REVOCATION).await?;
         Ok(all.into_values().collect())
+    }
+
+    async fn put_shadow_run(&self, run: &ShadowRun) -> Result<(), StoreError> {
+        let key = self.keys.one(kind::SHADOW_RUN, &run.id);
+        self.write(vec![TxnOp::put(key, run.encode_to_vec(), None)], true)
+            .await
+    }
+
+    async fn list_shadow_runs(&self) -> Result<Vec<ShadowRun>, StoreError> {
+        let mut runs = Vec::new();
+        for kv in self.get_prefix(kind::SHADOW_RUN).await? {
+            let run = ShadowRun::decode(kv.value()).map_err(|e| {
+                StoreError::Failed(format!(
+                    "corrupt shadow run {}: {e}",
+                    String::from_utf8_lossy(kv.key())
+                ))
+            })?;
+            runs.push(run);
+        }
+        Ok(runs)
     }
 }

@@ -23,6 +23,14 @@ pub trait EventLog: Send + Sync {
     /// Stored events (and gap records) from `since` on, in storage order.
     async fn query(&self, filter: Filter, since: u64, limit: u64) -> Vec<Published>;
     async fn stats(&self, filter: Filter, by: String, since: u64) -> Vec<EventStatsRow>;
+    /// Reads stored events from `since` on into `tally` (a shadow run's flip matrix) until it
+    /// says stop; `None` when the events could not be read.
+    async fn flips(
+        &self,
+        filter: Filter,
+        since: u64,
+        tally: crate::shadow::flips::FlipTally,
+    ) -> Option<crate::shadow::flips::FlipTally>;
     /// A gateway's event stream ended here: what this log remembers of it may go stale, since
     /// the agent may send to another replica next.
     fn session_ended(&self, _gateway: &str) {}

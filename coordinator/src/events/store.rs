@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use kt_daemon::unix_ms_now;
 use kt_proto::v1::{EventGap, EventStatsRow};
+
+use crate::shadow::flips::FlipTally;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -114,6 +116,12 @@ pub enum Command {
         since: u64,
         reply: oneshot::Sender<Vec<EventStatsRow>>,
     },
+    Flips {
+        filter: Filter,
+        since: u64,
+        tally: FlipTally,
+        reply: oneshot::Sender<Option<FlipTally>>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -158,6 +166,16 @@ impl super::EventLog for EventStoreHandle {
             filter,
             by,
             since,
+            reply,
+        })
+        .await
+    }
+
+    async fn flips(&self, filter: Filter, since: u64, tally: FlipTally) -> Option<FlipTally> {
+        self.read(|reply| Command::Flips {
+            filter,
+            since,
+            tally,
             reply,
         })
         .await
@@ -503,6 +521,21 @@ impl EventStore {
                     tracing::error!(%error, "event query failed");
                     Vec::new()
                 }));
+            }
+            Command::Flips {
+                filter,
+                since,
+                mut tally,
+                reply,
+            } => {
+                let read = self.rows(since, |e| !filter.matches(&e) || tally.add(&e));
+                let _ = reply.send(match read {
+                    Ok(()) => Some(tally),
+                    Err(error) => {
+                        tracing::error!(%error, "shadow flips unreadable");
+                        None
+                    }
+                });
             }
             Command::Stats {
                 filter,

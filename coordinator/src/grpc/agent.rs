@@ -377,6 +377,7 @@ impl AgentService for AgentApi {
                 hello: HelloInfo {
                     labels: hello.labels.into_iter().collect(),
                     agent_version: hello.agent_version,
+                    capabilities: hello.capabilities,
                     boot_id: hello.boot_id,
                     health: hello.health,
                     peer_address: peer_address.clone(),

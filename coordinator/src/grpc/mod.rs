@@ -7,6 +7,7 @@ pub mod enrollment;
 pub mod operator;
 pub mod paging;
 pub mod rollout_view;
+pub mod shadow;
 
 use std::future::Future;
 

@@ -807,6 +807,48 @@ impl OperatorService for OperatorApi {
         }))
     }
 
+    async fn start_shadow(
+        &self,
+        request: Request<v1::StartShadowRequest>,
+    ) -> Result<Response<v1::ShadowRun>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let run = self
+            .start_shadow_run(request.into_inner(), identity.uri())
+            .await?;
+        Ok(Response::new(run))
+    }
+
+    async fn get_shadow(
+        &self,
+        request: Request<v1::ShadowRunRequest>,
+    ) -> Result<Response<v1::ShadowRun>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let run = self.shadow_run_with_report(request.into_inner().id).await?;
+        Ok(Response::new(run))
+    }
+
+    async fn list_shadows(
+        &self,
+        request: Request<v1::ListShadowsRequest>,
+    ) -> Result<Response<v1::ListShadowsResponse>, Status> {
+        authorize(&request, &self.trust_domain, Role::Operator)?;
+        let runs = self.list_shadow_runs().await?;
+        Ok(Response::new(v1::ListShadowsResponse { runs }))
+    }
+
+    async fn stop_shadow(
+        &self,
+        request: Request<v1::ShadowRunRequest>,
+    ) -> Result<Response<v1::ShadowRun>, Status> {
+        let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
+        let id = request.into_inner().id;
+        self.engine
+            .stop_shadow(id.clone(), identity.uri())
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(self.shadow_run_with_report(id).await?))
+    }
+
     async fn cluster_status(
         &self,
         request: Request<ClusterStatusRequest>,

@@ -20,7 +20,10 @@ use crate::events::counters::DecisionCounters;
 use crate::fleet::{FleetChange, FleetHandle, Hold};
 use crate::intent::Intent;
 use crate::metrics::{GateLabels, Metrics};
+use crate::events::EventLog;
 use crate::reconcile::{GroupStatus, Reoffers, SourceReading};
+use crate::shadow::runs::{ShadowCommand, ShadowRuns, StartShadow};
+use kt_proto::v1::ShadowRun;
 
 use crate::store::{Store, StoreError, StoredConfig};
 
@@ -118,6 +121,7 @@ pub enum Command {
     Groups {
         reply: Reply<BTreeMap<String, GroupStatus>>,
     },
+    Shadow(ShadowCommand),
 }
 
 #[derive(Clone, Debug)]
@@ -210,6 +214,42 @@ impl EngineHandle {
         self.call(|reply| Command::Groups { reply }).await
     }
 
+    pub async fn start_shadow(
+        &self,
+        start: StartShadow,
+        identity: String,
+    ) -> Result<ShadowRun, EngineError> {
+        self.call(|reply| {
+            Command::Shadow(ShadowCommand::Start {
+                start,
+                identity,
+                reply,
+            })
+        })
+        .await
+    }
+
+    pub async fn stop_shadow(&self, id: String, identity: String) -> Result<ShadowRun, EngineError> {
+        self.call(|reply| {
+            Command::Shadow(ShadowCommand::Stop {
+                id,
+                identity,
+                reply,
+            })
+        })
+        .await
+    }
+
+    pub async fn get_shadow(&self, id: String) -> Result<ShadowRun, EngineError> {
+        self.call(|reply| Command::Shadow(ShadowCommand::Get { id, reply }))
+            .await
+    }
+
+    pub async fn list_shadows(&self) -> Result<Vec<ShadowRun>, EngineError> {
+        self.call(|reply| Command::Shadow(ShadowCommand::List { reply }))
+            .await
+    }
+
     /// Hands over a config source's reading; false when the engine is gone.
     pub async fn source(&self, group: String, reading: SourceReading) -> bool {
         self.tx
@@ -247,6 +287,7 @@ pub struct Engine {
     pub(crate) epoch: Epoch,
     /// Where offers go: the session here, or etcd for the replica holding it.
     pub(crate) offers: OfferRoute,
+    pub(crate) shadows: ShadowRuns,
 }
 
 impl Engine {
@@ -273,6 +314,7 @@ impl Engine {
             }
             rollouts.insert(r.id.clone(), r);
         }
+        let shadows = ShadowRuns::new(store.list_shadow_runs().await?);
         let (tx, commands) = mpsc::channel(1024);
         let (changes, _) = broadcast::channel(1024);
         Ok((
@@ -291,6 +333,7 @@ impl Engine {
                 sources: BTreeMap::new(),
                 epoch: Epoch::default(),
                 offers: OfferRoute::Local(fleet.clone()),
+                shadows,
             },
             EngineHandle { tx },
         ))
@@ -312,6 +355,12 @@ impl Engine {
         }
         self.epoch = epoch;
         self.offers = offers;
+        self
+    }
+
+    /// Shadow runs read their reports from `events`; `handle` is this engine's own.
+    pub fn reading_events(mut self, events: Arc<dyn EventLog>, handle: &EngineHandle) -> Self {
+        self.shadows.reading_from(events, handle.tx.downgrade());
         self
     }
 
@@ -411,6 +460,7 @@ impl Engine {
         }
         self.enforce_desired(now).await;
         self.consider_sources(now).await;
+        self.tick_shadows(now).await;
     }
 
     /// Steps one rollout; persists, then carries out the effects, then publishes.
@@ -534,6 +584,7 @@ impl Engine {
             apply_deadline_ms,
             epoch: self.epoch.number,
             epoch_cluster: self.epoch.cluster.clone(),
+            shadow: false,
         };
         if !self.offers.send(gateway.clone(), offer).await {
             // Not delivered: the next tick sees the gateway disconnected and makes it pending.
@@ -593,6 +644,10 @@ impl Engine {
         let now = unix_ms_now();
         let mut changed: BTreeMap<String, RolloutRecord> = BTreeMap::new();
         for (gateway, status) in answers {
+            if status.shadow {
+                self.shadow_answered(&gateway, &status).await;
+                continue;
+            }
             let phase = ConfigPhase::try_from(status.phase).unwrap_or(ConfigPhase::Unspecified);
             self.remember_rejection(&gateway, phase, &status).await;
             let owner = self
@@ -686,6 +741,7 @@ impl Engine {
             Command::Groups { reply } => {
                 let _ = reply.send(Ok(self.group_statuses()));
             }
+            Command::Shadow(command) => self.on_shadow_command(command).await,
         }
     }
 
@@ -824,7 +880,7 @@ impl Engine {
         Ok((r, diff_text))
     }
 
-    fn resolve(
+    pub(crate) fn resolve(
         &self,
         target: &Target,
         fleet: &BTreeMap<String, GatewayState>,
@@ -1069,6 +1125,12 @@ mod tests {
         ) -> Result<Vec<crate::revocations::AgentRevocation>, StoreError> {
             self.inner.list_revocations().await
         }
+        async fn put_shadow_run(&self, run: &kt_proto::v1::ShadowRun) -> Result<(), StoreError> {
+            self.inner.put_shadow_run(run).await
+        }
+        async fn list_shadow_runs(&self) -> Result<Vec<kt_proto::v1::ShadowRun>, StoreError> {
+            self.inner.list_shadow_runs().await
+        }
     }
 
     /// A fleet task with one connected gateway `gw-1` in group `g`; offers to it arrive on the
@@ -1097,6 +1159,7 @@ mod tests {
         let hello = HelloInfo {
             labels: BTreeMap::new(),
             agent_version: "test".into(),
+            capabilities: Vec::new(),
             boot_id: "boot".into(),
             health: Some(health),
             peer_address: "127.0.0.1:1".into(),

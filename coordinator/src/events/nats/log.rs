@@ -198,6 +198,27 @@ impl EventLog for StreamLog {
         out
     }
 
+    async fn flips(
+        &self,
+        filter: Filter,
+        since: u64,
+        mut tally: crate::shadow::flips::FlipTally,
+    ) -> Option<crate::shadow::flips::FlipTally> {
+        let read = self
+            .read_until_now(&filter, since, |item| match &item {
+                Published::Event(e) => tally.add(e),
+                Published::Gap { .. } => true,
+            })
+            .await;
+        match read {
+            Ok(_) => Some(tally),
+            Err(error) => {
+                tracing::warn!(%error, "shadow flips unreadable");
+                None
+            }
+        }
+    }
+
     async fn stats(&self, filter: Filter, by: String, since: u64) -> Vec<EventStatsRow> {
         let mut rows: BTreeMap<String, EventStatsRow> = BTreeMap::new();
         let read = self

@@ -250,6 +250,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 path_arg(&gw_dir.join("events.jsonl")),
                 "--probe-token-file".into(),
                 path_arg(&gw_dir.join("probe-token")),
+                "--shadow-config".into(),
+                path_arg(&kt_launch::configs::shadow_config_path(&policy)),
             ],
             &[dev::MOCK_PROVIDER_SECRET],
             &gw_dir,
