@@ -15,7 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "FlipCause",
         "ConfigRef",
     ] {
-        config.type_attribute(format!("kt.fleet.v1.{message}"), "#[derive(serde::Serialize)]");
+        config.type_attribute(
+            format!("kt.fleet.v1.{message}"),
+            "#[derive(serde::Serialize)]",
+        );
     }
     tonic_prost_build::configure().compile_with_config(
         config,

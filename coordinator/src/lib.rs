@@ -238,6 +238,9 @@ impl Coordinator {
                 ),
                 None => self.embedded_events(&tasks, &decisions, &metrics, &cancel)?,
             };
+        if let Some(replica) = &mut replica {
+            replica.event_log = Some(events_handle.clone());
+        }
         let engine_handle = match &replica {
             // The leader runs the engine and the config sources; every replica forwards.
             Some(replica) => replica.start(
@@ -245,7 +248,6 @@ impl Coordinator {
                 handle.clone(),
                 decisions.clone(),
                 metrics.clone(),
-                events_handle.clone(),
                 self.config.liveness.heartbeat_interval,
                 &cancel,
             ),

@@ -510,9 +510,8 @@ impl Store for SqliteStore {
             let mut runs = Vec::new();
             while let Some(row) = rows.next()? {
                 let (id, record): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
-                let run = ShadowRun::decode(record.as_slice()).map_err(|e| {
-                    StoreError::Failed(format!("corrupt shadow run {id}: {e}"))
-                })?;
+                let run = ShadowRun::decode(record.as_slice())
+                    .map_err(|e| StoreError::Failed(format!("corrupt shadow run {id}: {e}")))?;
                 runs.push(run);
             }
             Ok(runs)

@@ -78,6 +78,10 @@ pub enum Noun {
     /// Rollouts of config versions: follow and steer them.
     #[command(subcommand)]
     Rollout(RolloutVerb),
+    /// Shadow runs (`config shadow` starts one): what a candidate config would decide on live
+    /// traffic, as a flip matrix of active → shadow verdicts.
+    #[command(subcommand)]
+    Shadow(ShadowVerb),
     /// Decision events of every gateway: live tail and counts.
     #[command(subcommand)]
     Events(EventsVerb),
@@ -149,8 +153,11 @@ pub enum ConfigVerb {
     Versions(config_cmd::versions::Args),
     /// Print a stored config version.
     Show(config_cmd::show::Args),
-    /// A unified diff of two stored config versions.
+    /// A unified diff of two config versions (stored, or files); --semantic explains it in
+    /// policy terms with example prompts that change verdict.
     Diff(config_cmd::diff::Args),
+    /// Evaluate a candidate config beside the active one on live traffic, deciding nothing.
+    Shadow(commands::shadow::StartArgs),
     /// Pin one gateway to a stored version: its desired config until unpinned.
     Pin(config_cmd::pin::PinArgs),
     /// Remove a gateway's pin: its desired config is its group's again.
@@ -175,6 +182,18 @@ pub enum RolloutVerb {
     History(rollout::history::Args),
     /// Return a group to what it ran before its last successful rollout (or --to-version).
     Undo(rollout::undo::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShadowVerb {
+    /// Every shadow run, newest first.
+    List(commands::shadow::ListArgs),
+    /// One run: its gateways and a summary of its flips; --watch follows it to its end.
+    Status(commands::shadow::RunArgs),
+    /// One run's flip matrix: by verdict pair, policy and reason, per gateway.
+    Report(commands::shadow::RunArgs),
+    /// End a run now: the shadow is removed and the report stored.
+    Stop(commands::shadow::StopArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -343,6 +362,21 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Noun::Config(ConfigVerb::Diff(args)) => {
             config_cmd::diff::run(&session, args).await.map(|()| true)
+        }
+        Noun::Config(ConfigVerb::Shadow(args)) => {
+            commands::shadow::start(&session, args).await.map(|()| true)
+        }
+        Noun::Shadow(ShadowVerb::List(args)) => {
+            commands::shadow::list(&session, args).await.map(|()| true)
+        }
+        Noun::Shadow(ShadowVerb::Status(args)) => commands::shadow::status(&session, args)
+            .await
+            .map(|()| true),
+        Noun::Shadow(ShadowVerb::Report(args)) => commands::shadow::report(&session, args)
+            .await
+            .map(|()| true),
+        Noun::Shadow(ShadowVerb::Stop(args)) => {
+            commands::shadow::stop(&session, args).await.map(|()| true)
         }
         Noun::Config(ConfigVerb::Pin(args)) => {
             config_cmd::pin::pin(&session, args).await.map(|()| true)

@@ -17,6 +17,8 @@ pub mod exit {
     pub const FAILED: u8 = 3;
     pub const PAUSED: u8 = 4;
     pub const TIMED_OUT: u8 = 5;
+    /// `--shadow-first` stopped the push before any gateway enforced the config.
+    pub const STOPPED_BY_SHADOW: u8 = 2;
 }
 
 /// The exit code for a rollout state, or `None` while it still moves by itself.
@@ -31,7 +33,7 @@ pub fn exit_code(state: &str) -> Option<u8> {
     }
 }
 
-pub const EXIT_CODES_HELP: &str = "Exit codes: 0 succeeded, 2 rolled back (or aborted), 3 failed without rollback, \
+pub const EXIT_CODES_HELP: &str = "Exit codes: 0 succeeded, 2 rolled back (or aborted, or stopped by --shadow-first before any gateway enforced it), 3 failed without rollback, \
 4 paused waiting for a human (paused, or a canary awaiting promotion), 5 timed out; 1 for any other error.";
 
 fn target(r: &Rollout) -> String {

@@ -36,6 +36,8 @@ pub struct Replica {
     pub address: std::net::SocketAddr,
     /// The event stream (`events.nats`): the leader counts decisions from it.
     pub events: Option<EventStream>,
+    /// Where the leader's shadow runs read their reports.
+    pub event_log: Option<Arc<dyn crate::events::EventLog>>,
 }
 
 impl Replica {
@@ -62,6 +64,7 @@ impl Replica {
             store,
             address,
             events: None,
+            event_log: None,
         })
     }
 
@@ -73,7 +76,6 @@ impl Replica {
         fleet: FleetHandle,
         decisions: DecisionCounters,
         metrics: Arc<Metrics>,
-        event_log: Arc<dyn crate::events::EventLog>,
         heartbeat_interval: Duration,
         cancel: &CancellationToken,
     ) -> EngineHandle {
@@ -160,7 +162,6 @@ impl Replica {
                     fleet.clone(),
                     decisions.clone(),
                     metrics.clone(),
-                    event_log.clone(),
                 )
             },
             cancel.child_token(),
@@ -175,7 +176,6 @@ impl Replica {
         fleet: FleetHandle,
         decisions: DecisionCounters,
         metrics: Arc<Metrics>,
-        event_log: Arc<dyn crate::events::EventLog>,
     ) {
         let term = leadership.lost.clone();
         // Answers to this term's offers are followed from before its first offer.
@@ -206,7 +206,11 @@ impl Replica {
             ));
         }
         let (offers, queued) = offers::offer_queue();
-        let engine = engine.reading_events(event_log, &engine_handle).leading(
+        let engine = match &self.event_log {
+            Some(log) => engine.reading_events(log.clone(), &engine_handle),
+            None => engine,
+        };
+        let engine = engine.leading(
             leadership.epoch.clone(),
             OfferRoute::Etcd(offers),
             &self.name,

@@ -283,13 +283,17 @@ impl Forwarder {
             }
             ShadowCommand::List { reply } => {
                 let answer = self.ask(Request::ListShadows).await;
-                let _ = reply.send(answer.and_then(|r| match r {
-                    Reply::Shadows(all) => all
-                        .iter()
-                        .map(|bytes| ShadowRun::decode(bytes.as_slice()))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| EngineError::NoLeader(format!("unreadable shadow run: {e}"))),
-                    other => Err(unexpected(other)),
+                let _ = reply.send(answer.and_then(|r| {
+                    match r {
+                        Reply::Shadows(all) => all
+                            .iter()
+                            .map(|bytes| ShadowRun::decode(bytes.as_slice()))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| {
+                                EngineError::NoLeader(format!("unreadable shadow run: {e}"))
+                            }),
+                        other => Err(unexpected(other)),
+                    }
                 }));
             }
             // The leader's own readers report to its own engine.
@@ -459,7 +463,10 @@ impl Forwarder {
                 vec![Default::default()];
             for (gateway, status) in &answers {
                 let name = super::offers::offer_key(gateway, status.shadow);
-                if transactions.last().is_some_and(|(_, keys)| keys.contains(&name)) {
+                if transactions
+                    .last()
+                    .is_some_and(|(_, keys)| keys.contains(&name))
+                {
                     transactions.push(Default::default());
                 }
                 if let Some((ops, keys)) = transactions.last_mut() {

@@ -23,8 +23,7 @@ impl OperatorApi {
                 "config is larger than {MAX_CONFIG_BYTES} bytes"
             )));
         }
-        if let Err(invalid) = kt_gateway::config::PolicyConfig::parse("config", &request.content)
-        {
+        if let Err(invalid) = kt_gateway::config::PolicyConfig::parse("config", &request.content) {
             return Err(ApiError::InvalidArgument(format!(
                 "the config does not validate ({} problems):\n{}",
                 invalid.errors.len(),
@@ -66,7 +65,7 @@ impl OperatorApi {
 
     pub(super) async fn list_shadow_runs(&self) -> Result<Vec<ShadowRun>, ApiError> {
         let mut all = self.engine.list_shadows().await?;
-        all.sort_by(|a, b| b.started_at_unix_ms.cmp(&a.started_at_unix_ms));
+        all.sort_by_key(|r| std::cmp::Reverse(r.started_at_unix_ms));
         all.truncate(MAX_LISTED);
         for run in &mut all {
             run.report = None;

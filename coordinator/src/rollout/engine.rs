@@ -16,11 +16,11 @@ use super::plan::{content_hash, diff, plan, version_label};
 use super::step::{self, Effect, Observed};
 use crate::cluster::Epoch;
 use crate::cluster::offers::OfferRoute;
+use crate::events::EventLog;
 use crate::events::counters::DecisionCounters;
 use crate::fleet::{FleetChange, FleetHandle, Hold};
 use crate::intent::Intent;
 use crate::metrics::{GateLabels, Metrics};
-use crate::events::EventLog;
 use crate::reconcile::{GroupStatus, Reoffers, SourceReading};
 use crate::shadow::runs::{ShadowCommand, ShadowRuns, StartShadow};
 use kt_proto::v1::ShadowRun;
@@ -229,7 +229,11 @@ impl EngineHandle {
         .await
     }
 
-    pub async fn stop_shadow(&self, id: String, identity: String) -> Result<ShadowRun, EngineError> {
+    pub async fn stop_shadow(
+        &self,
+        id: String,
+        identity: String,
+    ) -> Result<ShadowRun, EngineError> {
         self.call(|reply| {
             Command::Shadow(ShadowCommand::Stop {
                 id,

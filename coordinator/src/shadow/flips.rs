@@ -95,7 +95,7 @@ impl Matrix {
                         sample_prompts,
                     })
                     .collect();
-                causes.sort_by(|a, b| b.count.cmp(&a.count));
+                causes.sort_by_key(|c| std::cmp::Reverse(c.count));
                 FlipCell {
                     active,
                     shadow,
@@ -194,6 +194,7 @@ impl FlipTally {
             judgement,
             computed_at_unix_ms: unix_ms_now(),
             synthetic: self.synthetic,
+            stored: false,
         }
     }
 }
@@ -210,14 +211,18 @@ fn judge(compared: u64) -> (bool, String) {
     if compared < MIN_COMPARED {
         return (
             false,
-            format!("only {compared} requests compared; at least {MIN_COMPARED} are needed to judge a flip rate"),
+            format!(
+                "only {compared} requests compared; at least {MIN_COMPARED} are needed to judge a flip rate"
+            ),
         );
     }
     // The widest 95% interval of a share measured on `compared` requests (at p = 1/2).
     let margin = 1.96 * (0.25 / compared as f64).sqrt() * 100.0;
     (
         true,
-        format!("{compared} requests compared: each share is known within ±{margin:.1} points (95%)"),
+        format!(
+            "{compared} requests compared: each share is known within ±{margin:.1} points (95%)"
+        ),
     )
 }
 
@@ -274,14 +279,30 @@ mod tests {
         let mut tally = FlipTally::new("sha256:new", 0, 0);
         for i in 0..5 {
             let prompt = format!("p{}", i % 4);
-            assert!(tally.add(&event("gw-1", i, decision("allow", "block", "sha256:new", &prompt))));
+            assert!(tally.add(&event(
+                "gw-1",
+                i,
+                decision("allow", "block", "sha256:new", &prompt)
+            )));
         }
         for i in 0..10 {
-            tally.add(&event("gw-2", 10 + i, decision("allow", "allow", "sha256:new", "q")));
+            tally.add(&event(
+                "gw-2",
+                10 + i,
+                decision("allow", "allow", "sha256:new", "q"),
+            ));
         }
-        tally.add(&event("gw-2", 30, decision("block", "allow", "sha256:new", "r")));
+        tally.add(&event(
+            "gw-2",
+            30,
+            decision("block", "allow", "sha256:new", "r"),
+        ));
         // Another shadow's verdicts, events without a shadow and probes are not this run's.
-        tally.add(&event("gw-2", 31, decision("allow", "block", "sha256:old", "x")));
+        tally.add(&event(
+            "gw-2",
+            31,
+            decision("allow", "block", "sha256:old", "x"),
+        ));
         tally.add(&event("gw-2", 32, serde_json::json!({"verdict": "allow"})));
         let mut probe = decision("allow", "block", "sha256:new", "y");
         probe["synthetic"] = true.into();

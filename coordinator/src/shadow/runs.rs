@@ -68,7 +68,10 @@ pub enum ShadowCommand {
         reply: Reply<Vec<ShadowRun>>,
     },
     /// A run with a sample size compared this many requests so far.
-    Compared { id: String, compared: u64 },
+    Compared {
+        id: String,
+        compared: u64,
+    },
     /// A run's final report, read from the events.
     Report {
         id: String,
@@ -162,9 +165,11 @@ impl Engine {
             }
             ShadowCommand::Compared { id, compared } => {
                 self.shadows.reading.remove(&id);
-                let ended = self.shadows.runs.get(&id).is_some_and(|r| {
-                    running(r) && r.sample > 0 && compared >= r.sample
-                });
+                let ended = self
+                    .shadows
+                    .runs
+                    .get(&id)
+                    .is_some_and(|r| running(r) && r.sample > 0 && compared >= r.sample);
                 if ended {
                     let why = format!("{compared} requests compared (the sample asked for)");
                     self.end_shadow(&id, "completed", why).await;
@@ -176,8 +181,15 @@ impl Engine {
                     return;
                 };
                 match report {
-                    Some(report) => run.report = Some(report),
-                    None => run.message.push_str("; the report could not be read from the events"),
+                    Some(report) => {
+                        run.report = Some(kt_proto::v1::FlipReport {
+                            stored: true,
+                            ..report
+                        })
+                    }
+                    None => run
+                        .message
+                        .push_str("; the report could not be read from the events"),
                 }
                 self.put_shadow(run).await;
             }
@@ -254,14 +266,21 @@ impl Engine {
         let what = format!(
             "shadow {} {} on {}",
             run.id,
-            short(&run.config.as_ref().map(|c| c.hash.clone()).unwrap_or_default()),
+            short(
+                &run.config
+                    .as_ref()
+                    .map(|c| c.hash.clone())
+                    .unwrap_or_default()
+            ),
             run.target
         );
         self.store
             .audit(now, &identity, "shadow start", &run.id, &what)
             .await?;
         if !self.put_shadow(run.clone()).await {
-            return Err(EngineError::Invalid("the shadow run could not be stored".into()));
+            return Err(EngineError::Invalid(
+                "the shadow run could not be stored".into(),
+            ));
         }
         tracing::info!(shadow_run = %run.id, target = %run.target, gateways = run.gateways.len(), "shadow run started");
         self.offer_shadows(now).await;
@@ -335,7 +354,11 @@ impl Engine {
         let mut changed = Vec::new();
         let mut offers = Vec::new();
         for run in self.shadows.runs.values() {
-            if run.gateways.iter().all(|g| matches!(g.state.as_str(), "refused" | "removed")) {
+            if run
+                .gateways
+                .iter()
+                .all(|g| matches!(g.state.as_str(), "refused" | "removed"))
+            {
                 continue;
             }
             let mut next = run.clone();
@@ -464,9 +487,11 @@ impl Engine {
             return; // what the gateway shows in its health moves the run on
         }
         let hash = status.config.as_ref().map_or("", |c| c.hash.as_str());
-        let run = self.shadows.runs.values().find(|r| {
-            running(r) && r.config.as_ref().is_some_and(|c| c.hash == hash)
-        });
+        let run = self
+            .shadows
+            .runs
+            .values()
+            .find(|r| running(r) && r.config.as_ref().is_some_and(|c| c.hash == hash));
         let Some(mut run) = run.cloned() else {
             return;
         };

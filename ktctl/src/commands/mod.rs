@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod groups;
 pub mod pki;
 pub mod rollout;
+pub mod shadow;
 pub mod token;
 
 use std::collections::HashMap;

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use kt_proto::v1::{PushConfigRequest, RolloutSpec, Strategy};
+use kt_proto::v1::{PushConfigRequest, RolloutSpec, StartShadowRequest, Strategy};
 
 use crate::Session;
-use crate::commands::parse_selector;
+use crate::commands::{parse_selector, shadow};
 use crate::rollouts::{self, EXIT_CODES_HELP, config_label, exit_code, follow, print_summary};
 use crate::view::{Output, print_structured};
 
@@ -84,6 +84,21 @@ pub struct Args {
     /// Print the plan (gateways, batches, current versions, diff) and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// First run the config as a shadow on the target gateways for this long (deciding
+    /// nothing); push only if its flip rates stay within the limits below.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub shadow_first: Option<Duration>,
+    /// With --shadow-first: the largest share of requests that may go from allow to block.
+    #[arg(long, default_value_t = 0.02, requires = "shadow_first")]
+    pub max_flip_rate: f64,
+    /// With --shadow-first: the largest share that may go from block to allow [default: the
+    /// --max-flip-rate].
+    #[arg(long, requires = "shadow_first")]
+    pub max_unblock_rate: Option<f64>,
+    /// With --shadow-first: requests the shadow must have compared to judge at all; fewer
+    /// stop the push (no evidence is not a pass).
+    #[arg(long, default_value_t = 100, requires = "shadow_first")]
+    pub shadow_min_requests: u64,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -152,6 +167,20 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         continue_on_inconclusive: args.continue_on_inconclusive,
         rollback_on_error: args.rollback_on_error,
     };
+    if let Some(duration) = args.shadow_first
+        && !args.dry_run
+    {
+        let gate = ShadowGate {
+            duration,
+            max_flip_rate: args.max_flip_rate,
+            max_unblock_rate: args.max_unblock_rate.unwrap_or(args.max_flip_rate),
+            min_requests: args.shadow_min_requests,
+        };
+        let target = (args.group.clone(), args.selector.clone());
+        if let Some(stopped) = shadow_first(session, &content, target, &gate, &args.reason).await? {
+            return Ok(stopped);
+        }
+    }
     let request = PushConfigRequest {
         content,
         spec: Some(spec),
@@ -161,6 +190,83 @@ pub async fn run(session: &Session, args: Args) -> anyhow::Result<u8> {
         rollback: false,
     };
     send(session, request, args.detach, args.output).await
+}
+
+/// The limits a shadow run must keep before the push goes on.
+struct ShadowGate {
+    duration: Duration,
+    max_flip_rate: f64,
+    max_unblock_rate: f64,
+    min_requests: u64,
+}
+
+/// Runs `content` as a shadow on the push's gateways and judges its flips: `Some(exit code)`
+/// when the push must stop (the report printed), `None` when it may go on.
+async fn shadow_first(
+    session: &Session,
+    content: &[u8],
+    (group, selector): (Option<String>, Option<HashMap<String, String>>),
+    gate: &ShadowGate,
+    reason: &str,
+) -> anyhow::Result<Option<u8>> {
+    let request = StartShadowRequest {
+        content: content.to_vec(),
+        group: group.unwrap_or_default(),
+        selector: selector.unwrap_or_default(),
+        duration_ms: ms(gate.duration),
+        sample: 0,
+        reason: format!("--shadow-first {reason}").trim().to_owned(),
+    };
+    let run = shadow::start_run(session, request).await?;
+    println!(
+        "shadow run {} started on {} gateways for {}: nothing is enforced until it passes",
+        run.id,
+        run.gateways.len(),
+        humantime::format_duration(gate.duration)
+    );
+    let run = shadow::wait_for_end(session, &run.id, true).await?;
+    let report = run.report.clone().unwrap_or_default();
+    let flips = shadow::report::share(&report, "allow", "block");
+    let unblocks = shadow::report::share(&report, "block", "allow");
+    let why = if report.compared < gate.min_requests {
+        Some(format!(
+            "only {} requests were compared (at least {} are needed): no evidence is not a pass",
+            report.compared, gate.min_requests
+        ))
+    } else if flips > gate.max_flip_rate {
+        Some(format!(
+            "{:.2}% of requests would go from allow to block (limit {:.2}%)",
+            flips * 100.0,
+            gate.max_flip_rate * 100.0
+        ))
+    } else if unblocks > gate.max_unblock_rate {
+        Some(format!(
+            "{:.2}% of requests would go from block to allow (limit {:.2}%)",
+            unblocks * 100.0,
+            gate.max_unblock_rate * 100.0
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => {
+            print!("{}", shadow::report::header(&run));
+            print!("{}", shadow::report::matrix(&report));
+            println!(
+                "
+stopped before any gateway enforces it: {why}"
+            );
+            Ok(Some(rollouts::exit::STOPPED_BY_SHADOW))
+        }
+        None => {
+            println!(
+                "shadow run {} passed: {}; pushing",
+                run.id,
+                shadow::report::summary(&report)
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Sends a push, prints the plan or the rollout, and follows it unless detached.
