@@ -3,5 +3,6 @@
 pub mod diff;
 pub mod pin;
 pub mod push;
+pub mod semantic;
 pub mod show;
 pub mod versions;
