@@ -259,7 +259,7 @@ impl Coordinator {
                     metrics.clone(),
                 )
                 .await?;
-                let engine = engine.reading_events(events_handle.clone(), &engine_handle);
+                let engine = engine.reading_events(events_handle.clone(), None, &engine_handle);
                 tasks.spawn(engine.run(cancel.child_token()));
                 // Installed before serving, so an early SIGHUP cannot take its default action.
                 let source_hangup = if self.config.groups_file.is_some() {

@@ -507,3 +507,113 @@ async fn two_regions_cut_apart_keep_their_own_events_and_catch_up_on_the_others(
     assert_eq!(status["bus"]["links"][0]["region"], "us", "{status:#}");
     assert_eq!(status["bus"]["links"][0]["lag"], 0, "{status:#}");
 }
+
+/// A shadow run on a replicated control plane: started on one replica, carried by the leader
+/// through etcd (offers and answers), its report read from the stream on any replica with
+/// every gateway's events, stopped on a third replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_run_across_replicas_counts_every_gateways_requests() {
+    let n = 3;
+    let fleet = HaFleet::with_nats(3, n);
+    all_connected(&fleet, 0, n).await;
+    let policy = std::fs::read_to_string(fleet.policy("1.1.0")).expect("policy");
+    let candidate = fleet.dir.path().join("weather.yaml");
+    std::fs::write(
+        &candidate,
+        policy.replace(
+            "      - ignore all previous instructions\n",
+            "      - ignore all previous instructions\n      - the weather\n",
+        ),
+    )
+    .expect("candidate");
+    let candidate = candidate.display().to_string();
+    let out = fleet.ktctl(
+        1,
+        &[
+            "config",
+            "shadow",
+            "--file",
+            &candidate,
+            "--group",
+            kt_e2e::GROUP,
+            "-o",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", kt_e2e::output_text(&out));
+    let run: Value = serde_json::from_slice(&out.stdout).expect("run");
+    let id = run["id"].as_str().expect("id").to_owned();
+    let report = |i: usize| -> Value {
+        let out = fleet.ktctl(i, &["shadow", "report", &id, "-o", "json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let mut last = Value::Null;
+    let loaded = wait_for(PATIENCE, || {
+        last = report(2);
+        last["gateways"]
+            .as_array()
+            .is_some_and(|g| g.len() == n && g.iter().all(|g| g["state"] == "loaded"))
+    })
+    .await;
+    assert!(loaded, "not loaded everywhere: {last:#}");
+
+    let client = reqwest::Client::new();
+    let prompts = ["what is the weather in Lyon", "write a haiku about autumn"];
+    let rounds = 4;
+    for _ in 0..rounds {
+        for gateway in &fleet.gateways {
+            for prompt in prompts {
+                let body = json!({ "model": "mock-small", "messages": [{ "role": "user", "content": prompt }] });
+                let response = client
+                    .post(gateway.url("/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("gateway answers");
+                assert_eq!(response.status(), 200, "the shadow decides nothing");
+            }
+        }
+    }
+    let sent = (rounds * n * prompts.len()) as u64;
+    let counted = wait_for(PATIENCE, || {
+        last = report(0);
+        last["report"]["compared"] == sent
+    })
+    .await;
+    assert!(counted, "replica 1 never compared {sent}: {last:#}");
+
+    let out = fleet.ktctl(2, &["shadow", "stop", &id]);
+    assert!(out.status.success(), "{}", kt_e2e::output_text(&out));
+    let out = fleet.ktctl(1, &["shadow", "report", &id, "--watch", "-o", "json"]);
+    assert!(out.status.success(), "{}", kt_e2e::output_text(&out));
+    let run: Value = serde_json::from_slice(&out.stdout).expect("run");
+    let report = &run["report"];
+    assert_eq!(report["stored"], true, "{run:#}");
+    assert_eq!(
+        report["scope"], "",
+        "the stream holds every gateway's events"
+    );
+    assert_eq!(report["compared"], sent, "{report:#}");
+    let flips = report["cells"]
+        .as_array()
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c["active"] == "allow" && c["shadow"] == "block")
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no allow -> block: {report:#}"));
+    assert_eq!(flips["count"], sent / 2, "{report:#}");
+    let removed = wait_for(PATIENCE, || {
+        last = serde_json::from_slice(
+            &fleet
+                .ktctl(0, &["shadow", "status", &id, "-o", "json"])
+                .stdout,
+        )
+        .unwrap_or(Value::Null);
+        last["gateways"]
+            .as_array()
+            .is_some_and(|g| g.iter().all(|g| g["state"] == "removed"))
+    })
+    .await;
+    assert!(removed, "shadow not removed everywhere: {last:#}");
+}

@@ -207,7 +207,15 @@ impl Replica {
         }
         let (offers, queued) = offers::offer_queue();
         let engine = match &self.event_log {
-            Some(log) => engine.reading_events(log.clone(), &engine_handle),
+            Some(log) => {
+                let scope = self.events.is_none().then(|| {
+                    format!(
+                        "the leader ({}) counts the events of the agents connected to it only; set events.nats for the whole fleet",
+                        self.name
+                    )
+                });
+                engine.reading_events(log.clone(), scope, &engine_handle)
+            }
             None => engine,
         };
         let engine = engine.leading(

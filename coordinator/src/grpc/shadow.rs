@@ -58,7 +58,8 @@ impl OperatorApi {
     pub(super) async fn shadow_run_with_report(&self, id: String) -> Result<ShadowRun, ApiError> {
         let mut run = self.engine.get_shadow(id).await?;
         if run.report.is_none() {
-            run.report = runs::read_report(self.events.as_ref(), &run).await;
+            let scope = self.tail_scope.as_deref();
+            run.report = runs::read_report(self.events.as_ref(), scope, &run).await;
         }
         Ok(run)
     }

@@ -362,9 +362,16 @@ impl Engine {
         self
     }
 
-    /// Shadow runs read their reports from `events`; `handle` is this engine's own.
-    pub fn reading_events(mut self, events: Arc<dyn EventLog>, handle: &EngineHandle) -> Self {
-        self.shadows.reading_from(events, handle.tx.downgrade());
+    /// Shadow runs read their reports from `events` (`scope`: when they are only part of the
+    /// fleet's, which); `handle` is this engine's own.
+    pub fn reading_events(
+        mut self,
+        events: Arc<dyn EventLog>,
+        scope: Option<String>,
+        handle: &EngineHandle,
+    ) -> Self {
+        self.shadows
+            .reading_from(events, scope, handle.tx.downgrade());
         self
     }
 

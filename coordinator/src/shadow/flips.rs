@@ -195,6 +195,7 @@ impl FlipTally {
             computed_at_unix_ms: unix_ms_now(),
             synthetic: self.synthetic,
             stored: false,
+            scope: String::new(),
         }
     }
 }

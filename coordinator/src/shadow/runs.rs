@@ -93,6 +93,8 @@ pub struct ShadowRuns {
     events: Option<Arc<dyn EventLog>>,
     /// The engine's own queue, for readers' results (weak: the engine must not keep itself open).
     own: Option<mpsc::WeakSender<Command>>,
+    /// Said in every report when `events` holds only part of the fleet's events.
+    scope: Option<String>,
 }
 
 impl ShadowRuns {
@@ -103,8 +105,14 @@ impl ShadowRuns {
         }
     }
 
-    pub fn reading_from(&mut self, events: Arc<dyn EventLog>, own: mpsc::WeakSender<Command>) {
+    pub fn reading_from(
+        &mut self,
+        events: Arc<dyn EventLog>,
+        scope: Option<String>,
+        own: mpsc::WeakSender<Command>,
+    ) {
         self.events = Some(events);
+        self.scope = scope;
         self.own = Some(own);
     }
 }
@@ -125,9 +133,11 @@ pub fn filter_of(run: &ShadowRun) -> Filter {
     }
 }
 
-/// Reads a run's flip matrix from `events` (through now).
+/// Reads a run's flip matrix from `events` (through now); `scope` says when they are only
+/// part of the fleet's.
 pub async fn read_report(
     events: &dyn EventLog,
+    scope: Option<&str>,
     run: &ShadowRun,
 ) -> Option<kt_proto::v1::FlipReport> {
     let hash = run.config.as_ref().map_or("", |c| c.hash.as_str());
@@ -135,7 +145,9 @@ pub async fn read_report(
     let tally = events
         .flips(filter_of(run), run.started_at_unix_ms, tally)
         .await?;
-    Some(tally.finish())
+    let mut report = tally.finish();
+    report.scope = scope.unwrap_or_default().to_owned();
+    Some(report)
 }
 
 impl Engine {
@@ -509,6 +521,7 @@ impl Engine {
         else {
             return;
         };
+        let scope = self.shadows.scope.clone();
         let check_samples = now >= self.shadows.last_sample_check + SAMPLE_CHECK_MS;
         if check_samples {
             self.shadows.last_sample_check = now;
@@ -531,8 +544,9 @@ impl Engine {
             }
             self.shadows.reading.insert(run.id.clone());
             let (events, own, run) = (events.clone(), own.clone(), run.clone());
+            let scope = scope.clone();
             tokio::spawn(async move {
-                let report = read_report(events.as_ref(), &run).await;
+                let report = read_report(events.as_ref(), scope.as_deref(), &run).await;
                 let command = if report_due {
                     ShadowCommand::Report { id: run.id, report }
                 } else {

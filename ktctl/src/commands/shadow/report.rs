@@ -128,6 +128,9 @@ pub fn matrix(report: &FlipReport) -> String {
         },
         report.judgement
     );
+    if !report.scope.is_empty() {
+        let _ = writeln!(out, "scope      {}", report.scope);
+    }
     if report.compared == 0 {
         return out;
     }
