@@ -122,6 +122,24 @@ async fn gateway_health(client: &reqwest::Client, gateway: &GatewayNode) -> Valu
         .expect("health JSON")
 }
 
+/// `ktctl config push FILE --shadow-first 12s --max-flip-rate 0.02` to the test group.
+fn push_shadow_first(fleet: &TestFleet, file: &str) -> std::process::Output {
+    fleet.ktctl(&[
+        "config",
+        "push",
+        "--file",
+        file,
+        "--group",
+        GROUP,
+        "--shadow-first",
+        "12s",
+        "--max-flip-rate",
+        "0.02",
+        "--min-healthy-time",
+        "100ms",
+    ])
+}
+
 /// Sends the prompts round and round to every gateway until `stop` (or 2 minutes: bounded).
 fn background_traffic(fleet: &TestFleet, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
     let urls: Vec<String> = fleet
@@ -327,20 +345,7 @@ async fn a_shadow_run_reports_exactly_the_requests_that_would_flip_and_changes_n
     // --shadow-first with the weather policy: stopped before any gateway enforces it.
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = background_traffic(&fleet, stop.clone());
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
-        &weather,
-        "--group",
-        GROUP,
-        "--shadow-first",
-        "12s",
-        "--max-flip-rate",
-        "0.02",
-        "--min-healthy-time",
-        "100ms",
-    ]);
+    let out = push_shadow_first(&fleet, &weather);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
@@ -361,20 +366,7 @@ async fn a_shadow_run_reports_exactly_the_requests_that_would_flip_and_changes_n
 
     // A harmless change (a phrase no traffic contains) passes and is rolled out.
     let harmless = candidate(&fleet, "1.2.0", with_phrase("open the pod bay doors"));
-    let out = fleet.ktctl(&[
-        "config",
-        "push",
-        "--file",
-        &harmless,
-        "--group",
-        GROUP,
-        "--shadow-first",
-        "12s",
-        "--max-flip-rate",
-        "0.02",
-        "--min-healthy-time",
-        "100ms",
-    ]);
+    let out = push_shadow_first(&fleet, &harmless);
     stop.store(true, Ordering::SeqCst);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");

@@ -68,9 +68,6 @@ impl OperatorApi {
         let mut all = self.engine.list_shadows().await?;
         all.sort_by_key(|r| std::cmp::Reverse(r.started_at_unix_ms));
         all.truncate(MAX_LISTED);
-        for run in &mut all {
-            run.report = None;
-        }
         Ok(all)
     }
 }

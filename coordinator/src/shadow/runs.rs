@@ -83,8 +83,8 @@ pub enum ShadowCommand {
 #[derive(Default)]
 pub struct ShadowRuns {
     runs: BTreeMap<String, ShadowRun>,
-    /// Offers in flight, by gateway: (offer id, sent at).
-    in_flight: BTreeMap<String, (String, u64)>,
+    /// Offers (and removals) in flight, by run and gateway: (offer id, sent at).
+    in_flight: BTreeMap<(String, String), (String, u64)>,
     /// Runs whose sample count or final report is being read.
     reading: std::collections::BTreeSet<String>,
     last_sample_check: u64,
@@ -173,7 +173,12 @@ impl Engine {
                 let _ = reply.send(found.ok_or_else(|| no_run(&id)));
             }
             ShadowCommand::List { reply } => {
-                let _ = reply.send(Ok(self.shadows.runs.values().cloned().collect()));
+                // Without reports: a listing stays small however large the fleet.
+                let runs = self.shadows.runs.values().map(|r| ShadowRun {
+                    report: None,
+                    ..r.clone()
+                });
+                let _ = reply.send(Ok(runs.collect()));
             }
             ShadowCommand::Compared { id, compared } => {
                 self.shadows.reading.remove(&id);
@@ -365,6 +370,15 @@ impl Engine {
     async fn offer_shadows(&mut self, now: u64) {
         let mut changed = Vec::new();
         let mut offers = Vec::new();
+        let mut in_flight_done = Vec::new();
+        // A gateway a running run targets is that run's: an ended run stops removing there.
+        let taken: std::collections::BTreeSet<&str> = self
+            .shadows
+            .runs
+            .values()
+            .filter(|r| running(r))
+            .flat_map(|r| r.gateways.iter().map(|g| g.gateway_id.as_str()))
+            .collect();
         for run in self.shadows.runs.values() {
             if run
                 .gateways
@@ -396,18 +410,20 @@ impl Engine {
                 };
                 match g.state.as_str() {
                     "refused" | "removed" => {}
-                    "removing" if shadow != wanted.hash => {
+                    "removing"
+                        if shadow != wanted.hash || taken.contains(g.gateway_id.as_str()) =>
+                    {
                         set("removed", "");
-                        self.shadows.in_flight.remove(&g.gateway_id);
+                        in_flight_done.push((run.id.clone(), g.gateway_id.clone()));
                     }
                     "removing" => {
-                        if connected && self.may_offer(&g.gateway_id, now) {
-                            offers.push((g.gateway_id.clone(), None));
+                        if connected && self.may_offer(&run.id, &g.gateway_id, now) {
+                            offers.push((run.id.clone(), g.gateway_id.clone(), true));
                         }
                     }
                     _ if shadow == wanted.hash => {
                         set("loaded", "");
-                        self.shadows.in_flight.remove(&g.gateway_id);
+                        in_flight_done.push((run.id.clone(), g.gateway_id.clone()));
                     }
                     _ if !connected => {}
                     _ if !capable => set(
@@ -415,9 +431,9 @@ impl Engine {
                         "its agent does not apply shadow configs (no gateway.shadow_config_path, or an older kt-agent)",
                     ),
                     _ => {
-                        if self.may_offer(&g.gateway_id, now) {
+                        if self.may_offer(&run.id, &g.gateway_id, now) {
                             set("offered", "");
-                            offers.push((g.gateway_id.clone(), Some(run.id.clone())));
+                            offers.push((run.id.clone(), g.gateway_id.clone(), false));
                         }
                     }
                 }
@@ -426,24 +442,28 @@ impl Engine {
                 changed.push(next);
             }
         }
+        for key in in_flight_done {
+            self.shadows.in_flight.remove(&key);
+        }
         for run in changed {
             self.put_shadow(run).await;
         }
-        for (gateway, run) in offers {
-            self.offer_shadow(gateway, run, now).await;
+        for (run, gateway, remove) in offers {
+            self.offer_shadow(run, gateway, remove, now).await;
         }
     }
 
-    fn may_offer(&self, gateway: &str, now: u64) -> bool {
+    fn may_offer(&self, run: &str, gateway: &str, now: u64) -> bool {
         self.shadows
             .in_flight
-            .get(gateway)
+            .get(&(run.to_owned(), gateway.to_owned()))
             .is_none_or(|(_, at)| now >= at + OFFER_TIMEOUT_MS)
     }
 
-    /// Offers `run`'s shadow to `gateway` (`None`: removes its shadow).
-    async fn offer_shadow(&mut self, gateway: String, run: Option<String>, now: u64) {
-        let (config, content) = match run.as_ref().and_then(|id| self.shadows.runs.get(id)) {
+    /// Offers `run`'s shadow to `gateway`, or (`remove`) tells it to drop its shadow.
+    async fn offer_shadow(&mut self, run: String, gateway: String, remove: bool, now: u64) {
+        let found = self.shadows.runs.get(&run).filter(|_| !remove);
+        let (config, content) = match found {
             Some(run) => {
                 let config = run.config.clone().unwrap_or_default();
                 match self.store.get_config(&config.hash).await {
@@ -462,8 +482,8 @@ impl Engine {
         };
         self.shadows.offers_made += 1;
         let offer_id = format!(
-            "shadow/{}/{}",
-            run.as_deref().unwrap_or("remove"),
+            "shadow/{run}/{}/{}",
+            if remove { "remove" } else { "load" },
             self.shadows.offers_made
         );
         let offer = ConfigOffer {
@@ -477,21 +497,18 @@ impl Engine {
             shadow: true,
         };
         if self.offers.send(gateway.clone(), offer).await {
-            self.shadows.in_flight.insert(gateway, (offer_id, now));
+            self.shadows
+                .in_flight
+                .insert((run, gateway), (offer_id, now));
         }
     }
 
     /// An agent answered a shadow offer.
     pub(crate) async fn shadow_answered(&mut self, gateway: &str, status: &ConfigStatus) {
         let phase = ConfigPhase::try_from(status.phase).unwrap_or(ConfigPhase::Unspecified);
-        if self
-            .shadows
+        self.shadows
             .in_flight
-            .get(gateway)
-            .is_some_and(|(id, _)| *id == status.offer_id)
-        {
-            self.shadows.in_flight.remove(gateway);
-        }
+            .retain(|(_, g), (id, _)| g != gateway || *id != status.offer_id);
         let removal = status.config.as_ref().is_none_or(|c| c.hash.is_empty());
         let refused = matches!(phase, ConfigPhase::Rejected | ConfigPhase::Failed);
         tracing::info!(gateway_id = %gateway, offer_id = %status.offer_id, phase = phase.as_str_name(), error = %status.error, "shadow offer answered");
