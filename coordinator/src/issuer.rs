@@ -41,6 +41,27 @@ pub struct Issued {
     pub lifetime: Duration,
 }
 
+impl Issued {
+    /// What the agent receives: the chain, the CA bundle it trusts from now on (`ca_file`), its
+    /// lifetime, and the group a group-scoped token bound it to.
+    pub fn answer(
+        self,
+        gateway: &GatewayId,
+        ca_file: &std::path::Path,
+        group: Option<String>,
+    ) -> Result<kt_proto::v1::IssuedCertificate, String> {
+        let ca_pem = std::fs::read(ca_file)
+            .map_err(|e| format!("cannot read the CA bundle {}: {e}", ca_file.display()))?;
+        Ok(kt_proto::v1::IssuedCertificate {
+            cert_chain_pem: self.chain_pem.into_bytes(),
+            ca_pem,
+            gateway_id: gateway.to_string(),
+            lifetime_ms: u64::try_from(self.lifetime.as_millis()).unwrap_or(u64::MAX),
+            group: group.unwrap_or_default(),
+        })
+    }
+}
+
 impl AgentIssuer {
     /// Reads the issuing CA's files; it must be a CA of this coordinator's trust domain whose
     /// certificates this coordinator's own TLS (`tls`) accepts: a certificate it signs is

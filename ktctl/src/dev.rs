@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub use kt_launch::configs::{
     AgentConfig, AgentSpec, EXAMPLE_POLICY, EnrollmentSettings, EtcdStorage, Liveness,
     MOCK_PROVIDER_SECRET, NatsEvents, Storage, agent, agent_config, coordinator,
-    coordinator_config, example_policy, groups_file, to_yaml,
+    coordinator_config, enroll_on_first_boot, example_policy, groups_file, to_yaml,
 };
 pub use kt_launch::process::{
     find_binary, free_loopback_addr, is_running, log_tail, spawn, stop, wait_ready,

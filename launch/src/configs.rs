@@ -201,6 +201,31 @@ pub fn agent(spec: &AgentSpec<'_>) -> AgentConfig {
     }
 }
 
+/// Makes `config` an agent's that enrolls at first boot with `token` (written, private, to
+/// `dir/join-token`), pinning the root `root_fingerprint`; its certificate files go to
+/// `dir/tls/`, not there yet.
+pub fn enroll_on_first_boot(
+    config: &mut AgentConfig,
+    dir: &Path,
+    token: &str,
+    root_fingerprint: &str,
+) -> std::io::Result<()> {
+    let token_file = dir.join("join-token");
+    std::fs::create_dir_all(dir)?;
+    kt_daemon::fs::write_private(&token_file, token.as_bytes())?;
+    config.tls = TlsFiles {
+        ca: dir.join("tls/ca.crt"),
+        cert: dir.join("tls/agent.crt"),
+        key: dir.join("tls/agent.key"),
+    };
+    config.enrollment = Some(EnrollmentSettings {
+        token_file,
+        ca_fingerprint: root_fingerprint.to_owned(),
+        gateway_id: None,
+    });
+    Ok(())
+}
+
 /// `agent.yaml` text.
 pub fn agent_config(spec: &AgentSpec<'_>) -> String {
     to_yaml(&agent(spec))

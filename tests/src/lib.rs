@@ -522,20 +522,8 @@ pub fn enroll_on_first_boot(
     id: &str,
     dir: &Path,
 ) {
-    let token_file = dir.join("join-token");
-    std::fs::create_dir_all(dir).expect("dir");
     let token = create_token(ktctl_config, &["--gateway-id", id, "--uses", "3"]);
-    kt_daemon::fs::write_private(&token_file, token.as_bytes()).expect("token file");
-    config.tls = kt_proto::tls::TlsFiles {
-        ca: dir.join("tls/ca.crt"),
-        cert: dir.join("tls/agent.crt"),
-        key: dir.join("tls/agent.key"),
-    };
-    config.enrollment = Some(kt_agent::config::EnrollmentSettings {
-        token_file,
-        ca_fingerprint: pki.root_fingerprint(),
-        gateway_id: None,
-    });
+    dev::enroll_on_first_boot(config, dir, &token, &pki.root_fingerprint()).expect("token file");
 }
 
 /// `ktctl token create ARGS`: the token it printed.

@@ -458,22 +458,11 @@ impl AgentApi {
                 "this coordinator does not renew agent certificates (its config has no enrollment: section)".into(),
             )
         })?;
-        let issued = issuer
+        issuer
             .sign(gateway, csr_pem)
-            .map_err(ApiError::InvalidArgument)?;
-        let ca_pem = std::fs::read(&self.ca_file).map_err(|e| {
-            ApiError::Internal(format!(
-                "cannot read the CA bundle {}: {e}",
-                self.ca_file.display()
-            ))
-        })?;
-        Ok(v1::IssuedCertificate {
-            cert_chain_pem: issued.chain_pem.into_bytes(),
-            ca_pem,
-            gateway_id: gateway.to_string(),
-            lifetime_ms: u64::try_from(issued.lifetime.as_millis()).unwrap_or(u64::MAX),
-            group: String::new(),
-        })
+            .map_err(ApiError::InvalidArgument)?
+            .answer(gateway, &self.ca_file, None)
+            .map_err(ApiError::Internal)
     }
 }
 

@@ -180,19 +180,9 @@ impl EnrollmentApi {
             if let Some(group) = &admitted.group {
                 self.bind(&admitted.gateway, group).await?;
             }
-            let ca_pem = std::fs::read(&self.ca_file).map_err(|e| {
-                Refused(
-                    Code::Internal,
-                    format!("cannot read the CA bundle {}: {e}", self.ca_file.display()),
-                )
-            })?;
-            let answer = v1::IssuedCertificate {
-                cert_chain_pem: issued.chain_pem.into_bytes(),
-                ca_pem,
-                gateway_id: admitted.gateway.to_string(),
-                lifetime_ms: u64::try_from(issued.lifetime.as_millis()).unwrap_or(u64::MAX),
-                group: admitted.group.clone().unwrap_or_default(),
-            };
+            let answer = issued
+                .answer(&admitted.gateway, &self.ca_file, admitted.group.clone())
+                .map_err(|why| Refused(Code::Internal, why))?;
             return Ok((answer, admitted));
         }
         Err(Refused(

@@ -446,20 +446,8 @@ async fn enroll_with_token(
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     };
-    let token_file = dir.join("join-token");
-    kt_daemon::fs::write_private(&token_file, token.as_bytes())
-        .with_context(|| format!("cannot write {}", token_file.display()))?;
-    config.tls = kt_proto::tls::TlsFiles {
-        ca: dir.join("tls/ca.crt"),
-        cert: dir.join("tls/agent.crt"),
-        key: dir.join("tls/agent.key"),
-    };
-    config.enrollment = Some(dev::EnrollmentSettings {
-        token_file,
-        ca_fingerprint: root_fingerprint.to_owned(),
-        gateway_id: None,
-    });
-    Ok(())
+    dev::enroll_on_first_boot(config, dir, &token, root_fingerprint)
+        .with_context(|| format!("cannot write {}", dir.join("join-token").display()))
 }
 
 /// What one region's coordinators run on: etcd and NATS with `--ha`, else nothing but their
