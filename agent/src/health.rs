@@ -119,14 +119,15 @@ fn unobserved() -> v1::GatewayHealth {
     }
 }
 
-/// The gateway could not be read: unhealthy, keeping the last known config identity,
-/// since the config file the gateway last loaded is still what it would run.
+/// The gateway could not be read: unhealthy, keeping the last known config and shadow
+/// identities, since the files the gateway last loaded are still what it would run.
 fn unreachable_now(previous: &v1::GatewayHealth, error: String) -> v1::GatewayHealth {
     v1::GatewayHealth {
         status: v1::HealthStatus::Unhealthy as i32,
         reachable: false,
         error,
         config: previous.config.clone(),
+        shadow: previous.shadow.clone(),
         observed_at_unix_ms: unix_ms_now(),
         ..Default::default()
     }
@@ -264,9 +265,17 @@ mod tests {
             version: "2.0.0".into(),
             ..Default::default()
         });
+        previous.shadow = Some(v1::ConfigInfo {
+            hash: "sha256:shadow".into(),
+            ..Default::default()
+        });
         let now = unreachable_now(&previous, "connection refused".into());
         assert!(!now.reachable);
         assert_eq!(now.status, v1::HealthStatus::Unhealthy as i32);
         assert_eq!(now.config, previous.config);
+        assert_eq!(
+            now.shadow, previous.shadow,
+            "the shadow file is still there"
+        );
     }
 }

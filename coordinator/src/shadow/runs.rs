@@ -35,6 +35,8 @@ const SAMPLE_CHECK_MS: u64 = 3_000;
 const REPORT_GRACE_MS: u64 = 10_000;
 /// ... and once every gateway dropped it, how long for the last events to be forwarded.
 const SETTLED_GRACE_MS: u64 = 3_000;
+/// A final report that could not be read is tried again after this.
+const REPORT_RETRY_MS: u64 = 10_000;
 
 /// A shadow run as the operator asked for it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -87,6 +89,8 @@ pub struct ShadowRuns {
     in_flight: BTreeMap<(String, String), (String, u64)>,
     /// Runs whose sample count or final report is being read.
     reading: std::collections::BTreeSet<String>,
+    /// Runs whose final report could not be read, and when to try again.
+    retry_at: BTreeMap<String, u64>,
     last_sample_check: u64,
     offers_made: u64,
     /// Where reports are read from; without it no report is made.
@@ -197,17 +201,16 @@ impl Engine {
                 let Some(mut run) = self.shadows.runs.get(&id).cloned() else {
                     return;
                 };
-                match report {
-                    Some(report) => {
-                        run.report = Some(kt_proto::v1::FlipReport {
-                            stored: true,
-                            ..report
-                        })
-                    }
-                    None => run
-                        .message
-                        .push_str("; the report could not be read from the events"),
-                }
+                let Some(report) = report else {
+                    tracing::warn!(shadow_run = %id, "the final report could not be read from the events; trying again");
+                    let retry_at = unix_ms_now() + REPORT_RETRY_MS;
+                    self.shadows.retry_at.insert(id, retry_at);
+                    return;
+                };
+                run.report = Some(kt_proto::v1::FlipReport {
+                    stored: true,
+                    ..report
+                });
                 self.put_shadow(run).await;
             }
         }
@@ -244,6 +247,11 @@ impl Engine {
             )));
         }
         let now = unix_ms_now();
+        // Ids are the start time (two runs started in one millisecond take the next free one).
+        let mut id_ms = now;
+        while self.shadows.runs.contains_key(&format!("s-{id_ms:x}")) {
+            id_ms += 1;
+        }
         let config = ConfigRef {
             version: version.clone(),
             hash: content_hash(&start.content),
@@ -259,7 +267,7 @@ impl Engine {
             })
             .await?;
         let run = ShadowRun {
-            id: format!("s-{now:x}"),
+            id: format!("s-{id_ms:x}"),
             config: Some(config),
             state: "running".into(),
             started_by: identity.clone(),
@@ -393,11 +401,11 @@ impl Engine {
                 let Some(state) = self.observed.fleet.get(&g.gateway_id) else {
                     continue;
                 };
-                let shadow = state
-                    .health
-                    .as_ref()
-                    .and_then(|h| h.shadow.as_ref())
-                    .map_or("", |s| s.hash.as_str());
+                // Only a reading of the gateway says what shadow it runs.
+                let Some(health) = state.health.as_ref().filter(|h| h.reachable) else {
+                    continue;
+                };
+                let shadow = health.shadow.as_ref().map_or("", |s| s.hash.as_str());
                 let connected = state.agent_state == kt_proto::v1::AgentState::Connected as i32;
                 let capable = state.agent_capabilities.iter().any(|c| c == CAPABILITY);
                 let mut set = |s: &str, error: &str| {
@@ -544,7 +552,13 @@ impl Engine {
             self.shadows.last_sample_check = now;
         }
         for run in self.shadows.runs.values() {
-            if self.shadows.reading.contains(&run.id) {
+            if self.shadows.reading.contains(&run.id)
+                || self
+                    .shadows
+                    .retry_at
+                    .get(&run.id)
+                    .is_some_and(|at| now < *at)
+            {
                 continue;
             }
             let sampled = running(run) && run.sample > 0 && check_samples;
