@@ -127,6 +127,7 @@ async fn dev_up_status_and_down() {
         .and_then(|p| p["address"].as_str())
         .expect("gw-dev-01 address");
     governed_requests_through_a_dev_gateway(gateway, &dir.join("gw-dev-01/events.jsonl")).await;
+    shadow_run_on_the_dev_fleet(home, config_arg, &dir, gateway).await;
 
     let pids: Vec<(u32, std::path::PathBuf)> = dev::DevState::load(&dir)
         .expect("state")
@@ -192,6 +193,82 @@ async fn dev_up_status_and_down() {
     assert!(all_gone, "processes survived dev down");
     let after = ktctl(home, &["dev", "status", "--dir", dir_arg]);
     assert!(String::from_utf8_lossy(&after.stdout).contains("no dev fleet"));
+}
+
+/// A dev fleet takes shadow runs: the example policy plus the phrase "the weather", as a shadow
+/// on group dev, reports a weather prompt as allow -> block while the client got its answer.
+async fn shadow_run_on_the_dev_fleet(
+    home: &std::path::Path,
+    config: &str,
+    dir: &std::path::Path,
+    gateway: &str,
+) {
+    use serde_json::{Value, json};
+    let policy = std::fs::read_to_string(dir.join("policy-config.yaml")).expect("policy");
+    let candidate = dir.join("weather.yaml");
+    std::fs::write(
+        &candidate,
+        policy.replace("version: 1.0.0", "version: 1.0.1").replace(
+            "      - ignore all previous instructions\n",
+            "      - ignore all previous instructions\n      - the weather\n",
+        ),
+    )
+    .expect("candidate");
+    let file = candidate.to_str().expect("utf-8");
+    let args = ["--config", config, "config", "shadow", "--file", file];
+    let out = ktctl(
+        home,
+        &[&args[..], &["--group", "dev", "-o", "json"]].concat(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run: Value = serde_json::from_slice(&out.stdout).expect("run");
+    let id = run["id"].as_str().expect("id").to_owned();
+    let report = || -> Value {
+        let out = ktctl(
+            home,
+            &["--config", config, "shadow", "report", &id, "-o", "json"],
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let mut last = Value::Null;
+    let loaded = wait_for(Duration::from_secs(60), || {
+        last = report();
+        last["gateways"]
+            .as_array()
+            .is_some_and(|g| g.len() == 2 && g.iter().all(|g| g["state"] == "loaded"))
+    })
+    .await;
+    assert!(loaded, "the dev gateways never loaded the shadow: {last:#}");
+    let answer = reqwest::Client::new()
+        .post(format!("http://{gateway}/v1/chat/completions"))
+        .json(&json!({"model": "mock-small", "messages": [{"role": "user", "content": "what is the weather in Lyon"}]}))
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(answer.status(), 200, "the shadow decides nothing");
+    let flipped = wait_for(Duration::from_secs(60), || {
+        last = report();
+        last["report"]["cells"].as_array().is_some_and(|cells| {
+            cells
+                .iter()
+                .any(|c| c["active"] == "allow" && c["shadow"] == "block" && c["count"] == 1)
+        })
+    })
+    .await;
+    assert!(
+        flipped,
+        "the weather prompt is not in the flip matrix: {last:#}"
+    );
+    let out = ktctl(home, &["--config", config, "shadow", "stop", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The operating promise of a dev gateway: PII is redacted before it reaches the provider,
