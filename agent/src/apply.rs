@@ -130,15 +130,10 @@ impl Applier {
         if let Some(poll) = &self.poll_health {
             poll.notify_one();
         }
-        let observed = match self.read_health().await {
-            Ok(doc) if offer.shadow => Some(shadow_of(&doc)),
-            Ok(doc) => Some(ConfigRef {
-                version: doc.config.version,
-                hash: doc.config.hash,
-            }),
-            Err(_) => None,
-        };
-        let running = observed.unwrap_or_else(|| running_of(&health.borrow(), offer.shadow));
+        let running = self
+            .observed_running(offer.shadow)
+            .await
+            .unwrap_or_else(|| running_of(&health.borrow(), offer.shadow));
         let answer = match outcome {
             Outcome::Applied => status(offer, ConfigPhase::Applied, running, String::new()),
             Outcome::Rejected(why) => status(offer, ConfigPhase::Rejected, running, why),
@@ -177,8 +172,10 @@ impl Applier {
                 Err(e) => Outcome::Failed(format!("reload failed: {e}")),
             };
         };
-        if let Ok(doc) = self.read_health().await
-            && shadow_of(&doc).hash == wanted.hash
+        if self
+            .observed_running(true)
+            .await
+            .is_some_and(|shadow| shadow.hash == wanted.hash)
         {
             return Outcome::Applied;
         }
@@ -247,7 +244,7 @@ impl Applier {
         health: &watch::Receiver<v1::GatewayHealth>,
     ) -> Outcome {
         let wanted = offer.config.clone().unwrap_or_default();
-        let running = match self.observed_running().await {
+        let running = match self.observed_running(false).await {
             Some(running) => running,
             None => running_of(&health.borrow(), false),
         };
@@ -446,13 +443,22 @@ impl Applier {
             .map_err(|e| format!("gateway health is not valid: {e}"))
     }
 
-    /// What the gateway runs right now, read from its health.
-    async fn observed_running(&self) -> Option<ConfigRef> {
+    /// What the gateway runs right now (its shadow, with `shadow`), read from its health; a
+    /// shadow's is empty when none is loaded.
+    async fn observed_running(&self, shadow: bool) -> Option<ConfigRef> {
         let doc = self.read_health().await.ok()?;
-        Some(ConfigRef {
-            version: doc.config.version,
-            hash: doc.config.hash,
-        })
+        let running = match (shadow, doc.shadow) {
+            (false, _) => ConfigRef {
+                version: doc.config.version,
+                hash: doc.config.hash,
+            },
+            (true, Some(s)) => ConfigRef {
+                version: s.version,
+                hash: s.hash,
+            },
+            (true, None) => ConfigRef::default(),
+        };
+        Some(running)
     }
 }
 
@@ -486,17 +492,6 @@ fn remove_if_present(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
-}
-
-/// The shadow a health document shows (empty when none is loaded).
-fn shadow_of(doc: &HealthDoc) -> ConfigRef {
-    doc.shadow
-        .as_ref()
-        .map(|s| ConfigRef {
-            version: s.version.clone(),
-            hash: s.hash.clone(),
-        })
-        .unwrap_or_default()
 }
 
 /// The config (or shadow) the last health reading showed.

@@ -54,9 +54,6 @@ pub struct SessionSettings {
     pub renewal: Option<crate::renewal::Renewal>,
 }
 
-/// Hello capability of an agent that applies shadow offers.
-pub const SHADOW_CAPABILITY: &str = "shadow-config";
-
 impl SessionSettings {
     /// What this agent can do beyond the base protocol, for the hello.
     fn capabilities(&self) -> Vec<String> {
@@ -65,7 +62,7 @@ impl SessionSettings {
             .apply_settings()
             .is_some_and(|apply| apply.shadow_path.is_some());
         shadows
-            .then(|| SHADOW_CAPABILITY.to_owned())
+            .then(|| kt_proto::capability::SHADOW_CONFIG.to_owned())
             .into_iter()
             .collect()
     }

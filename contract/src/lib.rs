@@ -41,6 +41,28 @@ pub struct DecisionFields<'a> {
     pub synthetic: bool,
     #[serde(borrow)]
     pub policies_evaluated: Vec<PolicyOutcome<'a>>,
+    /// SHA-256 of the prompt (never the prompt itself).
+    #[serde(borrow)]
+    pub prompt_sha256: Cow<'a, str>,
+    /// What the shadow config would have decided; absent without a shadow.
+    #[serde(borrow)]
+    pub shadow: Option<ShadowFields<'a>>,
+}
+
+/// A decision event's `shadow`: the shadow config's verdict on the same request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ShadowFields<'a> {
+    #[serde(borrow)]
+    pub config_hash: Cow<'a, str>,
+    /// allow | block | redact | escalate
+    #[serde(borrow)]
+    pub verdict: Cow<'a, str>,
+    /// The policy whose verdict it was; empty for `allow`.
+    #[serde(borrow)]
+    pub policy: Cow<'a, str>,
+    #[serde(borrow)]
+    pub reason_code: Cow<'a, str>,
 }
 
 /// One policy's result in a decision event.

@@ -235,6 +235,12 @@ mod tests {
             result: Verdict::Block,
             latency_us: 3,
         }];
+        e.shadow = Some(crate::shadow::ShadowOutcome {
+            config_hash: "sha256:y".into(),
+            verdict: Verdict::Allow.as_str(),
+            policy: String::new(),
+            reason_code: String::new(),
+        });
         let line = serde_json::to_vec(&e).expect("json");
         let read: kt_contract::DecisionFields<'_> =
             serde_json::from_slice(&line).expect("the contract reads it");
@@ -249,6 +255,12 @@ mod tests {
         assert_eq!(read.policies_evaluated.len(), 1);
         assert_eq!(read.policies_evaluated[0].name, "prompt-injection");
         assert_eq!(read.policies_evaluated[0].result, "block");
+        assert_eq!(read.prompt_sha256, "abc");
+        let shadow = read.shadow.expect("the shadow's verdict");
+        assert_eq!(
+            (shadow.config_hash.as_ref(), shadow.verdict.as_ref()),
+            ("sha256:y", "allow")
+        );
     }
 
     #[tokio::test]

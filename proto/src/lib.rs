@@ -5,10 +5,17 @@
 //! role and a name; [`tls`] loads the PEM files every binary needs.
 
 pub mod bounds;
+pub mod flips;
 pub mod identity;
 pub mod labels;
 pub mod leaf;
 pub mod tls;
+
+/// What agents say they can do in their hello (`Hello.capabilities`).
+pub mod capability {
+    /// The agent applies shadow offers (`ConfigOffer.shadow`): it manages a shadow config file.
+    pub const SHADOW_CONFIG: &str = "shadow-config";
+}
 
 /// Generated code for package `kt.fleet.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

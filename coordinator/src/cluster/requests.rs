@@ -256,8 +256,7 @@ impl Forwarder {
     async fn handle_shadow(&self, command: ShadowCommand) {
         let one = |reply: Result<Reply, EngineError>| {
             reply.and_then(|r| match r {
-                Reply::Shadow(bytes) => ShadowRun::decode(bytes.as_slice())
-                    .map_err(|e| EngineError::NoLeader(format!("unreadable shadow run: {e}"))),
+                Reply::Shadow(bytes) => decode_run(&bytes),
                 other => Err(unexpected(other)),
             })
         };
@@ -283,17 +282,9 @@ impl Forwarder {
             }
             ShadowCommand::List { reply } => {
                 let answer = self.ask(Request::ListShadows).await;
-                let _ = reply.send(answer.and_then(|r| {
-                    match r {
-                        Reply::Shadows(all) => all
-                            .iter()
-                            .map(|bytes| ShadowRun::decode(bytes.as_slice()))
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|e| {
-                                EngineError::NoLeader(format!("unreadable shadow run: {e}"))
-                            }),
-                        other => Err(unexpected(other)),
-                    }
+                let _ = reply.send(answer.and_then(|r| match r {
+                    Reply::Shadows(all) => all.iter().map(|bytes| decode_run(bytes)).collect(),
+                    other => Err(unexpected(other)),
                 }));
             }
             // The leader's own readers report to its own engine.
@@ -493,6 +484,12 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// A shadow run as the leader encoded it in its reply.
+fn decode_run(bytes: &[u8]) -> Result<ShadowRun, EngineError> {
+    ShadowRun::decode(bytes)
+        .map_err(|e| EngineError::NoLeader(format!("unreadable shadow run: {e}")))
 }
 
 fn rollout(reply: Reply) -> Result<RolloutRecord, EngineError> {

@@ -823,8 +823,9 @@ impl OperatorService for OperatorApi {
         request: Request<v1::ShadowRunRequest>,
     ) -> Result<Response<v1::ShadowRun>, Status> {
         authorize(&request, &self.trust_domain, Role::Operator)?;
-        let run = self.shadow_run_with_report(request.into_inner().id).await?;
-        Ok(Response::new(run))
+        let id = request.into_inner().id;
+        let run = self.engine.get_shadow(id).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.with_report(run).await))
     }
 
     async fn list_shadows(
@@ -842,11 +843,12 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<v1::ShadowRun>, Status> {
         let identity = authorize(&request, &self.trust_domain, Role::Operator)?;
         let id = request.into_inner().id;
-        self.engine
-            .stop_shadow(id.clone(), identity.uri())
+        let run = self
+            .engine
+            .stop_shadow(id, identity.uri())
             .await
             .map_err(ApiError::from)?;
-        Ok(Response::new(self.shadow_run_with_report(id).await?))
+        Ok(Response::new(self.with_report(run).await))
     }
 
     async fn cluster_status(

@@ -54,14 +54,13 @@ impl OperatorApi {
         Ok(self.engine.start_shadow(start, identity).await?)
     }
 
-    /// A run with its report: the stored one once it ended, else read from the events now.
-    pub(super) async fn shadow_run_with_report(&self, id: String) -> Result<ShadowRun, ApiError> {
-        let mut run = self.engine.get_shadow(id).await?;
+    /// `run` with its report: the stored one once it ended, else read from the events now.
+    pub(super) async fn with_report(&self, mut run: ShadowRun) -> ShadowRun {
         if run.report.is_none() {
             let scope = self.tail_scope.as_deref();
             run.report = runs::read_report(self.events.as_ref(), scope, &run).await;
         }
-        Ok(run)
+        run
     }
 
     pub(super) async fn list_shadow_runs(&self) -> Result<Vec<ShadowRun>, ApiError> {

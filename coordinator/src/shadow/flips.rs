@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use kt_contract::DecisionFields;
 use kt_daemon::unix_ms_now;
 use kt_proto::v1::{FlipCause, FlipCell, FlipReport, GatewayFlips};
-use serde::Deserialize;
 
 use crate::events::EventRecord;
 
@@ -15,37 +15,6 @@ pub const MIN_COMPARED: u64 = 100;
 
 /// Prompt hashes kept per cause.
 const SAMPLES: usize = 3;
-
-/// The part of a decision event the matrix reads.
-#[derive(Deserialize)]
-struct Decision {
-    verdict: String,
-    #[serde(default)]
-    reason_code: String,
-    #[serde(default)]
-    policies_evaluated: Vec<Evaluated>,
-    #[serde(default)]
-    prompt_sha256: String,
-    #[serde(default)]
-    synthetic: bool,
-    shadow: Option<ShadowVerdict>,
-}
-
-#[derive(Deserialize)]
-struct Evaluated {
-    name: String,
-    result: String,
-}
-
-#[derive(Deserialize)]
-struct ShadowVerdict {
-    config_hash: String,
-    verdict: String,
-    #[serde(default)]
-    policy: String,
-    #[serde(default)]
-    reason_code: String,
-}
 
 type CauseKey = (String, String, String, String);
 
@@ -137,7 +106,7 @@ impl FlipTally {
         if self.until > 0 && event.at > self.until {
             return false;
         }
-        let Ok(decision) = serde_json::from_slice::<Decision>(&event.body) else {
+        let Ok(decision) = serde_json::from_slice::<DecisionFields<'_>>(&event.body) else {
             return true;
         };
         let Some(shadow) = &decision.shadow else {
@@ -157,16 +126,16 @@ impl FlipTally {
                 .policies_evaluated
                 .iter()
                 .find(|p| p.result == decision.verdict)
-                .map_or("", |p| p.name.as_str())
+                .map_or("", |p| &p.name)
         };
         let cause = (
             active_policy.to_owned(),
-            decision.reason_code.clone(),
-            shadow.policy.clone(),
-            shadow.reason_code.clone(),
+            decision.reason_code.clone().into_owned(),
+            shadow.policy.clone().into_owned(),
+            shadow.reason_code.clone().into_owned(),
         );
-        let (active, shadow) = (decision.verdict.as_str(), shadow.verdict.as_str());
-        let prompt = decision.prompt_sha256.as_str();
+        let (active, shadow) = (&*decision.verdict, &*shadow.verdict);
+        let prompt = &*decision.prompt_sha256;
         self.overall.add(active, shadow, &cause, prompt);
         self.gateways
             .entry(event.gateway.clone())
@@ -225,20 +194,6 @@ fn judge(compared: u64) -> (bool, String) {
             "{compared} requests compared: each share is known within ±{margin:.1} points (95%)"
         ),
     )
-}
-
-/// The share of compared requests that went from `active` to `shadow`.
-pub fn share(report: &FlipReport, active: &str, shadow: &str) -> f64 {
-    let count = report
-        .cells
-        .iter()
-        .find(|c| c.active == active && c.shadow == shadow)
-        .map_or(0, |c| c.count);
-    if report.compared == 0 {
-        0.0
-    } else {
-        count as f64 / report.compared as f64
-    }
 }
 
 #[cfg(test)]
@@ -330,7 +285,7 @@ mod tests {
         assert_eq!(unblocked.causes[0].active_policy, "dlp-filter");
         assert_eq!(unblocked.causes[0].active_reason, "dlp.keyword");
         assert!(cell("allow", "allow").expect("same").causes.is_empty());
-        assert_eq!(share(&report, "allow", "block"), 5.0 / 16.0);
+        assert_eq!(report.share("allow", "block"), 5.0 / 16.0);
         assert_eq!(report.gateways.len(), 2);
         assert_eq!(report.gateways[0].gateway_id, "gw-1");
         assert_eq!(report.gateways[0].compared, 5);

@@ -18,9 +18,6 @@ use crate::rollout::model::Target;
 use crate::rollout::plan::{content_hash, version_label};
 use crate::store::StoredConfig;
 
-/// The hello capability of an agent that applies shadow offers.
-pub const CAPABILITY: &str = "shadow-config";
-
 /// Longest shadow run.
 pub const MAX_DURATION_MS: u64 = 24 * 3600 * 1000;
 
@@ -407,7 +404,10 @@ impl Engine {
                 };
                 let shadow = health.shadow.as_ref().map_or("", |s| s.hash.as_str());
                 let connected = state.agent_state == kt_proto::v1::AgentState::Connected as i32;
-                let capable = state.agent_capabilities.iter().any(|c| c == CAPABILITY);
+                let capable = state
+                    .agent_capabilities
+                    .iter()
+                    .any(|c| c == kt_proto::capability::SHADOW_CONFIG);
                 let mut set = |s: &str, error: &str| {
                     if let Some(n) = gateway_state(&mut next, &g.gateway_id)
                         && (n.state != s || n.error != error)

@@ -226,8 +226,8 @@ async fn shadow_first(
     );
     let run = shadow::wait_for_end(session, &run.id, true).await?;
     let report = run.report.clone().unwrap_or_default();
-    let flips = shadow::report::share(&report, "allow", "block");
-    let unblocks = shadow::report::share(&report, "block", "allow");
+    let flips = report.share("allow", "block");
+    let unblocks = report.share("block", "allow");
     let why = if report.compared < gate.min_requests {
         Some(format!(
             "only {} requests were compared (at least {} are needed): no evidence is not a pass",

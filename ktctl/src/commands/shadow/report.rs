@@ -3,33 +3,10 @@
 
 use std::fmt::Write;
 
+use kt_proto::flips;
 use kt_proto::v1::{FlipCell, FlipReport, ShadowRun};
 
 use crate::view::{short_hash, table};
-
-/// The share of compared requests that went from `active` to `shadow` (0 when none compared).
-pub fn share(report: &FlipReport, active: &str, shadow: &str) -> f64 {
-    share_of(&report.cells, report.compared, active, shadow)
-}
-
-fn share_of(cells: &[FlipCell], compared: u64, active: &str, shadow: &str) -> f64 {
-    let count = cells
-        .iter()
-        .find(|c| c.active == active && c.shadow == shadow)
-        .map_or(0, |c| c.count);
-    if compared == 0 {
-        0.0
-    } else {
-        count as f64 / compared as f64
-    }
-}
-
-fn count_of(cells: &[FlipCell], active: &str, shadow: &str) -> u64 {
-    cells
-        .iter()
-        .find(|c| c.active == active && c.shadow == shadow)
-        .map_or(0, |c| c.count)
-}
 
 fn pct(share: f64) -> String {
     format!("{:.1}%", share * 100.0)
@@ -98,10 +75,10 @@ pub fn summary(report: &FlipReport) -> String {
     format!(
         "compared {} requests: allow → block {} ({}), block → allow {} ({})",
         report.compared,
-        count_of(&report.cells, "allow", "block"),
-        pct(share(report, "allow", "block")),
-        count_of(&report.cells, "block", "allow"),
-        pct(share(report, "block", "allow")),
+        flips::count(&report.cells, "allow", "block"),
+        pct(report.share("allow", "block")),
+        flips::count(&report.cells, "block", "allow"),
+        pct(report.share("block", "allow")),
     )
 }
 
@@ -210,8 +187,8 @@ pub fn matrix(report: &FlipReport) -> String {
         let rate = |a: &str, s: &str| {
             format!(
                 "{} ({})",
-                count_of(&g.cells, a, s),
-                pct(share_of(&g.cells, g.compared, a, s))
+                flips::count(&g.cells, a, s),
+                pct(flips::share(&g.cells, g.compared, a, s))
             )
         };
         gateways.add_row(vec![
