@@ -134,15 +134,21 @@ pub fn filter_of(run: &ShadowRun) -> Filter {
     }
 }
 
-/// Reads a run's flip matrix from `events` (through now); `scope` says when they are only
-/// part of the fleet's.
+/// Reads a run's flip matrix from `events` (through now, or through the end of an ended run's
+/// grace); `scope` says when they are only part of the fleet's.
 pub async fn read_report(
     events: &dyn EventLog,
     scope: Option<&str>,
     run: &ShadowRun,
 ) -> Option<kt_proto::v1::FlipReport> {
     let hash = run.config.as_ref().map_or("", |c| c.hash.as_str());
-    let tally = FlipTally::new(hash, 0, run.sample);
+    // An ended run's events are those stored before its report is read at the latest: a later
+    // run of the same config on the same gateways must not count into it.
+    let until = match run.ended_at_unix_ms {
+        0 => 0,
+        ended => ended + REPORT_GRACE_MS,
+    };
+    let tally = FlipTally::new(hash, until, run.sample);
     let tally = events
         .flips(filter_of(run), run.started_at_unix_ms, tally)
         .await?;
