@@ -688,6 +688,11 @@ pub fn newcomer_ktctl(home: &Path, env: &[(&str, &Path)], args: &[&str]) -> Outp
     command.args(args).output().expect("run ktctl")
 }
 
+/// The body of a chat request: one user message `text` to the mock provider's `mock-small`.
+pub fn user_prompt(text: &str) -> serde_json::Value {
+    serde_json::json!({ "model": "mock-small", "messages": [{ "role": "user", "content": text }] })
+}
+
 /// Runs the real `ktctl` with `--config config`.
 /// A finished command's stdout then stderr, for assertions and their messages.
 pub fn output_text(out: &Output) -> String {

@@ -203,7 +203,7 @@ async fn shadow_run_on_the_dev_fleet(
     dir: &std::path::Path,
     gateway: &str,
 ) {
-    use serde_json::{Value, json};
+    use serde_json::Value;
     let policy = std::fs::read_to_string(dir.join("policy-config.yaml")).expect("policy");
     let candidate = dir.join("weather.yaml");
     std::fs::write(
@@ -245,7 +245,7 @@ async fn shadow_run_on_the_dev_fleet(
     assert!(loaded, "the dev gateways never loaded the shadow: {last:#}");
     let answer = reqwest::Client::new()
         .post(format!("http://{gateway}/v1/chat/completions"))
-        .json(&json!({"model": "mock-small", "messages": [{"role": "user", "content": "what is the weather in Lyon"}]}))
+        .json(&kt_e2e::user_prompt("what is the weather in Lyon"))
         .send()
         .await
         .expect("gateway answers");

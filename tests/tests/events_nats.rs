@@ -563,10 +563,9 @@ async fn a_shadow_run_across_replicas_counts_every_gateways_requests() {
     for _ in 0..rounds {
         for gateway in &fleet.gateways {
             for prompt in prompts {
-                let body = json!({ "model": "mock-small", "messages": [{ "role": "user", "content": prompt }] });
                 let response = client
                     .post(gateway.url("/v1/chat/completions"))
-                    .json(&body)
+                    .json(&kt_e2e::user_prompt(prompt))
                     .send()
                     .await
                     .expect("gateway answers");

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use kt_e2e::{GROUP, GatewayNode, TestFleet, all_healthy, output_text, wait_for};
-use serde_json::{Value, json};
+use kt_e2e::{GROUP, GatewayNode, TestFleet, all_healthy, output_text, user_prompt, wait_for};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -44,10 +44,9 @@ fn prompt_sha256(text: &str) -> String {
 
 /// What a client got: the status, and the reply text or the refusal's reason code.
 async fn chat(client: &reqwest::Client, gateway: &GatewayNode, text: &str) -> (u16, String) {
-    let body = json!({ "model": "mock-small", "messages": [{ "role": "user", "content": text }] });
     let response = client
         .post(gateway.url("/v1/chat/completions"))
-        .json(&body)
+        .json(&user_prompt(text))
         .send()
         .await
         .expect("gateway answers");
@@ -154,8 +153,13 @@ fn background_traffic(fleet: &TestFleet, stop: Arc<AtomicBool>) -> tokio::task::
         while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
             for url in &urls {
                 for (prompt, _) in PROMPTS {
-                    let body = json!({ "model": "mock-small", "messages": [{ "role": "user", "content": prompt }] });
-                    if client.post(url).json(&body).send().await.is_ok() {
+                    if client
+                        .post(url)
+                        .json(&user_prompt(prompt))
+                        .send()
+                        .await
+                        .is_ok()
+                    {
                         sent.fetch_add(1, Ordering::SeqCst);
                     }
                 }
