@@ -274,6 +274,10 @@ pub struct PolicyConfig {
     pub enabled: bool,
     /// The compiled policy chain, in priority order.
     pub chain: Arc<Chain>,
+    /// `policies.chain` as written, and each kind's settings: what the chain was compiled from
+    /// (`ktctl config diff --semantic` compares them).
+    pub chain_names: Vec<String>,
+    pub settings: PolicySettings,
     pub providers: Vec<ProviderTarget>,
     pub request_timeout: Duration,
     pub probe_interval: Duration,
@@ -361,6 +365,8 @@ impl PolicyConfig {
                 version: raw.pack.version,
                 enabled: raw.pack.enabled,
                 chain: Arc::new(chain),
+                chain_names: raw.policies.chain,
+                settings: raw.policy,
                 providers: raw.providers.targets,
                 request_timeout: raw.providers.request_timeout,
                 probe_interval: raw.providers.probe_interval,

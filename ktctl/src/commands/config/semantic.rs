@@ -8,51 +8,17 @@ use std::collections::BTreeSet;
 
 use kt_gateway::config::{DlpAction, PiiAction, PiiKind, PolicyConfig, PolicySettings};
 use kt_gateway::policy::{Input, MessageText, Verdict};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// The parts of a config a semantic diff compares.
-#[derive(Debug, Default, Deserialize)]
-struct Sides {
-    #[serde(default)]
-    policies: Option<ChainNames>,
-    #[serde(default)]
-    policy: PolicySettings,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ChainNames {
-    #[serde(default)]
-    chain: Vec<String>,
-}
-
-/// One version, parsed: its compiled chain and its settings.
-struct Version {
-    config: PolicyConfig,
-    chain: Vec<String>,
-    settings: PolicySettings,
-}
-
-impl Version {
-    fn parse(source: &str, bytes: &[u8]) -> Result<Self, String> {
-        let config = PolicyConfig::parse(source, bytes).map_err(|e| e.to_string())?;
-        let sides: Sides = serde_yaml::from_slice(bytes)
-            .map_err(|e| format!("{source}: cannot read its policies: {e}"))?;
-        Ok(Version {
-            config,
-            chain: sides.policies.unwrap_or_default().chain,
-            settings: sides.policy,
-        })
-    }
-
-    /// The model a request may name (the first allowed one, else the first provider's).
-    fn usable_model(&self) -> String {
-        self.settings
-            .model_allowlist
-            .as_ref()
-            .and_then(|m| m.models.first().cloned())
-            .or_else(|| self.config.providers.first().map(|p| p.model.clone()))
-            .unwrap_or_else(|| "gpt-4o".into())
-    }
+/// The model a request may name (the first allowed one, else the first provider's).
+fn usable_model(config: &PolicyConfig) -> String {
+    config
+        .settings
+        .model_allowlist
+        .as_ref()
+        .and_then(|m| m.models.first().cloned())
+        .or_else(|| config.providers.first().map(|p| p.model.clone()))
+        .unwrap_or_else(|| "gpt-4o".into())
 }
 
 /// A request an example makes.
@@ -87,15 +53,14 @@ pub struct Change {
     pub note: String,
 }
 
-fn decide(version: &Version, example: &Example) -> Decided {
-    if !version.config.enabled {
+fn decide(version: &PolicyConfig, example: &Example) -> Decided {
+    if !version.enabled {
         return Decided {
             verdict: Verdict::Allow.as_str(),
             reason_code: "pack disabled".into(),
         };
     }
     let provider = version
-        .config
         .providers
         .iter()
         .find(|p| p.model == example.model)
@@ -109,7 +74,7 @@ fn decide(version: &Version, example: &Example) -> Decided {
             text: example.prompt.clone(),
         }],
     };
-    let decision = version.config.chain.evaluate(&mut input);
+    let decision = version.chain.evaluate(&mut input);
     Decided {
         verdict: decision.verdict.as_str(),
         reason_code: decision.reason_code,
@@ -118,8 +83,8 @@ fn decide(version: &Version, example: &Example) -> Decided {
 
 /// A change, with the first of `candidates` whose verdict really differs between the two.
 fn checked(
-    old: &Version,
-    new: &Version,
+    old: &PolicyConfig,
+    new: &PolicyConfig,
     policy: &str,
     what: String,
     candidates: Vec<Example>,
@@ -202,14 +167,14 @@ pub fn changes(
     (old_source, old_bytes): (&str, &[u8]),
     (new_source, new_bytes): (&str, &[u8]),
 ) -> Result<Vec<Change>, String> {
-    let old = Version::parse(old_source, old_bytes)?;
-    let new = Version::parse(new_source, new_bytes)?;
-    let model = new.usable_model();
+    let old = PolicyConfig::parse(old_source, old_bytes).map_err(|e| e.to_string())?;
+    let new = PolicyConfig::parse(new_source, new_bytes).map_err(|e| e.to_string())?;
+    let model = usable_model(&new);
     let say = |text: &str| prompt(&model, format!("please help with this: {text}"));
     let mut out = Vec::new();
 
-    if old.config.enabled != new.config.enabled {
-        let what = if new.config.enabled {
+    if old.enabled != new.enabled {
+        let what = if new.enabled {
             "the pack is enabled: its policies decide again"
         } else {
             "the pack is disabled: every request passes unchecked"
@@ -225,7 +190,7 @@ pub fn changes(
         out.push(checked(&old, &new, "pack", what.into(), candidates));
     }
 
-    let (added, removed) = added_removed(&old.chain, &new.chain);
+    let (added, removed) = added_removed(&old.chain_names, &new.chain_names);
     for policy in added {
         out.push(Change {
             policy: policy.clone(),
@@ -247,8 +212,8 @@ pub fn changes(
         });
     }
 
-    let in_chain = |v: &Version, kind: &str| v.chain.iter().any(|c| c == kind);
-    let phrases = |v: &Version| -> (Vec<String>, Vec<String>) {
+    let in_chain = |v: &PolicyConfig, kind: &str| v.chain_names.iter().any(|c| c == kind);
+    let phrases = |v: &PolicyConfig| -> (Vec<String>, Vec<String>) {
         match &v.settings.prompt_injection {
             Some(p) if in_chain(v, "prompt-injection") => (p.phrases.clone(), p.patterns.clone()),
             _ => Default::default(),
@@ -274,7 +239,7 @@ pub fn changes(
         out.push(checked(&old, &new, "prompt-injection", what, Vec::new()));
     }
 
-    let dlp = |v: &Version| match &v.settings.dlp_filter {
+    let dlp = |v: &PolicyConfig| match &v.settings.dlp_filter {
         Some(d) if in_chain(v, "dlp-filter") => Some(d.clone()),
         _ => None,
     };
@@ -322,8 +287,8 @@ pub fn changes(
     }
 
     for kind in PiiKind::ALL {
-        let before = pii_treatment(&old.settings, &old.chain, kind);
-        let after = pii_treatment(&new.settings, &new.chain, kind);
+        let before = pii_treatment(&old.settings, &old.chain_names, kind);
+        let after = pii_treatment(&new.settings, &new.chain_names, kind);
         if before != after {
             let what = format!("{} moved from {before} to {after}", kind.as_str());
             let example = say(&format!("send it to {}", pii_sample(kind)));
@@ -331,7 +296,7 @@ pub fn changes(
         }
     }
 
-    let models = |v: &Version| match &v.settings.model_allowlist {
+    let models = |v: &PolicyConfig| match &v.settings.model_allowlist {
         Some(m) if in_chain(v, "model-allowlist") => Some(m.models.clone()),
         _ => None,
     };
@@ -349,7 +314,7 @@ pub fn changes(
         }
     }
 
-    let limits = |v: &Version| match &v.settings.request_limits {
+    let limits = |v: &PolicyConfig| match &v.settings.request_limits {
         Some(l) if in_chain(v, "request-limits") => (l.max_prompt_bytes, l.max_tokens),
         _ => (None, None),
     };
